@@ -1,0 +1,6 @@
+from .experts import GroupedExperts
+from .mla import MLACache, MultiHeadLatentAttention
+from .moe import MoELayer
+from .router import TopKRouter
+
+__all__ = ["GroupedExperts", "MLACache", "MoELayer", "MultiHeadLatentAttention", "TopKRouter"]

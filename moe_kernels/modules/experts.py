@@ -1,0 +1,111 @@
+"""GroupedExperts: the SwiGLU MLPs of all experts, over rows already grouped by expert."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from .._checks import FP8_DTYPE, check_choice, check_int, check_multiple, check_tensor
+
+PRECISIONS = ("fp8", "bf16", "fp32")
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+class GroupedExperts(nn.Module):
+    """``num_experts`` SwiGLU MLPs: y = (silu(x W1^T) * (x W3^T)) W2^T per expert.
+
+    Weights: ``w13`` [E, 2I, H] (W1 rows, then W3 rows) and ``w2`` [E, H, I]. With ``precision="fp8"`` they are
+    e4m3 buffers with one fp32 scale per 128x128 block (``w13_scale`` [E, 2I/128, H/128], ``w2_scale``
+    [E, H/128, I/128]: DeepSeek-V3's ``weight_scale_inv``), activations are quantised per 1x128 group, and the
+    SwiGLU output is re-quantised inside the fused kernel. ``"bf16"`` / ``"fp32"`` keep unquantised weights.
+
+    ``forward(x, offsets, x_scale=None) -> y [M, H]`` where rows offsets[e]:offsets[e+1] of x belong to expert e.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        precision: str = "fp8",
+        device=None,
+    ):
+        super().__init__()
+        check_int("num_experts", num_experts, lo=1)
+        check_int("hidden_size", hidden_size, lo=1)
+        check_int("intermediate_size", intermediate_size, lo=1)
+        check_choice("precision", precision, PRECISIONS)
+        check_multiple("hidden_size", hidden_size, 128)
+        if precision == "fp8":
+            check_multiple("intermediate_size", intermediate_size, 128)
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.precision = precision
+        E, H, I = num_experts, hidden_size, intermediate_size
+        if precision == "fp8":
+            self.register_buffer("w13", torch.empty(E, 2 * I, H, dtype=FP8_DTYPE, device=device))
+            self.register_buffer("w2", torch.empty(E, H, I, dtype=FP8_DTYPE, device=device))
+            self.register_buffer("w13_scale", torch.empty(E, 2 * I // 128, H // 128, device=device))
+            self.register_buffer("w2_scale", torch.empty(E, H // 128, I // 128, device=device))
+            self._random_fp8_init()
+        else:
+            dt = weight_dtype(precision)
+            self.w13 = nn.Parameter(torch.randn(E, 2 * I, H, dtype=dt, device=device) * H**-0.5)
+            self.w2 = nn.Parameter(torch.randn(E, H, I, dtype=dt, device=device) * I**-0.5)
+            self.w13_scale = self.w2_scale = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+            f"intermediate_size={self.intermediate_size}, precision={self.precision!r}"
+        )
+
+    @torch.no_grad()
+    def _random_fp8_init(self, chunk: int = 8) -> None:
+        """Random weights quantised a few experts at a time (256 full-size experts are 11 GB in fp32)."""
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        dev = self.w13.device
+        for lo in range(0, E, chunk):
+            hi = min(E, lo + chunk)
+            q, s = ops.quantize_weight_fp8(torch.randn(hi - lo, 2 * I, H, device=dev) * H**-0.5)
+            self.w13[lo:hi], self.w13_scale[lo:hi] = q, s
+            q, s = ops.quantize_weight_fp8(torch.randn(hi - lo, H, I, device=dev) * I**-0.5)
+            self.w2[lo:hi], self.w2_scale[lo:hi] = q, s
+
+    @torch.no_grad()
+    def load_weights(self, w13, w2, w13_scale=None, w2_scale=None) -> None:
+        """Copy full-precision weights (quantised here when precision is fp8), or FP8 weights with their scales."""
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        check_tensor("w13", w13, shape=(E, 2 * I, H))
+        check_tensor("w2", w2, shape=(E, H, I))
+        if self.precision != "fp8":
+            if w13_scale is not None:
+                raise ValueError(f"FP8 checkpoint weights need precision='fp8', got precision={self.precision!r}")
+            self.w13.copy_(w13)
+            self.w2.copy_(w2)
+            return
+        if (w13.dtype == FP8_DTYPE) != (w13_scale is not None) or (w2.dtype == FP8_DTYPE) != (w2_scale is not None):
+            raise ValueError("FP8 weights need their scales (weight_scale_inv) and full-precision weights none")
+        if w13_scale is None:
+            dev = self.w13.device
+            for lo in range(0, E, 8):  # a few experts at a time: bounded fp32 temporaries
+                q, s = ops.quantize_weight_fp8(w13[lo : lo + 8].to(dev))
+                self.w13[lo : lo + 8], self.w13_scale[lo : lo + 8] = q, s
+                q, s = ops.quantize_weight_fp8(w2[lo : lo + 8].to(dev))
+                self.w2[lo : lo + 8], self.w2_scale[lo : lo + 8] = q, s
+            return
+        check_tensor("w13_scale", w13_scale, shape=tuple(self.w13_scale.shape))
+        check_tensor("w2_scale", w2_scale, shape=tuple(self.w2_scale.shape))
+        self.w13.copy_(w13)
+        self.w2.copy_(w2)
+        self.w13_scale.copy_(w13_scale)
+        self.w2_scale.copy_(w2_scale)
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, x_scale: torch.Tensor | None = None) -> torch.Tensor:
+        check_tensor("x", x, ndim=2, shape=(None, self.hidden_size))
+        check_tensor("offsets", offsets, dtype=torch.int32, shape=(self.num_experts + 1,))
+        if self.precision == "fp8" and x.dtype != FP8_DTYPE:
+            x, x_scale = ops.quantize_fp8(x)
+        return ops.expert_mlp(x, x_scale, offsets, self.w13, self.w13_scale, self.w2, self.w2_scale)

@@ -1,0 +1,97 @@
+"""MoELayer: route -> permute -> grouped expert MLPs -> weighted un-permute (+ shared experts)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from .._checks import check_int, check_tensor
+from .experts import PRECISIONS, GroupedExperts
+from .router import TopKRouter
+
+
+class MoELayer(nn.Module):
+    """A drop-in Mixture-of-Experts block for tokens of ``hidden_size`` (any multiple of 128; tuned for 7168).
+
+    Arguments follow DeepSeek-V3's configuration names; see ``TopKRouter`` for the routing ones and
+    ``GroupedExperts`` for ``precision``. ``n_shared_experts`` adds a dense SwiGLU MLP of
+    ``n_shared_experts * intermediate_size`` applied to every token. ``ep_group`` shards the experts over a
+    torch.distributed group (see ``moe_kernels.dist``).
+
+    ``forward(x [..., H]) -> [..., H]`` in x's dtype. Dropless: every (token, k) pair is computed exactly once.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 7168,
+        intermediate_size: int = 2048,
+        num_experts: int = 256,
+        top_k: int = 2,
+        scoring: str = "softmax",
+        n_group: int = 1,
+        topk_group: int = 1,
+        norm_topk_prob: bool = True,
+        routed_scaling_factor: float = 1.0,
+        n_shared_experts: int = 0,
+        precision: str = "fp8",
+        balance: str | None = None,
+        ep_group=None,
+        device=None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        check_int("n_shared_experts", n_shared_experts, lo=0)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        self.hidden_size, self.intermediate_size, self.num_experts = hidden_size, intermediate_size, num_experts
+        self.top_k, self.precision, self.n_shared_experts = top_k, precision, n_shared_experts
+        self.gate = TopKRouter(
+            hidden_size, num_experts, top_k, scoring, n_group, topk_group, norm_topk_prob, routed_scaling_factor,
+            balance=balance, dtype=dtype, device=device,
+        )
+        self.experts = GroupedExperts(num_experts, hidden_size, intermediate_size, precision, device=device)
+        self.shared_experts = (
+            GroupedExperts(1, hidden_size, intermediate_size * n_shared_experts, precision, device=device)
+            if n_shared_experts
+            else None
+        )
+        self.ep_group = ep_group
+        self._ep = None
+        if ep_group is not None:
+            from ..dist.ep import ExpertParallel  # noqa: PLC0415 (dist imports the modules)
+
+            self._ep = ExpertParallel(ep_group, num_experts, hidden_size=hidden_size)
+            self.experts = self._ep.shard_experts(self.experts)  # this rank's experts only (None: it holds none)
+
+    def extra_repr(self) -> str:
+        return f"precision={self.precision!r}, n_shared_experts={self.n_shared_experts}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must have last dimension hidden_size={self.hidden_size}, got shape {list(x.shape)}")
+        if not x.is_floating_point() or x.dtype.itemsize == 1:
+            raise TypeError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
+        if x.device != self.gate.weight.device:
+            raise TypeError(f"x is on {x.device} but the layer's weights are on {self.gate.weight.device}")
+        shape = x.shape
+        x2 = x.reshape(-1, self.hidden_size)
+        weights, ids, _ = self.gate(x2)
+        if self._ep is not None:
+            out = self._ep.forward(x2, weights, ids, self.experts)
+        else:
+            p = ops.permute(x2, ids, self.num_experts, fp8=self.precision == "fp8")
+            y = self.experts(p.x, p.offsets, p.scale)
+            out = ops.unpermute(y, p, weights)
+        if self.shared_experts is not None:
+            offsets = torch.arange(2, dtype=torch.int32, device=x.device) * x2.shape[0]  # [0, T], no host copy
+            out = out.float() + self.shared_experts(x2, offsets).float()
+        return out.to(x.dtype).reshape(shape)
+
+    @classmethod
+    def from_hf(cls, module: nn.Module, precision: str | None = None) -> "MoELayer":
+        """Build from a HuggingFace ``DeepseekV3MoE`` or ``MixtralSparseMoeBlock`` (see ``integrations.hf``)."""
+        from ..integrations.hf import moe_from_hf  # noqa: PLC0415
+
+        return moe_from_hf(module, precision)

@@ -1,0 +1,26 @@
+"""Fused Triton ops, registered as torch custom ops (``torch.ops.moe_kernels.*``).
+
+CUDA tensors run the Triton kernels; CPU tensors run ``moe_kernels.reference`` unless TRITON_INTERPRET=1, in
+which case the Triton kernels run on the CPU through the interpreter.
+"""
+from ..reference.permute import Permuted
+from .grouped_gemm import expert_mlp, grouped_gemm_bf16, grouped_gemm_fp8, grouped_gemm_fp8_masked
+from .mla import mla_decode, mla_latent_proj
+from .permute import permute, unpermute
+from .quant import quantize_fp8, quantize_weight_fp8
+from .routing import route
+
+__all__ = [
+    "Permuted",
+    "route",
+    "permute",
+    "unpermute",
+    "quantize_fp8",
+    "quantize_weight_fp8",
+    "grouped_gemm_fp8",
+    "grouped_gemm_bf16",
+    "grouped_gemm_fp8_masked",
+    "expert_mlp",
+    "mla_latent_proj",
+    "mla_decode",
+]

@@ -1,0 +1,490 @@
+"""Grouped GEMMs over expert-grouped rows: FP8 with DeepSeek-V3 block scales, or bf16; the fused SwiGLU expert MLP.
+
+out[r, :] = A[r, :] @ W[e]^T for the rows r of expert e (offsets[e] <= r < offsets[e+1]).
+
+One kernel, specialised by constexpr switches (no copy per dtype or layout):
+  * FP8: A e4m3 with fp32 scales per 1x128 group, W e4m3 with fp32 scales per 128x128 block. BLOCK_K = 128, so
+    each K step is one tensor-core product (tl.dot on e4m3: QGMMA on Hopper) that is scaled by the A scale of its
+    row and the W scale of its column block and added to an fp32 accumulator.
+  * SWIGLU: W holds [gate; up] (2I rows); a program computes the gate tile and the up tile of the same columns
+    (two accumulators) and writes silu(gate) * up. With QUANT_OUT it re-quantises that to e4m3 with 1x128 scales
+    (BLOCK_N = 128 is one scale group), so the down projection reads FP8 at once: no bf16 intermediate in memory.
+  * ROW_WEIGHT: each output row is multiplied by a per-row weight (the routing weight, in permuted order).
+  * MASKED: the decode layout, A [E, max_m, K] with the valid rows of each expert in ``masked_m`` on the device;
+    the grid depends on shapes only, so a decode step can be captured in a CUDA graph.
+  * USE_TMA: operands come through TMA tensor descriptors (Hopper, never in the interpreter) instead of pointers.
+
+No host sync: each program finds its (expert, row tile, column tile) from ``offsets`` on the device (a prefix sum
+of the per-expert tile counts). The grid covers the upper bound cdiv(M, BLOCK_M) + E row tiles and programs past
+the real count return at once. Row tiles are ordered in groups of GROUP_M that sweep the column tiles together,
+so the W tiles of one expert are reused from L2.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from .._checks import FP8_DTYPE, check_multiple, check_tensor, value_checks_enabled
+from ._common import interpret_mode, use_triton
+from .grouped_gemm_configs import get_config
+from .quant import AMAX_FLOOR, E4M3_MAX, to_e4m3_rne
+
+try:  # host-side TMA descriptors (Triton >= 3.4): kernel arguments lowered to CUtensorMap
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
+
+__all__ = ["grouped_gemm_fp8", "grouped_gemm_bf16", "grouped_gemm_fp8_masked", "expert_mlp"]
+
+SCALE_BLOCK = 128  # the K (and weight N) extent of one FP8 scale
+_SB = tl.constexpr(SCALE_BLOCK)  # the same, for the kernel
+
+
+@triton.jit
+def _tile_schedule(pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, E_PAD: tl.constexpr):
+    """Program id -> (expert, first row, end row of the expert's rows, column tile); first >= end: nothing to do."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    if MASKED:
+        tiles_per_e = tl.cdiv(max_m, BLOCK_M)
+        num_m = E * tiles_per_e
+    else:
+        num_m = tl.cdiv(M, BLOCK_M) + E  # upper bound: every expert may end in a partial tile
+    # GROUP_M consecutive row tiles sweep the column tiles together: their W tiles stay in L2
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % in_group) % group_rows
+    tile_n = (pid % in_group) // group_rows
+    if MASKED:
+        expert = tile_m // tiles_per_e
+        slot = expert.to(tl.int64) * max_m
+        row_start = slot + (tile_m % tiles_per_e) * BLOCK_M
+        row_end = slot + tl.load(masked_m_ptr + expert)
+    else:
+        e_idx = tl.arange(0, E_PAD)
+        e_mask = e_idx < E
+        lo = tl.load(offsets_ptr + e_idx, mask=e_mask, other=0)
+        hi = tl.load(offsets_ptr + e_idx + 1, mask=e_mask, other=0)
+        tiles = tl.where(e_mask, (hi - lo + BLOCK_M - 1) // BLOCK_M, 0)
+        ends = tl.cumsum(tiles, axis=0)
+        # the expert owning row tile tile_m: how many experts' tiles end at or before it (empty experts included)
+        expert = tl.sum((ends <= tile_m).to(tl.int32), axis=0)
+        mine = e_idx == expert  # all false past the last real tile: row_end = 0 below
+        first_tile = tl.sum(tl.where(mine, ends - tiles, 0), axis=0)
+        row_start = tl.sum(tl.where(mine, lo, 0), axis=0).to(tl.int64) + (tile_m - first_tile) * BLOCK_M
+        row_end = tl.sum(tl.where(mine, hi, 0), axis=0).to(tl.int64)
+    return expert, row_start, row_end, tile_n
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, offsets_ptr, masked_m_ptr, row_weight_ptr,
+    out_ptr, out_scale_ptr,
+    M, N, K, E, max_m,
+    w_rows,  # rows of W per expert (N, or 2I with SWIGLU)
+    up_row,  # SWIGLU: the row of W where the "up" half starts (I)
+    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_om, stride_osm,
+    FP8: tl.constexpr, SWIGLU: tl.constexpr, QUANT_OUT: tl.constexpr, ROW_WEIGHT: tl.constexpr,
+    MASKED: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    E_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    expert, row_start, row_end, tile_n = _tile_schedule(
+        pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, MASKED, BLOCK_M, BLOCK_N, GROUP_M, E_PAD)
+    if row_start >= row_end:
+        return
+
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < row_end
+    n_mask = offs_n < N
+    expert64 = expert.to(tl.int64)
+
+    if USE_TMA:
+        # rows past the expert's end (another expert's, or TMA's zero fill) are computed and never stored
+        a_row = row_start.to(tl.int32)
+        g_row = expert * w_rows + tile_n * BLOCK_N
+        u_row = g_row + up_row
+    else:
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
+        # B operand: a [BLOCK_K, BLOCK_N] view of W's K-contiguous rows (K-major, as FP8 wgmma wants it)
+        g_ptrs = w_ptr + expert64 * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+        u_ptrs = g_ptrs + up_row * stride_wn
+    if FP8:
+        as_ptrs = a_scale_ptr + offs_m * stride_asm
+        ws_ptr = w_scale_ptr + expert64 * stride_wse
+        if BLOCK_N > _SB:  # a tile spans several weight-scale blocks: one scale per column
+            gs_ptrs = ws_ptr + (offs_n // _SB) * stride_wsn
+            us_ptrs = ws_ptr + ((offs_n + up_row) // _SB) * stride_wsn
+        else:
+            gs_ptrs = ws_ptr + (tile_n * BLOCK_N // _SB) * stride_wsn
+            us_ptrs = ws_ptr + ((tile_n * BLOCK_N + up_row) // _SB) * stride_wsn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the "up" accumulator; unused without SWIGLU
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        if USE_TMA:
+            a = a_desc.load([a_row, kb * BLOCK_K])
+            g = w_desc.load([g_row, kb * BLOCK_K]).T
+            if SWIGLU:
+                u = w_desc.load([u_row, kb * BLOCK_K]).T
+        else:
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+                g = tl.load(g_ptrs, mask=n_mask[None, :], other=0.0)
+                if SWIGLU:
+                    u = tl.load(u_ptrs, mask=n_mask[None, :], other=0.0)
+            else:
+                k_mask = (kb * BLOCK_K + offs_k) < K
+                a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                g = tl.load(g_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                if SWIGLU:
+                    u = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+        if FP8:
+            # one K step = one scale block: promote the product to fp32 with its scales, then accumulate
+            sa = tl.load(as_ptrs + kb, mask=m_mask, other=0.0)
+            if BLOCK_N > _SB:
+                sg = tl.load(gs_ptrs + kb, mask=n_mask, other=0.0)[None, :]
+            else:
+                sg = tl.load(gs_ptrs + kb)
+            acc += tl.dot(a, g) * (sa[:, None] * sg)
+            if SWIGLU:
+                if BLOCK_N > _SB:
+                    su = tl.load(us_ptrs + kb, mask=n_mask, other=0.0)[None, :]
+                else:
+                    su = tl.load(us_ptrs + kb)
+                acc_u += tl.dot(a, u) * (sa[:, None] * su)
+        else:
+            if UPCAST:  # Triton's CPU interpreter multiplies 16-bit float tiles wrongly: upcast there
+                a = a.to(tl.float32)
+                g = g.to(tl.float32)
+                if SWIGLU:
+                    u = u.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, g, acc, input_precision="ieee")
+                if SWIGLU:
+                    acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
+            else:
+                acc = tl.dot(a, g, acc)
+                if SWIGLU:
+                    acc_u = tl.dot(a, u, acc_u)
+
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_u  # silu(gate) * up, in fp32
+    if ROW_WEIGHT:
+        acc = acc * tl.load(row_weight_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if QUANT_OUT:
+        # BLOCK_N == 128: the tile's columns are exactly one 1x128 scale group of each row
+        amax = tl.maximum(tl.max(tl.abs(tl.where(mask, acc, 0.0)), axis=1), AMAX_FLOOR)
+        scale = amax / E4M3_MAX
+        q = to_e4m3_rne(tl.minimum(tl.maximum(acc / scale[:, None], -E4M3_MAX), E4M3_MAX))
+        tl.store(out_ptrs, q.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_scale_ptr + offs_m * stride_osm + tile_n, scale, mask=m_mask)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launcher
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(index: int) -> bool:
+    return TensorDescriptor is not None and hasattr(tl, "make_tensor_descriptor") and \
+        torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _tma_usable(*tensors: torch.Tensor) -> bool:
+    """TMA needs Hopper+, Triton's host descriptors, 16-byte aligned bases and row strides, contiguous rows."""
+    if interpret_mode():
+        return False
+    for t in tensors:
+        if not t.is_cuda or not _has_tma(t.device.index if t.device.index is not None else 0):
+            return False
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or (t.stride(-2) * t.element_size()) % 16:
+            return False
+    return True
+
+
+def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0, out_scale=None,
+            row_weight=None, swiglu=False, cfg=None):
+    """Launch the grouped GEMM on 2-D a [M, K] (masked: [E * max_m, K]) and w [E, w_rows, K].
+
+    Returns the compiled kernel (or None when there is nothing to compute).
+    """
+    fp8 = a.dtype == FP8_DTYPE
+    E, w_rows, K = w.shape
+    N = w_rows // 2 if swiglu else w_rows
+    M = a.shape[0]
+    if M == 0 or N == 0 or E == 0:
+        return None
+    masked = masked_m is not None
+    kind = ("fp8" if fp8 else "bf16") + ("_swiglu" if swiglu else "")
+    if cfg is None:
+        cfg = get_config(kind, N, K, max_m if masked else M // E, a.device)
+    cfg = dict(cfg)
+    use_tma = bool(cfg.pop("USE_TMA", 0))
+    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if fp8 and (BK != SCALE_BLOCK or (SCALE_BLOCK % BN if BN < SCALE_BLOCK else BN % SCALE_BLOCK)):
+        raise ValueError(f"FP8 configs need BLOCK_K=128 and BLOCK_N dividing 128 or a multiple of it, got {cfg}")
+    if out_scale is not None and BN != SCALE_BLOCK:
+        cfg["BLOCK_N"] = BN = SCALE_BLOCK  # the quantising epilogue writes one scale group per tile row
+    w2d = w.view(E * w_rows, K)
+    use_tma = use_tma and _tma_usable(a, w2d)
+    if use_tma:
+        a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [BM, BK])
+        w_desc = TensorDescriptor(w2d, [E * w_rows, K], [K, 1], [BN, BK])
+    else:
+        a_desc, w_desc = a, w
+    num_m = E * triton.cdiv(max_m, BM) if masked else triton.cdiv(M, BM) + E
+    grid = (num_m * triton.cdiv(N, BN),)
+    dummy = offsets if offsets is not None else masked_m  # any int tensor stands in for an absent pointer
+    return _grouped_gemm_kernel[grid](
+        a, a_desc, a_scale if fp8 else dummy, w, w_desc, w_scale if fp8 else dummy,
+        offsets if offsets is not None else dummy, masked_m if masked else dummy,
+        row_weight if row_weight is not None else dummy, out, out_scale if out_scale is not None else dummy,
+        M, N, K, E, max_m, w_rows, N,
+        a.stride(0), a_scale.stride(0) if fp8 else 0, w.stride(0), w.stride(1),
+        w_scale.stride(0) if fp8 else 0, w_scale.stride(1) if fp8 else 0,
+        out.stride(0), out_scale.stride(0) if out_scale is not None else 0,
+        FP8=fp8, SWIGLU=swiglu, QUANT_OUT=out_scale is not None, ROW_WEIGHT=row_weight is not None,
+        MASKED=masked, USE_TMA=use_tma, EVEN_K=K % BK == 0, IEEE=a.dtype == torch.float32 or interpret_mode(),
+        UPCAST=interpret_mode() and not fp8, E_PAD=max(16, triton.next_power_of_2(E)), **cfg,
+    )
+
+
+def _mlp_launch(x, x_scale, offsets, w13, w13_scale, w2, w2_scale, row_weight, out):
+    """w13 GEMM + SwiGLU (+ FP8 re-quantisation) into h, then the w2 GEMM (+ routing weight) into out."""
+    M = x.shape[0]
+    I = w2.shape[2]
+    if w13_scale is not None:
+        h = torch.empty(M, I, dtype=FP8_DTYPE, device=x.device)
+        h_scale = torch.empty(M, I // SCALE_BLOCK, dtype=torch.float32, device=x.device)
+    else:
+        h, h_scale = torch.empty(M, I, dtype=x.dtype, device=x.device), None
+    _launch(x, x_scale, w13, w13_scale, h, offsets=offsets, out_scale=h_scale, swiglu=True)
+    _launch(h, h_scale, w2, w2_scale, out, offsets=offsets, row_weight=row_weight)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# custom ops (CUDA / interpreter: Triton; CPU: the reference)
+
+@torch.library.custom_op("moe_kernels::grouped_gemm_fp8", mutates_args=())
+def _grouped_gemm_fp8_op(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                         offsets: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(a.shape[0], w.shape[1], dtype=out_dtype, device=a.device)
+    _grouped_gemm_fp8_out_impl(a, a_scale, w, w_scale, offsets, out)
+    return out
+
+
+@_grouped_gemm_fp8_op.register_fake
+def _(a, a_scale, w, w_scale, offsets, out_dtype):
+    return a.new_empty(a.shape[0], w.shape[1], dtype=out_dtype)
+
+
+def _grouped_gemm_fp8_out_impl(a, a_scale, w, w_scale, offsets, out):
+    if use_triton(a):
+        _launch(a.contiguous(), a_scale.contiguous(), w.contiguous(), w_scale.contiguous(), out, offsets=offsets)
+    else:
+        out.copy_(reference.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out_dtype=torch.float32))
+
+
+@torch.library.custom_op("moe_kernels::grouped_gemm_fp8_out", mutates_args=("out",))
+def _grouped_gemm_fp8_out_op(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                             offsets: torch.Tensor, out: torch.Tensor) -> None:
+    _grouped_gemm_fp8_out_impl(a, a_scale, w, w_scale, offsets, out)
+
+
+@_grouped_gemm_fp8_out_op.register_fake
+def _(a, a_scale, w, w_scale, offsets, out):
+    return None
+
+
+@torch.library.custom_op("moe_kernels::grouped_gemm_bf16", mutates_args=())
+def _grouped_gemm_bf16_op(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if not use_triton(a):
+        return reference.grouped_gemm(a, w, offsets)
+    out = torch.empty(a.shape[0], w.shape[1], dtype=a.dtype, device=a.device)
+    _launch(a.contiguous(), None, w.contiguous(), None, out, offsets=offsets)
+    return out
+
+
+@_grouped_gemm_bf16_op.register_fake
+def _(a, w, offsets):
+    return a.new_empty(a.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("moe_kernels::grouped_gemm_fp8_masked", mutates_args=())
+def _grouped_gemm_fp8_masked_op(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                                masked_m: torch.Tensor) -> torch.Tensor:
+    E, max_m, K = a.shape
+    N = w.shape[1]
+    if use_triton(a):
+        out = torch.empty(E, max_m, N, dtype=torch.bfloat16, device=a.device)
+        _launch(a.contiguous().view(E * max_m, K), a_scale.contiguous().view(E * max_m, -1), w.contiguous(),
+                w_scale.contiguous(), out.view(E * max_m, N), masked_m=masked_m, max_m=max_m)
+        return out
+    out = torch.zeros(E, max_m, N, dtype=torch.bfloat16, device=a.device)
+    for e, m in enumerate(masked_m.tolist()):
+        if m:
+            one = torch.tensor([0, m], dtype=torch.int32)
+            out[e, :m] = reference.grouped_gemm_fp8(a[e, :m], a_scale[e, :m], w[e : e + 1], w_scale[e : e + 1], one)
+    return out
+
+
+@_grouped_gemm_fp8_masked_op.register_fake
+def _(a, a_scale, w, w_scale, masked_m):
+    return a.new_empty(a.shape[0], a.shape[1], w.shape[1], dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("moe_kernels::expert_mlp", mutates_args=())
+def _expert_mlp_op(x: torch.Tensor, x_scale: torch.Tensor | None, offsets: torch.Tensor, w13: torch.Tensor,
+                   w13_scale: torch.Tensor | None, w2: torch.Tensor, w2_scale: torch.Tensor | None,
+                   topk_weight: torch.Tensor | None) -> torch.Tensor:
+    fp8 = w13_scale is not None
+    out_dtype = torch.bfloat16 if fp8 else x.dtype
+    if not use_triton(x):
+        y = reference.expert_mlp(x, offsets, w13, w2, x_scale, w13_scale, w2_scale, out_dtype=torch.float32)
+        return (y if topk_weight is None else y * topk_weight[:, None]).to(out_dtype)
+    out = torch.empty(x.shape[0], w2.shape[1], dtype=out_dtype, device=x.device)
+    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return _mlp_launch(c(x), c(x_scale), offsets, c(w13), c(w13_scale), c(w2), c(w2_scale), c(topk_weight), out)
+
+
+@_expert_mlp_op.register_fake
+def _(x, x_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight):
+    return x.new_empty(x.shape[0], w2.shape[1], dtype=torch.bfloat16 if w13_scale is not None else x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public wrappers: validate on the host (no launch before that), then call the op
+
+def _check_offsets(offsets, E: int, M: int, device) -> None:
+    check_tensor("offsets", offsets, dtype=torch.int32, shape=(E + 1,), device=device)
+    if value_checks_enabled(offsets):  # reads values: one device->host sync, skipped when checks are off
+        o = offsets.tolist()
+        if o[0] != 0 or o[-1] != M or any(hi < lo for lo, hi in zip(o, o[1:])):
+            raise ValueError(
+                f"offsets must start at 0, never decrease and end at M={M} (rows of a), got {o[:4]} ... {o[-2:]}")
+
+
+def _check_fp8_operands(a, a_scale, w, w_scale, names=("a", "a_scale", "w", "w_scale")) -> None:
+    na, nas, nw, nws = names
+    check_tensor(na, a, dtype=FP8_DTYPE, ndim=2)
+    M, K = a.shape
+    check_multiple(f"{na}.shape[-1] (K)", K, SCALE_BLOCK)
+    check_tensor(nas, a_scale, dtype=torch.float32, shape=(M, K // SCALE_BLOCK), device=a.device)
+    check_tensor(nw, w, dtype=FP8_DTYPE, ndim=3, device=a.device)
+    E, N, Kw = w.shape
+    if Kw != K:
+        raise ValueError(f"{nw} must have shape [E, N, {K}] to match {na}'s K, got {list(w.shape)}")
+    check_tensor(nws, w_scale, dtype=torch.float32, shape=(E, -(-N // SCALE_BLOCK), K // SCALE_BLOCK),
+                 device=a.device)
+
+
+def grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out_dtype=torch.bfloat16, out=None) -> torch.Tensor:
+    """out [M, N] = A_e @ W_e^T for the rows of each expert; fp32 accumulation with the block scales per K block.
+
+    Args:
+        a: e4m3 [M, K], K a multiple of 128; a_scale: fp32 [M, K/128] (one scale per 1x128 group).
+        w: e4m3 [E, N, K]; w_scale: fp32 [E, ceil(N/128), K/128] (DeepSeek-V3's ``weight_scale_inv``).
+        offsets: int32 [E+1]; rows offsets[e]:offsets[e+1] belong to expert e (empty experts allowed).
+        out_dtype: bf16 (default), fp16 or fp32.
+        out: optional [M, N] tensor of out_dtype with unit column stride to write into (returned).
+    """
+    _check_fp8_operands(a, a_scale, w, w_scale)
+    check_tensor("offsets", offsets, dtype=torch.int32, device=a.device)
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    M, N = a.shape[0], w.shape[1]
+    if out is not None:
+        check_tensor("out", out, dtype=out_dtype, shape=(M, N), device=a.device)
+        if N > 1 and out.stride(1) != 1:
+            raise ValueError("out must have unit stride along its last dimension")
+    _check_offsets(offsets, w.shape[0], M, a.device)
+    if out is None:
+        return _grouped_gemm_fp8_op(a, a_scale, w, w_scale, offsets, out_dtype)
+    _grouped_gemm_fp8_out_op(a, a_scale, w, w_scale, offsets, out)
+    return out
+
+
+def grouped_gemm_bf16(a, w, offsets) -> torch.Tensor:
+    """out [M, N] = A_e @ W_e^T: a [M, K] and w [E, N, K] bf16 or fp16 (fp32 runs with IEEE products)."""
+    check_tensor("a", a, dtype=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
+    check_tensor("w", w, dtype=a.dtype, ndim=3, device=a.device)
+    if w.shape[2] != a.shape[1]:
+        raise ValueError(f"w must have shape [E, N, {a.shape[1]}] to match a's K, got {list(w.shape)}")
+    _check_offsets(offsets, w.shape[0], a.shape[0], a.device)
+    return _grouped_gemm_bf16_op(a, w, offsets)
+
+
+def grouped_gemm_fp8_masked(a, a_scale, w, w_scale, masked_m) -> torch.Tensor:
+    """Decode layout: a [E, max_m, K] e4m3, a_scale fp32 [E, max_m, K/128], masked_m int32 [E] valid rows.
+
+    Returns bf16 [E, max_m, N]; rows at and past masked_m[e] are unspecified (zero on the CPU reference). The
+    grid depends only on shapes and masked_m is read on the device, so the call can be captured in a CUDA graph
+    and replayed with new masked_m values.
+    """
+    check_tensor("a", a, dtype=FP8_DTYPE, ndim=3)
+    E, max_m, K = a.shape
+    check_tensor("a_scale", a_scale, dtype=torch.float32, ndim=3, device=a.device)
+    _check_fp8_operands(a.reshape(E * max_m, K), a_scale.reshape(E * max_m, -1), w, w_scale)
+    if tuple(a_scale.shape) != (E, max_m, K // SCALE_BLOCK):
+        raise ValueError(f"a_scale must have shape [{E}, {max_m}, {K // SCALE_BLOCK}], got {list(a_scale.shape)}")
+    if w.shape[0] != E:
+        raise ValueError(f"w must have {E} experts to match a, got {w.shape[0]}")
+    check_tensor("masked_m", masked_m, dtype=torch.int32, shape=(E,), device=a.device)
+    if value_checks_enabled(masked_m) and E and (int(masked_m.min()) < 0 or int(masked_m.max()) > max_m):
+        raise ValueError(f"masked_m must lie in [0, {max_m}], got [{int(masked_m.min())}, {int(masked_m.max())}]")
+    return _grouped_gemm_fp8_masked_op(a, a_scale, w, w_scale, masked_m)
+
+
+def expert_mlp(x, x_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight=None) -> torch.Tensor:
+    """The SwiGLU MLP of every expert over expert-grouped rows: (silu(x W1^T) * (x W3^T)) W2^T.
+
+    Args:
+        x: [M, H] e4m3 with x_scale fp32 [M, H/128] (FP8 path), or bf16/fp16/fp32 with x_scale None.
+        offsets: int32 [E+1]. w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I]. FP8 weights come with
+            their 128x128 scales w13_scale [E, 2I/128, H/128], w2_scale [E, ceil(H/128), I/128]; bf16 weights
+            with None.
+        topk_weight: optional fp32 [M], multiplies each output row (routing weight in permuted order).
+    Returns [M, H], bf16 on the FP8 path, x's dtype otherwise. On the FP8 path the SwiGLU output is re-quantised
+    to e4m3 with 1x128 scales inside the first kernel; on the bf16 path it is rounded to x's dtype.
+    """
+    fp8 = w13_scale is not None
+    check_tensor("x", x, ndim=2)
+    check_tensor("w13", w13, ndim=3, device=x.device)
+    check_tensor("w2", w2, ndim=3, device=w13.device)
+    E, two_i, H = w13.shape
+    I = two_i // 2
+    if two_i % 2 or tuple(w2.shape) != (E, H, I):
+        raise ValueError(f"w2 must have shape [{E}, {H}, {I}] to match w13 {list(w13.shape)}, got {list(w2.shape)}")
+    if fp8:
+        _check_fp8_operands(x, x_scale, w13, w13_scale, names=("x", "x_scale", "w13", "w13_scale"))
+        check_multiple("intermediate size (w2.shape[2])", I, SCALE_BLOCK)
+        check_tensor("w2", w2, dtype=FP8_DTYPE)
+        check_tensor("w2_scale", w2_scale, dtype=torch.float32, shape=(E, -(-H // SCALE_BLOCK), I // SCALE_BLOCK),
+                     device=x.device)
+    else:
+        check_tensor("x", x, dtype=(torch.bfloat16, torch.float16, torch.float32), ndim=2, shape=(None, H))
+        check_tensor("w13", w13, dtype=x.dtype)
+        check_tensor("w2", w2, dtype=x.dtype)
+        if x_scale is not None or w2_scale is not None:
+            raise ValueError("x_scale and w2_scale belong to the FP8 path: give w13_scale too, or pass None")
+    check_tensor("offsets", offsets, dtype=torch.int32, device=x.device)
+    if topk_weight is not None:
+        check_tensor("topk_weight", topk_weight, dtype=torch.float32, shape=(x.shape[0],), device=x.device)
+    _check_offsets(offsets, E, x.shape[0], x.device)
+    return _expert_mlp_op(x, x_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight)

@@ -1,0 +1,244 @@
+"""Permutation: group the (token, k) pairs by expert (optionally quantising to FP8), and the weighted way back.
+
+permute runs four kernels and no host sync. Pairs p = t*k + j are cut into blocks of PAIRS consecutive pairs:
+  1. _hist_kernel:    per block, how many of its pairs go to each expert -> hist [blocks, E]
+  2. _scan_kernel:    one program: exclusive prefix sums down the blocks (-> base [blocks, E]) and over the
+                      expert totals (-> offsets [E+1])
+  3. _slot_kernel:    each pair's row = offsets[e] + base[block, e] + its rank among the block's earlier pairs
+                      of expert e. Pairs are in (token, k) order, so one expert's rows keep ascending token order.
+  4. _scatter_kernel: each token row is read once and written to its k rows, quantised on the way with fp8.
+unpermute is one kernel: per token, the k rows are gathered and summed in fp32 with their routing weights.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from .._checks import FP8_DTYPE, check_int, check_multiple, check_tensor, value_checks_enabled
+from ..reference.permute import Permuted
+from ._common import use_triton
+from .quant import quantize_groups
+
+__all__ = ["permute", "unpermute", "Permuted"]
+
+FP8_GROUP = 128
+TILE = 8192  # elements of the [pairs, experts] / [pairs, pairs] comparison tile per loop step of the index kernels
+
+
+@triton.jit
+def _hist_kernel(ids_ptr, hist_ptr, n_pairs, E, PAIRS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for c in range(0, PAIRS, CHUNK):
+        offs = b * PAIRS + c + tl.arange(0, CHUNK)
+        e = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=-1).to(tl.int32)
+        counts += tl.sum((e[:, None] == cols[None, :]).to(tl.int32), axis=0)
+    tl.store(hist_ptr + b * E + cols, counts, mask=cols < E)
+
+
+@triton.jit
+def _scan_kernel(hist_ptr, base_ptr, offsets_ptr, n_blocks, E, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
+    cols = tl.arange(0, BLOCK_E)
+    col_mask = cols < E
+    carry = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for r0 in range(0, n_blocks, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        mask = (rows < n_blocks)[:, None] & col_mask[None, :]
+        ptrs = rows[:, None].to(tl.int64) * E + cols[None, :]
+        tile = tl.load(hist_ptr + ptrs, mask=mask, other=0)
+        tl.store(base_ptr + ptrs, tl.cumsum(tile, axis=0) - tile + carry[None, :], mask=mask)
+        carry += tl.sum(tile, axis=0)
+    tl.store(offsets_ptr + cols, tl.cumsum(carry, axis=0) - carry, mask=col_mask)
+    tl.store(offsets_ptr + E, tl.sum(carry, axis=0))
+
+
+@triton.jit
+def _slot_kernel(ids_ptr, base_ptr, offsets_ptr, slot_ptr, token_index_ptr, n_pairs, E,
+                 TOP_K: tl.constexpr, PAIRS: tl.constexpr, CHUNK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    local = tl.arange(0, PAIRS)
+    offs = b * PAIRS + local
+    mask = offs < n_pairs
+    e = tl.load(ids_ptr + offs, mask=mask, other=-1).to(tl.int32)
+    # rank among this block's earlier pairs of the same expert, CHUNK earlier pairs at a time
+    rank = tl.zeros((PAIRS,), dtype=tl.int32)
+    for c in range(0, PAIRS, CHUNK):
+        offs_c = c + tl.arange(0, CHUNK)
+        e_c = tl.load(ids_ptr + b * PAIRS + offs_c, mask=b * PAIRS + offs_c < n_pairs, other=-2).to(tl.int32)
+        earlier = (e[:, None] == e_c[None, :]) & (offs_c[None, :] < local[:, None])
+        rank += tl.sum(earlier.to(tl.int32), axis=1)
+    row = tl.load(offsets_ptr + e, mask=mask, other=0) + tl.load(base_ptr + b * E + e, mask=mask, other=0) + rank
+    tl.store(slot_ptr + offs, row, mask=mask)
+    tl.store(token_index_ptr + row, (offs // TOP_K).to(tl.int32), mask=mask)
+
+
+@triton.jit
+def _scatter_kernel(x_ptr, slot_ptr, out_ptr, scale_ptr, H, stride_x, stride_out, stride_scale,
+                    TOP_K: tl.constexpr, FP8: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pid_h = tl.program_id(1)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    x = tl.load(x_ptr + t * stride_x + offs_h, mask=h_mask, other=0.0)
+    if FP8:
+        NG: tl.constexpr = BLOCK_H // GROUP
+        q, scale = quantize_groups(tl.reshape(x.to(tl.float32), (NG, GROUP)))
+        val = tl.reshape(q, (BLOCK_H,)).to(out_ptr.dtype.element_ty)
+        offs_g = pid_h * NG + tl.arange(0, NG)
+        g_mask = offs_g * GROUP < H
+    else:
+        val = x
+    for j in tl.static_range(TOP_K):
+        row = tl.load(slot_ptr + t * TOP_K + j).to(tl.int64)
+        tl.store(out_ptr + row * stride_out + offs_h, val, mask=h_mask)
+        if FP8:
+            tl.store(scale_ptr + row * stride_scale + offs_g, scale, mask=g_mask)
+
+
+@triton.jit
+def _unpermute_kernel(y_ptr, slot_ptr, w_ptr, out_ptr, H, stride_y, stride_out,
+                      TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        row = tl.load(slot_ptr + t * TOP_K + j).to(tl.int64)
+        w = tl.load(w_ptr + t * TOP_K + j)
+        acc += w * tl.load(y_ptr + row * stride_y + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_out + offs_h, acc.to(out_ptr.dtype.element_ty), mask=h_mask)
+
+
+def _row_block(H: int, fp8: bool) -> int:
+    """Columns per program of the row kernels: up to 1024 (16 bytes per thread of 4 warps for bf16)."""
+    return min(1024, max(FP8_GROUP if fp8 else 16, triton.next_power_of_2(H)))
+
+
+def _pairs_per_block(n: int) -> int:
+    """Pairs per index block: about 256 blocks, 64..512 pairs each (the single-program scan stays short)."""
+    return min(512, max(64, triton.next_power_of_2(triton.cdiv(n, 256))))
+
+
+def _permute_triton(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, fp8: bool, block_h=None, num_warps=4):
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    n, E, dev = T * k, num_experts, x.device
+    out = torch.empty(n, H, dtype=FP8_DTYPE if fp8 else x.dtype, device=dev)
+    scale = torch.empty(n, H // FP8_GROUP if fp8 else 0, dtype=torch.float32, device=dev)
+    slot = torch.empty(T, k, dtype=torch.int32, device=dev)
+    token_index = torch.empty(n, dtype=torch.int32, device=dev)
+    if n == 0:
+        return out, scale, torch.zeros(E + 1, dtype=torch.int32, device=dev), token_index, slot
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
+    ids = topk_ids.contiguous().view(-1)  # int32 or int64, read as is
+    PAIRS = _pairs_per_block(n)
+    blocks = triton.cdiv(n, PAIRS)
+    BLOCK_E = max(16, triton.next_power_of_2(E))
+    hist = torch.empty(blocks, E, dtype=torch.int32, device=dev)
+    base = torch.empty(blocks, E, dtype=torch.int32, device=dev)
+    _hist_kernel[(blocks,)](ids, hist, n, E, PAIRS=PAIRS, CHUNK=max(1, min(PAIRS, TILE // BLOCK_E)),
+                            BLOCK_E=BLOCK_E, num_warps=4)
+    _scan_kernel[(1,)](hist, base, offsets, blocks, E, ROWS=max(1, min(64, TILE // BLOCK_E)), BLOCK_E=BLOCK_E,
+                       num_warps=8)
+    _slot_kernel[(blocks,)](ids, base, offsets, slot, token_index, n, E, TOP_K=k, PAIRS=PAIRS,
+                            CHUNK=max(1, min(PAIRS, TILE // PAIRS)), num_warps=8)
+    BLOCK_H = block_h or _row_block(H, fp8)
+    _scatter_kernel[(T, triton.cdiv(H, BLOCK_H))](
+        x, slot, out, scale, H, x.stride(0), out.stride(0), max(scale.stride(0), 1),
+        TOP_K=k, FP8=fp8, BLOCK_H=BLOCK_H, GROUP=FP8_GROUP, num_warps=num_warps,
+    )
+    return out, scale, offsets, token_index, slot
+
+
+@torch.library.custom_op("moe_kernels::permute", mutates_args=())
+def _permute_op(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, fp8: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        return _permute_triton(x if x.stride(-1) == 1 else x.contiguous(), topk_ids, num_experts, fp8)
+    p = reference.permute(x, topk_ids, num_experts, fp8=fp8)
+    scale = p.scale if p.scale is not None else x.new_empty(p.x.shape[0], 0, dtype=torch.float32)
+    return p.x, scale, p.offsets, p.token_index, p.slot
+
+
+@_permute_op.register_fake
+def _(x, topk_ids, num_experts, fp8):
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    return (x.new_empty(T * k, H, dtype=FP8_DTYPE if fp8 else x.dtype),
+            x.new_empty(T * k, H // FP8_GROUP if fp8 else 0, dtype=torch.float32),
+            x.new_empty(num_experts + 1, dtype=torch.int32), x.new_empty(T * k, dtype=torch.int32),
+            x.new_empty(T, k, dtype=torch.int32))
+
+
+def permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, fp8: bool = False) -> Permuted:
+    """Group the rows of x by expert: row r of the result is token ``token_index[r]`` for expert e where
+    ``offsets[e] <= r < offsets[e+1]``; inside one expert tokens keep ascending order. With ``fp8`` the rows are
+    e4m3 with fp32 scales per 1x128 group (``scale`` [T*k, H/128]), quantised in the same pass.
+
+    Args: x [T, H] bf16/fp16/fp32; topk_ids int32/int64 [T, k] in [0, num_experts). Returns a ``Permuted``
+    (dropless: T*k rows, no padding, no host sync).
+    """
+    check_tensor("x", x, dtype=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
+    check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64), ndim=2, device=x.device)
+    check_int("num_experts", num_experts, lo=1)
+    if topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_ids must have one row per token of x ({x.shape[0]}), got {topk_ids.shape[0]}")
+    if fp8:
+        check_multiple("x.shape[1] (hidden size) for fp8", x.shape[1], FP8_GROUP)
+    if value_checks_enabled(x) and topk_ids.numel():
+        lo, hi = torch.aminmax(topk_ids)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"topk_ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+    xq, scale, offsets, token_index, slot = _permute_op(x, topk_ids, num_experts, bool(fp8))
+    return Permuted(xq, scale if fp8 else None, offsets, token_index, slot)
+
+
+def _unpermute_triton(y: torch.Tensor, slot: torch.Tensor, topk_weights: torch.Tensor, block_h=None, num_warps=4):
+    T, k = slot.shape
+    H = y.shape[1]
+    out = (torch.empty if k else torch.zeros)(T, H, dtype=y.dtype, device=y.device)  # k = 0: an empty sum
+    if T * k and H:
+        y = y if y.stride(-1) == 1 else y.contiguous()
+        BLOCK_H = block_h or _row_block(H, False)
+        _unpermute_kernel[(T, triton.cdiv(H, BLOCK_H))](
+            y, slot.contiguous(), topk_weights.float().contiguous(), out, H, y.stride(0), out.stride(0),
+            TOP_K=k, BLOCK_H=BLOCK_H, num_warps=num_warps,
+        )
+    return out
+
+
+@torch.library.custom_op("moe_kernels::unpermute", mutates_args=())
+def _unpermute_op(y: torch.Tensor, slot: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    if use_triton(y):
+        return _unpermute_triton(y, slot, topk_weights)
+    if slot.numel() == 0:  # the reference cannot view an empty gather
+        return y.new_zeros(slot.shape[0], y.shape[1])
+    return reference.unpermute(y, Permuted(y, None, None, None, slot), topk_weights)
+
+
+@_unpermute_op.register_fake
+def _(y, slot, topk_weights):
+    return y.new_empty(slot.shape[0], y.shape[1])
+
+
+def unpermute(y: torch.Tensor, permuted: Permuted, topk_weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_j topk_weights[t, j] * y[permuted.slot[t, j]], summed in fp32, written in y's dtype.
+
+    Args: y [T*k, N] bf16/fp16/fp32 expert outputs in permuted row order; permuted: what ``permute`` returned;
+    topk_weights [T, k].
+    """
+    check_tensor("y", y, dtype=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
+    if not isinstance(permuted, Permuted):
+        raise TypeError(f"permuted must be the Permuted returned by permute, got {type(permuted).__name__}")
+    T, k = permuted.slot.shape
+    if y.shape[0] != T * k:
+        raise ValueError(f"y must have T*k = {T * k} rows (one per permuted row), got {y.shape[0]}")
+    check_tensor("permuted.slot", permuted.slot, device=y.device)
+    check_tensor("topk_weights", topk_weights, shape=(T, k), device=y.device)
+    if not topk_weights.is_floating_point():
+        raise TypeError(f"topk_weights must be floating point, got {topk_weights.dtype}")
+    return _unpermute_op(y, permuted.slot, topk_weights)

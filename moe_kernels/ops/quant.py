@@ -1,0 +1,108 @@
+"""FP8 e4m3 quantisation with one fp32 scale per 1x128 group (activations) or 128x128 block (weights)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from .._checks import FP8_DTYPE, FP8_MAX, check_multiple, check_tensor
+from ..reference.quant import MIN_AMAX
+from ._common import interpret_mode, use_triton
+
+__all__ = [
+    "quantize_fp8", "quantize_weight_fp8", "E4M3_MAX", "AMAX_FLOOR", "UPCAST_DOT", "to_e4m3_rne", "quantize_groups",
+]
+
+E4M3_MAX = tl.constexpr(FP8_MAX)
+AMAX_FLOOR = tl.constexpr(MIN_AMAX)
+# Triton's CPU interpreter multiplies bf16 tiles as raw integers: upcast dot operands there
+UPCAST_DOT = tl.constexpr(interpret_mode())
+
+
+@triton.jit
+def to_e4m3_rne(v):
+    """Round fp32 values (already within +-448) to the nearest e4m3 value, ties to even, still in fp32.
+
+    The cast that follows is then exact, so the result does not depend on how a backend rounds its fp8 casts
+    (Triton's interpreter truncates). e4m3 keeps 3 mantissa bits: the spacing at v is 2^(exponent(v) - 3),
+    and 2^-9 below 2^-6 (subnormals). Scaling by powers of two is exact, so no division is needed.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    exp = tl.maximum((bits >> 23) & 0xFF, 127 - 6)
+    ulp = ((exp - 3) << 23).to(tl.float32, bitcast=True)
+    inv_ulp = ((254 - (exp - 3)) << 23).to(tl.float32, bitcast=True)
+    magic = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |x| < 2^22 to an integer, ties to even
+    return ((v * inv_ulp + magic) - magic) * ulp
+
+
+@triton.jit
+def quantize_groups(x):
+    """fp32 [R, GROUP] -> (e4m3 values still in fp32 [R, GROUP], fp32 scales [R]), bit-exact to the reference.
+
+    scale = max(amax, 1e-10) / 448; q = rne(clamp(x / scale, +-448)). Both divisions are IEEE-rounded
+    (tl.fdiv(..., ieee_rounding=True)): Triton's plain fp32 "/" is an approximate division on NVIDIA GPUs.
+    """
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)  # all-zero groups get a tiny, finite scale
+    scale = tl.fdiv(amax, tl.full(amax.shape, E4M3_MAX, tl.float32), ieee_rounding=True)
+    scaled = tl.fdiv(x, tl.broadcast_to(scale[:, None], x.shape), ieee_rounding=True)
+    return to_e4m3_rne(tl.minimum(tl.maximum(scaled, -E4M3_MAX), E4M3_MAX)), scale
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, stride_xm, stride_qm, stride_sm,
+                          BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
+    pid_m = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)  # which 1x128 group of the row
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = g * GROUP + tl.arange(0, GROUP)
+    row_mask = offs_m < M
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=row_mask[:, None], other=0.0)
+    q, scale = quantize_groups(x.to(tl.float32))
+    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q.to(q_ptr.dtype.element_ty),
+             mask=row_mask[:, None])
+    tl.store(s_ptr + offs_m * stride_sm + g, scale, mask=row_mask)
+
+
+def _quantize_triton(x: torch.Tensor, block: int):
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(M, K // block, dtype=torch.float32, device=x.device)
+    if M:
+        BLOCK_M = 16
+        _quantize_rows_kernel[(triton.cdiv(M, BLOCK_M), K // block)](
+            x, q, s, M, x.stride(0), q.stride(0), s.stride(0), BLOCK_M=BLOCK_M, GROUP=block, num_warps=4
+        )
+    return q, s
+
+
+@torch.library.custom_op("moe_kernels::quantize_fp8", mutates_args=())
+def _quantize_op(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        return _quantize_triton(x.contiguous(), block)
+    return reference.quantize_fp8(x, block)
+
+
+@_quantize_op.register_fake
+def _(x, block):
+    M, K = x.shape
+    return x.new_empty(M, K, dtype=FP8_DTYPE), x.new_empty(M, K // block, dtype=torch.float32)
+
+
+def quantize_fp8(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (K a multiple of ``block``) -> (e4m3 [M, K], fp32 scales [M, K/block]); x ~= q * scale."""
+    check_tensor("x", x, dtype=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
+    if block != 128:
+        raise ValueError(f"block must be 128 (DeepSeek-V3's activation groups), got {block}")
+    check_multiple("x.shape[1]", x.shape[1], block)
+    return _quantize_op(x, block)
+
+
+def quantize_weight_fp8(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] -> (e4m3 [..., N, K], fp32 scales [..., ceil(N/128), ceil(K/128)]); runs once at load time."""
+    check_tensor("w", w, dtype=(torch.bfloat16, torch.float16, torch.float32))
+    if w.dim() < 2:
+        raise ValueError(f"w must be at least 2-D [..., N, K], got shape {list(w.shape)}")
+    if tuple(block) != (128, 128):
+        raise ValueError(f"block must be (128, 128), got {block}")
+    return reference.quantize_weight_fp8(w, tuple(block))

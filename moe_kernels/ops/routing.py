@@ -1,0 +1,282 @@
+"""Fused routing: router GEMM + scoring + (group-limited) top-k + renormalisation + per-expert counts.
+
+One program owns BLOCK_M tokens and all E experts (E padded to a power of two, padding scored -inf): the
+[BLOCK_M, E] logits never leave registers, and the block's per-expert histogram is added to ``counts`` with
+one atomic per expert. A row whose logits are not all finite gets NaN weights (the wrapper turns that into a
+ValueError when value checks are on).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from .._checks import check_choice, check_routing_args, check_tensor, value_checks_enabled
+from ._common import use_triton
+from .quant import UPCAST_DOT
+
+__all__ = ["route"]
+
+_SCORINGS = ("softmax", "sigmoid")
+MAX_EXPERTS = 256
+MAX_TOP_K = 8
+
+
+@triton.jit
+def _argmax_low(v, avail, cols, BLOCK_N: tl.constexpr):
+    """Row-wise max over the available columns and the lowest such column holding it (ties to the lower index)."""
+    mx = tl.max(tl.where(avail, v, float("-inf")), axis=1)
+    idx = tl.min(tl.where(avail & (v == mx[:, None]), cols[None, :], BLOCK_N), axis=1)
+    return mx, idx
+
+
+@triton.jit
+def _route_kernel(
+    x_ptr, w_ptr, bias_ptr, escale_ptr, weights_ptr, ids_ptr, counts_ptr,
+    T, H, E, group_size, stride_xm, stride_we, routed_scaling_factor,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, SIGMOID: tl.constexpr, N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ESCALE: tl.constexpr,
+    NORM: tl.constexpr, FP32_DOT: tl.constexpr, EVEN_K: tl.constexpr, GROUPS_AS_AXIS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_E)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_mask = offs_m < T
+    col_mask = cols < E
+    neg_inf = float("-inf")
+
+    # router GEMM [BLOCK_M, H] x [H, BLOCK_E], fp32 accumulation. Mixed or fp32 inputs multiply in fp32 with
+    # IEEE products (no tf32), so the logits are those of x.float() @ w.float().t().
+    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + cols[:, None] * stride_we + offs_k[None, :]
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K:
+            xb = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+            wb = tl.load(w_ptrs, mask=col_mask[:, None], other=0.0)
+        else:
+            k_mask = (k0 + offs_k) < H
+            xb = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            wb = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if FP32_DOT:
+            acc += tl.dot(xb.to(tl.float32), tl.trans(wb.to(tl.float32)), input_precision="ieee")
+        elif UPCAST_DOT:  # the interpreter's bf16 dot is wrong; fp32 products of bf16 inputs are exact anyway
+            acc += tl.dot(xb.to(tl.float32), tl.trans(wb.to(tl.float32)))
+        else:
+            acc += tl.dot(xb, tl.trans(wb))
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    # a row with a NaN/inf logit is routed as if its logits were 0, and its weights are poisoned with NaN below
+    finite = (acc == acc) & (tl.abs(acc) != float("inf"))
+    row_bad = tl.max(tl.where(col_mask[None, :] & ~finite, 1, 0), axis=1) > 0
+    logits = tl.where(row_bad[:, None], 0.0, acc)
+    logits = tl.where(col_mask[None, :], logits, neg_inf)
+    if SIGMOID:
+        scores = 1.0 / (1.0 + tl.exp(-logits))
+    else:
+        mx = tl.max(logits, axis=1)
+        p = tl.exp(logits - mx[:, None])
+        scores = p / tl.sum(p, axis=1)[:, None]
+    scores = tl.where(col_mask[None, :], scores, 0.0)
+
+    # selection score: balancing terms move the choice, never the weights
+    choice = scores
+    if HAS_ESCALE:
+        choice = choice * tl.load(escale_ptr + cols, mask=col_mask, other=1.0)[None, :]
+    if HAS_BIAS:
+        choice = choice + tl.load(bias_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    avail = tl.broadcast_to(col_mask[None, :], (BLOCK_M, BLOCK_E))
+
+    if N_GROUP > 1:
+        # groups ranked by the sum of their best two selection scores; the TOPK_GROUP best are kept
+        gcols = tl.arange(0, G_PAD)
+        if GROUPS_AS_AXIS:  # E == BLOCK_E, power-of-two groups: one reduction per step over a [M, G, E/G] view
+            GS: tl.constexpr = BLOCK_E // N_GROUP
+            lane = tl.arange(0, GS)
+            grouped = tl.reshape(choice, (BLOCK_M, N_GROUP, GS))
+            best = tl.max(grouped, axis=2)
+            first = tl.min(tl.where(grouped == best[:, :, None], lane[None, None, :], GS), axis=2)
+            second = tl.max(tl.where(lane[None, None, :] == first[:, :, None], neg_inf, grouped), axis=2)
+            gscore = best + second
+        else:
+            col_group = tl.where(col_mask, cols // group_size, N_GROUP)
+            gscore = tl.full((BLOCK_M, G_PAD), neg_inf, tl.float32)
+            for g in tl.static_range(N_GROUP):
+                in_g = avail & (col_group == g)[None, :]
+                best, best_idx = _argmax_low(choice, in_g, cols, BLOCK_E)
+                second, _ = _argmax_low(choice, in_g & (cols[None, :] != best_idx[:, None]), cols, BLOCK_E)
+                gscore = tl.where(gcols[None, :] == g, (best + second)[:, None], gscore)
+        g_avail = tl.broadcast_to((gcols < N_GROUP)[None, :], (BLOCK_M, G_PAD))
+        keep = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.int1)
+        for _ in tl.static_range(TOPK_GROUP):
+            _, gi = _argmax_low(gscore, g_avail, gcols, G_PAD)
+            g_avail = g_avail & (gcols[None, :] != gi[:, None])
+            if not GROUPS_AS_AXIS:
+                keep = keep | (col_group[None, :] == gi[:, None])
+        if GROUPS_AS_AXIS:
+            kept = ~g_avail  # [M, G]: the chosen groups, spread back over their experts
+            keep = tl.reshape(tl.broadcast_to(kept[:, :, None], (BLOCK_M, N_GROUP, GS)), (BLOCK_M, BLOCK_E))
+        choice = tl.where(keep, choice, neg_inf)
+
+    # top-k by repeated argmax: descending selection score, ties to the lower expert index
+    kcols = tl.arange(0, K_PAD)
+    top_w = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
+    top_i = tl.zeros((BLOCK_M, K_PAD), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        _, idx = _argmax_low(choice, avail, cols, BLOCK_E)
+        hit = cols[None, :] == idx[:, None]
+        w = tl.sum(tl.where(hit, scores, 0.0), axis=1)
+        top_w = tl.where(kcols[None, :] == j, w[:, None], top_w)
+        top_i = tl.where(kcols[None, :] == j, idx[:, None], top_i)
+        avail = avail & ~hit
+    if NORM:
+        top_w = top_w / (tl.sum(top_w, axis=1)[:, None] + 1e-20)
+    top_w = top_w * routed_scaling_factor
+    top_w = tl.where(row_bad[:, None], float("nan"), top_w)
+
+    out_mask = row_mask[:, None] & (kcols[None, :] < TOP_K)
+    out_offs = offs_m[:, None] * TOP_K + kcols[None, :]
+    tl.store(weights_ptr + out_offs, top_w, mask=out_mask)
+    tl.store(ids_ptr + out_offs, top_i, mask=out_mask)
+
+    # the chosen experts are exactly the valid columns no longer available: one atomic per expert per block
+    chosen = col_mask[None, :] & ~avail & row_mask[:, None]
+    block_counts = tl.sum(chosen.to(tl.int32), axis=0)
+    tl.atomic_add(counts_ptr + cols, block_counts, mask=col_mask & (block_counts > 0))
+
+
+def _cfg(m: int, k: int, w: int, s: int) -> dict:
+    return dict(BLOCK_M=m, BLOCK_K=k, num_warps=w, num_stages=s)
+
+
+# Block sizes keyed by (E padded to a power of two, H >= 4096): rows of (largest T, config for a light epilogue
+# (top_k <= 2, no groups), config for a heavy one); the last row takes any larger T. The E=256 rows come from the
+# H100 sweep of `bench/bench_routing.py --sweep` at H=7168 (bench/results/routing-NVIDIA_H100_80GB_HBM3.json):
+# 16 warps halve the per-thread epilogue of k=8 / group-limited routing (1.4-1.5x faster there). Other entries are
+# untuned defaults.
+_CONFIGS = {
+    (256, True): [(1024, _cfg(16, 128, 4, 4), _cfg(16, 128, 4, 4)),
+                  (8192, _cfg(64, 64, 8, 4), _cfg(64, 64, 16, 4)),
+                  (None, _cfg(128, 64, 16, 3), _cfg(64, 64, 16, 4))],
+}
+_DEFAULT = [(1024, _cfg(16, 128, 4, 3), _cfg(16, 128, 4, 3)),
+            (None, _cfg(64, 64, 8, 3), _cfg(64, 64, 8, 3))]
+
+
+def _config(T: int, E: int, H: int, fp32: bool, heavy: bool) -> dict:
+    for max_t, light_cfg, heavy_cfg in _CONFIGS.get((_next_pow2(E, 16), H >= 4096), _DEFAULT):
+        if max_t is None or T <= max_t:
+            cfg = dict(heavy_cfg if heavy else light_cfg)
+            break
+    if fp32:  # twice the bytes per tile: keep the pipeline inside shared memory
+        cfg.update(BLOCK_K=32, num_stages=2)
+    return cfg
+
+
+def _next_pow2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def _route_triton(x, w, top_k, scoring, n_group, topk_group, norm, scaling, bias, escale, config=None):
+    T, H = x.shape
+    E = w.shape[0]
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=x.device)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device)
+    if T == 0:
+        return weights, ids, counts
+    fp32_dot = x.dtype != w.dtype or x.dtype == torch.float32
+    cfg = config or _config(T, E, H, fp32_dot, heavy=top_k > 2 or n_group > 1)
+    BLOCK_E = _next_pow2(E, 16)
+    grid = (triton.cdiv(T, cfg["BLOCK_M"]),)
+    _route_kernel[grid](
+        x, w, bias if bias is not None else counts, escale if escale is not None else counts,
+        weights, ids, counts, T, H, E, E // n_group, x.stride(0), w.stride(0), float(scaling),
+        TOP_K=top_k, K_PAD=_next_pow2(top_k, 2), SIGMOID=scoring == "sigmoid", N_GROUP=n_group,
+        TOPK_GROUP=topk_group, G_PAD=_next_pow2(n_group, 2), HAS_BIAS=bias is not None,
+        HAS_ESCALE=escale is not None, NORM=norm, FP32_DOT=fp32_dot, EVEN_K=H % cfg["BLOCK_K"] == 0,
+        GROUPS_AS_AXIS=n_group > 1 and E == BLOCK_E and n_group == _next_pow2(n_group), BLOCK_E=BLOCK_E, **cfg,
+    )
+    return weights, ids, counts
+
+
+@torch.library.custom_op("moe_kernels::route", mutates_args=())
+def _route_op(
+    x: torch.Tensor, router_weight: torch.Tensor, top_k: int, scoring: str, n_group: int, topk_group: int,
+    norm_topk_prob: bool, routed_scaling_factor: float, bias: torch.Tensor | None,
+    expert_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (top_k, scoring, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
+    if use_triton(x):
+        b = bias.float().contiguous() if bias is not None else None
+        s = expert_scale.float().contiguous() if expert_scale is not None else None
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        w = router_weight if router_weight.stride(-1) == 1 else router_weight.contiguous()
+        return _route_triton(x, w, *args, b, s)
+    return reference.route(x, router_weight, *args, bias, expert_scale)
+
+
+@_route_op.register_fake
+def _(x, router_weight, top_k, scoring, n_group, topk_group, norm_topk_prob, routed_scaling_factor, bias,
+      expert_scale):
+    T, E = x.shape[0], router_weight.shape[0]
+    return (x.new_empty(T, top_k, dtype=torch.float32), x.new_empty(T, top_k, dtype=torch.int32),
+            x.new_empty(E, dtype=torch.int32))
+
+
+def route(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+    bias: torch.Tensor | None = None,
+    expert_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Choose top_k experts per token (see ``moe_kernels.reference.routing`` for the exact rule).
+
+    Args:
+        x: [T, H] bf16/fp16/fp32 tokens. router_weight: [E, H] gate matrix, E <= 256 (any E; a power of two or
+            a multiple of 16 is what the kernel is tuned for).
+        top_k: 1..min(8, E). scoring: "softmax" or "sigmoid". n_group/topk_group: group-limited selection.
+        bias: [E] selection bias (DeepSeek-V3's e_score_correction_bias). expert_scale: [E] selection
+            multiplier (the "adaptive" balancing rule). Both change the choice, never the weights.
+    Returns:
+        topk_weights fp32 [T, k], topk_ids int32 [T, k] (descending selection score), counts int32 [E].
+    Raises:
+        ValueError when a router logit is NaN or inf (checked when value checks are enabled; otherwise such a
+        row gets NaN weights).
+    """
+    floats = (torch.bfloat16, torch.float16, torch.float32)
+    check_tensor("x", x, dtype=floats, ndim=2)
+    check_tensor("router_weight", router_weight, dtype=floats, ndim=2, device=x.device)
+    T, H = x.shape
+    E = router_weight.shape[0]
+    if router_weight.shape[1] != H:
+        raise ValueError(f"router_weight must have shape [E, {H}] to match x, got {list(router_weight.shape)}")
+    if E > MAX_EXPERTS:
+        raise ValueError(f"router_weight has {E} experts; route supports at most {MAX_EXPERTS}")
+    check_routing_args(E, top_k, n_group, topk_group)
+    if top_k > MAX_TOP_K:
+        raise ValueError(f"top_k must be <= {MAX_TOP_K}, got {top_k}")
+    check_choice("scoring", scoring, _SCORINGS)
+    for name, t in (("bias", bias), ("expert_scale", expert_scale)):
+        if t is not None:
+            check_tensor(name, t, dtype=floats, shape=(E,), device=x.device)
+    checks = T > 0 and value_checks_enabled(x)
+    if checks and not use_triton(x):  # the reference path: inspect the inputs (CPU, cheap)
+        if not (torch.isfinite(x).all() and torch.isfinite(router_weight).all()):
+            raise ValueError("router logits are non-finite: x or router_weight holds NaN or inf")
+    out = _route_op(x, router_weight, top_k, scoring, n_group, topk_group, bool(norm_topk_prob),
+                    float(routed_scaling_factor), bias, expert_scale)
+    if checks and use_triton(x) and not bool(torch.isfinite(out[0]).all()):
+        bad = int((~torch.isfinite(out[0])).any(1).nonzero()[0, 0])
+        raise ValueError(f"router logits are non-finite (NaN or inf) for token {bad}: check x and router_weight")
+    return out

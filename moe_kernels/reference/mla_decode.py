@@ -1,0 +1,110 @@
+"""MLA's fused latent projection and absorbed decode, as plain PyTorch (fp32 inside): what the kernels compute.
+
+Latent projection (one GEMM over the concatenated down-projections, then the per-row epilogue):
+
+    y = x [W_DQ; W_DKV]^T                     [T, q_lora_rank + kv_lora_rank + rope]
+    c_q = RMSNorm(y[:, :q_lora_rank])         the input of the q up-projection
+    kv  = [RMSNorm(c_kv) | RoPE(k_r)]         one row of the latent cache, [T, kv_lora_rank + rope]
+
+Absorbed decode (DeepSeek-V2 section 2.1.3): with W_UKV = kv_b_proj viewed as [h, nope + v, kv_lora_rank],
+W_UK = its first ``nope`` rows per head and W_UV the last ``v``, the score q_nope . k_nope equals
+(q_nope W_UK) . c_kv, and o_h = sum_j p_j (c_kv_j W_UV^T) equals (sum_j p_j c_kv_j) W_UV^T. So a decode step
+attends with the latent query q_latent = q_nope W_UK [h, kv_lora_rank] directly over the cache rows
+[c_kv | k_rope] (keys) and c_kv (values) and applies W_UV once to the result: no per-head keys are ever formed.
+"""
+from __future__ import annotations
+
+import torch
+
+from .mla import apply_rope, rms_norm
+from .quant import dequantize_fp8, dequantize_weight_fp8, quantize_fp8
+
+__all__ = ["mla_latent_proj", "mla_decode", "split_kv_b", "mla_decode_absorbed"]
+
+
+def mla_latent_proj(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    kv_norm_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_lora_rank: int,
+    kv_lora_rank: int,
+    w_scale: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    interleave: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H]; w [q_lora_rank + kv_lora_rank + rope, H] (float, or e4m3 with 128x128 ``w_scale``, in which case
+    x is quantised to e4m3 with 1x128 scales first); cos/sin [T, rope/2] -> (c_q [T, q_lora_rank], kv [T, kv_lora_rank
+    + rope]), fp32. q_lora_rank may be 0 (no q latent: DeepSeek-V2-Lite)."""
+    if w_scale is not None:
+        xq, xs = quantize_fp8(x)
+        y = dequantize_fp8(xq, xs) @ dequantize_weight_fp8(w, w_scale).t()
+    else:
+        y = x.float() @ w.float().t()
+    Q, C = q_lora_rank, kv_lora_rank
+    c_q = rms_norm(y[:, :Q], q_norm_weight, eps) if Q else y[:, :0]
+    c_kv = rms_norm(y[:, Q : Q + C], kv_norm_weight, eps)
+    k_r = apply_rope(y[:, Q + C :], cos, sin, interleave)
+    return c_q, torch.cat([c_kv, k_r], dim=-1)
+
+
+def _cache_rows(kv_cache, b: int, L: int, block_table, page: int):
+    if block_table is None:
+        return kv_cache[b, :L]
+    n = torch.arange(L, device=kv_cache.device)
+    return kv_cache[block_table[b, n // page].long(), n % page]
+
+
+def mla_decode(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    block_table: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query per batch row over its latent cache -> o_latent [B, h, kv_lora_rank] fp32.
+
+    q_latent [B, h, C] (q_nope already multiplied by W_UK), q_rope [B, h, R] (rotated); kv_cache [B, S_max, C + R]
+    rows [c_kv | k_rope], or paged [num_blocks, page, C + R] with block_table int32 [B, max_blocks] (logical key n
+    of row b lives in block block_table[b, n // page], slot n % page); cache_seqlens int32 [B]: row b attends
+    over its keys 0 .. cache_seqlens[b]-1 (a row with none gets zeros).
+    """
+    B, h, C = q_latent.shape
+    page = kv_cache.shape[1]
+    out = torch.zeros(B, h, C, dtype=torch.float32, device=q_latent.device)
+    for b, L in enumerate(cache_seqlens.tolist()):
+        if L == 0:
+            continue
+        rows = _cache_rows(kv_cache, b, L, block_table, page).float()  # [L, C + R]
+        scores = (q_latent[b].float() @ rows[:, :C].t() + q_rope[b].float() @ rows[:, C:].t()) * softmax_scale
+        out[b] = torch.softmax(scores, dim=-1) @ rows[:, :C]
+    return out
+
+
+def split_kv_b(w_kv_b: torch.Tensor, num_heads: int, qk_nope_head_dim: int, v_head_dim: int):
+    """kv_b_proj.weight [h * (nope + v), C] -> (W_UK [h, nope, C], W_UV [h, v, C]) as views."""
+    w = w_kv_b.view(num_heads, qk_nope_head_dim + v_head_dim, -1)
+    return w[:, :qk_nope_head_dim], w[:, qk_nope_head_dim:]
+
+
+def mla_decode_absorbed(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    w_kv_b: torch.Tensor,
+    qk_nope_head_dim: int,
+    v_head_dim: int,
+    softmax_scale: float,
+    block_table: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q_nope [B, h, nope], q_rope [B, h, R] (rotated) -> per-head attention output [B, h, v] fp32, through the
+    latent cache only (equal to expanding the cache with kv_b_proj and attending per head)."""
+    h = q_nope.shape[1]
+    w_uk, w_uv = split_kv_b(w_kv_b.float(), h, qk_nope_head_dim, v_head_dim)
+    q_latent = torch.einsum("bhd,hdc->bhc", q_nope.float(), w_uk)
+    o_latent = mla_decode(q_latent, q_rope, kv_cache, cache_seqlens, softmax_scale, block_table)
+    return torch.einsum("bhc,hvc->bhv", o_latent, w_uv)

@@ -1,0 +1,436 @@
+"""Checks of expert parallelism that run inside spawned CPU processes on gloo (see tests/test_dist.py).
+
+``run(rank, world, init_file, out_dir, names)`` joins the group, runs the named checks in order and writes
+{check: "ok" | traceback} to out_dir/rank<r>.json. Every check is collective: ranks run the same calls in the
+same order. Checks record problems with ``expect`` and ``run`` raises them after the check returns, so a rank
+whose result is wrong still makes every collective call of the check and its peers do not hang.
+Tokens and routing are generated from (seed, rank) so every rank can rebuild what every other rank holds.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+H = 128          # hidden size (one FP8 group)
+I = 128          # expert intermediate size
+TIMEOUT = 60.0   # EP timeout of the ordinary checks (16 processes share 2 cores)
+
+
+_problems: list[str] = []
+
+
+def expect(ok, message: str) -> None:
+    """A soft assertion: remembered, raised by ``run`` once the check (and its collectives) is done."""
+    if not ok:
+        _problems.append(message)
+
+
+# ---- data every rank can rebuild -------------------------------------------------------------------------------
+
+def tokens(rank: int, T: int, E: int, k: int, dtype=torch.bfloat16, seed: int = 0, skew: bool = False):
+    """(x [T, H], ids int32 [T, k] distinct per token, weights fp32 [T, k]) of ``rank``."""
+    g = torch.Generator().manual_seed(seed * 1009 + rank)
+    x = (torch.randn(T, H, generator=g) * 3).to(dtype)
+    if skew:  # every token to experts 0..k-1
+        ids = torch.arange(k).expand(T, k)
+    else:
+        ids = torch.rand(T, E, generator=g).argsort(1)[:, :k]
+    w = torch.rand(T, k, generator=g) + 0.1
+    return x, ids.to(torch.int32).contiguous(), w
+
+
+def num_tokens(rank: int, base: int = 12) -> int:
+    return base + (rank * 7) % 5  # ranks hold different numbers of tokens
+
+
+def expected_rows(me: int, world: int, placement, make):
+    """What rank ``me`` must receive: (rows, weights, counts per local expert), grouped by local expert and
+    stable by (source rank, token). ``make(rank) -> (x, ids, w)``."""
+    data = [make(s) for s in range(world)]
+    rows, weights, counts = [], [], []
+    for e in placement.experts_of(me):
+        n = 0
+        for x, ids, w in data:
+            hit = (ids == e).nonzero()
+            rows.append(x[hit[:, 0]])
+            weights.append(w[hit[:, 0], hit[:, 1]])
+            n += hit.shape[0]
+        counts.append(n)
+    if not rows:
+        return data[0][0][:0], torch.zeros(0), counts
+    return torch.cat(rows), torch.cat(weights), counts
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+def expert_counts(world: int) -> list[int]:
+    """E < G (idle ranks), E == G, E > G."""
+    return sorted({max(1, world // 2), world, 2 * world})
+
+
+# ---- checks ------------------------------------------------------------------------------------------------------
+
+def check_roundtrip_exact(rank, world):
+    """Every received row equals its source row bitwise, grouped as the definition says; top-1 with weight 1
+    and identity experts returns x exactly; with k > 1, experts that scale by (e + 1) give sum_j w_j (e_j+1) x."""
+    from moe_kernels.dist.ep import ExpertParallel
+
+    for E in expert_counts(world):
+        cases = ((torch.bfloat16, 1), (torch.float16, 1), (torch.float32, min(3, E)), (torch.bfloat16, min(2, E)))
+        for dtype, k in cases:
+            ep = ExpertParallel(None, E, backend="nccl", timeout=TIMEOUT)
+
+            def make(s, E=E, k=k, dtype=dtype):
+                x, ids, w = tokens(s, num_tokens(s), E, k, dtype, seed=E + k)
+                return x, ids, (torch.ones_like(w) if k == 1 else w)
+
+            x, ids, w = make(rank)
+            d = ep.dispatch(x, ids, w)
+            want_x, want_w, want_counts = expected_rows(rank, world, ep.placement, make)
+            y = d.x.float()
+            scale_of_row = torch.repeat_interleave(
+                torch.tensor([e + 1.0 for e in ep.local_experts]), torch.tensor(d.tokens_per_expert, dtype=torch.long)
+            ) if ep.local_experts else torch.zeros(0)
+            out = ep.combine(y if k == 1 else y * scale_of_row[:, None], d)
+            ctx = f"E={E} dtype={dtype} k={k}"
+            expect(d.x.dtype == dtype and d.x.shape == want_x.shape, f"{ctx}: got {d.x.dtype} {tuple(d.x.shape)}")
+            expect(torch.equal(bits(d.x), bits(want_x)), f"{ctx}: received rows differ from the source rows")
+            expect(torch.equal(d.weights, want_w), f"{ctx}: received weights differ")
+            expect(d.tokens_per_expert == want_counts, f"{ctx}: {d.tokens_per_expert} != {want_counts}")
+            want_offsets = [0] + torch.tensor(want_counts, dtype=torch.long).cumsum(0).tolist()
+            expect(d.offsets.dtype == torch.int32 and d.offsets.tolist() == want_offsets,
+                   f"{ctx}: offsets {d.offsets.tolist()}")
+            expect(out.dtype == dtype and out.shape == x.shape, f"{ctx}: combine gave {out.dtype} {tuple(out.shape)}")
+            if k == 1:
+                expect(torch.equal(bits(out), bits(x)), f"{ctx}: top-1 identity round trip is not exact")
+            else:
+                ref = ((w * (ids.float() + 1)).sum(1, keepdim=True) * x.float())
+                err = float((out.float() - ref).abs().max() / ref.abs().max())
+                expect(err <= (1e-6 if dtype == torch.float32 else 1e-2), f"{ctx}: combine error {err:.2e}")
+
+
+def check_once_per_rank(rank, world):
+    """A token whose k experts share a rank crosses once: records received == distinct (token, rank) pairs."""
+    from moe_kernels.dist.ep import ExpertParallel
+
+    E = 2 * world
+    ep = ExpertParallel(None, E, backend="nccl", timeout=TIMEOUT)  # rank r holds experts 2r, 2r+1
+    T = 10
+    dst = torch.arange(T) % world
+    ids = torch.stack([2 * dst, 2 * dst + 1], 1).to(torch.int32)  # both experts of a token on one rank
+    x = torch.randn(T, H).bfloat16()
+    d = ep.dispatch(x, ids, torch.full((T, 2), 0.5))
+    out = ep.combine(d.x.float(), d)
+    want = sum(int(((torch.arange(T) % world) == rank).sum()) for _ in range(world))
+    expect(d.num_recv_tokens == want, f"received {d.num_recv_tokens} records, expected {want} (once per token)")
+    expect(d.x.shape[0] == 2 * want, f"{d.x.shape[0]} rows, expected two per record")
+    expect(torch.equal(bits(out), bits(x)), "0.5 * x + 0.5 * x must return x exactly")
+
+
+def check_fp8_dispatch(rank, world):
+    """fp8=True sends e4m3 rows + 1x128 scales: bitwise the quantisation of the source rows."""
+    from moe_kernels import reference
+    from moe_kernels.dist.ep import ExpertParallel
+
+    E = 2 * world
+    ep = ExpertParallel(None, E, backend="nccl", timeout=TIMEOUT)
+    make = lambda s: tokens(s, num_tokens(s), E, 2, torch.bfloat16, seed=5)  # noqa: E731
+    x, ids, w = make(rank)
+    d = ep.dispatch(x, ids, w, fp8=True)
+    want_x, _, _ = expected_rows(rank, world, ep.placement, make)
+    q, s = reference.quantize_fp8(want_x)
+    expect(d.x.dtype == torch.float8_e4m3fn and d.scale.dtype == torch.float32, f"got {d.x.dtype}, {d.scale.dtype}")
+    expect(torch.equal(bits(d.x), bits(q)) and torch.equal(d.scale, s), "fp8 rows/scales differ from the source")
+    out = ep.combine(reference.dequantize_fp8(d.x, d.scale), d)
+    expect(out.dtype == torch.bfloat16 and out.shape == x.shape, f"combine gave {out.dtype} {tuple(out.shape)}")
+
+
+def _moe_pair(E, k, precision, n_shared=0):
+    """A single-process MoELayer and an EP MoELayer with the same weights (the EP one sharded)."""
+    from moe_kernels import MoELayer
+
+    torch.manual_seed(1234)
+    ref = MoELayer(H, I, E, top_k=k, precision=precision, n_shared_experts=n_shared)
+    ep_layer = MoELayer(H, I, E, top_k=k, precision=precision, n_shared_experts=n_shared, ep_group=dist.group.WORLD)
+    ep_layer.gate.load_state_dict(ref.gate.state_dict())
+    if n_shared:
+        ep_layer.shared_experts.load_state_dict(ref.shared_experts.state_dict())
+    ep_layer.experts = ep_layer._ep.shard_experts(ref.experts)
+    return ref, ep_layer
+
+
+def _reference_out(ref, make_x, rank, world):
+    """The single-process layer on ALL ranks' tokens (rank order), this rank's rows of the result: every expert
+    then sees the same rows in the same order as under EP, so the GEMMs match exactly."""
+    xs = [make_x(s) for s in range(world)]
+    lo = sum(x.shape[0] for x in xs[:rank])
+    return ref(torch.cat(xs))[lo:lo + xs[rank].shape[0]]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rel(out, ref):
+    out, ref = out.detach().double(), ref.detach().double()
+    return float((out - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def check_moe_layer(rank, world):
+    """EP MoELayer == single-process MoELayer on the same weights and tokens (fp32: rel. error <= 1e-5)."""
+    for E in expert_counts(world):
+        for k in sorted({1, min(2, E), min(4, E)}):
+            ref, layer = _moe_pair(E, k, "fp32", n_shared=1 if k == 2 else 0)
+            make_x = lambda s: torch.randn(num_tokens(s, 9), H, generator=_gen(s))  # noqa: E731
+            out, want = layer(make_x(rank)), _reference_out(ref, make_x, rank, world)
+            err = _rel(out, want)
+            expect(err <= 1e-5, f"E={E} k={k}: relative error {err:.2e}")
+
+
+def check_moe_layer_low_precision(rank, world):
+    """FP8 experts (rows travel as e4m3, quantised as the single-process permute does) and bf16 experts: with
+    fp32 partial sums (the default) the EP layer equals the single-process layer to fp32 rounding; with bf16
+    partials one more rounding per partial. E < G too: the idle ranks send FP8 like the others."""
+    for precision, E in (("fp8", 2 * world), ("fp8", max(1, world // 2)), ("bf16", 2 * world)):
+        ref, layer = _moe_pair(E, min(2, E), precision)
+        make_x = lambda s: torch.randn(num_tokens(s, 9), H, generator=_gen(s)).bfloat16()  # noqa: E731
+        x = make_x(rank)
+        want = _reference_out(ref, make_x, rank, world)
+        out = layer(x)
+        expect(out.dtype == torch.bfloat16 and _rel(out, want) <= 1e-5, f"{precision} E={E}: {_rel(out, want):.2e}")
+        layer._ep.combine_dtype = torch.bfloat16
+        out = layer(x)
+        expect(_rel(out, want) <= 1e-2, f"{precision} E={E}, bf16 partials: {_rel(out, want):.2e}")
+
+
+def check_skewed(rank, world):
+    """Every token of every rank to the same experts: one rank receives everything, the others nothing."""
+    from moe_kernels.dist.ep import ExpertParallel
+
+    for E, k in ((world, 1), (2 * world, 2), (max(1, world // 2), 1)):
+        ep = ExpertParallel(None, E, backend="nccl", timeout=TIMEOUT)
+        make = lambda s, E=E, k=k: tokens(s, num_tokens(s), E, k, torch.float32, seed=3, skew=True)  # noqa: E731
+        x, ids, w = make(rank)
+        d = ep.dispatch(x, ids, w)
+        want_x, _, counts = expected_rows(rank, world, ep.placement, make)
+        out = ep.combine(d.x, d)
+        expect(torch.equal(d.x, want_x) and d.tokens_per_expert == counts, f"E={E} k={k}: received rows differ")
+        ref = w.sum(1, keepdim=True) * x
+        expect(_rel(out, ref) <= 1e-6, f"E={E} k={k}: {_rel(out, ref):.2e}")
+    ref, layer = _moe_pair(world, 1, "fp32")
+    with torch.no_grad():  # the router prefers expert 0 for every token
+        layer.gate.weight.zero_()
+        layer.gate.weight[0] = 1.0
+        ref.gate.weight.copy_(layer.gate.weight)
+    x = torch.rand(num_tokens(rank), H) + 0.1
+    out, want = layer(x), ref(x)
+    expect(_rel(out, want) <= 1e-5, f"skewed MoELayer: {_rel(out, want):.2e}")
+
+
+def check_zero_tokens(rank, world):
+    """A rank with no tokens still takes part (and receives); everyone else is unaffected."""
+    from moe_kernels.dist.ep import ExpertParallel
+
+    E = 2 * world
+    ep = ExpertParallel(None, E, backend="nccl", timeout=TIMEOUT)
+    T_of = lambda s: 0 if s == 1 else num_tokens(s)  # noqa: E731
+    make = lambda s: tokens(s, T_of(s), E, 2, torch.bfloat16, seed=9)  # noqa: E731
+    x, ids, w = make(rank)
+    d = ep.dispatch(x, ids, w)
+    want_x, _, _ = expected_rows(rank, world, ep.placement, make)
+    out = ep.combine(d.x, d)
+    expect(torch.equal(bits(d.x), bits(want_x)), "received rows differ from the source rows")
+    expect(out.shape == (T_of(rank), H), f"combine gave shape {tuple(out.shape)}")
+    ref, layer = _moe_pair(E, 2, "fp32")
+    xs = torch.randn(T_of(rank), H)
+    out2, want2 = layer(xs), ref(xs)
+    expect(out2.shape == want2.shape and (xs.shape[0] == 0 or _rel(out2, want2) <= 1e-5), "MoELayer with T=0 here")
+    ones = torch.ones(1, H)  # T = 1: one micro-batch is empty on every rank
+    expect(_rel(layer(ones), ref(ones)) <= 1e-5, "MoELayer with one token per rank (an empty micro-batch)")
+
+
+def check_async(rank, world):
+    """Several dispatches in flight, then their combines: the same as the synchronous calls."""
+    from moe_kernels.dist.ep import ExpertParallel, Pending
+
+    E = 2 * world
+    ep = ExpertParallel(None, E, backend="nccl", timeout=TIMEOUT)
+    batches = [tokens(rank, num_tokens(rank) + i, E, 2, torch.bfloat16, seed=20 + i) for i in range(3)]
+    pend = [ep.dispatch(x, ids, w, async_op=True) for x, ids, w in batches]
+    expect(all(isinstance(p, Pending) for p in pend), "async_op=True must return Pending handles")
+    ds = [p.wait() for p in pend]
+    combs = [ep.combine(d.x, d, async_op=True) for d in ds]
+    outs = [c.wait() for c in combs]
+    for (x, ids, w), out in zip(batches, outs):
+        sync = ep.combine(*(lambda d: (d.x, d))(ep.dispatch(x, ids, w)))
+        expect(torch.equal(bits(out), bits(sync)), "async result differs from the synchronous one")
+
+
+def check_p2p_slots(rank, world):
+    """The P2P backend's index math, without a GPU: every record's computed slot in its destination's region,
+    shipped along through the collective path, must equal its receive position; every partial sum's home row
+    must equal its position in the home's send order; and the combine region must be covered exactly once."""
+    from moe_kernels.dist.buffer import combine_slots, dispatch_slots
+    from moe_kernels.dist.ep import ExpertParallel
+
+    for E, k in ((2 * world, 2), (world, 1), (max(1, world // 2), 1), (4 * world, 4)):
+        ep = ExpertParallel(None, E, backend="nccl", timeout=TIMEOUT)
+        x, ids, w = tokens(rank, 0 if rank == 1 else num_tokens(rank), E, k, seed=E + k)
+        plan = ep._plan(x, ids, w, fp8=False)
+        C = plan["counts"]
+        slots = dispatch_slots(C, rank, plan["send_dest"], plan["send_splits"])
+        got = torch.empty(sum(plan["recv_splits"]), dtype=torch.int64)
+        dist.all_to_all_single(got, slots, plan["recv_splits"], plan["send_splits"])
+        expect(torch.equal(got, torch.arange(got.shape[0])), f"E={E} k={k}: dispatch slots {got.tolist()[:8]}...")
+        src, rows = combine_slots(C, rank, plan["recv_splits"], "cpu")
+        back = torch.empty(sum(plan["send_splits"]), dtype=torch.int64)
+        dist.all_to_all_single(back, rows, plan["send_splits"], plan["recv_splits"])
+        expect(torch.equal(back, torch.arange(back.shape[0])), f"E={E} k={k}: combine rows {back.tolist()[:8]}...")
+        home = torch.empty(sum(plan["send_splits"]), dtype=torch.int64)
+        dist.all_to_all_single(home, src, plan["send_splits"], plan["recv_splits"])
+        expect(bool((home == rank).all()), f"E={E} k={k}: partial sums sent to the wrong home")
+        slot = plan["home_slot"]
+        used = slot[slot >= 0]
+        expect(torch.equal(used.sort().values, torch.arange(back.shape[0])),
+               f"E={E} k={k}: home slots do not cover the send order exactly once")
+
+
+def check_bad_input(rank, world):
+    """Wrong arguments raise on the calling rank before anything is sent (no peer waits on it)."""
+    from moe_kernels.dist.ep import ExpertParallel
+    from moe_kernels.dist.placement import Placement, default_placement
+
+    E = 2 * world
+    ep = ExpertParallel(None, E, backend="nccl", timeout=TIMEOUT)
+    x, ids, w = tokens(rank, 4, E, 2)
+    cases = [
+        ((x.int(), ids, w), TypeError, "x"),
+        ((x, ids.float(), w), TypeError, "topk_ids"),
+        ((x, ids, w.double()), TypeError, "topk_weights"),
+        ((x, ids[:3], w), ValueError, "topk_ids"),
+        ((x, ids, w[:, :1]), ValueError, "topk_weights"),
+        ((x, ids + E, w), ValueError, "topk_ids"),
+    ]
+    for args, exc, name in cases:
+        try:
+            ep.dispatch(*args)
+        except exc as e:
+            expect(name in str(e), f"{exc.__name__} does not name {name}: {e}")
+        else:
+            raise AssertionError(f"dispatch did not raise {exc.__name__} for a bad {name}")
+    try:
+        ep.dispatch(x[:, :100].contiguous(), ids, w, fp8=True)
+        raise AssertionError("fp8 dispatch with H=100 did not raise")
+    except ValueError as e:
+        expect("128" in str(e), str(e))
+    for bad in (lambda: ExpertParallel(None, E, placement=Placement(tuple(range(E)), E + 1)),
+                lambda: default_placement(3 * world + 1, world)):
+        try:
+            bad()
+            raise AssertionError("a placement for the wrong world size was accepted")
+        except ValueError as e:
+            expect("world size" in str(e), str(e))
+    try:
+        ExpertParallel(None, E, backend="mpi")
+        raise AssertionError("backend='mpi' accepted")
+    except ValueError as e:
+        expect("backend" in str(e), str(e))
+
+
+def check_config_mismatch(rank, world):
+    """Peers that disagree raise ValueError naming the odd rank, on every rank, before rows are sent."""
+    from moe_kernels.dist.ep import ExpertParallel
+
+    E = 2 * world
+    odd = world - 1
+    try:
+        ExpertParallel(None, E, hidden_size=256 if rank == odd else H, backend="nccl", timeout=TIMEOUT)
+        raise AssertionError("construction with different hidden sizes did not raise")
+    except ValueError as e:
+        expect(f"rank {odd} has 256" in str(e), str(e))
+    try:
+        ExpertParallel(None, E * (2 if rank == odd else 1), backend="nccl", timeout=TIMEOUT)
+        raise AssertionError("construction with different num_experts did not raise")
+    except ValueError as e:
+        expect(f"rank {odd}" in str(e) and "num_experts" in str(e), str(e))
+    ep = ExpertParallel(None, E, backend="nccl", timeout=TIMEOUT)
+    x, ids, w = tokens(rank, 4, E, 2, torch.float32 if rank == odd else torch.bfloat16)
+    try:
+        ep.dispatch(x, ids, w)
+        raise AssertionError("dispatch with different dtypes did not raise")
+    except ValueError as e:
+        expect(f"rank {odd} sends dtype float32" in str(e), str(e))
+    x, ids, w = tokens(rank, 4, E, 2)
+    d = ep.dispatch(x, ids, w)  # still usable: the failed call sent no rows
+    out = ep.combine(d.x.float(), d)
+    expect(_rel(out, w.sum(1, keepdim=True) * x.float()) < 1e-2, "a dispatch after a failed one is wrong")
+
+
+def check_timeout(rank, world):
+    """A rank that never arrives: the others raise TimeoutError naming it (construction and dispatch)."""
+    from moe_kernels.dist.ep import ExpertParallel
+
+    E, late, limit = 2 * world, world - 1, 2.0
+    g1 = dist.new_group(backend="gloo")
+    g2 = dist.new_group(backend="gloo")
+    if rank != late:
+        try:
+            ExpertParallel(g1, E, backend="nccl", timeout=limit)
+            raise AssertionError("construction without the last rank did not time out")
+        except TimeoutError as e:
+            expect(f"rank {late} never arrived" in str(e), str(e))
+    dist.barrier()  # the late rank waits here until the others have timed out
+    ep = ExpertParallel(g2, E, backend="nccl", timeout=limit)
+    if rank != late:
+        x, ids, w = tokens(rank, 4, E, 2)
+        try:
+            ep.dispatch(x, ids, w)
+            raise AssertionError("dispatch without the last rank did not time out")
+        except TimeoutError as e:
+            expect(f"rank {late} never arrived" in str(e) and "dispatch" in str(e), str(e))
+    dist.barrier()  # on the default group: the stuck collectives live in g1/g2
+
+
+CHECKS = {
+    "roundtrip_exact": check_roundtrip_exact,
+    "once_per_rank": check_once_per_rank,
+    "fp8_dispatch": check_fp8_dispatch,
+    "moe_layer": check_moe_layer,
+    "moe_layer_low_precision": check_moe_layer_low_precision,
+    "skewed": check_skewed,
+    "zero_tokens": check_zero_tokens,
+    "async": check_async,
+    "p2p_slots": check_p2p_slots,
+    "bad_input": check_bad_input,
+    "config_mismatch": check_config_mismatch,
+    "timeout": check_timeout,  # last: it leaves collectives stuck in its own groups
+}
+
+
+def run(rank: int, world: int, init_file: str, out_dir: str, names: list[str]) -> None:
+    os.environ["TRITON_INTERPRET"] = "0"  # CPU tensors take the reference ops (fast); kernels are tested elsewhere
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    results = {}
+    try:
+        for name in names:
+            _problems.clear()
+            try:
+                CHECKS[name](rank, world)
+                if _problems:
+                    raise AssertionError("\n".join(_problems))
+                results[name] = "ok"
+            except Exception:  # noqa: BLE001 (reported per check by the parent)
+                results[name] = traceback.format_exc()
+            with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+                json.dump(results, f)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,37 @@
+"""Assertion helpers shared by the tests."""
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.double(), ref.double()
+    return float((out64 - ref64).norm() / ref64.norm().clamp(min=1e-30))
+
+
+def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "output") -> float:
+    """Relative Frobenius error <= tol, no NaN; the message names the worst element."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: {int((~torch.isfinite(out)).sum())} non-finite elements"
+    err = rel_err(out, ref)
+    if err > tol:
+        diff = (out.double() - ref.double()).abs()
+        idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(
+            f"{what}: relative error {err:.3e} > {tol:.1e}; worst at {idx}: {out[idx].item()} vs {ref[idx].item()}"
+        )
+    return err
+
+
+def poison_allocator(shape, dtype, device) -> None:
+    """Leave a NaN-filled block of this size in the allocator's cache, so the op's next torch.empty of the same size
+    most likely gets it: rows a kernel forgets to write then show up as NaN instead of plausible garbage."""
+    t = torch.full(shape, float("nan"), dtype=torch.float32, device=device).to(dtype)
+    del t
+
+
+def skip_unless_cuda(device: str) -> None:
+    import pytest
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")

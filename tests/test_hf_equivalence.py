@@ -1,0 +1,207 @@
+"""Our modules against randomly initialised HuggingFace transformers blocks and models."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import DeepseekV3Config, MixtralConfig  # noqa: E402
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_ds  # noqa: E402
+from transformers.models.mixtral import modeling_mixtral as hf_mx  # noqa: E402
+
+import moe_kernels as mk  # noqa: E402
+from _helpers import assert_close_rel, rel_err  # noqa: E402
+
+# FP8 (e4m3, 3 mantissa bits) weights and activations, 1x128/128x128 scales, two GEMMs: measured ~6e-2
+# relative error on random weights; the bound leaves room for draws without hiding a broken kernel (>0.3).
+FP8_BOUND = 0.1
+
+
+def ds_config(**kw):
+    base = dict(
+        vocab_size=97, hidden_size=256, intermediate_size=384, moe_intermediate_size=128, n_routed_experts=16,
+        num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, routed_scaling_factor=2.5, num_hidden_layers=3, first_k_dense_replace=1,
+        max_position_embeddings=64,
+    )
+    base.update(kw)
+    cfg = DeepseekV3Config(**base)
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"
+    return cfg
+
+
+def mixtral_config(**kw):
+    base = dict(vocab_size=97, hidden_size=256, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2,
+                num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64)
+    base.update(kw)
+    cfg = MixtralConfig(**base)
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"
+    return cfg
+
+
+def randomize(module, std=0.05):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(std=std)
+        for name, b in module.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(std=0.01)
+    return module.eval()
+
+
+@pytest.mark.parametrize("precision", [None, "fp8"])
+def test_deepseek_v3_moe_block(precision):
+    hf = randomize(hf_ds.DeepseekV3MoE(ds_config()))
+    x = torch.randn(2, 9, 256)
+    with torch.no_grad():
+        ref = hf(x)
+        out = mk.MoELayer.from_hf(hf, precision=precision)(x)
+    err = assert_close_rel(out, ref, 1e-5 if precision is None else FP8_BOUND, f"DeepseekV3MoE ({precision})")
+    print(f"DeepseekV3MoE precision={precision}: relative error {err:.2e}")
+
+
+@pytest.mark.parametrize("precision", [None, "fp8"])
+def test_mixtral_block(precision):
+    hf = randomize(hf_mx.MixtralSparseMoeBlock(mixtral_config()))
+    x = torch.randn(3, 5, 256)
+    with torch.no_grad():
+        ref = hf(x)
+        out = mk.MoELayer.from_hf(hf, precision=precision)(x)
+    err = assert_close_rel(out, ref, 1e-5 if precision is None else FP8_BOUND, f"Mixtral ({precision})")
+    print(f"MixtralSparseMoeBlock precision={precision}: relative error {err:.2e}")
+
+
+def test_deepseek_v3_moe_block_at_hidden_7168():
+    cfg = ds_config(hidden_size=7168, moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2,
+                    n_group=4, topk_group=2)
+    hf = randomize(hf_ds.DeepseekV3MoE(cfg), std=0.02)
+    x = torch.randn(1, 5, 7168)
+    with torch.no_grad():
+        ref = hf(x)
+        out = mk.MoELayer.from_hf(hf)(x)
+        out8 = mk.MoELayer.from_hf(hf, precision="fp8")(x)
+    assert_close_rel(out, ref, 1e-5, "DeepseekV3MoE at 7168")
+    err8 = assert_close_rel(out8, ref, FP8_BOUND, "DeepseekV3MoE at 7168, fp8")
+    print(f"DeepseekV3MoE hidden 7168 fp8: relative error {err8:.2e}")
+
+
+@pytest.mark.parametrize("rope", ["interleave", "half", "yarn"])
+def test_deepseek_v3_attention(rope):
+    kw = {"rope_interleave": rope != "half"}
+    if rope == "yarn":
+        kw["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                 "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+                                 "mscale": 1.0, "mscale_all_dim": 1.0}
+    cfg = ds_config(**kw)
+    hf = randomize(hf_ds.DeepseekV3Attention(cfg, 0))
+    rot = hf_ds.DeepseekV3RotaryEmbedding(cfg)
+    B, S = 2, 11
+    x = torch.randn(B, S, 256)
+    cos, sin = rot(x, torch.arange(S).expand(B, S))
+    causal = torch.full((S, S), float("-inf")).triu(1).expand(B, 1, S, S)
+    with torch.no_grad():
+        ref, _ = hf(x, (cos, sin), causal)
+        out = mk.MultiHeadLatentAttention.from_hf(hf)(x)
+    assert_close_rel(out, ref, 1e-5, f"DeepseekV3Attention ({rope})")
+
+
+def test_patch_model_deepseek_v3_forward():
+    torch.manual_seed(0)
+    model = randomize(hf_ds.DeepseekV3ForCausalLM(ds_config()), std=0.05)
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+        n = mk.patch_model(model, precision=None)
+        out = model(ids).logits
+    # 3 layers: 3 attentions + 2 MoE blocks (the first layer is dense)
+    assert n == 5
+    assert_close_rel(out, ref, 1e-5, "patched DeepseekV3ForCausalLM logits")
+
+
+def test_patch_model_mixtral_forward_and_fp8():
+    model = randomize(hf_mx.MixtralForCausalLM(mixtral_config()))
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert mk.patch_model(model, precision=None) == 2
+        out = model(ids).logits
+    assert_close_rel(out, ref, 1e-5, "patched Mixtral logits")
+    model8 = randomize(hf_mx.MixtralForCausalLM(mixtral_config()))
+    with torch.no_grad():
+        ref8 = model8(ids).logits
+        mk.patch_model(model8, precision="fp8")
+        err = rel_err(model8(ids).logits, ref8)
+    print(f"patched Mixtral fp8 logits: relative error {err:.2e}")
+    assert err < FP8_BOUND
+
+
+class _FP8Linear(torch.nn.Module):
+    """A Linear as DeepSeek's FP8 checkpoints store it: e4m3 ``weight`` + fp32 ``weight_scale_inv``."""
+
+    def __init__(self, w):
+        super().__init__()
+        q, s = mk.reference.quantize_weight_fp8(w)
+        self.register_buffer("weight", q)
+        self.register_buffer("weight_scale_inv", s)
+
+    def dequantized(self):
+        return mk.reference.dequantize_weight_fp8(self.weight, self.weight_scale_inv)
+
+
+def _fp8_checkpoint_block(hf):
+    """The same block in the pre-v5 layout (ModuleList of MLPs) with FP8 checkpoint weights."""
+    I = hf.experts.down_proj.shape[-1]
+
+    def mlp(w13, w2):
+        m = torch.nn.Module()
+        m.gate_proj, m.up_proj, m.down_proj = _FP8Linear(w13[:I]), _FP8Linear(w13[I:]), _FP8Linear(w2)
+        return m
+
+    block = type("DeepseekV3MoE", (torch.nn.Module,), {})()
+    block.config, block.gate = hf.config, hf.gate
+    block.experts = torch.nn.ModuleList(mlp(a, b) for a, b in zip(hf.experts.gate_up_proj, hf.experts.down_proj))
+    sh = hf.shared_experts
+    block.shared_experts = mlp(torch.cat([sh.gate_proj.weight, sh.up_proj.weight]), sh.down_proj.weight)
+    return block
+
+
+def test_deepseek_fp8_checkpoint_weights_taken_as_they_are():
+    """e4m3 weights with weight_scale_inv load bit-for-bit, and the layer computes the dequantised model."""
+    hf = randomize(hf_ds.DeepseekV3MoE(ds_config()))
+    block = _fp8_checkpoint_block(hf)
+    layer = mk.MoELayer.from_hf(block)
+    assert layer.precision == "fp8"
+    e3 = block.experts[3]
+    I = e3.gate_proj.weight.shape[0]
+    assert torch.equal(layer.experts.w13[3, :I].view(torch.uint8), e3.gate_proj.weight.view(torch.uint8))
+    assert torch.equal(layer.experts.w13_scale[3, : I // 128 or 1], e3.gate_proj.weight_scale_inv)
+    assert torch.equal(layer.experts.w2_scale[3], e3.down_proj.weight_scale_inv)
+    # the dequantised checkpoint as plain HF weights: our fp8 layer must match it to fp8-activation accuracy
+    with torch.no_grad():
+        for e, m in enumerate(block.experts):
+            hf.experts.gate_up_proj[e] = torch.cat([m.gate_proj.dequantized(), m.up_proj.dequantized()])
+            hf.experts.down_proj[e] = m.down_proj.dequantized()
+        sh = block.shared_experts
+        hf.shared_experts.gate_proj.weight.copy_(sh.gate_proj.dequantized())
+        hf.shared_experts.up_proj.weight.copy_(sh.up_proj.dequantized())
+        hf.shared_experts.down_proj.weight.copy_(sh.down_proj.dequantized())
+        x = torch.randn(2, 7, 256)
+        ref, out = hf(x), layer(x)
+    err = assert_close_rel(out, ref, FP8_BOUND, "FP8 checkpoint block")
+    print(f"FP8 checkpoint block: relative error {err:.2e} (activations quantised, weights exact)")
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral"])
+def test_generation_same_tokens_after_patching(family):
+    """Greedy generation with a small random bf16 model: the same tokens before and after patch_model."""
+    torch.manual_seed(0)
+    model = hf_ds.DeepseekV3ForCausalLM(ds_config()) if family == "deepseek_v3" else \
+        hf_mx.MixtralForCausalLM(mixtral_config())
+    model = randomize(model, std=0.1).to(torch.bfloat16)
+    prompt = torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        assert mk.patch_model(model, precision=None) > 0
+        out = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, ref), f"tokens differ: {out[:, 6:].tolist()} vs {ref[:, 6:].tolist()}"

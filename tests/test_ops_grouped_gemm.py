@@ -1,0 +1,306 @@
+"""Grouped GEMM (FP8 block-scaled and bf16), the fused expert MLP and the masked decode layout vs the reference.
+
+The reference is the dequantised fp32 product (moe_kernels.reference). Stated error bounds (relative Frobenius):
+FP8 grouped GEMM <= 2e-2 (the kernel accumulates in fp32; the error is the bf16 rounding of the output, ~3e-3);
+fused FP8 MLP <= 2e-2 (plus a few SwiGLU values landing on the other side of an e4m3 rounding boundary);
+bf16 <= 1e-2. Outputs are poisoned with NaN before the launch wherever the API takes ``out=``, so rows that a
+kernel forgets to write fail the test.
+"""
+import json
+
+import pytest
+import torch
+
+from _helpers import assert_close_rel
+from moe_kernels import reference as R
+from moe_kernels.ops import grouped_gemm as gg
+from moe_kernels.ops import grouped_gemm_configs as cfgs
+
+FP8_TOL = 2e-2
+BF16_TOL = 1e-2
+
+# rows per expert: an empty expert, a single-row expert, sizes that are no multiple of any tile
+COUNTS = {
+    "mixed": [17, 0, 1, 33, 9],
+    "one_expert": [45],
+    "empty_then_one": [0, 0, 0, 23],
+}
+
+
+def _offsets(counts, device):
+    o = [0]
+    for c in counts:
+        o.append(o[-1] + c)
+    return torch.tensor(o, dtype=torch.int32, device=device)
+
+
+def _fp8_weights(E, N, K, device):
+    w = torch.randn(E, N, K, device=device) / K**0.5
+    return R.quantize_weight_fp8(w)
+
+
+def _report(what, err):
+    print(f"{what}: relative error {err:.2e}")
+
+
+@pytest.mark.parametrize("name", list(COUNTS))
+def test_grouped_gemm_fp8_matches_reference(device, name):
+    counts = COUNTS[name]
+    E, N, K = len(counts), 256, 256
+    M = sum(counts)
+    offsets = _offsets(counts, device)
+    a, a_scale = R.quantize_fp8(torch.randn(M, K, device=device))
+    w, w_scale = _fp8_weights(E, N, K, device)
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=device)
+    got = gg.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out=out)
+    assert got is out
+    ref = R.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out_dtype=torch.float32)
+    _report(f"grouped_gemm_fp8[{name}]", assert_close_rel(out.float(), ref, FP8_TOL, "grouped_gemm_fp8"))
+
+
+def test_grouped_gemm_fp8_unaligned_n_fp32_out(device):
+    """N = 192: the last column tile and the last weight-scale block are partial; fp32 output, no out=."""
+    counts = [5, 0, 20]
+    E, N, K = 3, 192, 256
+    offsets = _offsets(counts, device)
+    a, a_scale = R.quantize_fp8(torch.randn(sum(counts), K, device=device))
+    w, w_scale = _fp8_weights(E, N, K, device)
+    got = gg.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out_dtype=torch.float32)
+    assert got.dtype == torch.float32 and got.shape == (sum(counts), N)
+    ref = R.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out_dtype=torch.float32)
+    _report("grouped_gemm_fp8[N=192, fp32]", assert_close_rel(got, ref, 1e-3, "grouped_gemm_fp8 fp32 out"))
+
+
+def test_grouped_gemm_fp8_no_rows(device):
+    E, N, K = 3, 128, 128
+    a, a_scale = R.quantize_fp8(torch.randn(0, K, device=device))
+    w, w_scale = _fp8_weights(E, N, K, device)
+    got = gg.grouped_gemm_fp8(a, a_scale, w, w_scale, torch.zeros(E + 1, dtype=torch.int32, device=device))
+    assert got.shape == (0, N)
+
+
+def test_grouped_gemm_bf16_matches_reference(device):
+    counts = [17, 0, 1, 30]
+    E, N, K = 4, 96, 200  # K no multiple of BLOCK_K: the masked K tail
+    offsets = _offsets(counts, device)
+    a = torch.randn(sum(counts), K, device=device).bfloat16()
+    w = (torch.randn(E, N, K, device=device) / K**0.5).bfloat16()
+    got = gg.grouped_gemm_bf16(a, w, offsets)
+    assert got.dtype == torch.bfloat16
+    ref = R.grouped_gemm(a.float(), w.float(), offsets)
+    _report("grouped_gemm_bf16", assert_close_rel(got.float(), ref, BF16_TOL, "grouped_gemm_bf16"))
+
+
+@pytest.mark.parametrize("routing_weight", [False, True], ids=["plain", "topk_weight"])
+def test_expert_mlp_fp8_matches_reference(device, routing_weight):
+    counts = [12, 0, 1, 26, 7]
+    E, H, I = len(counts), 256, 128
+    M = sum(counts)
+    offsets = _offsets(counts, device)
+    x, x_scale = R.quantize_fp8(torch.randn(M, H, device=device))
+    w13, w13_scale = _fp8_weights(E, 2 * I, H, device)
+    w2, w2_scale = _fp8_weights(E, H, I, device)
+    tw = torch.rand(M, device=device) if routing_weight else None
+    got = gg.expert_mlp(x, x_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight=tw)
+    assert got.dtype == torch.bfloat16
+    ref = R.expert_mlp(x, offsets, w13, w2, x_scale, w13_scale, w2_scale, out_dtype=torch.float32)
+    if tw is not None:
+        ref = ref * tw[:, None]
+    _report(f"expert_mlp fp8 [{'topk_weight' if tw is not None else 'plain'}]",
+            assert_close_rel(got.float(), ref, FP8_TOL, "expert_mlp fp8"))
+
+
+def test_expert_mlp_bf16_matches_reference(device):
+    counts = [9, 1, 0, 21]
+    E, H, I = len(counts), 128, 96
+    offsets = _offsets(counts, device)
+    x = torch.randn(sum(counts), H, device=device).bfloat16()
+    w13 = (torch.randn(E, 2 * I, H, device=device) / H**0.5).bfloat16()
+    w2 = (torch.randn(E, H, I, device=device) / I**0.5).bfloat16()
+    got = gg.expert_mlp(x, None, offsets, w13, None, w2, None)
+    assert got.dtype == torch.bfloat16
+    ref = R.expert_mlp(x, offsets, w13, w2, out_dtype=torch.float32)
+    _report("expert_mlp bf16", assert_close_rel(got.float(), ref, BF16_TOL, "expert_mlp bf16"))
+
+
+def _masked_problem(E, max_m, N, K, device):
+    x = torch.randn(E * max_m, K, device=device)
+    a, a_scale = R.quantize_fp8(x)
+    w, w_scale = _fp8_weights(E, N, K, device)
+    return a.view(E, max_m, K), a_scale.view(E, max_m, K // 128), w, w_scale
+
+
+def _check_masked(out, a, a_scale, w, w_scale, masked_m, what):
+    errs = []
+    for e, m in enumerate(masked_m.tolist()):
+        if m:
+            one = torch.tensor([0, m], dtype=torch.int32, device=a.device)
+            ref = R.grouped_gemm_fp8(a[e, :m], a_scale[e, :m], w[e : e + 1], w_scale[e : e + 1], one,
+                                     out_dtype=torch.float32)
+            errs.append(assert_close_rel(out[e, :m].float(), ref, FP8_TOL, f"{what} expert {e}"))
+    return max(errs)
+
+
+def test_grouped_gemm_fp8_masked(device):
+    E, max_m, N, K = 3, 24, 128, 256
+    a, a_scale, w, w_scale = _masked_problem(E, max_m, N, K, device)
+    masked_m = torch.tensor([24, 0, 7], dtype=torch.int32, device=device)
+    out = gg.grouped_gemm_fp8_masked(a, a_scale, w, w_scale, masked_m)
+    assert out.shape == (E, max_m, N) and out.dtype == torch.bfloat16
+    _report("grouped_gemm_fp8_masked", _check_masked(out, a, a_scale, w, w_scale, masked_m, "masked"))
+
+
+@pytest.mark.gpu
+def test_grouped_gemm_fp8_masked_cuda_graph():
+    """Captured once, replayed with new per-expert counts: the grid must not depend on masked_m."""
+    E, max_m, N, K = 4, 64, 256, 512
+    a, a_scale, w, w_scale = _masked_problem(E, max_m, N, K, "cuda")
+    masked_m = torch.tensor([64, 0, 1, 40], dtype=torch.int32, device="cuda")
+    gg.grouped_gemm_fp8_masked(a, a_scale, w, w_scale, masked_m)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gg.grouped_gemm_fp8_masked(a, a_scale, w, w_scale, masked_m)
+    for counts in ([64, 0, 1, 40], [3, 64, 0, 17], [0, 0, 0, 0], [64, 64, 64, 64]):
+        masked_m.copy_(torch.tensor(counts, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        if any(counts):
+            _report(f"masked graph replay {counts}", _check_masked(out, a, a_scale, w, w_scale, masked_m, "replay"))
+
+
+# every kernel variant the tuner may pick, on the GPU, at a size where each expert spans several tiles
+GPU_CONFIGS = [
+    dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=nw, num_stages=ns, USE_TMA=tma)
+    for bm, bn, nw, ns, tma in [(64, 128, 4, 3, 0), (128, 128, 8, 4, 0), (64, 128, 4, 4, 1), (128, 128, 8, 5, 1),
+                                (64, 256, 8, 3, 1), (128, 64, 4, 4, 1), (128, 128, 16, 4, 1)]
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", GPU_CONFIGS,
+                         ids=lambda c: "bm{BLOCK_M}_bn{BLOCK_N}_w{num_warps}_s{num_stages}_tma{USE_TMA}".format(**c))
+def test_grouped_gemm_fp8_configs_gpu(cfg):
+    counts = [0, 1, 130, 255, 64, 300, 17, 500]
+    E, N, K = len(counts), 640, 1024
+    M = sum(counts)
+    offsets = _offsets(counts, "cuda")
+    a, a_scale = R.quantize_fp8(torch.randn(M, K, device="cuda"))
+    w, w_scale = _fp8_weights(E, N, K, "cuda")
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+    gg._launch(a, a_scale, w, w_scale, out, offsets=offsets, cfg=cfg)
+    ref = R.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out_dtype=torch.float32)
+    _report(f"fp8 config {cfg}", assert_close_rel(out.float(), ref, FP8_TOL, "grouped_gemm_fp8 gpu config"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", [0, 1])
+def test_expert_mlp_fp8_gpu_larger(tma):
+    counts = [0, 1, 200, 77, 513, 64, 3, 150]
+    E, H, I = len(counts), 1024, 384
+    M = sum(counts)
+    offsets = _offsets(counts, "cuda")
+    x, x_scale = R.quantize_fp8(torch.randn(M, H, device="cuda"))
+    w13, w13_scale = _fp8_weights(E, 2 * I, H, "cuda")
+    w2, w2_scale = _fp8_weights(E, H, I, "cuda")
+    tw = torch.rand(M, device="cuda")
+    h = torch.full((M, I), float("nan"), device="cuda").to(torch.float8_e4m3fn)
+    hs = torch.full((M, I // 128), float("nan"), device="cuda")
+    out = torch.full((M, H), float("nan"), dtype=torch.bfloat16, device="cuda")
+    cfg1 = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, USE_TMA=tma)
+    cfg2 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=tma)
+    gg._launch(x, x_scale, w13, w13_scale, h, offsets=offsets, out_scale=hs, swiglu=True, cfg=cfg1)
+    gg._launch(h, hs, w2, w2_scale, out, offsets=offsets, row_weight=tw, cfg=cfg2)
+    ref = R.expert_mlp(x, offsets, w13, w2, x_scale, w13_scale, w2_scale, out_dtype=torch.float32) * tw[:, None]
+    _report(f"expert_mlp fp8 gpu tma={tma}", assert_close_rel(out.float(), ref, FP8_TOL, "expert_mlp fp8 gpu"))
+
+
+@pytest.mark.gpu
+def test_grouped_gemm_bf16_gpu_larger():
+    counts = [0, 1, 130, 255, 64, 300]
+    E, N, K = len(counts), 384, 1024
+    offsets = _offsets(counts, "cuda")
+    a = torch.randn(sum(counts), K, device="cuda").bfloat16()
+    w = (torch.randn(E, N, K, device="cuda") / K**0.5).bfloat16()
+    got = gg.grouped_gemm_bf16(a, w, offsets)
+    ref = R.grouped_gemm(a.float(), w.float(), offsets)
+    _report("grouped_gemm_bf16 gpu", assert_close_rel(got.float(), ref, BF16_TOL, "grouped_gemm_bf16 gpu"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# argument checks (raise before any launch), fake implementations, config lookup
+
+def test_bad_arguments_raise_before_launch(monkeypatch):
+    monkeypatch.setenv("MOE_KERNELS_VALUE_CHECKS", "1")  # the offsets / masked_m value checks
+    E, N, K, M = 2, 128, 256, 6
+    a, a_scale = R.quantize_fp8(torch.randn(M, K))
+    w, w_scale = _fp8_weights(E, N, K, "cpu")
+    offsets = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with pytest.raises(TypeError, match="a must have dtype"):
+        gg.grouped_gemm_fp8(a.float(), a_scale, w, w_scale, offsets)
+    with pytest.raises(ValueError, match="a_scale"):
+        gg.grouped_gemm_fp8(a, a_scale[:, :1], w, w_scale, offsets)
+    with pytest.raises(ValueError, match="w_scale"):
+        gg.grouped_gemm_fp8(a, a_scale, w, w_scale[:, :, :1], offsets)
+    with pytest.raises(ValueError, match="K"):
+        gg.grouped_gemm_fp8(a[:, :200], a_scale, w, w_scale, offsets)
+    with pytest.raises(ValueError, match="w must have shape"):
+        gg.grouped_gemm_fp8(a, a_scale, w[:, :, :128].contiguous(), w_scale[:, :, :1], offsets)
+    with pytest.raises(TypeError, match="offsets"):
+        gg.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets.long())
+    with pytest.raises(ValueError, match="offsets"):
+        gg.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets[:2])
+    with pytest.raises(ValueError, match="end at M"):
+        gg.grouped_gemm_fp8(a, a_scale, w, w_scale, torch.tensor([0, 2, 5], dtype=torch.int32))
+    with pytest.raises(TypeError, match="out must have dtype"):
+        gg.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out=torch.empty(M, N))
+    with pytest.raises(ValueError, match="out must have shape"):
+        gg.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out=torch.empty(M, N + 1, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="out_dtype"):
+        gg.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="w must have dtype"):
+        gg.grouped_gemm_bf16(a.bfloat16(), w.float(), offsets)
+    with pytest.raises(ValueError, match="masked_m must lie"):
+        gg.grouped_gemm_fp8_masked(a.view(E, 3, K), a_scale.view(E, 3, 2), w, w_scale,
+                                   torch.tensor([3, 4], dtype=torch.int32))
+    w13, w13_scale = _fp8_weights(E, 256, K, "cpu")
+    w2, w2_scale = _fp8_weights(E, K, 128, "cpu")
+    with pytest.raises(ValueError, match="w2 must have shape"):
+        gg.expert_mlp(a, a_scale, offsets, w13, w13_scale, w2[:, :128], w2_scale[:, :1], None)
+    with pytest.raises(ValueError, match="topk_weight"):
+        gg.expert_mlp(a, a_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight=torch.ones(M + 1))
+    with pytest.raises(ValueError, match="x_scale and w2_scale"):
+        gg.expert_mlp(a.bfloat16(), a_scale, offsets, w13.bfloat16(), None, w2.bfloat16(), None)
+
+
+def test_custom_ops_have_fake_implementations():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        a = torch.empty(10, 256, dtype=torch.float8_e4m3fn)
+        a_scale = torch.empty(10, 2)
+        w = torch.empty(3, 384, 256, dtype=torch.float8_e4m3fn)
+        w_scale = torch.empty(3, 3, 2)
+        offsets = torch.empty(4, dtype=torch.int32)
+        out = torch.ops.moe_kernels.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, torch.bfloat16)
+        assert out.shape == (10, 384) and out.dtype == torch.bfloat16
+        y = torch.ops.moe_kernels.expert_mlp(a, a_scale, offsets, w, w_scale, torch.empty(3, 256, 192,
+                                             dtype=torch.float8_e4m3fn), torch.empty(3, 2, 2), None)
+        assert y.shape == (10, 256)
+
+
+def test_config_files_parse_and_lookup(tmp_path):
+    for path in cfgs.CONFIG_DIR.glob("grouped_gemm_*.json"):
+        kind = path.name[len("grouped_gemm_"):].split("_N")[0]
+        assert kind in cfgs.KINDS, path.name
+        table = cfgs.load_table(str(path))
+        assert table, f"{path.name} has no usable bucket"
+        for cfg in table.values():
+            assert cfg["BLOCK_K"] == 128 or not kind.startswith("fp8")
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps({"64": dict(cfgs.DEFAULTS["fp8"], BLOCK_M=64), "1024": cfgs.DEFAULTS["fp8"]}))
+    assert set(cfgs.load_table(str(p))) == {64, 1024}
+    assert cfgs.load_table(str(tmp_path / "missing.json")) is None
+    # no GPU: the interpreter's small tiles
+    assert cfgs.get_config("fp8", 4096, 7168, 256, torch.device("cpu"))["BLOCK_M"] <= 32
