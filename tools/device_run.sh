@@ -17,14 +17,19 @@ for s in "${steps[@]}"; do
       python3 -c "import moe_kernels as mk; print('extension built:', mk.has_extension())" ;;
     info) moe-kernels info ;;
     tests)
-      log "pytest -m gpu"
-      python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
+      # xdist workers share the one GPU: they overlap Triton's compilation, which dominates this step
+      log "pytest -m gpu (-n ${TEST_WORKERS:-6}, limit ${TEST_TIMEOUT:-300}s)"
+      timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -n "${TEST_WORKERS:-6}" -p no:cacheprovider \
+        -o addopts="" tests 2>&1 | tee "$OUT/pytest_gpu.log" | grep -vE "^\[transformers\]" | tail -25 ;;
     demo)
       log demo
-      moe-kernels demo 2>&1 | tee "$OUT/demo.log" | tail -12 ;;
+      timeout "${DEMO_TIMEOUT:-180}" python3 -m moe_kernels.cli demo 2>&1 | tee "$OUT/demo.log" | tail -12 ;;
     bench_*)
-      log "$s"
-      python3 "bench/$s.py" 2>&1 | tee "$OUT/$s.log" | tail -30 ;;
+      # "bench_moe_layer:--quick" passes "--quick" to the script
+      name=${s%%:*}; args=""; [ "$name" != "$s" ] && args=${s#*:}
+      log "$name $args (limit ${BENCH_TIMEOUT:-300}s)"
+      # shellcheck disable=SC2086
+      PYTHONPATH=. timeout "${BENCH_TIMEOUT:-300}" python3 "bench/$name.py" $args 2>&1 | tee "$OUT/$name.log" | tail -30 ;;
     *) echo "unknown step $s" ;;
   esac
 done

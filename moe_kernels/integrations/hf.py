@@ -158,8 +158,11 @@ class HFMLAAttention(nn.Module):
         self.mla = mla
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, cache=None,
+                **kwargs):
         m = self.mla
+        # transformers renamed the cache argument `past_key_values` -> `cache` (5.2x); take either
+        past_key_values = cache if cache is not None else past_key_values
         B, S, _ = hidden_states.shape
         cos, sin = position_embeddings
         half = m.qk_rope_head_dim // 2
