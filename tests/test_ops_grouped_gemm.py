@@ -304,3 +304,14 @@ def test_config_files_parse_and_lookup(tmp_path):
     assert cfgs.load_table(str(tmp_path / "missing.json")) is None
     # no GPU: the interpreter's small tiles
     assert cfgs.get_config("fp8", 4096, 7168, 256, torch.device("cpu"))["BLOCK_M"] <= 32
+
+
+def test_config_lookup_same_chip_and_default():
+    """An H200 borrows the H100's tuned table (warning once); an unknown GPU has no table and gets the defaults."""
+    cfgs._table_for.cache_clear()
+    with pytest.warns(UserWarning, match="same chip"):
+        borrowed = cfgs._table_for("fp8", 4096, 7168, "NVIDIA H200")
+    own = cfgs.load_table(str(cfgs.CONFIG_DIR / cfgs.config_filename("fp8", 4096, 7168, "NVIDIA H100 80GB HBM3")))
+    assert borrowed == own and own
+    assert cfgs._table_for("fp8", 4096, 7168, "NVIDIA A100-SXM4-80GB") is None
+    assert cfgs._table_for("fp8", 12345, 7168, "NVIDIA H200") is None  # no file for this shape anywhere

@@ -7,8 +7,9 @@ A config file ``configs/grouped_gemm_{kind}_N{N}_K{K}_{device_name}.json`` maps 
              "USE_TMA": 1}, ...}
 
 ``kind`` is ``fp8``/``bf16`` (plain grouped GEMM) or ``fp8_swiglu``/``bf16_swiglu`` (the w13 GEMM with the SwiGLU
-epilogue, where N is the intermediate size I, the columns it writes). The lookup takes the nearest bucket; a
-device or shape without a file gets the kind's default. ``moe-kernels tune`` (``moe_kernels/tune.py``) rewrites the
+epilogue, where N is the intermediate size I, the columns it writes). The lookup takes the nearest bucket. A
+device without a file of its own borrows the file of a tuned device of the same chip (``SAME_CHIP``: the H200 is an
+H100 with more memory) and says so once; a shape without any file gets the kind's default. ``moe-kernels tune`` (``moe_kernels/tune.py``) rewrites the
 files. Nothing autotunes at import or at run time.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,6 +41,10 @@ INTERPRETER = {
     "fp8": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=2, num_warps=4, num_stages=1, USE_TMA=0),
     "bf16": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1, USE_TMA=0),
 }
+
+
+# Devices whose SMs are the same chip: a config tuned on one is the best guess for the others
+SAME_CHIP = (("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA H100", "NVIDIA H800"),)
 
 
 def config_filename(kind: str, N: int, K: int, device: str) -> str:
@@ -73,9 +79,28 @@ def get_config(kind: str, N: int, K: int, rows_per_expert: int, device: torch.de
     return dict(_cuda_config(kind, N, K, max(int(rows_per_expert), 1), index))
 
 
+@functools.lru_cache(maxsize=None)
+def _table_for(kind: str, N: int, K: int, device: str) -> dict[int, dict] | None:
+    """This device's table, else a same-chip device's (warned once per kind and shape), else None."""
+    table = load_table(str(CONFIG_DIR / config_filename(kind, N, K, device)))
+    if table:
+        return table
+    for family in SAME_CHIP:
+        if not any(device.startswith(name) for name in family):
+            continue
+        for other in family:
+            table = load_table(str(CONFIG_DIR / config_filename(kind, N, K, other)))
+            if table:
+                warnings.warn(f"moe_kernels: no {kind} grouped GEMM configs tuned on {device!r} for N={N}, K={K}: "
+                              f"using those tuned on {other!r} (same chip); `moe-kernels tune` makes this GPU's own",
+                              stacklevel=3)
+                return table
+    return None
+
+
 @functools.lru_cache(maxsize=4096)
 def _cuda_config(kind: str, N: int, K: int, rows: int, index: int) -> dict:
-    table = load_table(str(CONFIG_DIR / config_filename(kind, N, K, device_name(index))))
+    table = _table_for(kind, N, K, device_name(index))
     if not table:
         return DEFAULTS[kind]
     bucket = min(table, key=lambda m: abs(math.log2(max(m, 1) / rows)))  # nearest on a log scale
