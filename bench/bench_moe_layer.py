@@ -213,6 +213,10 @@ def main():
     rows = []
     for case in args.cases.split(","):
         rows += run_case(case, tokens if case == "mixtral-like" else [t for t in tokens if t >= 4096] or tokens)
+        report(rows)  # after every case: a run cut short still leaves its rows
+
+
+def report(rows):
     cols = ["case", "precision", "T", "ours_ms", "composition_ms", "naive_ms", "ours_tflops", "vs_composition",
             "vs_naive", "err_ours", "err_composition"]
     print(markdown(rows, cols, {"ours_ms": ".3f", "composition_ms": ".3f", "naive_ms": ".2f", "ours_tflops": ".0f",
