@@ -19,7 +19,8 @@ rowwise, the format ``torch._scaled_grouped_mm`` takes):
     scales quantised by torch ops) or ``torch._grouped_mm`` (bf16), ``silu * up``, second grouped GEMM,
     weighted ``index_add_`` in fp32.
 TFLOP/s counts the expert GEMMs and the router: 6*T*k*H*I + 2*T*H*E. Errors are relative (Frobenius) to the naive
-bf16 loop on W. Writes results/moe_layer-<device>.json and, with matplotlib, results/moe_layer-<device>.png
+bf16 loop on W with the router logits in fp32 (the reference's routing; the timed loop uses bf16 logits, whose
+rounding re-routes a few percent of the tokens). Writes results/moe_layer-<device>.json and, with matplotlib, results/moe_layer-<device>.png
 (throughput against tokens for each implementation).
 """
 import argparse
@@ -67,8 +68,10 @@ class TorchMoE:
         self.r13, self.r13s = torch.cat(q13), torch.cat(s13)
         self.r2, self.r2s = torch.cat(q2), torch.cat(s2)
 
-    def route(self, x):
-        logits = F.linear(x, self.gate_w).float()
+    def route(self, x, fp32_router=False):
+        # the timed baselines take bf16 logits (what F.linear gives); the error reference routes on fp32 logits,
+        # as the reference and our kernel do: bf16-rounded logits flip the top-k of a few percent of the tokens
+        logits = F.linear(x.float(), self.gate_w.float()) if fp32_router else F.linear(x, self.gate_w).float()
         c = self.cfg
         if c["scoring"] == "softmax":
             w, ids = torch.topk(torch.softmax(logits, -1), self.k, dim=-1)
@@ -78,8 +81,8 @@ class TorchMoE:
                                           bias=self.bias)
         return w, ids
 
-    def naive_loop(self, x):
-        w, ids = self.route(x)
+    def naive_loop(self, x, fp32_router=False):
+        w, ids = self.route(x, fp32_router)
         out = torch.zeros(x.shape[0], H, dtype=torch.float32, device=x.device)
         for e in range(self.E):
             tok, j = (ids == e).nonzero(as_tuple=True)
@@ -142,7 +145,7 @@ def run_case(case, tokens, naive_every=True):
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         flops = 6.0 * T * k * H * I + 2.0 * T * H * E
         with torch.no_grad():
-            ref = tm.naive_loop(x)
+            ref = tm.naive_loop(x, fp32_router=True)
             t_naive = bench_ms(lambda: tm.naive_loop(x), warmup=5, rep=50) if naive_every or T == 8192 else math.nan
             for prec in ("fp8", "bf16"):
                 layer = layers[prec]
@@ -217,14 +220,19 @@ def main():
 
 
 def report(rows):
+    # the fp8 composition pays for torch-op quantisation: hold ours against the faster torch pipeline of either dtype
+    for r in rows:
+        same = [q["composition_ms"] for q in rows if q["case"] == r["case"] and q["T"] == r["T"]]
+        r["best_torch_ms"] = min(same)
+        r["vs_best_torch"] = r["best_torch_ms"] / r["ours_ms"]
     cols = ["case", "precision", "T", "ours_ms", "composition_ms", "naive_ms", "ours_tflops", "vs_composition",
-            "vs_naive", "err_ours", "err_composition"]
+            "vs_best_torch", "vs_naive", "err_ours", "err_composition"]
     print(markdown(rows, cols, {"ours_ms": ".3f", "composition_ms": ".3f", "naive_ms": ".2f", "ours_tflops": ".0f",
-                                "vs_composition": ".2f", "vs_naive": ".2f", "err_ours": ".1e",
+                                "vs_composition": ".2f", "vs_best_torch": ".2f", "vs_naive": ".2f", "err_ours": ".1e",
                                 "err_composition": ".1e"}))
     head = [r for r in rows if r["T"] == 8192]
     summary = {f"{r['case']}/{r['precision']}": dict(vs_naive=r["vs_naive"], vs_composition=r["vs_composition"],
-                                                     ours_ms=r["ours_ms"]) for r in head}
+                                                     vs_best_torch=r["vs_best_torch"], ours_ms=r["ours_ms"]) for r in head}
     path = save("moe_layer", rows, summary)
     plot(rows, path.replace(".json", ".png"))
 
