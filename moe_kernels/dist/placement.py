@@ -1,8 +1,10 @@
 """Which rank holds which expert.
 
 A ``Placement`` is a partition of the experts over the ranks of an expert-parallel group: every expert lives on
-exactly one rank, and each rank keeps its experts in ascending global order (its "local" experts 0..E_r-1). This
-is the minimal default placement; the planner's ``place_experts`` (load- and link-aware) will return the same type.
+exactly one rank, and each rank keeps its experts in ascending global order (its "local" experts 0..E_r-1). A
+placement may also carry *replicas*: further copies of hot experts on other ranks, each taking a share of the
+expert's traffic (``replica_rank`` picks the copy of each (token, expert) pair). ``default_placement`` is the plain
+contiguous split; ``moe_kernels.dist.place_experts`` (``place.py``) builds load- and link-aware ones.
 """
 from __future__ import annotations
 
@@ -13,21 +15,26 @@ import torch
 
 from .._checks import check_int
 
-__all__ = ["Placement", "default_placement"]
+__all__ = ["Placement", "default_placement", "replica_rank"]
 
 
 @dataclass(frozen=True)
 class Placement:
     """Experts partitioned over ``num_ranks`` ranks.
 
-    expert_to_rank  tuple of E ints in [0, num_ranks): the rank holding each expert.
+    expert_to_rank  tuple of E ints in [0, num_ranks): the rank holding each expert (its primary copy).
     num_ranks       the expert-parallel world size (ranks may hold no expert).
+    replicas        optional: for each expert, ((rank, share), ...) of all its copies, the primary first; shares
+                    sum to 1 (None: one copy per expert, share 1).
+    stats           optional: what the planner measured for this plan (``report()``).
     rank_experts    derived: for each rank, its experts in ascending global order.
     local_index     derived: for each expert, its position among its rank's experts.
     """
 
     expert_to_rank: tuple[int, ...]
     num_ranks: int
+    replicas: tuple[tuple[tuple[int, float], ...], ...] | None = field(default=None, compare=False)
+    stats: dict | None = field(default=None, compare=False, repr=False)
     rank_experts: tuple[tuple[int, ...], ...] = field(init=False, repr=False)
     local_index: tuple[int, ...] = field(init=False, repr=False)
 
@@ -46,8 +53,42 @@ class Placement:
             local.append(len(per_rank[r]))
             per_rank[r].append(e)
         object.__setattr__(self, "expert_to_rank", e2r)
+        if self.replicas is not None:
+            object.__setattr__(self, "replicas", self._checked_replicas(e2r))
         object.__setattr__(self, "rank_experts", tuple(tuple(p) for p in per_rank))
         object.__setattr__(self, "local_index", tuple(local))
+
+    def _checked_replicas(self, e2r):
+        if len(self.replicas) != len(e2r):
+            raise ValueError(f"replicas must list the copies of each of the {len(e2r)} experts, got {len(self.replicas)}")
+        out = []
+        for e, reps in enumerate(self.replicas):
+            reps = tuple((int(r), float(w)) for r, w in reps)
+            ranks = [r for r, _ in reps]
+            if not reps or ranks[0] != e2r[e]:
+                raise ValueError(f"replicas[{e}] must start with the primary copy on rank {e2r[e]}, got {reps}")
+            if len(set(ranks)) != len(ranks) or not all(0 <= r < self.num_ranks for r in ranks):
+                raise ValueError(f"replicas[{e}] must name distinct ranks in [0, {self.num_ranks}), got {ranks}")
+            if any(w < 0 for _, w in reps) or abs(sum(w for _, w in reps) - 1.0) > 1e-6:
+                raise ValueError(f"replicas[{e}]: shares must be >= 0 and sum to 1, got {[w for _, w in reps]}")
+            out.append(reps)
+        return tuple(out)
+
+    def copies(self, expert: int) -> tuple[tuple[int, float], ...]:
+        """((rank, share), ...) of every copy of ``expert``, the primary first."""
+        if self.replicas is None:
+            return ((self.expert_to_rank[expert], 1.0),)
+        return self.replicas[expert]
+
+    def slots_of(self, rank: int) -> tuple[int, ...]:
+        """The experts of which ``rank`` holds a copy (primary or replica), ascending."""
+        if self.replicas is None:
+            return self.rank_experts[rank]
+        return tuple(e for e, reps in enumerate(self.replicas) if any(r == rank for r, _ in reps))
+
+    def report(self) -> dict:
+        """The planner's figures for this plan (max GPU load / mean, max link load, memory per GPU, ...)."""
+        return dict(self.stats or {})
 
     @property
     def num_experts(self) -> int:
@@ -76,7 +117,10 @@ class Placement:
     def fingerprint(self) -> int:
         """A 62-bit hash of the assignment, equal on every rank that holds the same placement."""
         h = 1469598103934665603
-        for r in (self.num_ranks, *self.expert_to_rank):
+        words = [self.num_ranks, *self.expert_to_rank]
+        if self.replicas is not None:
+            words += [x for reps in self.replicas for r, w in reps for x in (r, round(w * 1e6))]
+        for r in words:
             h = ((h ^ (r + 1)) * 1099511628211) & ((1 << 62) - 1)
         return h
 
@@ -96,3 +140,33 @@ def default_placement(num_experts: int, world_size: int) -> Placement:
         )
     per = num_experts // world_size
     return Placement(tuple(e // per for e in range(num_experts)), world_size)
+
+
+def replica_rank(placement: Placement, topk_ids: torch.Tensor) -> torch.Tensor:
+    """The rank each (token, expert) pair is sent to: a copy of the expert, chosen per pair with the copies' shares.
+
+    Deterministic: pair (t, j) of expert e draws u = frac(golden-ratio hash of (t, e)) and takes the first copy
+    whose cumulative share exceeds u, so over many tokens each copy receives its share. ids of -1 give -1.
+    Args: topk_ids int [T, k]. Returns int64 [T, k] on topk_ids' device.
+    """
+    ids = topk_ids.long()
+    dev = ids.device
+    valid = ids >= 0
+    e = ids.clamp(min=0)
+    if placement.replicas is None:
+        e2r = torch.tensor(placement.expert_to_rank, dtype=torch.int64, device=dev)
+        return torch.where(valid, e2r[e], -1)
+    width = max(len(r) for r in placement.replicas)
+    ranks = torch.full((placement.num_experts, width), -1, dtype=torch.int64)
+    cum = torch.full((placement.num_experts, width), 2.0, dtype=torch.float64)
+    for x, reps in enumerate(placement.replicas):
+        acc = 0.0
+        for i, (r, w) in enumerate(reps):
+            acc += w
+            ranks[x, i], cum[x, i] = r, acc
+        cum[x, len(reps) - 1] = 2.0  # rounding of the shares never leaves a pair without a copy
+    ranks, cum = ranks.to(dev), cum.to(dev)
+    t = torch.arange(ids.shape[0], device=dev, dtype=torch.float64)[:, None]
+    u = torch.frac(t * 0.6180339887498949 + e.double() * 0.7548776662466927 + 0.5 * 0.5698402909980532)
+    pick = (cum[e] <= u[..., None]).sum(-1)  # the first copy whose cumulative share exceeds u
+    return torch.where(valid, ranks[e].gather(-1, pick[..., None]).squeeze(-1), -1)
