@@ -210,6 +210,40 @@ def check_moe_layer_low_precision(rank, world):
         expect(_rel(out, want) <= 1e-2, f"{precision} E={E}, bf16 partials: {_rel(out, want):.2e}")
 
 
+def check_replicas(rank, world):
+    """A placement with replicas (place_experts: one expert per rank, spare ranks holding copies of the hottest;
+    and a hand-made one with two copies of every expert): every rank holds a copy and the EP layer still equals the
+    single-process layer (each pair computed once, by the copy its share picks)."""
+    from moe_kernels import MoELayer
+    from moe_kernels.dist import Placement, place_experts
+
+    E = max(1, world // 2)
+    load = [8.0 * (e + 1) for e in range(E)]
+    planned = place_experts(E, world, min(8, world), load=load, top_k=1)
+    two = Placement(tuple(range(E)), world, replicas=tuple(((e, 0.5), (e + E, 0.5)) for e in range(E))) \
+        if 2 * E <= world else planned
+    for placement in (planned, two):
+        torch.manual_seed(1234)
+        ref = MoELayer(H, I, E, top_k=1, precision="fp32")
+        layer = MoELayer(H, I, E, top_k=1, precision="fp32", ep_group=dist.group.WORLD, placement=placement)
+        layer.gate.load_state_dict(ref.gate.state_dict())
+        layer.experts = layer._ep.shard_experts(ref.experts)
+        make_x = lambda s: torch.randn(num_tokens(s, 40), H, generator=_gen(s))  # noqa: E731
+        x = make_x(rank)
+        holds = torch.tensor([int(layer._ep.num_local_experts > 0)])
+        dist.all_reduce(holds)
+        expect(holds.item() == world, f"{world - holds.item()} ranks hold no copy")
+        if placement is two:  # ranks E.. hold only second copies: half the traffic must reach them
+            w, ids, _ = layer.gate(x)
+            d = layer._ep.dispatch(x, ids, w)
+            rows = torch.tensor([d.x.shape[0] if rank >= E else 0, d.x.shape[0]], dtype=torch.int64)
+            dist.all_reduce(rows)
+            share = rows[0].item() / max(rows[1].item(), 1)
+            expect(0.3 < share < 0.7, f"the second copies took {share:.2f} of the rows, not about half")
+        out, want = layer(x), _reference_out(ref, make_x, rank, world)
+        expect(_rel(out, want) <= 1e-5, f"replicas ({placement.replicas is not None}): {_rel(out, want):.2e}")
+
+
 def check_skewed(rank, world):
     """Every token of every rank to the same experts: one rank receives everything, the others nothing."""
     from moe_kernels.dist.ep import ExpertParallel
@@ -405,6 +439,7 @@ CHECKS = {
     "moe_layer": check_moe_layer,
     "moe_layer_low_precision": check_moe_layer_low_precision,
     "skewed": check_skewed,
+    "replicas": check_replicas,
     "zero_tokens": check_zero_tokens,
     "async": check_async,
     "p2p_slots": check_p2p_slots,

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from .. import ops
 from .._checks import check_choice, check_int, check_tensor, value_checks_enabled
 from .layout import dispatch_layout
-from .placement import Placement, default_placement
+from .placement import Placement, copy_placement, default_placement, replica_index
 
 __all__ = ["ExpertParallel", "Dispatched", "Pending", "BACKENDS"]
 
@@ -169,10 +169,18 @@ class ExpertParallel:
             raise ValueError(f"placement places {placement.num_experts} experts but num_experts={num_experts}")
         self.num_experts, self.placement, self.hidden_size = num_experts, placement, hidden_size
         self.timeout, self.combine_dtype, self.buffer_tokens = float(timeout), combine_dtype, buffer_tokens
-        self.local_experts = placement.experts_of(self.rank)
+        # replicas: every copy of an expert is moved as an expert of its own ("slot"); without replicas slot = expert
+        self._slots, slot_expert, self._first_slot = copy_placement(placement)
+        self._replicated = placement.replicas is not None
+        self._slot_expert = torch.tensor(slot_expert, dtype=torch.int64)
+        self._first_slot_t = torch.tensor(self._first_slot, dtype=torch.int64)
+        self.num_slots = self._slots.num_experts
+        self.local_slots = self._slots.experts_of(self.rank)
+        self.local_experts = tuple(slot_expert[s] for s in self.local_slots)  # the expert of each local slot
         self.num_local_experts = len(self.local_experts)
-        self._e2r_cpu = torch.tensor(placement.expert_to_rank, dtype=torch.int64)
-        self._rank_major = torch.argsort(self._e2r_cpu * num_experts + torch.arange(num_experts), stable=True)
+        self._e2r_cpu = torch.tensor(self._slots.expert_to_rank, dtype=torch.int64)
+        S = self.num_slots
+        self._rank_major = torch.argsort(self._e2r_cpu * S + torch.arange(S), stable=True)
         self._device_tables: dict = {}
         self._p2p = None
         self._closed = False
@@ -238,6 +246,10 @@ class ExpertParallel:
         """
         self._check_open()
         T, k = self._check_dispatch_args(x, topk_ids, topk_weights, fp8)
+        if self._replicated:  # each pair to the copy its share picks, as the expert id of that copy
+            ids = topk_ids.long()
+            first = self._first_slot_t.to(ids.device)
+            topk_ids = torch.where(ids >= 0, first[ids.clamp(min=0)] + replica_index(self.placement, ids), -1)
         plan = self._plan(x, topk_ids, topk_weights, fp8)
         if self.backend == "p2p":
             pending = self._p2p_backend().dispatch(plan)
@@ -411,7 +423,7 @@ class ExpertParallel:
     def _tables(self, device: torch.device):
         t = self._device_tables.get(device)
         if t is None:
-            e2r, _ = self.placement.tensors(device)
+            e2r, _ = self._slots.tensors(device)
             t = self._device_tables[device] = (e2r, torch.ones(32, 32, dtype=torch.bool, device=device).tril(-1))
         return t
 
@@ -419,7 +431,7 @@ class ExpertParallel:
         dev = x.device
         T, H = x.shape
         k = topk_ids.shape[1]
-        R, E, me = self.world_size, self.num_experts, self.rank
+        R, E, me = self.world_size, self.num_slots, self.rank  # E: expert copies (= experts without replicas)
         e2r, earlier = self._tables(dev)
         ids = topk_ids.long()
         valid = ids >= 0
@@ -479,7 +491,7 @@ class ExpertParallel:
             cols.append(torch.zeros(S, pad, dtype=torch.int32, device=dev))
         meta = torch.cat(cols, 1)
 
-        local_counts = Ntot[list(self.local_experts)].tolist() if self.local_experts else []
+        local_counts = Ntot[list(self.local_slots)].tolist() if self.local_slots else []
         return dict(
             T=T, H=H, k=k, fp8=fp8, dtype=x.dtype, rows=rows, meta=meta, send_token=send_token,
             send_dest=send_dest, send_splits=send_splits, recv_splits=recv_splits, counts=C, home_slot=home_slot,

@@ -15,7 +15,7 @@ import torch
 
 from .._checks import check_int
 
-__all__ = ["Placement", "default_placement", "replica_rank"]
+__all__ = ["Placement", "default_placement", "replica_rank", "replica_index", "copy_placement"]
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,8 @@ def default_placement(num_experts: int, world_size: int) -> Placement:
     return Placement(tuple(e // per for e in range(num_experts)), world_size)
 
 
-def replica_rank(placement: Placement, topk_ids: torch.Tensor) -> torch.Tensor:
-    """The rank each (token, expert) pair is sent to: a copy of the expert, chosen per pair with the copies' shares.
+def replica_index(placement: Placement, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Which copy of its expert each (token, expert) pair uses: an index into ``placement.copies(e)``.
 
     Deterministic: pair (t, j) of expert e draws u = frac(golden-ratio hash of (t, e)) and takes the first copy
     whose cumulative share exceeds u, so over many tokens each copy receives its share. ids of -1 give -1.
@@ -154,19 +154,48 @@ def replica_rank(placement: Placement, topk_ids: torch.Tensor) -> torch.Tensor:
     valid = ids >= 0
     e = ids.clamp(min=0)
     if placement.replicas is None:
-        e2r = torch.tensor(placement.expert_to_rank, dtype=torch.int64, device=dev)
-        return torch.where(valid, e2r[e], -1)
+        return torch.where(valid, torch.zeros_like(ids), -1)
     width = max(len(r) for r in placement.replicas)
-    ranks = torch.full((placement.num_experts, width), -1, dtype=torch.int64)
     cum = torch.full((placement.num_experts, width), 2.0, dtype=torch.float64)
     for x, reps in enumerate(placement.replicas):
         acc = 0.0
-        for i, (r, w) in enumerate(reps):
+        for i, (_, w) in enumerate(reps):
             acc += w
-            ranks[x, i], cum[x, i] = r, acc
+            cum[x, i] = acc
         cum[x, len(reps) - 1] = 2.0  # rounding of the shares never leaves a pair without a copy
-    ranks, cum = ranks.to(dev), cum.to(dev)
+    cum = cum.to(dev)
     t = torch.arange(ids.shape[0], device=dev, dtype=torch.float64)[:, None]
     u = torch.frac(t * 0.6180339887498949 + e.double() * 0.7548776662466927 + 0.5 * 0.5698402909980532)
     pick = (cum[e] <= u[..., None]).sum(-1)  # the first copy whose cumulative share exceeds u
-    return torch.where(valid, ranks[e].gather(-1, pick[..., None]).squeeze(-1), -1)
+    return torch.where(valid, pick, -1)
+
+
+def replica_rank(placement: Placement, topk_ids: torch.Tensor) -> torch.Tensor:
+    """The rank each (token, expert) pair is sent to: the copy ``replica_index`` picks. ids of -1 give -1.
+    Args: topk_ids int [T, k]. Returns int64 [T, k] on topk_ids' device."""
+    ids = topk_ids.long()
+    valid = ids >= 0
+    e = ids.clamp(min=0)
+    if placement.replicas is None:
+        e2r = torch.tensor(placement.expert_to_rank, dtype=torch.int64, device=ids.device)
+        return torch.where(valid, e2r[e], -1)
+    width = max(len(r) for r in placement.replicas)
+    ranks = torch.full((placement.num_experts, width), -1, dtype=torch.int64)
+    for x, reps in enumerate(placement.replicas):
+        for i, (r, _) in enumerate(reps):
+            ranks[x, i] = r
+    pick = replica_index(placement, topk_ids).clamp(min=0)
+    return torch.where(valid, ranks.to(ids.device)[e].gather(-1, pick[..., None]).squeeze(-1), -1)
+
+
+def copy_placement(placement: Placement) -> tuple[Placement, list[int], list[int]]:
+    """Every copy as an expert of its own: (the placement of the copies, expert of each copy, first copy of each
+    expert). Copies of expert e are numbered first[e], first[e] + 1, ... in ``copies(e)`` order; this is how
+    ``ExpertParallel`` moves replicas' traffic (a pair for copy i of e goes to "expert" first[e] + i)."""
+    ranks, expert_of, first = [], [], []
+    for e in range(placement.num_experts):
+        first.append(len(ranks))
+        for r, _ in placement.copies(e):
+            ranks.append(r)
+            expert_of.append(e)
+    return Placement(tuple(ranks), placement.num_ranks), expert_of, first

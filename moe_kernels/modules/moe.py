@@ -16,7 +16,8 @@ class MoELayer(nn.Module):
     Arguments follow DeepSeek-V3's configuration names; see ``TopKRouter`` for the routing ones and
     ``GroupedExperts`` for ``precision``. ``n_shared_experts`` adds a dense SwiGLU MLP of
     ``n_shared_experts * intermediate_size`` applied to every token. ``ep_group`` shards the experts over a
-    torch.distributed group (see ``moe_kernels.dist``).
+    torch.distributed group (see ``moe_kernels.dist``); ``placement`` (a ``moe_kernels.dist.Placement``,
+    e.g. from ``place_experts``, replicas included) says which rank holds which expert (None: contiguous blocks).
 
     ``forward(x [..., H]) -> [..., H]`` in x's dtype. Dropless: every (token, k) pair is computed exactly once.
     """
@@ -36,6 +37,7 @@ class MoELayer(nn.Module):
         precision: str = "fp8",
         balance: str | None = None,
         ep_group=None,
+        placement=None,
         device=None,
         dtype: torch.dtype | None = None,
     ):
@@ -57,10 +59,12 @@ class MoELayer(nn.Module):
         )
         self.ep_group = ep_group
         self._ep = None
+        if placement is not None and ep_group is None:
+            raise ValueError("placement needs ep_group: it places experts over an expert-parallel group")
         if ep_group is not None:
             from ..dist.ep import ExpertParallel  # noqa: PLC0415 (dist imports the modules)
 
-            self._ep = ExpertParallel(ep_group, num_experts, hidden_size=hidden_size)
+            self._ep = ExpertParallel(ep_group, num_experts, placement=placement, hidden_size=hidden_size)
             self.experts = self._ep.shard_experts(self.experts)  # this rank's experts only (None: it holds none)
 
     def extra_repr(self) -> str:
