@@ -8,7 +8,7 @@
 """
 __version__ = "0.1.0"
 
-from . import ops, reference
+from . import dist, ops, reference
 from ._ext import has_extension
 from .integrations import patch_model
 from .modules import GroupedExperts, MLACache, MoELayer, MultiHeadLatentAttention, TopKRouter
@@ -19,6 +19,7 @@ __all__ = [
     "MoELayer",
     "MultiHeadLatentAttention",
     "TopKRouter",
+    "dist",
     "has_extension",
     "ops",
     "patch_model",

@@ -65,6 +65,33 @@ def check_int(name: str, value, *, lo: int | None = None, hi: int | None = None)
     return value
 
 
+def check_number(name: str, value, *, finite: bool = True) -> float:
+    """A real scalar (int or float, not bool); finite unless told otherwise. Returns it as a float."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_finite(name: str, t: torch.Tensor, *, allow_neg_inf: bool = False) -> None:
+    """No NaN or inf in ``t`` (-inf allowed if asked). Reads values: one device->host sync, so call it under
+    value_checks_enabled()."""
+    if not t.numel():
+        return
+    bad = ~torch.isfinite(t)
+    if allow_neg_inf:
+        bad &= t != float("-inf")
+    if bool(bad.any()):
+        what = "NaN or +inf" if allow_neg_inf else "NaN or inf"
+        raise ValueError(f"{name} must hold no {what}: it holds {int(bad.sum())} such value(s)"
+                         + (" (-inf is allowed: it masks an entry out)" if allow_neg_inf else ""))
+
+
 def check_choice(name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

@@ -1,10 +1,13 @@
-"""The ``moe-kernels`` command: ``info``, ``demo``, ``tune``."""
+"""The ``moe-kernels`` command: ``info``, ``demo``, ``tune``, ``plan``, ``bench``."""
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib.util
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -137,6 +140,110 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def _read_load(path: str) -> list:
+    """Per-expert load from a JSON list, a JSON object with "load" or "counts", or whitespace-separated numbers."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = text.split()
+    if isinstance(data, dict):
+        data = data.get("load", data.get("counts"))
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of per-expert counts (or an object with 'load' / 'counts')")
+    try:
+        return [float(v) for v in data]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: per-expert counts must be numbers ({e})") from None
+
+
+def cmd_plan(args) -> int:
+    from . import plan
+
+    try:
+        if args.validate:
+            v = plan.validate(args.results, nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps)
+            print(json.dumps(v, indent=1, default=str) if args.json else plan.format_validation(v))
+            return 0
+        dep = plan.Deployment(
+            gpus=args.gpus, gpus_per_node=args.gpus_per_node, num_experts=args.experts, top_k=args.top_k,
+            tokens_per_gpu=args.tokens_per_gpu, hidden=args.hidden, intermediate=args.intermediate,
+            n_shared_experts=args.shared_experts, layers=args.layers, dense_layers=args.dense_layers,
+            precision=args.precision, scoring=args.scoring, micro_batches=args.micro_batches,
+            combine_dtype=args.combine_dtype, context=args.context, gpu_memory_gb=args.gpu_memory_gb,
+            load_imbalance=args.imbalance, expert_load=tuple(_read_load(args.load)) if args.load else None)
+        dep.validate()  # a bad deployment fails before the rate files are read
+        rates = plan.load_rates(args.results, nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps,
+                                device=args.device)
+        p = plan.predict(dep, rates)
+    except (ValueError, OSError) as e:
+        print(f"moe-kernels plan: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(p, indent=1, default=str) if args.json else plan.format_prediction(p))
+    return 0
+
+
+def _bench_families(bench: str) -> list[str]:
+    return sorted(os.path.basename(f)[len("bench_"):-3] for f in glob.glob(os.path.join(bench, "bench_*.py")))
+
+
+def _out_dirs(extra: list[str], default: str) -> list[str]:
+    """Where a bench script may write its JSON: bench/results and any --out / --results-dir / --out-dir given."""
+    dirs = [default]
+    for i, a in enumerate(extra):
+        for flag in ("--out", "--results-dir", "--out-dir"):
+            if a == flag and i + 1 < len(extra):
+                dirs.append(extra[i + 1])
+            elif a.startswith(flag + "="):
+                dirs.append(a.split("=", 1)[1])
+    return dirs
+
+
+def _json_state(dirs: list[str]) -> dict:
+    return {f: os.path.getmtime(f) for d in dirs for f in glob.glob(os.path.join(d, "*.json"))}
+
+
+def cmd_bench(args) -> int:
+    from . import plan
+
+    bench = plan.bench_dir()
+    if bench is None:
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+        print(f"moe-kernels bench: error: no bench/bench_*.py next to the package (looked in {here}). The benchmark "
+              f"scripts live in the repository, not in the installed package: install it editable "
+              f"(pip install --no-build-isolation -e .) from a checkout, or run bench/bench_<family>.py there.",
+              file=sys.stderr)
+        return 2
+    families = _bench_families(bench)
+    if args.family is None or args.family not in families:
+        if args.family is not None:
+            print(f"moe-kernels bench: error: no family {args.family!r}", file=sys.stderr)
+        print(f"families (in {bench}): {', '.join(families)}")
+        return 0 if args.family is None else 2
+    script = os.path.join(bench, f"bench_{args.family}.py")
+    extra = list(args.args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    cmd = [sys.executable, script, *extra]
+    if args.nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc), script, *extra]
+    env = dict(os.environ)
+    root = os.path.dirname(bench)
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    dirs = [os.path.abspath(d) for d in _out_dirs(extra, os.path.join(bench, "results"))]
+    before = _json_state(dirs)
+    print(f"running: {' '.join(cmd)}", flush=True)
+    rc = subprocess.call(cmd, env=env, cwd=root)
+    written = sorted(f for f, t in _json_state(dirs).items() if before.get(f) != t)
+    if written:
+        for f in written:
+            print(f"JSON written: {f}")
+    else:
+        print(f"no JSON written in {', '.join(dict.fromkeys(dirs))}" + (f" (exit status {rc})" if rc else ""))
+    return rc
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="moe-kernels", description="Fast Mixture-of-Experts kernels for Hopper.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,8 +254,46 @@ def main(argv=None) -> int:
     tune = sub.add_parser("tune", help="sweep kernel configs on this GPU and rewrite the tuned-config files")
     tune.add_argument("--quick", action="store_true", help="fewer shapes and configs")
     tune.add_argument("--out", default=None, help="directory for the JSON files (default: the package's)")
+    plan = sub.add_parser("plan", help="predict a large expert-parallel deployment (per-layer times, tokens/s, MFU)",
+                          description="Predict one forward step of an expert-parallel deployment from the kernel "
+                                      "rates in bench/results (else hardware defaults); docs/planner.md has the "
+                                      "model. --validate compares the model with measured runs instead.")
+    d = plan.add_argument_group("deployment")
+    d.add_argument("--gpus", type=int, default=256)
+    d.add_argument("--gpus-per-node", type=int, default=8)
+    d.add_argument("--experts", type=int, default=256)
+    d.add_argument("--top-k", type=int, default=8)
+    d.add_argument("--tokens-per-gpu", type=int, default=4096)
+    d.add_argument("--layers", type=int, default=61)
+    d.add_argument("--dense-layers", type=int, default=3, help="of --layers, the dense ones (the rest are MoE)")
+    d.add_argument("--hidden", type=int, default=7168)
+    d.add_argument("--intermediate", type=int, default=2048, help="expert width")
+    d.add_argument("--shared-experts", type=int, default=1)
+    d.add_argument("--precision", choices=("fp8", "bf16"), default="fp8")
+    d.add_argument("--scoring", choices=("sigmoid", "softmax"), default="sigmoid")
+    d.add_argument("--micro-batches", type=int, default=2, help="pipelined micro-batches (comm hidden under compute)")
+    d.add_argument("--combine-dtype", choices=("fp32", "bf16"), default="fp32", help="partial sums sent back")
+    d.add_argument("--context", type=int, default=4096, help="sequence length attended over (causal)")
+    d.add_argument("--load", default=None, help="file of expected per-expert loads for place_experts")
+    d.add_argument("--imbalance", type=float, default=None, help="max/mean GPU load (default: from the placement)")
+    h = plan.add_argument_group("hardware and rates")
+    h.add_argument("--nvlink-gbps", type=float, default=None, help="NVLink GB/s, both directions (default 900)")
+    h.add_argument("--ib-gbps", type=float, default=None, help="InfiniBand Gb/s per GPU (default 400)")
+    h.add_argument("--gpu-memory-gb", type=float, default=64.0)
+    h.add_argument("--results", default=None, help="directory of benchmark JSON files (default: bench/results)")
+    h.add_argument("--device", default=None, help="use this device's results (default: this GPU's, else newest)")
+    plan.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    plan.add_argument("--validate", action="store_true",
+                      help="compare the model with bench/results/moe_layer-*.json and all_to_all-*.json")
+    bench = sub.add_parser("bench", help="run bench/bench_FAMILY.py (from a checkout) with this python",
+                           description="Run bench/bench_FAMILY.py with the same python, passing ARGS on; "
+                                       "prints the families when FAMILY is left out.")
+    bench.add_argument("--nproc", type=int, default=None, help="run under torch.distributed.run with N processes")
+    bench.add_argument("family", nargs="?", default=None)
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script")
     args = parser.parse_args(argv)
-    return {"info": cmd_info, "demo": cmd_demo, "tune": cmd_tune}[args.command](args)
+    return {"info": cmd_info, "demo": cmd_demo, "tune": cmd_tune, "plan": cmd_plan,
+            "bench": cmd_bench}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,14 @@ for s in "${steps[@]}"; do
       log "pytest -m gpu (-n ${TEST_WORKERS:-6}, limit ${TEST_TIMEOUT:-300}s)"
       timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -n "${TEST_WORKERS:-6}" -p no:cacheprovider \
         -o addopts="" tests 2>&1 | tee "$OUT/pytest_gpu.log" | grep -vE "^\[transformers\]" | tail -25 ;;
+    soak)
+      log "soak (limit ${SOAK_TIMEOUT:-150}s)"
+      timeout "${SOAK_TIMEOUT:-150}" python3 tests/soak.py --iters "${SOAK_ITERS:-10000}" --json "$OUT/soak.json" 2>&1 \
+        | tee "$OUT/soak.log" | tail -8 ;;
+    sanitize)
+      log "compute-sanitizer (limit ${SANITIZE_TIMEOUT:-300}s)"
+      SANITIZE_LOG_DIR=/tmp/sanitize timeout "${SANITIZE_TIMEOUT:-300}" bash tests/sanitize.sh 2>&1 \
+        | tee "$OUT/sanitize.log" | tail -12 ;;
     demo)
       log demo
       timeout "${DEMO_TIMEOUT:-180}" python3 -m moe_kernels.cli demo 2>&1 | tee "$OUT/demo.log" | tail -12 ;;
@@ -34,4 +42,4 @@ for s in "${steps[@]}"; do
   esac
 done
 # everything in one archive: the device tool returns at most 8 files
-tar czf "$OUT/results.tgz" bench/results moe_kernels/ops/configs "$OUT"/*.log 2>/dev/null || true
+tar czf "$OUT/results.tgz" bench/results moe_kernels/ops/configs "$OUT"/*.log "$OUT"/*.json /tmp/sanitize 2>/dev/null || true

@@ -26,7 +26,7 @@ class Placement:
     num_ranks       the expert-parallel world size (ranks may hold no expert).
     replicas        optional: for each expert, ((rank, share), ...) of all its copies, the primary first; shares
                     sum to 1 (None: one copy per expert, share 1).
-    stats           optional: what the planner measured for this plan (``report()``).
+    stats           optional: what the planner measured for this plan (``report()``; ``metrics()`` for other loads).
     rank_experts    derived: for each rank, its experts in ascending global order.
     local_index     derived: for each expert, its position among its rank's experts.
     """
@@ -86,9 +86,53 @@ class Placement:
             return self.rank_experts[rank]
         return tuple(e for e, reps in enumerate(self.replicas) if any(r == rank for r, _ in reps))
 
+    def _on(self, name: str, build, device) -> torch.Tensor:
+        """A lookup table built once per placement and copied once per device (no host copy per dispatch)."""
+        cache = self.__dict__.setdefault("_tables", {})
+        key = (name, str(torch.device(device) if device is not None else "cpu"))
+        if key not in cache:
+            cache[key] = build().to(device) if device is not None else build()
+        return cache[key]
+
+    def _share_table(self, device=None) -> torch.Tensor:
+        """float64 [E + 1, max copies]: cumulative shares of each expert's copies (2.0 past its last copy and in the
+        extra row E)."""
+        return self._on("shares", self._build_share_table, device)
+
+    def _build_share_table(self) -> torch.Tensor:
+        reps = self.replicas or tuple(((r, 1.0),) for r in self.expert_to_rank)
+        table = torch.full((len(reps) + 1, max(len(r) for r in reps)), 2.0, dtype=torch.float64)
+        for x, copies in enumerate(reps):
+            acc = 0.0
+            for i, (_, w) in enumerate(copies[:-1]):
+                acc += w
+                table[x, i] = acc  # the last copy keeps 2.0: rounding never leaves a pair without a copy
+        return table
+
+    def _copy_ranks(self, device=None) -> torch.Tensor:
+        """int64 [E, max copies]: the rank of each copy of each expert (-1 past its last)."""
+        return self._on("ranks", self._build_copy_ranks, device)
+
+    def _build_copy_ranks(self) -> torch.Tensor:
+        reps = self.replicas or tuple(((r, 1.0),) for r in self.expert_to_rank)
+        table = torch.full((len(reps), max(len(r) for r in reps)), -1, dtype=torch.int64)
+        for x, copies in enumerate(reps):
+            table[x, : len(copies)] = torch.tensor([r for r, _ in copies])
+        return table
+
     def report(self) -> dict:
-        """The planner's figures for this plan (max GPU load / mean, max link load, memory per GPU, ...)."""
-        return dict(self.stats or {})
+        """The planner's figures for this plan, for the loads it was planned with: max_over_mean (GPU load),
+        max_link_load (tokens on the busiest link), max_link_us, gpu_load, copies_per_gpu, memory_per_gpu, ...
+        (``place_experts`` documents them). A placement made by hand reports ``metrics()`` for uniform load."""
+        return dict(self.stats) if self.stats else self.metrics()
+
+    def metrics(self, load=None, coactivation=None, **model) -> dict:
+        """The same figures for any per-expert ``load`` [E] and ``coactivation`` [E, E] (None: uniform, none);
+        ``model``: gpus_per_node (8), link_bandwidth, link_latency, top_k, tokens, bytes_per_token, expert_bytes, as
+        for ``moe_kernels.dist.place_experts``."""
+        from .place import evaluate  # noqa: PLC0415  (place imports this module)
+
+        return evaluate(self, load, coactivation, **model)
 
     @property
     def num_experts(self) -> int:
@@ -106,9 +150,16 @@ class Placement:
         return (torch.tensor(self.expert_to_rank, dtype=torch.int32, device=device),
                 torch.tensor(self.local_index, dtype=torch.int32, device=device))
 
-    def loads(self, tokens_per_expert: Sequence[int] | None = None) -> list[int]:
-        """(token, expert) pairs per rank for the given per-expert counts (experts per rank when None)."""
+    def loads(self, tokens_per_expert: Sequence[int] | None = None) -> list:
+        """(token, expert) pairs per rank for the given per-expert counts (experts per rank when None); with
+        replicas each copy counts its share (floats)."""
         counts = tokens_per_expert if tokens_per_expert is not None else [1] * self.num_experts
+        if self.replicas is not None:
+            shares = [0.0] * self.num_ranks
+            for e, reps in enumerate(self.replicas):
+                for r, w in reps:
+                    shares[r] += w * float(counts[e])
+            return shares
         out = [0] * self.num_ranks
         for e, r in enumerate(self.expert_to_rank):
             out[r] += int(counts[e])
@@ -142,50 +193,51 @@ def default_placement(num_experts: int, world_size: int) -> Placement:
     return Placement(tuple(e // per for e in range(num_experts)), world_size)
 
 
-def replica_index(placement: Placement, topk_ids: torch.Tensor) -> torch.Tensor:
+def replica_index(placement: Placement, topk_ids: torch.Tensor, rank: int | None = None) -> torch.Tensor:
     """Which copy of its expert each (token, expert) pair uses: an index into ``placement.copies(e)``.
 
-    Deterministic: pair (t, j) of expert e draws u = frac(golden-ratio hash of (t, e)) and takes the first copy
-    whose cumulative share exceeds u, so over many tokens each copy receives its share. ids of -1 give -1.
-    Args: topk_ids int [T, k]. Returns int64 [T, k] on topk_ids' device.
+    Deterministic and low-discrepancy, so that each copy gets its share of the pairs (to within a pair or two per
+    expert per call, not a coin flip per pair): the pairs of expert e in this batch are numbered p = 0, 1, ... in
+    token order; pair p draws u = frac(p * phi + rank * psi + e * c) (phi, psi, c fixed irrationals) and takes the
+    first copy whose cumulative share exceeds u. ``rank`` (the caller's rank; None: its torch.distributed rank, 0
+    without a process group) shifts every rank's sequence, so that ranks with only a few pairs of an expert do not
+    all pick the same copy. ids of -1 give -1. Args: topk_ids int [T, k]. Returns int64 [T, k] on topk_ids' device.
     """
     ids = topk_ids.long()
     dev = ids.device
     valid = ids >= 0
-    e = ids.clamp(min=0)
     if placement.replicas is None:
         return torch.where(valid, torch.zeros_like(ids), -1)
-    width = max(len(r) for r in placement.replicas)
-    cum = torch.full((placement.num_experts, width), 2.0, dtype=torch.float64)
-    for x, reps in enumerate(placement.replicas):
-        acc = 0.0
-        for i, (_, w) in enumerate(reps):
-            acc += w
-            cum[x, i] = acc
-        cum[x, len(reps) - 1] = 2.0  # rounding of the shares never leaves a pair without a copy
-    cum = cum.to(dev)
-    t = torch.arange(ids.shape[0], device=dev, dtype=torch.float64)[:, None]
-    u = torch.frac(t * 0.6180339887498949 + e.double() * 0.7548776662466927 + 0.5 * 0.5698402909980532)
-    pick = (cum[e] <= u[..., None]).sum(-1)  # the first copy whose cumulative share exceeds u
+    if rank is None:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    E = placement.num_experts
+    cum = placement._share_table(dev)
+    flat = torch.where(valid, ids, E).reshape(-1)  # E: no expert
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E + 1)
+    first = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(flat)
+    pos[order] = torch.arange(flat.numel(), device=dev) - first[flat[order]]  # p: the pair's number in its expert
+    u = torch.frac(pos.double() * 0.6180339887498949 + float(rank) * 0.7548776662466927
+                   + flat.double() * 0.5698402909980532)
+    pick = (cum[flat] <= u[:, None]).sum(-1).reshape(ids.shape)  # the first copy whose cumulative share exceeds u
     return torch.where(valid, pick, -1)
 
 
-def replica_rank(placement: Placement, topk_ids: torch.Tensor) -> torch.Tensor:
-    """The rank each (token, expert) pair is sent to: the copy ``replica_index`` picks. ids of -1 give -1.
-    Args: topk_ids int [T, k]. Returns int64 [T, k] on topk_ids' device."""
+def replica_rank(placement: Placement, topk_ids: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+    """The rank each (token, expert) pair is sent to: the copy ``replica_index`` picks (``rank``: the caller's rank,
+    as there). ids of -1 give -1. Args: topk_ids int [T, k]. Returns int64 [T, k] on topk_ids' device."""
     ids = topk_ids.long()
     valid = ids >= 0
     e = ids.clamp(min=0)
     if placement.replicas is None:
         e2r = torch.tensor(placement.expert_to_rank, dtype=torch.int64, device=ids.device)
         return torch.where(valid, e2r[e], -1)
-    width = max(len(r) for r in placement.replicas)
-    ranks = torch.full((placement.num_experts, width), -1, dtype=torch.int64)
-    for x, reps in enumerate(placement.replicas):
-        for i, (r, _) in enumerate(reps):
-            ranks[x, i] = r
-    pick = replica_index(placement, topk_ids).clamp(min=0)
-    return torch.where(valid, ranks.to(ids.device)[e].gather(-1, pick[..., None]).squeeze(-1), -1)
+    ranks = placement._copy_ranks(ids.device)
+    pick = replica_index(placement, topk_ids, rank).clamp(min=0)
+    return torch.where(valid, ranks[e].gather(-1, pick[..., None]).squeeze(-1), -1)
 
 
 def copy_placement(placement: Placement) -> tuple[Placement, list[int], list[int]]:

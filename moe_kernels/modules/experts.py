@@ -81,8 +81,12 @@ class GroupedExperts(nn.Module):
         check_tensor("w13", w13, shape=(E, 2 * I, H))
         check_tensor("w2", w2, shape=(E, H, I))
         if self.precision != "fp8":
-            if w13_scale is not None:
+            if w13_scale is not None or w2_scale is not None:
                 raise ValueError(f"FP8 checkpoint weights need precision='fp8', got precision={self.precision!r}")
+            for name, t in (("w13", w13), ("w2", w2)):  # e4m3 values without their scales: silently wrong
+                if t.dtype == FP8_DTYPE:
+                    raise TypeError(f"{name} is float8_e4m3fn but this layer has precision={self.precision!r}: "
+                                    f"FP8 checkpoint weights need precision='fp8' and their scales")
             self.w13.copy_(w13)
             self.w2.copy_(w2)
             return
@@ -104,8 +108,8 @@ class GroupedExperts(nn.Module):
         self.w2_scale.copy_(w2_scale)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, x_scale: torch.Tensor | None = None) -> torch.Tensor:
-        check_tensor("x", x, ndim=2, shape=(None, self.hidden_size))
-        check_tensor("offsets", offsets, dtype=torch.int32, shape=(self.num_experts + 1,))
+        check_tensor("x", x, ndim=2, shape=(None, self.hidden_size), device=self.w13.device)
+        check_tensor("offsets", offsets, dtype=torch.int32, shape=(self.num_experts + 1,), device=x.device)
         if self.precision == "fp8" and x.dtype != FP8_DTYPE:
             x, x_scale = ops.quantize_fp8(x)
         return ops.expert_mlp(x, x_scale, offsets, self.w13, self.w13_scale, self.w2, self.w2_scale)

@@ -236,10 +236,26 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(o.to(dtype))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: "MLACache | None" = None):
+        weight = self.kv_a_proj_with_mqa.weight
         check_tensor("x", x, ndim=3, shape=(None, None, self.hidden_size))
-        if x.dtype != self.kv_a_proj_with_mqa.weight.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the weights are {self.kv_a_proj_with_mqa.weight.dtype}")
+        if x.dtype != weight.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the weights are {weight.dtype}")
+        if x.device != weight.device:
+            raise TypeError(f"x is on {x.device} but the layer's weights are on {weight.device}")
         B, S, _ = x.shape
+        if cache is not None:
+            if not isinstance(cache, MLACache):
+                raise TypeError(f"cache must be an MLACache, got {type(cache).__name__}")
+            if cache.kv is not None and cache.kv.shape[0] != B:
+                raise ValueError(f"cache holds {cache.kv.shape[0]} sequences but x has batch size {B}")
+        if positions is not None:
+            check_tensor("positions", positions, device=x.device)
+            if positions.dim() == 1 and positions.shape[0] == S:
+                positions = positions.unsqueeze(0)  # [S]: the same positions for every row
+            # [S] broadcast against the [B, h, S, rope] queries would pair positions with heads instead
+            if positions.dim() != 2 or positions.shape[1] != S or positions.shape[0] not in (1, B):
+                raise ValueError(f"positions must have shape [{B}, {S}], [1, {S}] or [{S}] to match x, "
+                                 f"got {list(positions.shape)}")
         offset = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(offset, offset + S, device=x.device).unsqueeze(0).expand(B, S)

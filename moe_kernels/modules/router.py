@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._checks import check_choice, check_int, check_routing_args, check_tensor
+from .._checks import check_choice, check_int, check_number, check_routing_args, check_tensor
 
 BALANCE_RULES = (None, "adaptive", "bias")
 
@@ -57,6 +57,7 @@ class TopKRouter(nn.Module):
             raise ValueError(f"alpha must lie in [0.1, 0.3], got {alpha}")
         if not 0.0 <= load_decay < 1.0:
             raise ValueError(f"load_decay must lie in [0, 1), got {load_decay}")
+        routed_scaling_factor = check_number("routed_scaling_factor", routed_scaling_factor)
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.scoring, self.n_group, self.topk_group = scoring, n_group, topk_group
         self.norm_topk_prob, self.routed_scaling_factor = norm_topk_prob, float(routed_scaling_factor)
@@ -85,7 +86,7 @@ class TopKRouter(nn.Module):
         return self.scoring == "sigmoid" or self.balance == "bias"
 
     def forward(self, x: torch.Tensor):
-        check_tensor("x", x, ndim=2, shape=(None, self.hidden_size))
+        check_tensor("x", x, ndim=2, shape=(None, self.hidden_size), device=self.weight.device)
         weights, ids, counts = ops.route(
             x,
             self.weight,

@@ -230,6 +230,9 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
     if M == 0 or N == 0 or E == 0:
         return None
     masked = masked_m is not None
+    # the kernel reads offsets[e] / masked_m[e] at unit stride: a strided view (offsets[::2]) is copied first
+    offsets = offsets.contiguous() if offsets is not None else None
+    masked_m = masked_m.contiguous() if masked else None
     kind = ("fp8" if fp8 else "bf16") + ("_swiglu" if swiglu else "")
     if cfg is None:
         cfg = get_config(kind, N, K, max_m if masked else M // E, a.device)

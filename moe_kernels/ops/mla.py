@@ -522,8 +522,10 @@ def _mla_latent_proj_op(
         return c_q.to(out_dtype), kv.to(out_dtype)
     c_q = torch.empty(T, q_lora_rank, dtype=out_dtype, device=x.device)
     kv = torch.empty(T, N - q_lora_rank, dtype=out_dtype, device=x.device)
+    # the norm kernel reads the norm weights at unit stride: strided views are copied first
     _latent_proj_launch(x.contiguous(), w.contiguous(), None if w_scale is None else w_scale.contiguous(),
-                        q_norm_weight, kv_norm_weight, cos, sin, q_lora_rank, kv_lora_rank, eps, interleave, c_q, kv)
+                        None if q_norm_weight is None else q_norm_weight.contiguous(), kv_norm_weight.contiguous(),
+                        cos, sin, q_lora_rank, kv_lora_rank, eps, interleave, c_q, kv)
     return c_q, kv
 
 
@@ -542,6 +544,9 @@ def _mla_decode_op(
         return ref.mla_decode(q_latent, q_rope, kv_cache, cache_seqlens, softmax_scale, block_table).to(
             q_latent.dtype)
     out = torch.empty(q_latent.shape, dtype=q_latent.dtype, device=q_latent.device)
+    # the kernel reads cache_seqlens[b] and block_table[b, j] at unit stride along their last dimension
+    cache_seqlens = cache_seqlens.contiguous()
+    block_table = None if block_table is None else block_table.contiguous()
     _decode_launch(q_latent, q_rope, kv_cache, cache_seqlens, block_table, softmax_scale, num_splits, out)
     return out
 
@@ -604,10 +609,10 @@ def mla_latent_proj(
         check_tensor("w_scale", w_scale, dtype=torch.float32, shape=(-(-N // SCALE_BLOCK), H // SCALE_BLOCK),
                      device=x.device)
     if q_lora_rank:
-        check_tensor("q_norm_weight", q_norm_weight, shape=(q_lora_rank,), device=x.device)
+        check_tensor("q_norm_weight", q_norm_weight, dtype=_FLOATS, shape=(q_lora_rank,), device=x.device)
     elif q_norm_weight is not None:
         raise ValueError("q_norm_weight must be None when q_lora_rank is 0")
-    check_tensor("kv_norm_weight", kv_norm_weight, shape=(kv_lora_rank,), device=x.device)
+    check_tensor("kv_norm_weight", kv_norm_weight, dtype=_FLOATS, shape=(kv_lora_rank,), device=x.device)
     check_tensor("cos", cos, dtype=torch.float32, shape=(T, R // 2), device=x.device)
     check_tensor("sin", sin, dtype=torch.float32, shape=(T, R // 2), device=x.device)
     if (T > 1 and R > 2) and (cos.stride(1) != 1 or sin.stride(1) != 1):

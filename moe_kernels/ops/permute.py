@@ -24,6 +24,7 @@ from .quant import quantize_groups
 __all__ = ["permute", "unpermute", "Permuted"]
 
 FP8_GROUP = 128
+MAX_PAIRS = 2**31 - 1  # T*k: rows, slots and offsets are int32
 TILE = 8192  # elements of the [pairs, experts] / [pairs, pairs] comparison tile per loop step of the index kernels
 
 
@@ -186,6 +187,9 @@ def permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, fp8: bool
     check_int("num_experts", num_experts, lo=1)
     if topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"topk_ids must have one row per token of x ({x.shape[0]}), got {topk_ids.shape[0]}")
+    if topk_ids.numel() > MAX_PAIRS:
+        raise ValueError(f"topk_ids has T*k = {topk_ids.numel()} (token, k) pairs; permute supports at most "
+                         f"{MAX_PAIRS} (int32 row indices): split the batch")
     if fp8:
         check_multiple("x.shape[1] (hidden size) for fp8", x.shape[1], FP8_GROUP)
     if value_checks_enabled(x) and topk_ids.numel():
@@ -237,8 +241,14 @@ def unpermute(y: torch.Tensor, permuted: Permuted, topk_weights: torch.Tensor) -
     T, k = permuted.slot.shape
     if y.shape[0] != T * k:
         raise ValueError(f"y must have T*k = {T * k} rows (one per permuted row), got {y.shape[0]}")
-    check_tensor("permuted.slot", permuted.slot, device=y.device)
+    check_tensor("permuted.slot", permuted.slot, dtype=(torch.int32, torch.int64), ndim=2, device=y.device)
     check_tensor("topk_weights", topk_weights, shape=(T, k), device=y.device)
     if not topk_weights.is_floating_point():
         raise TypeError(f"topk_weights must be floating point, got {topk_weights.dtype}")
+    if value_checks_enabled(y) and permuted.slot.numel():  # the kernel gathers y rows at these indices
+        lo, hi = torch.aminmax(permuted.slot)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= T * k:
+            raise ValueError(f"permuted.slot must lie in [0, {T * k}) (rows of y), got values in [{lo}, {hi}]: "
+                             f"pass the Permuted that permute returned")
     return _unpermute_op(y, permuted.slot, topk_weights)

@@ -12,7 +12,9 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .._checks import check_choice, check_routing_args, check_tensor, value_checks_enabled
+from .._checks import (
+    check_choice, check_finite, check_number, check_routing_args, check_tensor, value_checks_enabled,
+)
 from ._common import use_triton
 from .quant import UPCAST_DOT
 
@@ -270,7 +272,15 @@ def route(
     for name, t in (("bias", bias), ("expert_scale", expert_scale)):
         if t is not None:
             check_tensor(name, t, dtype=floats, shape=(E,), device=x.device)
+    routed_scaling_factor = check_number("routed_scaling_factor", routed_scaling_factor)
     checks = T > 0 and value_checks_enabled(x)
+    if checks:
+        # a NaN selection term makes the kernel's argmax pick no valid expert (ids outside [0, E) downstream);
+        # +inf makes NaN of group sums (inf - inf) and of scale * score (inf * 0). A -inf bias masks an expert out.
+        if bias is not None:
+            check_finite("bias", bias, allow_neg_inf=True)
+        if expert_scale is not None:
+            check_finite("expert_scale", expert_scale)
     if checks and not use_triton(x):  # the reference path: inspect the inputs (CPU, cheap)
         if not (torch.isfinite(x).all() and torch.isfinite(router_weight).all()):
             raise ValueError("router logits are non-finite: x or router_weight holds NaN or inf")
