@@ -176,7 +176,8 @@ def run_gemm(proj, case, m):
     t = {k: timed(f) for k, f in fns.items()}
     cfg = gg.get_config("fp8", N, K, M // E, torch.device("cuda"))
     r = dict(case=name, proj=proj, G=E, M=M, N=N, K=K, rel_err=err, note=note.strip(), ms=t,
-             config="{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages} tma{USE_TMA}".format(**cfg))
+             config="{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages} tma{USE_TMA}".format(**cfg)
+             + (" pair" if cfg.get("PAIR_N") else ""))
     for mode, i in (("", 0), ("graph_", 1)):
         tf = {k: flops / v[i] / 1e9 for k, v in t.items()}
         best_scaled = float(np.nanmax([tf["scaled"], tf["scaled_fast"]]))

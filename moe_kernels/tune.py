@@ -41,14 +41,19 @@ def candidates(kind: str, quick: bool = False) -> list[dict]:
     if swiglu:  # (BLOCK_M, BLOCK_N, num_warps)
         shapes = [(64, 128, 8)] + ([(128, 128, 16), (64, 128, 16)] if fp8 else [(64, 128, 4)])
     elif fp8:  # 16 warps: four warpgroups, so one's promotion FMAs overlap another's QGMMAs
-        shapes = [(64, 128, 4), (64, 128, 8), (128, 128, 8), (128, 128, 16)] + ([] if quick else [(64, 256, 8)])
+        shapes = [(64, 128, 4), (64, 128, 8), (128, 128, 8), (128, 128, 16), (256, 128, 16)] + \
+            ([] if quick else [(64, 256, 8)])
     else:
         shapes = [(64, 128, 4), (128, 128, 8), (128, 256, 8)] + ([] if quick else [(64, 256, 4)])
+    # PAIR_N: the plain GEMM's program computes two 128-column tiles, as the SwiGLU kernel does (TMA only)
+    pairs = [] if swiglu or not fp8 else [(128, 128, 16), (64, 128, 8)]
     out = []
-    for (bm, bn, nw), ns, tma in itertools.product(shapes, stages, (0, 1)):
-        smem = ns * (bm + bn * (2 if swiglu else 1)) * bk * (1 if fp8 else 2)
+    for pair, (bm, bn, nw), ns, tma in [(0, *c) for c in itertools.product(shapes, stages, (0, 1))] + \
+            [(1, *c) for c in itertools.product(pairs, (3, 4), (1,))]:
+        smem = ns * (bm + bn * (2 if swiglu or pair else 1)) * bk * (1 if fp8 else 2)
         if smem <= SMEM_LIMIT:
-            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=nw, num_stages=ns, USE_TMA=tma))
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=nw, num_stages=ns, USE_TMA=tma)
+            out.append(dict(cfg, PAIR_N=1) if pair else cfg)
     return out
 
 

@@ -58,6 +58,26 @@ def test_grouped_gemm_fp8_matches_reference(device, name):
     _report(f"grouped_gemm_fp8[{name}]", assert_close_rel(out.float(), ref, FP8_TOL, "grouped_gemm_fp8"))
 
 
+@pytest.mark.parametrize("N", [384, 512])
+@pytest.mark.parametrize("row_weight", [False, True])
+def test_grouped_gemm_fp8_pair_n(device, N, row_weight):
+    """PAIR_N programs (two adjacent column tiles): N = 384 leaves the last program's second tile past N."""
+    counts = COUNTS["mixed"]
+    E, K = len(counts), 256
+    M = sum(counts)
+    offsets = _offsets(counts, device)
+    a, a_scale = R.quantize_fp8(torch.randn(M, K, device=device))
+    w, w_scale = _fp8_weights(E, N, K, device)
+    rw = torch.rand(M, device=device) if row_weight else None
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=device)
+    cfg = dict(cfgs.get_config("fp8", N, K, 16, torch.device(device)), PAIR_N=1)
+    gg._launch(a, a_scale, w, w_scale, out, offsets=offsets, row_weight=rw, cfg=cfg)
+    ref = R.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out_dtype=torch.float32)
+    if row_weight:
+        ref = ref * rw[:, None]
+    _report(f"grouped_gemm_fp8 PAIR_N N={N}", assert_close_rel(out.float(), ref, FP8_TOL, "grouped_gemm_fp8 pair"))
+
+
 def test_grouped_gemm_fp8_unaligned_n_fp32_out(device):
     """N = 192: the last column tile and the last weight-scale block are partial; fp32 output, no out=."""
     counts = [5, 0, 20]
@@ -174,13 +194,15 @@ def test_grouped_gemm_fp8_masked_cuda_graph():
 GPU_CONFIGS = [
     dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=nw, num_stages=ns, USE_TMA=tma)
     for bm, bn, nw, ns, tma in [(64, 128, 4, 3, 0), (128, 128, 8, 4, 0), (64, 128, 4, 4, 1), (128, 128, 8, 5, 1),
-                                (64, 256, 8, 3, 1), (128, 64, 4, 4, 1), (128, 128, 16, 4, 1)]
-]
+                                (64, 256, 8, 3, 1), (128, 64, 4, 4, 1), (128, 128, 16, 4, 1), (256, 128, 16, 3, 1)]
+] + [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=nw, num_stages=ns, USE_TMA=tma, PAIR_N=1)
+     for bm, nw, ns, tma in [(128, 16, 4, 1), (64, 8, 3, 1), (64, 4, 3, 0)]]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", GPU_CONFIGS,
-                         ids=lambda c: "bm{BLOCK_M}_bn{BLOCK_N}_w{num_warps}_s{num_stages}_tma{USE_TMA}".format(**c))
+                         ids=lambda c: "bm{BLOCK_M}_bn{BLOCK_N}_w{num_warps}_s{num_stages}_tma{USE_TMA}".format(**c)
+                         + ("_pair" if c.get("PAIR_N") else ""))
 def test_grouped_gemm_fp8_configs_gpu(cfg):
     counts = [0, 1, 130, 255, 64, 300, 17, 500]
     E, N, K = len(counts), 640, 1024

@@ -9,6 +9,9 @@ One kernel, specialised by constexpr switches (no copy per dtype or layout):
   * SWIGLU: W holds [gate; up] (2I rows); a program computes the gate tile and the up tile of the same columns
     (two accumulators) and writes silu(gate) * up. With QUANT_OUT it re-quantises that to e4m3 with 1x128 scales
     (BLOCK_N = 128 is one scale group), so the down projection reads FP8 at once: no bf16 intermediate in memory.
+  * PAIR_N: a program of the plain GEMM computes two adjacent BLOCK_N column tiles with two accumulators (the
+    SwiGLU kernel's shape, 16 warps = four warpgroups): one warpgroup's fp32 promotion overlaps the others'
+    tensor-core products, and each K step's A tile feeds twice the columns.
   * ROW_WEIGHT: each output row is multiplied by a per-row weight (the routing weight, in permuted order).
   * MASKED: the decode layout, A [E, max_m, K] with the valid rows of each expert in ``masked_m`` on the device;
     the grid depends on shapes only, so a decode step can be captured in a CUDA graph.
@@ -47,7 +50,9 @@ _SB = tl.constexpr(SCALE_BLOCK)  # the same, for the kernel
 @triton.jit
 def _tile_schedule(pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, E_PAD: tl.constexpr):
-    """Program id -> (expert, first row, end row of the expert's rows, column tile); first >= end: nothing to do."""
+    """Program id -> (expert, first row, end row of the expert's rows, column tile); first >= end: nothing to do.
+
+    BLOCK_N is the columns one program covers (both tiles of a PAIR_N program)."""
     num_n = tl.cdiv(N, BLOCK_N)
     if MASKED:
         tiles_per_e = tl.cdiv(max_m, BLOCK_M)
@@ -92,19 +97,27 @@ def _grouped_gemm_kernel(
     FP8: tl.constexpr, SWIGLU: tl.constexpr, QUANT_OUT: tl.constexpr, ROW_WEIGHT: tl.constexpr,
     MASKED: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    E_PAD: tl.constexpr,
+    E_PAD: tl.constexpr, PAIR_N: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
+    # DUAL: a second accumulator, for the "up" half of W (SWIGLU) or for the next BLOCK_N columns (PAIR_N)
+    DUAL: tl.constexpr = SWIGLU or PAIR_N
     expert, row_start, row_end, tile_n = _tile_schedule(
-        pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, MASKED, BLOCK_M, BLOCK_N, GROUP_M, E_PAD)
+        pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, MASKED, BLOCK_M, BLOCK_N * (2 if PAIR_N else 1), GROUP_M,
+        E_PAD)
     if row_start >= row_end:
         return
+    if PAIR_N:
+        tile_n = tile_n * 2  # this program's first column tile; the second is tile_n + 1
+        up_row = BLOCK_N  # the second tile's W rows start BLOCK_N rows after the first's
 
     offs_m = row_start + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < row_end
     n_mask = offs_n < N
+    # the second tile's columns: the same as the first's with SWIGLU (its W rows are up_row further on)
+    u_mask = (offs_n + BLOCK_N < N) if PAIR_N else n_mask
     expert64 = expert.to(tl.int64)
 
     if USE_TMA:
@@ -125,28 +138,32 @@ def _grouped_gemm_kernel(
             us_ptrs = ws_ptr + ((offs_n + up_row) // _SB) * stride_wsn
         else:
             gs_ptrs = ws_ptr + (tile_n * BLOCK_N // _SB) * stride_wsn
-            us_ptrs = ws_ptr + ((tile_n * BLOCK_N + up_row) // _SB) * stride_wsn
+            # PAIR_N past the last column: any in-range scale will do (those columns are never stored)
+            us_blk = (tile_n * BLOCK_N + up_row) // _SB
+            if PAIR_N:
+                us_blk = tl.minimum(us_blk, (N - 1) // _SB)
+            us_ptrs = ws_ptr + us_blk * stride_wsn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the "up" accumulator; unused without SWIGLU
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the second accumulator; unused without DUAL
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         if USE_TMA:
             a = a_desc.load([a_row, kb * BLOCK_K])
             g = w_desc.load([g_row, kb * BLOCK_K]).T
-            if SWIGLU:
+            if DUAL:
                 u = w_desc.load([u_row, kb * BLOCK_K]).T
         else:
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
                 g = tl.load(g_ptrs, mask=n_mask[None, :], other=0.0)
-                if SWIGLU:
-                    u = tl.load(u_ptrs, mask=n_mask[None, :], other=0.0)
+                if DUAL:
+                    u = tl.load(u_ptrs, mask=u_mask[None, :], other=0.0)
             else:
                 k_mask = (kb * BLOCK_K + offs_k) < K
                 a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
                 g = tl.load(g_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                if SWIGLU:
-                    u = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                if DUAL:
+                    u = tl.load(u_ptrs, mask=k_mask[:, None] & u_mask[None, :], other=0.0)
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
@@ -158,9 +175,9 @@ def _grouped_gemm_kernel(
             else:
                 sg = tl.load(gs_ptrs + kb)
             acc += tl.dot(a, g) * (sa[:, None] * sg)
-            if SWIGLU:
+            if DUAL:
                 if BLOCK_N > _SB:
-                    su = tl.load(us_ptrs + kb, mask=n_mask, other=0.0)[None, :]
+                    su = tl.load(us_ptrs + kb, mask=u_mask, other=0.0)[None, :]
                 else:
                     su = tl.load(us_ptrs + kb)
                 acc_u += tl.dot(a, u) * (sa[:, None] * su)
@@ -168,23 +185,28 @@ def _grouped_gemm_kernel(
             if UPCAST:  # Triton's CPU interpreter multiplies 16-bit float tiles wrongly: upcast there
                 a = a.to(tl.float32)
                 g = g.to(tl.float32)
-                if SWIGLU:
+                if DUAL:
                     u = u.to(tl.float32)
             if IEEE:
                 acc = tl.dot(a, g, acc, input_precision="ieee")
-                if SWIGLU:
+                if DUAL:
                     acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
             else:
                 acc = tl.dot(a, g, acc)
-                if SWIGLU:
+                if DUAL:
                     acc_u = tl.dot(a, u, acc_u)
 
     if SWIGLU:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_u  # silu(gate) * up, in fp32
     if ROW_WEIGHT:
-        acc = acc * tl.load(row_weight_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+        rw = tl.load(row_weight_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+        acc = acc * rw
+        if PAIR_N:
+            acc_u = acc_u * rw
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
+    if PAIR_N:
+        tl.store(out_ptrs + BLOCK_N, acc_u.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & u_mask[None, :])
     if QUANT_OUT:
         # BLOCK_N == 128: the tile's columns are exactly one 1x128 scale group of each row
         amax = tl.maximum(tl.max(tl.abs(tl.where(mask, acc, 0.0)), axis=1), AMAX_FLOOR)
@@ -238,6 +260,7 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
         cfg = get_config(kind, N, K, max_m if masked else M // E, a.device)
     cfg = dict(cfg)
     use_tma = bool(cfg.pop("USE_TMA", 0))
+    pair_n = bool(cfg.pop("PAIR_N", 0)) and not swiglu and out_scale is None  # SwiGLU has its own second tile
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if fp8 and (BK != SCALE_BLOCK or (SCALE_BLOCK % BN if BN < SCALE_BLOCK else BN % SCALE_BLOCK)):
         raise ValueError(f"FP8 configs need BLOCK_K=128 and BLOCK_N dividing 128 or a multiple of it, got {cfg}")
@@ -251,7 +274,7 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
     else:
         a_desc, w_desc = a, w
     num_m = E * triton.cdiv(max_m, BM) if masked else triton.cdiv(M, BM) + E
-    grid = (num_m * triton.cdiv(N, BN),)
+    grid = (num_m * triton.cdiv(N, BN * (2 if pair_n else 1)),)
     dummy = offsets if offsets is not None else masked_m  # any int tensor stands in for an absent pointer
     return _grouped_gemm_kernel[grid](
         a, a_desc, a_scale if fp8 else dummy, w, w_desc, w_scale if fp8 else dummy,
@@ -263,7 +286,7 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
         out.stride(0), out_scale.stride(0) if out_scale is not None else 0,
         FP8=fp8, SWIGLU=swiglu, QUANT_OUT=out_scale is not None, ROW_WEIGHT=row_weight is not None,
         MASKED=masked, USE_TMA=use_tma, EVEN_K=K % BK == 0, IEEE=a.dtype == torch.float32 or interpret_mode(),
-        UPCAST=interpret_mode() and not fp8, E_PAD=max(16, triton.next_power_of_2(E)), **cfg,
+        UPCAST=interpret_mode() and not fp8, E_PAD=max(16, triton.next_power_of_2(E)), PAIR_N=pair_n, **cfg,
     )
 
 

@@ -1,0 +1,72 @@
+"""Compile the grouped GEMM kernel for sm_90 without a GPU and report registers, spills and shared memory.
+
+    python tools/compile_sm90.py BLOCK_M=128 BLOCK_N=128 num_warps=16 num_stages=4 PAIR_N=1 [USE_TMA=1] [SWIGLU=1]
+
+Catches compile errors and register spills of a config before it costs device time (local Triton version, which
+may differ from the device's).
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from moe_kernels.ops.grouped_gemm import _grouped_gemm_kernel
+
+
+def compile_cfg(**kw):
+    opts = {"num_warps": kw.pop("num_warps", 8), "num_stages": kw.pop("num_stages", 3)}
+    tma = kw.pop("USE_TMA", 1)
+    fp8 = kw.pop("FP8", 1)
+    BM, BN, BK = kw.get("BLOCK_M", 128), kw.get("BLOCK_N", 128), kw.get("BLOCK_K", 128 if fp8 else 64)
+    el = "fp8e4nv" if fp8 else "bf16"
+    names = list(_grouped_gemm_kernel.arg_names)
+    const = dict(FP8=fp8, SWIGLU=0, QUANT_OUT=0, ROW_WEIGHT=0, MASKED=0, USE_TMA=tma, EVEN_K=1, IEEE=0, UPCAST=0,
+                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8, E_PAD=32, PAIR_N=0)
+    const.update(kw)
+    sig = {}
+    for n in names:
+        if n in const:
+            sig[n] = "constexpr"
+        elif n == "a_desc":
+            sig[n] = f"tensordesc<{el}[{BM}, {BK}]>" if tma else f"*{el}"
+        elif n == "w_desc":
+            sig[n] = f"tensordesc<{el}[{BN}, {BK}]>" if tma else f"*{el}"
+        elif n in ("a_ptr", "w_ptr"):
+            sig[n] = f"*{el}"
+        elif n == "out_ptr":
+            sig[n] = "*fp8e4nv" if const["QUANT_OUT"] else "*bf16"
+        elif n.endswith("_ptr"):
+            sig[n] = "*i32" if n in ("offsets_ptr", "masked_m_ptr") else "*fp32"
+        else:
+            sig[n] = "i32"
+    src = ASTSource(_grouped_gemm_kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    ptx = k.asm["ptx"]
+    regs = spills = None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:  # registers and spills from the cubin's resource usage
+        f.write(k.asm["cubin"])
+        f.flush()
+        try:
+            tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+            usage = subprocess.run([tool if os.path.exists(tool) else "cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
+            regs = int(re.search(r"REG:(\d+)", usage).group(1))
+            spills = [int(x) for x in re.findall(r"(?:STACK|LOCAL):(\d+)", usage)]
+        except (OSError, AttributeError):
+            pass
+    return dict(shared=k.metadata.shared, regs=regs, stack_local=spills,
+                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+                order="".join("M" if "mma_async" in m else "W" + m[-1] for m in re.findall(
+                    r"wgmma\.mma_async|wgmma\.wait_group\.sync\.aligned \d+", ptx)))
+
+
+if __name__ == "__main__":
+    kw = {}
+    for a in sys.argv[1:]:
+        k, v = a.split("=")
+        kw[k] = int(v)
+    print(compile_cfg(**kw))
