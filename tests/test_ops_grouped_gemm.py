@@ -329,11 +329,14 @@ def test_config_files_parse_and_lookup(tmp_path):
 
 
 def test_config_lookup_same_chip_and_default():
-    """An H200 borrows the H100's tuned table (warning once); an unknown GPU has no table and gets the defaults."""
+    """An H200 uses its own fp8 table, borrows the H100's bf16 table (warning once, it has none of its own); an
+    unknown GPU has no table and gets the defaults."""
     cfgs._table_for.cache_clear()
     with pytest.warns(UserWarning, match="same chip"):
-        borrowed = cfgs._table_for("fp8", 4096, 7168, "NVIDIA H200")
-    own = cfgs.load_table(str(cfgs.CONFIG_DIR / cfgs.config_filename("fp8", 4096, 7168, "NVIDIA H100 80GB HBM3")))
+        borrowed = cfgs._table_for("bf16", 4096, 7168, "NVIDIA H200")
+    own = cfgs.load_table(str(cfgs.CONFIG_DIR / cfgs.config_filename("bf16", 4096, 7168, "NVIDIA H100 80GB HBM3")))
     assert borrowed == own and own
+    h200 = cfgs.load_table(str(cfgs.CONFIG_DIR / cfgs.config_filename("fp8", 4096, 7168, "NVIDIA H200")))
+    assert h200 and cfgs._table_for("fp8", 4096, 7168, "NVIDIA H200") == h200
     assert cfgs._table_for("fp8", 4096, 7168, "NVIDIA A100-SXM4-80GB") is None
     assert cfgs._table_for("fp8", 12345, 7168, "NVIDIA H200") is None  # no file for this shape anywhere
