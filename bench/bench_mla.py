@@ -54,13 +54,44 @@ LATENT_SWEEP = {
     "latent_fp8": [gemm_cfg(128, 128, 128, 8, 4, tma=0), gemm_cfg(128, 128, 128, 8, 4), gemm_cfg(128, 64, 128, 4, 4),
                    gemm_cfg(64, 128, 128, 4, 4), gemm_cfg(128, 128, 128, 8, 3, quant_a=1)],
 }
+
+
+def dec_cfg(bh, bn, warps, stages, lazy=0, v=1):
+    return dict(BLOCK_H=bh, BLOCK_N=bn, LAZY=lazy, V_BLOCKS=v, num_warps=warps, num_stages=stages)
+
+
+# Shared memory (bf16): the q tile BLOCK_H x 576 x 2 B (64 heads: 72 KiB, 128: 144 KiB) + the cache tiles,
+# BLOCK_N x 576 x 2 B each (16 keys: 18 KiB, 32: 36, 64: 72, 128: 144): num_stages of them where the dots are wgmma
+# (>= 64 heads; Triton's pipeliner keeps one more buffer for the wgmma in flight), num_stages - 1 with mma v2 (16-32
+# heads), one with num_stages=1 (not pipelined). Hopper allows 227 KiB per CTA. Accumulator: BLOCK_H x 512 /
+# V_BLOCKS fp32 over 32 x num_warps threads. LAZY 1: rescale when a row max grew, 2: when it grew by > 8 (log2).
+# Every entry compiles for sm_90 with Triton 3.8 at the KiB below; "spills": ptxas -v there (255 registers).
 DECODE_SWEEP = [
-    dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=2),
-    dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3),
-    dict(BLOCK_H=64, BLOCK_N=16, num_warps=8, num_stages=3),
-    dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2),
-    dict(BLOCK_H=32, BLOCK_N=32, num_warps=4, num_stages=2),
-    dict(BLOCK_H=16, BLOCK_N=64, num_warps=4, num_stages=3),
+    dec_cfg(64, 32, 8, 2),  # 72 + 2 x 36 = 144 KiB; acc [64, 512]: 128 regs/thread
+    dec_cfg(64, 32, 8, 3),  # 72 + 3 x 36 = 180 KiB
+    dec_cfg(64, 16, 8, 3),  # 72 + 3 x 18 = 126 KiB
+    dec_cfg(64, 64, 8, 2),  # 72 + 2 x 72 = 216 KiB (the shipped default)
+    dec_cfg(32, 32, 4, 2),  # mma v2: 36 + 1 x 36 = 72 KiB; acc [32, 512] over 128 threads: 128 regs
+    dec_cfg(16, 64, 4, 3),  # mma v2: 18 + 2 x 72 = 162 KiB
+    # lazy rescale, 64-head blocks (two programs read each cache tile)
+    dec_cfg(64, 64, 8, 2, lazy=1),  # 216 KiB; 64 rows x 64 keys: some row max grows in most tiles
+    dec_cfg(64, 64, 8, 2, lazy=2),  # 216 KiB
+    dec_cfg(64, 64, 8, 1, lazy=2),  # 72 + 72 = 144 KiB; spills 448 B
+    dec_cfg(64, 32, 8, 3, lazy=2),  # 180 KiB
+    dec_cfg(64, 32, 8, 4),  # 72 + 4 x 36 = 216 KiB
+    dec_cfg(64, 32, 8, 4, lazy=2),  # 216 KiB
+    dec_cfg(64, 128, 8, 1),  # 72 + 144 = 216 KiB; s/p [64, 128] fp32: 32 regs/thread on top of acc's; spills 820 B
+    dec_cfg(64, 128, 8, 1, lazy=2),  # 216 KiB; spills 816 B
+    # split V: 128 heads in one head block, two V blocks of 256 columns (QK^T computed twice, M=128 wgmma),
+    # acc [128, 256] fp32 over 256 threads: 128 regs/thread; still two programs per cache tile
+    dec_cfg(128, 32, 8, 2, v=2),  # 144 + 2 x 36 = 216 KiB; s/p [128, 32]: 16 regs/thread; 219 registers
+    dec_cfg(128, 32, 8, 2, lazy=2, v=2),  # 216 KiB
+    dec_cfg(128, 64, 8, 1, v=2),  # 144 + 72 = 216 KiB (2 stages: 288 KiB, does not fit); s/p: 32 regs/thread
+    dec_cfg(128, 64, 8, 1, lazy=2, v=2),  # 216 KiB
+    dec_cfg(128, 16, 8, 4, lazy=2, v=2),  # 144 + 4 x 18 = 216 KiB
+    # split V at 64 heads: half the accumulator (4 warps: 128 regs/thread; 8 warps: 64) for the same tiles
+    dec_cfg(64, 64, 4, 2, lazy=2, v=2),  # 216 KiB; spills 36 B
+    dec_cfg(64, 64, 8, 2, lazy=2, v=2),  # 216 KiB
 ]
 
 
@@ -295,8 +326,8 @@ def bench_decode(B, S, sweep, log, copy_bw, paged=False):
         except Exception as e:  # noqa: BLE001
             log.append(dict(kind="decode", B=B, S=S, cfg=cfg, error=f"{type(e).__name__}: {str(e)[:300]}"))
     ms, cfg, splits, name = min(results, key=lambda r: r[0])
-    bh = (cfg or ops_mla.get_mla_config("decode", B, q_lat.device))["BLOCK_H"]
-    auto = ops_mla.mla_decode_num_splits(B, HEADS, S, bh, q_lat.device)
+    used = cfg or ops_mla.get_mla_config("decode", B, q_lat.device)
+    auto = ops_mla.mla_decode_num_splits(B, HEADS, S, used["BLOCK_H"], q_lat.device, used.get("V_BLOCKS", 1))
     row["auto_splits"] = auto
     if sweep:  # the number of splits, around the heuristic's choice
         for s in sorted({max(1, auto // 2), auto * 2, auto + 1} - {auto}):

@@ -139,6 +139,52 @@ def test_decode_matches_reference(case, device):
     assert (out[lens.to(device) == 0] == 0).all(), "a row without keys must give zeros"
 
 
+# the kernel's config variants, called through the launcher with an explicit cfg (interpreter-sized tiles)
+# name: cfg, B, heads, kv_lora_rank, rope, S_max, lengths, dtype, page (None: contiguous), num_splits
+def dcfg(bh, bn, lazy=0, v=1):
+    return dict(BLOCK_H=bh, BLOCK_N=bn, LAZY=lazy, V_BLOCKS=v, num_warps=4, num_stages=1)
+
+
+DECODE_VARIANTS = {
+    "lazy_exact_splits": (dcfg(16, 16, lazy=1), 4, 16, 64, 16, 200, [200, 0, 77, 1], torch.float32, None, 3),
+    "lazy_tau_paged": (dcfg(16, 16, lazy=2), 3, 16, 64, 32, 190, [190, 0, 45], torch.bfloat16, 16, 2),
+    "split_v_splits": (dcfg(32, 16, v=2), 3, 48, 96, 32, 150, [150, 0, 37], torch.float32, None, 3),
+    "split_v_one_split": (dcfg(16, 32, v=2), 3, 16, 64, 16, 100, [100, 0, 33], torch.bfloat16, None, 1),
+    "split_v_lazy_paged": (dcfg(32, 16, lazy=2, v=2), 3, 32, 128, 64, 130, [130, 0, 50], torch.float32, 16, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(DECODE_VARIANTS))
+def test_decode_variants_match_reference(case, device):
+    cfg, B, h, C, rope, S, lens, dtype, page, splits = DECODE_VARIANTS[case]
+    lens = torch.tensor(lens, dtype=torch.int32)
+    q_lat = torch.randn(B, h, C).to(dtype)
+    q_pe = torch.randn(B, h, rope).to(dtype)
+    cache = torch.randn(B, S, C + rope)
+    cache[:, 40] *= 6  # a key late in the row that moves the running max by far more than LAZY=2's threshold
+    cache = cache.to(dtype)
+    scale = 1.0 / math.sqrt(C / 2)
+    ref = RD.mla_decode(q_lat, q_pe, cache, lens, scale)
+    table = None
+    if page is not None:
+        cache, table = paged(cache, lens, page)
+        table = table.to(device)
+    out = torch.full((B, h, C), float("nan"), dtype=dtype, device=device)
+    ops_mla._decode_launch(q_lat.to(device), q_pe.to(device), cache.to(device), lens.to(device), table, scale,
+                           splits, out, cfg=cfg)
+    assert_close_rel(out.cpu(), ref, TOL[dtype], f"decode {case}")
+    assert (out[lens.to(device) == 0] == 0).all(), "a row without keys must give zeros"
+
+
+def test_decode_variant_config_checks():
+    q, qr, cache = torch.randn(1, 4, 32), torch.randn(1, 4, 16), torch.randn(1, 8, 48)
+    lens, out = torch.tensor([8], dtype=torch.int32), torch.empty(1, 4, 32)
+    with pytest.raises(ValueError, match="V_BLOCKS"):
+        ops_mla._decode_launch(q, qr, cache, lens, None, 0.1, 1, out, cfg=dcfg(16, 16, v=4))
+    with pytest.raises(ValueError, match="LAZY"):
+        ops_mla._decode_launch(q, qr, cache, lens, None, 0.1, 1, out, cfg=dcfg(16, 16, lazy=3))
+
+
 def test_decode_strided_queries(device):
     """q_latent as the module makes it (bmm output transposed: heads are not the inner stride)."""
     B, h, C, rope, S = 3, 8, 64, 16, 40
@@ -180,6 +226,8 @@ def test_num_splits_heuristic_fills_the_gpu_in_whole_waves():
         s = ops_mla.mla_decode_num_splits(B, 128, 4096, 64, dev)
         programs = B * 2 * s  # two 64-head blocks per row
         assert 1 <= s <= 16 and programs >= min(0.9 * n_sm, B * 2 * 16), (B, s)
+        # V blocks count as programs: one 128-head block in two V blocks is as many programs as two 64-head blocks
+        assert ops_mla.mla_decode_num_splits(B, 128, 4096, 128, dev, v_blocks=2) == s, B
     assert ops_mla.mla_decode_num_splits(4, 128, 100, 64, dev) == 1  # too few keys to split
 
 
@@ -334,3 +382,29 @@ def test_decode_deepseek_shapes_gpu(paged_cache):
         out = ops_mla.mla_decode(q_lat.cuda(), q_pe.cuda(), cache.cuda(), lens.cuda(), scale, block_table=table,
                                     num_splits=splits)
         assert_close_rel(out.cpu(), ref, 2e-2, f"decode splits={splits}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [
+    dict(BLOCK_H=64, BLOCK_N=64, LAZY=1, V_BLOCKS=1, num_warps=8, num_stages=2),
+    dict(BLOCK_H=64, BLOCK_N=128, LAZY=2, V_BLOCKS=1, num_warps=8, num_stages=1),
+    dict(BLOCK_H=128, BLOCK_N=32, LAZY=2, V_BLOCKS=2, num_warps=8, num_stages=2),
+    dict(BLOCK_H=128, BLOCK_N=64, LAZY=0, V_BLOCKS=2, num_warps=8, num_stages=1),
+], ids=lambda c: f"h{c['BLOCK_H']}n{c['BLOCK_N']}s{c['num_stages']}lazy{c['LAZY']}v{c['V_BLOCKS']}")
+def test_decode_variants_deepseek_shapes_gpu(cfg):
+    """The sweep's variants compiled for Hopper (shared memory at its limit), with splits and a paged cache."""
+    B, h, C, rope, S = 5, 128, 512, 64, 1100
+    lens = torch.tensor([1100, 1, 700, 0, 513], dtype=torch.int32)
+    q_lat, q_pe = torch.randn(B, h, C).bfloat16(), torch.randn(B, h, rope).bfloat16()
+    cache = torch.randn(B, S, C + rope)
+    cache[:, 600] *= 6  # moves the running max late in the row (LAZY's rescale path)
+    cache = cache.bfloat16()
+    scale = 1.0 / math.sqrt(192)
+    ref = RD.mla_decode(q_lat, q_pe, cache, lens, scale)
+    pc, table = paged(cache, lens, 64)
+    for kv, tab in ((cache, None), (pc, table)):
+        for splits in (1, 3):
+            out = torch.full((B, h, C), float("nan"), dtype=torch.bfloat16, device="cuda")
+            ops_mla._decode_launch(q_lat.cuda(), q_pe.cuda(), kv.cuda(), lens.cuda(),
+                                   None if tab is None else tab.cuda(), scale, splits, out, cfg=cfg)
+            assert_close_rel(out.cpu(), ref, 2e-2, f"paged={tab is not None} splits={splits}")

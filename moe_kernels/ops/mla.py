@@ -17,7 +17,10 @@ columns) and value (the C latent columns). Flash-decoding:
   * ``_mla_decode_kernel``: program (head block, split, batch row) runs an online softmax over its share of the
     row's keys for BLOCK_H heads at once, so each cache tile it loads serves BLOCK_H heads (the head blocks of one
     (split, row) are adjacent program ids: they run together and share the tile through L2). With one split it
-    writes the normalised output; otherwise the partial output and its log-sum-exp (base 2).
+    writes the normalised output; otherwise the partial output and its log-sum-exp (base 2). Config variants:
+    LAZY (skip the accumulator rescale while no row max grows, by more than a threshold with LAZY=2) and
+    V_BLOCKS=2 (a program scores all columns but accumulates half the value columns: a [BLOCK_H, C/2]
+    accumulator, so 128 heads fit one program at the cost of computing QK^T twice).
   * ``_mla_decode_reduce_kernel``: merges the splits by their log-sum-exp.
   Per-row lengths come from ``cache_seqlens`` on the device; the grid depends on shapes only (CUDA graphs).
   A paged cache ([num_blocks, page, C + R] + block_table) is read through the block table.
@@ -63,8 +66,10 @@ DEFAULTS = {
     "latent_fp8": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_K=1, QUANT_A=0, USE_TMA=0,
                        num_warps=8, num_stages=4),
     # decode: 64 heads x 64 keys per step (measured best on H100); the [64, 512] fp32 accumulator takes two
-    # warpgroups, the q tile and two stages of cache tiles 221 KB of shared memory
-    "decode": dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2),
+    # warpgroups, the q tile and two stages of cache tiles 221 KB of shared memory. LAZY (0: rescale the
+    # accumulator every tile, 1: only when a row's max grew, 2: only when it grew by more than 8 in log2 units)
+    # and V_BLOCKS (1, or 2: each program accumulates half the value columns) are the variants of the sweep.
+    "decode": dict(BLOCK_H=64, BLOCK_N=64, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2),
 }
 # few rows (decode-time projections): the grid of 128x128 tiles would leave most SMs idle
 SMALL_M = {
@@ -78,8 +83,10 @@ INTERPRETER = {
                         num_warps=4, num_stages=1),
     "latent_fp8": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=2, SPLIT_K=1, QUANT_A=1, USE_TMA=0,
                        num_warps=4, num_stages=1),
-    "decode": dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1),
+    "decode": dict(BLOCK_H=16, BLOCK_N=16, LAZY=0, V_BLOCKS=1, num_warps=4, num_stages=1),
 }
+# LAZY -> the growth of a row max (log2 units) that moves m_i and rescales the accumulator
+LAZY_TAU = {1: 0.0, 2: 8.0}
 
 
 @functools.lru_cache(maxsize=None)
@@ -263,21 +270,35 @@ def _mla_decode_kernel(
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PAGED: tl.constexpr,
     PAGE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    LAZY: tl.constexpr, TAU: tl.constexpr, V_BLOCKS: tl.constexpr,
 ):
-    pid_h = tl.program_id(0)
+    """LAZY: rescale the accumulator only when some row's running max grows by more than TAU (log2 units).
+    V_BLOCKS = 2: the program scores all C + R key columns but accumulates only its half of the C value columns
+    (half the accumulator's registers, so twice the heads per program)."""
+    tl.static_assert(V_BLOCKS == 1 or V_BLOCKS == 2)
+    BLOCK_V: tl.constexpr = BLOCK_C // V_BLOCKS
+    # the V blocks of a head block are adjacent program ids, like the head blocks of one (split, row)
+    pid_h = tl.program_id(0) // V_BLOCKS
+    vb = tl.program_id(0) % V_BLOCKS
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_c = tl.arange(0, BLOCK_C)
+    offs_c = vb * BLOCK_V + tl.arange(0, BLOCK_V)  # this program's value columns (all C when V_BLOCKS = 1)
     offs_r = tl.arange(0, BLOCK_R)
     h_mask = offs_h < num_heads
     c_mask = offs_c < C
     r_mask = offs_r < R
 
-    q = tl.load(q_ptr + b * stride_qb + offs_h[:, None] * stride_qh + offs_c[None, :],
-                mask=h_mask[:, None] & c_mask[None, :], other=0.0)
+    q_rows = q_ptr + b * stride_qb + offs_h[:, None] * stride_qh
+    q = tl.load(q_rows + offs_c[None, :], mask=h_mask[:, None] & c_mask[None, :], other=0.0)
     qr = tl.load(qr_ptr + b * stride_qrb + offs_h[:, None] * stride_qrh + offs_r[None, :],
                  mask=h_mask[:, None] & r_mask[None, :], other=0.0)
+    if V_BLOCKS == 2:  # the other half of the latent columns: key only
+        offs_o = (1 - vb) * BLOCK_V + tl.arange(0, BLOCK_V)
+        o_mask = offs_o < C
+        qo = tl.load(q_rows + offs_o[None, :], mask=h_mask[:, None] & o_mask[None, :], other=0.0)
+        if UPCAST:
+            qo = qo.to(tl.float32)
     if UPCAST:  # Triton's CPU interpreter multiplies 16-bit float tiles wrongly: upcast there
         q = q.to(tl.float32)
         qr = qr.to(tl.float32)
@@ -290,7 +311,7 @@ def _mla_decode_kernel(
 
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_V), dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
@@ -299,37 +320,65 @@ def _mla_decode_kernel(
             rows = blk.to(tl.int64) * stride_kvb + (offs_n % PAGE) * stride_kvn
         else:
             rows = b * stride_kvb + offs_n.to(tl.int64) * stride_kvn
-        kc = tl.load(kv_ptr + rows[:, None] + offs_c[None, :], mask=n_mask[:, None] & c_mask[None, :], other=0.0)
-        kr = tl.load(kv_ptr + rows[:, None] + C + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :],
-                     other=0.0)
+        kv_rows = kv_ptr + rows[:, None]
+        # kc: key and value (the PV product reuses it), kr (and ko): key only
+        kc = tl.load(kv_rows + offs_c[None, :], mask=n_mask[:, None] & c_mask[None, :], other=0.0)
+        kr = tl.load(kv_rows + C + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        if V_BLOCKS == 2:
+            ko = tl.load(kv_rows + offs_o[None, :], mask=n_mask[:, None] & o_mask[None, :], other=0.0)
+            if UPCAST:
+                ko = ko.to(tl.float32)
         if UPCAST:
             kc = kc.to(tl.float32)
             kr = kr.to(tl.float32)
         if IEEE:
             s = tl.dot(q, tl.trans(kc), input_precision="ieee")
+            if V_BLOCKS == 2:
+                s = tl.dot(qo, tl.trans(ko), s, input_precision="ieee")
             s = tl.dot(qr, tl.trans(kr), s, input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(kc))
+            if V_BLOCKS == 2:
+                s = tl.dot(qo, tl.trans(ko), s)
             s = tl.dot(qr, tl.trans(kr), s)
         s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds at least one key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = tl.dot(p, kc, acc * alpha[:, None], input_precision="ieee")
+        m_tile = tl.max(s, axis=1)  # finite: every tile holds at least one key
+        if LAZY:
+            # m_i may lag the true running max by up to TAU: l_i and acc are both sums of 2^(s - m_i) with the
+            # same m_i (rescaled together when it moves), so o = acc / l_i and lse = m_i + log2(l_i) stay exact;
+            # no overflow, as every weight p = 2^(s - m_i) <= 2^TAU (TAU <= 8: p fits bf16 and l_i fp32 easily).
+            # One block-wide test (a uniform branch): when no row grew by more than TAU the multiply is skipped.
+            if tl.max(m_tile - m_i, axis=0) > TAU:  # the first tile always passes: m_i = -inf
+                m_new = tl.maximum(m_i, m_tile)
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc = acc * alpha[:, None]
+                m_i = m_new
+            p = tl.exp2(s - m_i[:, None])
+            l_i += tl.sum(p, axis=1)
+            if IEEE:
+                acc = tl.dot(p, kc, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(kc.dtype), kc, acc)
         else:
-            acc = tl.dot(p.to(kc.dtype), kc, acc * alpha[:, None])
-        m_i = m_new
+            m_new = tl.maximum(m_i, m_tile)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                acc = tl.dot(p, kc, acc * alpha[:, None], input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(kc.dtype), kc, acc * alpha[:, None])
+            m_i = m_new
 
     # a split without keys (short row) leaves l_i = 0: output 0 with log-sum-exp -inf, ignored by the merge
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     o_ptrs = o_ptr + b * stride_ob + offs_h[:, None] * stride_oh + split * stride_os + offs_c[None, :]
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=h_mask[:, None] & c_mask[None, :])
-    if SPLIT:
+    if SPLIT:  # the same in every V block: written by the first
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + b * stride_lb + offs_h * stride_lh + split, lse, mask=h_mask)
+        tl.store(lse_ptr + b * stride_lb + offs_h * stride_lh + split, lse, mask=h_mask & (vb == 0))
 
 
 @triton.jit
@@ -446,13 +495,14 @@ def _latent_proj_launch(x, w, w_scale, q_norm_weight, kv_norm_weight, cos, sin, 
     )
 
 
-def mla_decode_num_splits(batch: int, num_heads: int, max_seqlen: int, block_h: int, device: torch.device) -> int:
-    """Splits of the key range so that batch x head blocks x splits programs fill the GPU in near-whole waves
-    (one program per SM: its q tile and accumulator fill the SM); each split keeps >= 256 keys."""
+def mla_decode_num_splits(batch: int, num_heads: int, max_seqlen: int, block_h: int, device: torch.device,
+                          v_blocks: int = 1) -> int:
+    """Splits of the key range so that batch x head blocks x V blocks x splits programs fill the GPU in near-whole
+    waves (one program per SM: its q tile and accumulator fill the SM); each split keeps >= 256 keys."""
     if device.type != "cuda":
         return min(4, max(1, triton.cdiv(max_seqlen, 64)))  # the interpreter: exercise the merge
     _, n_sm = _device_facts(device.index if device.index is not None else torch.cuda.current_device())
-    programs = max(1, batch * triton.cdiv(num_heads, block_h))
+    programs = max(1, batch * triton.cdiv(num_heads, block_h) * v_blocks)
     most = max(1, min(32, max_seqlen // 256))
     # the waves the programs take, over the waves they would take with no rounding; partial outputs cost a bit
     cost = lambda s: triton.cdiv(programs * s, n_sm) * n_sm / (programs * s) + 0.02 * s  # noqa: E731
@@ -470,12 +520,17 @@ def _decode_launch(q_latent, q_rope, kv_cache, cache_seqlens, block_table, softm
         cfg.update(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     BH, BN = cfg["BLOCK_H"], cfg["BLOCK_N"]
+    lazy, v_blocks = int(cfg.get("LAZY", 0)), int(cfg.get("V_BLOCKS", 1))  # absent: the plain kernel
+    BLOCK_C = triton.next_power_of_2(C)
+    if lazy not in (0, *LAZY_TAU):
+        raise ValueError(f"decode configs need LAZY in {{0, {', '.join(map(str, LAZY_TAU))}}}, got {lazy}")
+    if v_blocks not in (1, 2) or BLOCK_C // v_blocks < 16:
+        raise ValueError(f"decode configs need V_BLOCKS 1 or 2 (and C / V_BLOCKS >= 16), got {v_blocks} for C={C}")
     paged = block_table is not None
     page = kv_cache.shape[1] if paged else 1
     max_len = block_table.shape[1] * page if paged else kv_cache.shape[1]
     if num_splits <= 0:
-        num_splits = mla_decode_num_splits(B, h, max_len, BH, q_latent.device)
-    BLOCK_C = triton.next_power_of_2(C)
+        num_splits = mla_decode_num_splits(B, h, max_len, BH, q_latent.device, v_blocks)
     if num_splits > 1:
         o_part = torch.empty(B, h, num_splits, C, dtype=torch.float32, device=q_latent.device)
         lse = torch.empty(B, h, num_splits, dtype=torch.float32, device=q_latent.device)
@@ -483,7 +538,7 @@ def _decode_launch(q_latent, q_rope, kv_cache, cache_seqlens, block_table, softm
     else:
         o_stage, lse, lse_strides = out.unsqueeze(2), out, (0, 0)
     upcast = interpret_mode() and q_latent.dtype != torch.float32
-    _mla_decode_kernel[(triton.cdiv(h, BH), num_splits, B)](
+    _mla_decode_kernel[(triton.cdiv(h, BH) * v_blocks, num_splits, B)](
         q_latent, q_rope, kv_cache, cache_seqlens, block_table if paged else cache_seqlens, o_stage, lse,
         h, num_splits, softmax_scale * LOG2E,
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
@@ -491,7 +546,8 @@ def _decode_launch(q_latent, q_rope, kv_cache, cache_seqlens, block_table, softm
         o_stage.stride(0), o_stage.stride(1), o_stage.stride(2), *lse_strides,
         C=C, R=R, BLOCK_C=BLOCK_C, BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_H=BH, BLOCK_N=BN,
         SPLIT=num_splits > 1, PAGED=paged, PAGE=page, UPCAST=upcast,
-        IEEE=q_latent.dtype == torch.float32 or interpret_mode(), num_warps=num_warps, num_stages=num_stages,
+        IEEE=q_latent.dtype == torch.float32 or interpret_mode(), LAZY=lazy > 0, TAU=LAZY_TAU.get(lazy, 0.0),
+        V_BLOCKS=v_blocks, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         BHR = 16
