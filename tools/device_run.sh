@@ -20,7 +20,7 @@ for s in "${steps[@]}"; do
       # xdist workers share the one GPU: they overlap Triton's compilation, which dominates this step
       log "pytest -m gpu (-n ${TEST_WORKERS:-6}, limit ${TEST_TIMEOUT:-300}s)"
       timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -n "${TEST_WORKERS:-6}" -p no:cacheprovider \
-        -o addopts="" tests 2>&1 | tee "$OUT/pytest_gpu.log" | grep -vE "^\[transformers\]" | tail -25 ;;
+        -o addopts="" ${TEST_ARGS:-tests} 2>&1 | tee "$OUT/pytest_gpu.log" | grep -vE "^\[transformers\]" | tail -25 ;;
     soak)
       log "soak (limit ${SOAK_TIMEOUT:-150}s)"
       timeout "${SOAK_TIMEOUT:-150}" python3 tests/soak.py --iters "${SOAK_ITERS:-10000}" --json "$OUT/soak.json" 2>&1 \
