@@ -4,7 +4,11 @@ Index outputs (offsets, token_index, slot) and bf16/fp32 rows must be equal; FP8
 e4m3 bits. The kernel divides with IEEE rounding exactly like torch, so it is bit-exact in practice; the helper
 still tolerates a 1-ulp e4m3 difference (a rounding tie of x/scale that another division could resolve
 differently) in at most 0.1% of the elements, and reports how many it saw. Scales to 1e-6 relative.
+
+Both index paths run at small sizes: "single" (one program ranks every pair) and "blocks" (the multi-block path,
+forced by lowering SINGLE_PROGRAM_PAIRS, with blocks of two chunks so ranks carry across chunks and blocks).
 """
+import importlib
 import os
 
 import torch
@@ -19,6 +23,42 @@ from moe_kernels import reference as R  # noqa: E402
 from _helpers import assert_close_rel, poison_allocator  # noqa: E402
 
 E4M3 = torch.float8_e4m3fn
+permute_mod = importlib.import_module("moe_kernels.ops.permute")  # mk.ops.permute is the function
+
+
+class LaunchSpy:
+    """Stands in for a @triton.jit kernel and records the grid of every launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.fixture(params=["single", "blocks"])
+def index_path(request, monkeypatch):
+    """Which index path permute takes; yields (path, spies on the index and scan kernels)."""
+    if request.param == "blocks":
+        monkeypatch.setattr(permute_mod, "SINGLE_PROGRAM_PAIRS", 0)
+        monkeypatch.setattr(permute_mod, "_pairs_per_block", lambda n: 2 * permute_mod.INDEX_CHUNK)
+    spies = {name: LaunchSpy(getattr(permute_mod, name)) for name in ("_index_kernel", "_scan_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(permute_mod, name, spy)
+    return request.param, spies
+
+
+def check_launches(index_path, n):
+    """The path asked for is the one taken: single = one index program and no scan; blocks = blocks + scan."""
+    path, spies = index_path
+    index, scan = spies["_index_kernel"].grids, spies["_scan_kernel"].grids
+    if n == 0:
+        assert not index and not scan, "no pairs: no index kernel"
+    elif path == "single":
+        assert index == [(1,)] and not scan, (index, scan)
+    else:
+        assert index == [(-(-n // (2 * permute_mod.INDEX_CHUNK)),)] and len(scan) == 1, (index, scan)
 
 
 def assert_fp8_close(q, q_ref, what="e4m3 rows"):
@@ -67,27 +107,30 @@ def check_permuted(p, x, ids, E, fp8):
     return 0
 
 
-# name: T, k, E, H, mode
+# name: T, k, E, H, mode, id dtype (pairs: 128 a chunk, 256 a block on the "blocks" path)
 CASES = {
-    "odd_T_k2": (37, 2, 16, 256, "random"),
-    "k8_E64": (37, 8, 64, 128, "random"),
-    "T1_k1": (1, 1, 4, 128, "random"),
-    "T0": (0, 2, 8, 128, "random"),
-    "one_expert_k1": (64, 1, 16, 128, "one_expert"),
-    "one_expert_k8": (33, 8, 256, 128, "one_expert"),
-    "empty_experts": (37, 2, 16, 384, "empty_experts"),
-    "E7_H384": (37, 3, 7, 384, "random"),
+    "odd_T_k2": (37, 2, 16, 256, "random", torch.int32),
+    "k8_E64_3chunks": (37, 8, 64, 128, "random", torch.int64),
+    "T1_k1": (1, 1, 4, 128, "random", torch.int32),
+    "T0": (0, 2, 8, 128, "random", torch.int32),
+    "one_expert_k1": (64, 1, 16, 128, "one_expert", torch.int64),
+    "one_expert_k8_E256": (33, 8, 256, 128, "one_expert", torch.int32),
+    "empty_experts": (37, 2, 16, 384, "empty_experts", torch.int32),
+    "E7_H384": (37, 3, 7, 384, "random", torch.int64),
+    "E24_k2_3chunks": (151, 2, 24, 128, "random", torch.int32),
+    "E256_k8_3blocks": (67, 8, 256, 128, "random", torch.int64),
 }
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_permute_matches_reference(case, fp8, device):
-    T, k, E, H, mode = CASES[case]
+def test_permute_matches_reference(case, fp8, index_path, device):
+    T, k, E, H, mode, id_dtype = CASES[case]
     x = torch.randn(T, H).bfloat16().to(device)
-    ids = make_ids(T, k, E, mode, device)
+    ids = make_ids(T, k, E, mode, device, id_dtype)
     poison_allocator((T * k, H), torch.bfloat16, device)
     check_permuted(mk.ops.permute(x, ids, E, fp8=fp8), x, ids, E, fp8)
+    check_launches(index_path, T * k)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -112,14 +155,30 @@ def test_permute_fp8_special_values(device):
     assert torch.isfinite(p.scale).all() and (p.scale > 0).all()
 
 
-def test_permute_index_blocks_of_many_pairs(device):
-    """More pairs than one index block (several blocks of the rank/prefix-sum kernels), skewed load."""
-    T, k, E, H = 300, 8, 256, 16
+def test_permute_index_many_pairs(index_path, device):
+    """Many chunks (and on the blocks path many blocks) with skewed load: a hot expert spans all of them."""
+    T, k, E, H = 161, 8, 256, 16
     ids = make_ids(T, k, E, "random", device)
-    ids[::3, 0] = 17  # a hot expert whose rows span many blocks
+    ids[::3, 0] = 17  # a hot expert whose rows span many chunks / blocks
     ids[::3, 1:] = torch.where(ids[::3, 1:] == 17, 18, ids[::3, 1:])
     x = torch.randn(T, H, device=device)
     check_permuted(mk.ops.permute(x, ids, E), x, ids, E, False)
+    check_launches(index_path, T * k)
+
+
+def test_permute_non_contiguous_ids(device):
+    """topk_ids as a column slice (not contiguous): read through a copy, same result."""
+    T, k, E, H = 37, 2, 24, 128
+    ids = make_ids(T, 2 * k, E, "random", device)[:, ::2]
+    assert not ids.is_contiguous()
+    x = torch.randn(T, H, device=device)
+    check_permuted(mk.ops.permute(x, ids, E), x, ids, E, False)
+
+
+def test_permute_default_threshold():
+    """The single-program path covers the sizes where the op is host-bound (T=4096 at k=2)."""
+    assert 4096 * 2 <= permute_mod.SINGLE_PROGRAM_PAIRS < permute_mod.MAX_PAIRS
+    assert permute_mod._pairs_per_block(permute_mod.MAX_PAIRS) % permute_mod.INDEX_CHUNK == 0
 
 
 # name: T, k, E, H

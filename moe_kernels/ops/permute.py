@@ -1,12 +1,16 @@
 """Permutation: group the (token, k) pairs by expert (optionally quantising to FP8), and the weighted way back.
 
-permute runs four kernels and no host sync. Pairs p = t*k + j are cut into blocks of PAIRS consecutive pairs:
-  1. _hist_kernel:    per block, how many of its pairs go to each expert -> hist [blocks, E]
-  2. _scan_kernel:    one program: exclusive prefix sums down the blocks (-> base [blocks, E]) and over the
-                      expert totals (-> offsets [E+1])
-  3. _slot_kernel:    each pair's row = offsets[e] + base[block, e] + its rank among the block's earlier pairs
-                      of expert e. Pairs are in (token, k) order, so one expert's rows keep ascending token order.
-  4. _scatter_kernel: each token row is read once and written to its k rows, quantised on the way with fp8.
+permute runs two kernels (three for more than SINGLE_PROGRAM_PAIRS pairs) and no host sync. Pairs p = t*k + j
+are in (token, k) order, so ranking each pair among the earlier pairs of its expert keeps one expert's rows in
+ascending token order (stable).
+  1. _index_kernel: walks its pairs CHUNK at a time with a running per-expert count: a pair's rank is the count
+     of its expert before the chunk (a gather) plus its earlier same-expert pairs inside the chunk (a [CHUNK,
+     CHUNK] compare); the count then takes the chunk's histogram. Costs O(CHUNK) per pair, whatever E is.
+     Up to SINGLE_PROGRAM_PAIRS pairs one program ranks them all and writes offsets [E+1] itself.
+     Beyond, programs take blocks of PAIRS pairs (ranks within the block, counts -> hist [blocks, E]) and
+     _scan_kernel (one program) turns hist into base [blocks, E] (exclusive sums down the blocks) and offsets.
+  2. _scatter_kernel: per token, row = offsets[e] (+ base[block, e]) + rank for each of its k pairs (-> slot,
+     token_index); the token row is read once and written to its k rows, quantised on the way with fp8.
 unpermute is one kernel: per token, the k rows are gathered and summed in fp32 with their routing weights.
 """
 from __future__ import annotations
@@ -25,19 +29,40 @@ __all__ = ["permute", "unpermute", "Permuted"]
 
 FP8_GROUP = 128
 MAX_PAIRS = 2**31 - 1  # T*k: rows, slots and offsets are int32
-TILE = 8192  # elements of the [pairs, experts] / [pairs, pairs] comparison tile per loop step of the index kernels
+# Up to this many pairs one program (one SM) ranks them all, saving the scan launch (~20-30 us of host time).
+# Estimated, not yet measured: ~6 cycles a pair, ~50 us at 16k pairs, which an op that is host-bound at these
+# sizes (T=8192 k=2, T=2048 k=8 at H=7168) still hides. Beyond, the multi-block path spreads the ranking over
+# the SMs and the GPU time of one program would show.
+SINGLE_PROGRAM_PAIRS = 16384
+INDEX_CHUNK = 128  # pairs per step of _index_kernel: a [128, 128] compare tile
 
 
 @triton.jit
-def _hist_kernel(ids_ptr, hist_ptr, n_pairs, E, PAIRS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
+def _index_kernel(ids_ptr, rank_ptr, counts_ptr, n_pairs, pairs_per_block, E,
+                  SINGLE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
+    lo = b * pairs_per_block
+    hi = tl.minimum(lo + pairs_per_block, n_pairs)
+    local = tl.arange(0, CHUNK)
+    earlier = local[None, :] < local[:, None]  # [i, j]: pair j comes before pair i
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)  # pairs of each expert before the current chunk
+    e_next = tl.load(ids_ptr + lo + local, mask=lo + local < hi, other=0).to(tl.int32)
+    for c in range(lo, hi, CHUNK):
+        offs = c + local
+        mask = offs < hi  # the tail sits at the chunk's end: a valid pair never has a masked earlier pair
+        e = e_next
+        # the loop is latency-bound: fetch the next chunk's ids before working on this one
+        e_next = tl.load(ids_ptr + offs + CHUNK, mask=offs + CHUNK < hi, other=0).to(tl.int32)
+        same = (e[:, None] == e[None, :]) & earlier
+        rank = tl.gather(counts, e, 0) + tl.sum(same.to(tl.int32), axis=1)
+        tl.store(rank_ptr + offs, rank, mask=mask)
+        counts += tl.histogram(e, BLOCK_E, mask=mask)
     cols = tl.arange(0, BLOCK_E)
-    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for c in range(0, PAIRS, CHUNK):
-        offs = b * PAIRS + c + tl.arange(0, CHUNK)
-        e = tl.load(ids_ptr + offs, mask=offs < n_pairs, other=-1).to(tl.int32)
-        counts += tl.sum((e[:, None] == cols[None, :]).to(tl.int32), axis=0)
-    tl.store(hist_ptr + b * E + cols, counts, mask=cols < E)
+    if SINGLE:  # counts_ptr is offsets [E+1]
+        tl.store(counts_ptr + cols, tl.cumsum(counts, axis=0) - counts, mask=cols < E)
+        tl.store(counts_ptr + E, tl.sum(counts, axis=0))
+    else:  # counts_ptr is hist [blocks, E]
+        tl.store(counts_ptr + b * E + cols, counts, mask=cols < E)
 
 
 @triton.jit
@@ -57,28 +82,9 @@ def _scan_kernel(hist_ptr, base_ptr, offsets_ptr, n_blocks, E, ROWS: tl.constexp
 
 
 @triton.jit
-def _slot_kernel(ids_ptr, base_ptr, offsets_ptr, slot_ptr, token_index_ptr, n_pairs, E,
-                 TOP_K: tl.constexpr, PAIRS: tl.constexpr, CHUNK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    local = tl.arange(0, PAIRS)
-    offs = b * PAIRS + local
-    mask = offs < n_pairs
-    e = tl.load(ids_ptr + offs, mask=mask, other=-1).to(tl.int32)
-    # rank among this block's earlier pairs of the same expert, CHUNK earlier pairs at a time
-    rank = tl.zeros((PAIRS,), dtype=tl.int32)
-    for c in range(0, PAIRS, CHUNK):
-        offs_c = c + tl.arange(0, CHUNK)
-        e_c = tl.load(ids_ptr + b * PAIRS + offs_c, mask=b * PAIRS + offs_c < n_pairs, other=-2).to(tl.int32)
-        earlier = (e[:, None] == e_c[None, :]) & (offs_c[None, :] < local[:, None])
-        rank += tl.sum(earlier.to(tl.int32), axis=1)
-    row = tl.load(offsets_ptr + e, mask=mask, other=0) + tl.load(base_ptr + b * E + e, mask=mask, other=0) + rank
-    tl.store(slot_ptr + offs, row, mask=mask)
-    tl.store(token_index_ptr + row, (offs // TOP_K).to(tl.int32), mask=mask)
-
-
-@triton.jit
-def _scatter_kernel(x_ptr, slot_ptr, out_ptr, scale_ptr, H, stride_x, stride_out, stride_scale,
-                    TOP_K: tl.constexpr, FP8: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr):
+def _scatter_kernel(x_ptr, ids_ptr, rank_ptr, offsets_ptr, base_ptr, slot_ptr, token_index_ptr, out_ptr, scale_ptr,
+                    H, E, pairs_per_block, stride_x, stride_out, stride_scale, TOP_K: tl.constexpr,
+                    BLOCKED: tl.constexpr, FP8: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -93,7 +99,15 @@ def _scatter_kernel(x_ptr, slot_ptr, out_ptr, scale_ptr, H, stride_x, stride_out
     else:
         val = x
     for j in tl.static_range(TOP_K):
-        row = tl.load(slot_ptr + t * TOP_K + j).to(tl.int64)
+        p = t * TOP_K + j
+        e = tl.load(ids_ptr + p).to(tl.int64)
+        row = tl.load(offsets_ptr + e) + tl.load(rank_ptr + p)
+        if BLOCKED:
+            row += tl.load(base_ptr + (p // pairs_per_block) * E + e)
+        if pid_h == 0:
+            tl.store(slot_ptr + p, row)
+            tl.store(token_index_ptr + row, t.to(tl.int32))
+        row = row.to(tl.int64)
         tl.store(out_ptr + row * stride_out + offs_h, val, mask=h_mask)
         if FP8:
             tl.store(scale_ptr + row * stride_scale + offs_g, scale, mask=g_mask)
@@ -119,8 +133,8 @@ def _row_block(H: int, fp8: bool) -> int:
 
 
 def _pairs_per_block(n: int) -> int:
-    """Pairs per index block: about 256 blocks, 64..512 pairs each (the single-program scan stays short)."""
-    return min(512, max(64, triton.next_power_of_2(triton.cdiv(n, 256))))
+    """Pairs per program of the multi-block index path: about 1024 blocks (a short scan), CHUNK..8192 pairs each."""
+    return min(8192, max(INDEX_CHUNK, triton.next_power_of_2(triton.cdiv(n, 1024))))
 
 
 def _permute_triton(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, fp8: bool, block_h=None, num_warps=4):
@@ -134,22 +148,28 @@ def _permute_triton(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, f
     if n == 0:
         return out, scale, torch.zeros(E + 1, dtype=torch.int32, device=dev), token_index, slot
     offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
-    ids = topk_ids.contiguous().view(-1)  # int32 or int64, read as is
-    PAIRS = _pairs_per_block(n)
-    blocks = triton.cdiv(n, PAIRS)
-    BLOCK_E = max(16, triton.next_power_of_2(E))
-    hist = torch.empty(blocks, E, dtype=torch.int32, device=dev)
-    base = torch.empty(blocks, E, dtype=torch.int32, device=dev)
-    _hist_kernel[(blocks,)](ids, hist, n, E, PAIRS=PAIRS, CHUNK=max(1, min(PAIRS, TILE // BLOCK_E)),
-                            BLOCK_E=BLOCK_E, num_warps=4)
-    _scan_kernel[(1,)](hist, base, offsets, blocks, E, ROWS=max(1, min(64, TILE // BLOCK_E)), BLOCK_E=BLOCK_E,
-                       num_warps=8)
-    _slot_kernel[(blocks,)](ids, base, offsets, slot, token_index, n, E, TOP_K=k, PAIRS=PAIRS,
-                            CHUNK=max(1, min(PAIRS, TILE // PAIRS)), num_warps=8)
+    rank = torch.empty(n, dtype=torch.int32, device=dev)  # of each pair among its expert's earlier pairs (in block)
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()  # int32 or int64, read flat, as is
+    BLOCK_E = max(32, triton.next_power_of_2(E))  # 32: at least one histogram bin per lane
+    single = n <= SINGLE_PROGRAM_PAIRS
+    if single:
+        PAIRS, base = n, offsets  # base is not read
+        _index_kernel[(1,)](ids, rank, offsets, n, n, E, SINGLE=True, CHUNK=INDEX_CHUNK, BLOCK_E=BLOCK_E,
+                            num_warps=8)
+    else:
+        PAIRS = _pairs_per_block(n)
+        blocks = triton.cdiv(n, PAIRS)
+        hist = torch.empty(blocks, E, dtype=torch.int32, device=dev)
+        base = torch.empty(blocks, E, dtype=torch.int32, device=dev)
+        _index_kernel[(blocks,)](ids, rank, hist, n, PAIRS, E, SINGLE=False, CHUNK=INDEX_CHUNK, BLOCK_E=BLOCK_E,
+                                 num_warps=8)
+        _scan_kernel[(1,)](hist, base, offsets, blocks, E, ROWS=max(1, min(64, 8192 // BLOCK_E)), BLOCK_E=BLOCK_E,
+                           num_warps=8)
     BLOCK_H = block_h or _row_block(H, fp8)
     _scatter_kernel[(T, triton.cdiv(H, BLOCK_H))](
-        x, slot, out, scale, H, x.stride(0), out.stride(0), max(scale.stride(0), 1),
-        TOP_K=k, FP8=fp8, BLOCK_H=BLOCK_H, GROUP=FP8_GROUP, num_warps=num_warps,
+        x, ids, rank, offsets, base, slot, token_index, out, scale, H, E, PAIRS, x.stride(0), out.stride(0),
+        max(scale.stride(0), 1), TOP_K=k, BLOCKED=not single, FP8=fp8, BLOCK_H=BLOCK_H, GROUP=FP8_GROUP,
+        num_warps=num_warps,
     )
     return out, scale, offsets, token_index, slot
 
