@@ -30,10 +30,10 @@ __all__ = ["permute", "unpermute", "Permuted"]
 FP8_GROUP = 128
 MAX_PAIRS = 2**31 - 1  # T*k: rows, slots and offsets are int32
 # Up to this many pairs one program (one SM) ranks them all, saving the scan launch (~20-30 us of host time).
-# Estimated, not yet measured: ~6 cycles a pair, ~50 us at 16k pairs, which an op that is host-bound at these
-# sizes (T=8192 k=2, T=2048 k=8 at H=7168) still hides. Beyond, the multi-block path spreads the ranking over
-# the SMs and the GPU time of one program would show.
-SINGLE_PROGRAM_PAIRS = 16384
+# Measured on an H200 (bench/results/routing-threshold16384-NVIDIA_H200.json): one program takes ~3 us per
+# 128-pair chunk (a serial chain of reductions), so permute at T=4096 k=2 (8192 pairs) took 263 us against 177 us
+# for 4x the pairs on the multi-block path. Below ~1024 pairs (8 chunks, ~25 us) the saved launch still pays.
+SINGLE_PROGRAM_PAIRS = 1024
 INDEX_CHUNK = 128  # pairs per step of _index_kernel: a [128, 128] compare tile
 
 
