@@ -75,6 +75,25 @@ def _ops(device="cuda"):
         # e4m3 values may differ by 1 ulp from the CPU reference's rounding (tests/test_ops_permute.py bounds it)
         close(ref.dequantize_fp8(p.x.cpu(), p.scale.cpu()), ref.dequantize_fp8(r.x, r.scale), 1e-2, "permute fp8")
 
+    def permute_blocks():
+        """More pairs than the single-program index path takes: block ranks, the scan, then the scatter."""
+        import importlib
+
+        permute_mod = importlib.import_module("moe_kernels.ops.permute")  # the module (ops.permute is the op)
+        T2 = permute_mod.SINGLE_PROGRAM_PAIRS // k + 61
+        x2 = randn(T2, H)
+        ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(T2)]).to(torch.int32).to(dev)
+        for fp8 in (False, True):
+            p = mk.ops.permute(x2, ids, E, fp8=fp8)
+            r = ref.permute(x2.cpu(), ids.cpu(), E, fp8=fp8)
+            assert torch.equal(p.offsets.cpu(), r.offsets) and torch.equal(p.token_index.cpu(), r.token_index)
+            assert torch.equal(p.slot.cpu(), r.slot.to(p.slot.dtype))
+            if fp8:
+                close(ref.dequantize_fp8(p.x.cpu(), p.scale.cpu()), ref.dequantize_fp8(r.x, r.scale), 1e-2,
+                      "permute blocks fp8")
+            else:
+                assert torch.equal(p.x.cpu(), r.x)
+
     def unpermute():
         ids = ids_with_empty_expert()
         p = mk.ops.permute(x, ids, E)
@@ -111,6 +130,17 @@ def _ops(device="cuda"):
         buf = torch.empty(T, 2 * N, dtype=torch.bfloat16, device=dev)[:, :N]  # out= a strided view
         mk.ops.grouped_gemm_fp8(a, a_s, w, w_s, off, out=buf)
         close(buf, want, 1e-2, "grouped_gemm_fp8 out=")
+
+    def grouped_gemm_fp8_pair():
+        """PAIR_N programs (two column tiles each); N=200 leaves the second tile partly past N."""
+        from moe_kernels.ops import grouped_gemm as gg
+
+        a, a_s, w, w_s, off = gemm_operands()
+        out = torch.full((T, N), float("nan"), dtype=torch.bfloat16, device=dev)
+        cfg = dict(gg.get_config("fp8", N, H, T // E, dev), BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3,
+                   PAIR_N=1)
+        gg._launch(a, a_s, w, w_s, out, offsets=off, cfg=cfg)
+        close(out, ref.grouped_gemm_fp8(a.cpu(), a_s.cpu(), w.cpu(), w_s.cpu(), off.cpu()), 1e-2, "PAIR_N")
 
     def grouped_gemm_bf16():
         _, _, _, _, off = gemm_operands()
@@ -190,6 +220,21 @@ def _ops(device="cuda"):
         want = ref_dec.mla_decode(q_lat.cpu(), q_rope.cpu(), cache.cpu(), lens.cpu(), 0.07)
         close(out, want, 2e-2, "mla_decode" + (" paged" if paged else ""))
 
+    def mla_decode_variants():
+        """The LAZY and V_BLOCKS decode variants (the configs the benchmark sweeps), with splits and ragged rows."""
+        from moe_kernels.ops import mla as mla_ops
+
+        B, h, S = 3, 32, 70
+        q_lat, q_rope = randn(B, h, C, scale=0.1), randn(B, h, R, scale=0.1)
+        lens = torch.tensor([70, 0, 33], dtype=torch.int32, device=dev)
+        cache = randn(B, S, C + R)
+        want = ref_dec.mla_decode(q_lat.cpu(), q_rope.cpu(), cache.cpu(), lens.cpu(), 0.07)
+        for cfg in (dict(BLOCK_H=32, BLOCK_N=16, LAZY=2, V_BLOCKS=1, num_warps=4, num_stages=2),
+                    dict(BLOCK_H=32, BLOCK_N=16, LAZY=0, V_BLOCKS=2, num_warps=4, num_stages=2)):
+            out = torch.full((B, h, C), float("nan"), dtype=torch.bfloat16, device=dev)
+            mla_ops._decode_launch(q_lat, q_rope, cache, lens, None, 0.07, 3, out, cfg=cfg)
+            close(out, want, 2e-2, f"mla_decode {cfg}")
+
     def dispatch_layout():
         from moe_kernels._ext import extension_error, has_extension
 
@@ -213,12 +258,15 @@ def _ops(device="cuda"):
         "expert_mlp_bf16": expert_mlp_bf16, "mla_latent_proj": mla_latent_proj,
         "mla_latent_proj_fp8": lambda: mla_latent_proj(fp8=True), "mla_decode": mla_decode,
         "mla_decode_paged": lambda: mla_decode(paged=True), "dispatch_layout": dispatch_layout,
+        "permute_blocks": permute_blocks, "grouped_gemm_fp8_pair": grouped_gemm_fp8_pair,
+        "mla_decode_variants": mla_decode_variants,
     }
 
 
 NAMES = ["route", "route_grouped", "permute", "permute_fp8", "unpermute", "quantize_fp8", "quantize_weight_fp8",
          "grouped_gemm_fp8", "grouped_gemm_bf16", "grouped_gemm_fp8_masked", "expert_mlp_fp8", "expert_mlp_bf16",
-         "mla_latent_proj", "mla_latent_proj_fp8", "mla_decode", "mla_decode_paged", "dispatch_layout"]
+         "mla_latent_proj", "mla_latent_proj_fp8", "mla_decode", "mla_decode_paged", "dispatch_layout",
+         "permute_blocks", "grouped_gemm_fp8_pair", "mla_decode_variants"]
 
 
 def main(argv=None) -> int:
