@@ -159,8 +159,13 @@ def run_case(case, tokens, naive_every=True):
                     print(f"  composition failed: {type(e).__name__}: {str(e)[:200]}")
                     err_comp = t_comp = math.nan
                 t_ours = bench_ms(ours)
+                try:  # GPU time without the host's launch overhead (what the planner models)
+                    t_graph = bench_ms(ours, cudagraph=True)
+                except Exception as e:
+                    print(f"  CUDA-graph capture of ours failed: {type(e).__name__}: {str(e)[:200]}")
+                    t_graph = math.nan
                 row = dict(case=case, experts=E, top_k=k, precision=prec, T=T, ours_ms=t_ours, composition_ms=t_comp,
-                           naive_ms=t_naive, ours_tflops=flops / t_ours / 1e9,
+                           ours_graph_ms=t_graph, naive_ms=t_naive, ours_tflops=flops / t_ours / 1e9,
                            composition_tflops=flops / t_comp / 1e9, naive_tflops=flops / t_naive / 1e9,
                            vs_naive=t_naive / t_ours, vs_composition=t_comp / t_ours,
                            tokens_per_s=T / t_ours * 1e3, err_ours=err_ours, err_composition=err_comp)

@@ -186,7 +186,8 @@ def test_device_choice_and_cpu_runs_skipped(tmp_path):
 def test_validate_single_gpu_and_no_multi_gpu(tmp_path):
     synthetic_results(str(tmp_path))
     rows = [dict(case="deepseek", experts=256, top_k=8, precision="fp8", T=8192, ours_ms=10.0),
-            dict(case="mixtral-like", experts=32, top_k=2, precision="bf16", T=4096, ours_ms=2.0),
+            dict(case="mixtral-like", experts=32, top_k=2, precision="bf16", T=4096, ours_ms=2.0,
+                 ours_graph_ms=1.5),  # graph replays, when measured, are what the model is compared with
             dict(case="broken", experts=32, precision="fp8", T=4096),
             "not a row"]
     write(str(tmp_path), "moe_layer-NVIDIA_Test_GPU_80GB.json", {"environment": ENV, "rows": rows, "summary": {}})
@@ -197,6 +198,7 @@ def test_validate_single_gpu_and_no_multi_gpu(tmp_path):
         assert c["error"] == pytest.approx((c["predicted_ms"] - c["measured_ms"]) / c["measured_ms"])
         assert c["predicted_ms"] == pytest.approx(sum(c["parts_ms"].values()))
     assert "top_k" in " ".join(s["skipped"])
+    assert [(c["measured_ms"], c["timing"]) for c in s["cases"]] == [(10.0, "eager"), (1.5, "graph")]
     assert v["multi_gpu"]["status"] == plan.NO_MULTI_GPU and not v["multi_gpu"]["cases"]
     text = plan.format_validation(v)
     assert plan.NO_MULTI_GPU in text and "deepseek" in text and "skipped 2 rows" in text
