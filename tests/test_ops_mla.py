@@ -119,24 +119,33 @@ DECODE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(DECODE_CASES))
-def test_decode_matches_reference(case, device):
-    B, h, C, rope, S, lens, dtype, page, splits = DECODE_CASES[case]
+def decode_inputs(B, h, C, rope, S, lens, dtype, page, device, spike=False):
+    """Random decode operands on ``device`` (paged through a block table when ``page``) and the reference output.
+    ``spike``: one key late in every row scaled x6, so the running max moves far mid-row."""
     lens = torch.tensor(lens, dtype=torch.int32)
     q_lat = torch.randn(B, h, C).to(dtype)
     q_pe = torch.randn(B, h, rope).to(dtype)
-    cache = torch.randn(B, S, C + rope).to(dtype)
+    cache = torch.randn(B, S, C + rope)
+    if spike:
+        cache[:, 40] *= 6
+    cache = cache.to(dtype)
     scale = 1.0 / math.sqrt(C / 2)
     ref = RD.mla_decode(q_lat, q_pe, cache, lens, scale)
     table = None
     if page is not None:
         cache, table = paged(cache, lens, page)
         table = table.to(device)
-    out = ops_mla.mla_decode(q_lat.to(device), q_pe.to(device), cache.to(device), lens.to(device), scale,
-                                block_table=table, num_splits=splits)
+    return q_lat.to(device), q_pe.to(device), cache.to(device), lens.to(device), table, scale, ref
+
+
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_decode_matches_reference(case, device):
+    B, h, C, rope, S, lens, dtype, page, splits = DECODE_CASES[case]
+    q_lat, q_pe, cache, lens, table, scale, ref = decode_inputs(B, h, C, rope, S, lens, dtype, page, device)
+    out = ops_mla.mla_decode(q_lat, q_pe, cache, lens, scale, block_table=table, num_splits=splits)
     assert out.dtype == dtype and out.shape == (B, h, C)
     assert_close_rel(out.cpu(), ref, TOL[dtype], f"decode {case}")
-    assert (out[lens.to(device) == 0] == 0).all(), "a row without keys must give zeros"
+    assert (out[lens == 0] == 0).all(), "a row without keys must give zeros"
 
 
 # the kernel's config variants, called through the launcher with an explicit cfg (interpreter-sized tiles)
@@ -157,23 +166,13 @@ DECODE_VARIANTS = {
 @pytest.mark.parametrize("case", list(DECODE_VARIANTS))
 def test_decode_variants_match_reference(case, device):
     cfg, B, h, C, rope, S, lens, dtype, page, splits = DECODE_VARIANTS[case]
-    lens = torch.tensor(lens, dtype=torch.int32)
-    q_lat = torch.randn(B, h, C).to(dtype)
-    q_pe = torch.randn(B, h, rope).to(dtype)
-    cache = torch.randn(B, S, C + rope)
-    cache[:, 40] *= 6  # a key late in the row that moves the running max by far more than LAZY=2's threshold
-    cache = cache.to(dtype)
-    scale = 1.0 / math.sqrt(C / 2)
-    ref = RD.mla_decode(q_lat, q_pe, cache, lens, scale)
-    table = None
-    if page is not None:
-        cache, table = paged(cache, lens, page)
-        table = table.to(device)
+    # the spike moves the running max by far more than LAZY=2's threshold
+    q_lat, q_pe, cache, lens, table, scale, ref = decode_inputs(B, h, C, rope, S, lens, dtype, page, device,
+                                                                spike=True)
     out = torch.full((B, h, C), float("nan"), dtype=dtype, device=device)
-    ops_mla._decode_launch(q_lat.to(device), q_pe.to(device), cache.to(device), lens.to(device), table, scale,
-                           splits, out, cfg=cfg)
+    ops_mla._decode_launch(q_lat, q_pe, cache, lens, table, scale, splits, out, cfg=cfg)
     assert_close_rel(out.cpu(), ref, TOL[dtype], f"decode {case}")
-    assert (out[lens.to(device) == 0] == 0).all(), "a row without keys must give zeros"
+    assert (out[lens == 0] == 0).all(), "a row without keys must give zeros"
 
 
 def test_decode_variant_config_checks():
