@@ -367,10 +367,9 @@ def _parse_grouped_gemm(path: str, data: dict, notes: list) -> dict:
         if re.search(r"zipf|skew", str(r.get("case", "")), re.I):
             skipped += 1  # skewed group sizes: the model's rows per expert is a uniform mean
             continue
-        ok = _add(curves, f"{proj}_fp8", path, "ours_tflops", "rows per group", M / G, r.get("ours_tflops"), label)
-        ok |= _add(curves, f"{proj}_bf16", path, "ours_bf16_tflops", "rows per group", M / G,
-                   r.get("ours_bf16_tflops"), label)
-        skipped += not ok
+        added = [_add(curves, f"{proj}_{prec}", path, fld, "rows per group", M / G, r.get(fld), label)
+                 for prec, fld in (("fp8", "ours_tflops"), ("bf16", "ours_bf16_tflops"))]
+        skipped += not any(added)
     for i, r in enumerate(_rows(data, "mlp_rows")):
         G, M = _num(r.get("G")), _num(r.get("M"))
         if G is None or M is None or re.search(r"zipf|skew", str(r.get("case", "")), re.I):
@@ -392,12 +391,10 @@ def _parse_routing(path: str, data: dict, notes: list) -> dict:
             continue
         label = f"rows[{i}] ({scoring}, k={k}, T={T})"
         scoring = "sigmoid" if scoring in ("deepseek", "sigmoid") else "softmax"
-        ok = _add(curves, f"route/{scoring}/k={k}", path, "route_gbps", "tokens", T, r.get("route_gbps"), label)
-        ok |= _add(curves, f"permute_bf16/k={k}", path, "permute_gbps", "tokens", T, r.get("permute_gbps"), label)
-        ok |= _add(curves, f"permute_fp8/k={k}", path, "permute_fp8_gbps", "tokens", T, r.get("permute_fp8_gbps"),
-                   label)
-        ok |= _add(curves, f"unpermute/k={k}", path, "unpermute_gbps", "tokens", T, r.get("unpermute_gbps"), label)
-        skipped += not ok
+        fields = ((f"route/{scoring}", "route_gbps"), ("permute_bf16", "permute_gbps"),
+                  ("permute_fp8", "permute_fp8_gbps"), ("unpermute", "unpermute_gbps"))
+        added = [_add(curves, f"{name}/k={k}", path, fld, "tokens", T, r.get(fld), label) for name, fld in fields]
+        skipped += not any(added)
     copy = data.get("copy") if isinstance(data.get("copy"), dict) else {}
     _add(curves, "copy", path, "gbps", "device-to-device copy", 1, copy.get("gbps"), "copy")
     if skipped:
