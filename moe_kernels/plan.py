@@ -11,7 +11,8 @@ Model (per GPU, per MoE layer; ``docs/planner.md`` has the derivation and its li
     per record (fp32 by default: 4H bytes).
 
     compute   C = route + permute + experts + shared experts + unpermute + EP record copies + MLA
-              experts = T k lambda 6 H I / R_mlp(rows per expert), lambda = max/mean GPU load of the placement
+              experts = T k lambda pad 6 H I / R_mlp(rows per expert), lambda = max/mean GPU load of the placement,
+              pad = the row-tile padding of the grouped GEMMs (``tile_padding``: Poisson rows per expert)
     comm      M = dispatch + combine, each phase = max(NVLink bytes / B_nvl, IB bytes / B_ib) x lambda
               + m x latency
     layer     t = max(C, M) + min(C, M) / m        (m = 1: C + M; the shorter one hidden up to 1 - 1/m)
@@ -28,6 +29,7 @@ the file and field it came from (``rates_used``).
 from __future__ import annotations
 
 import datetime
+import functools
 import glob
 import json
 import math
@@ -534,6 +536,30 @@ class _Use:
         return value
 
 
+# row tiles (BLOCK_M) of the w13 (SwiGLU) and w2 grouped GEMMs in the shipped tuned tables: from 128 rows per
+# expert up (the lookup's nearest bucket is 256 or more), and below (the 64-row bucket)
+TILE_ROWS = (128, 64)
+TILE_ROWS_FEW = (64, 64)
+
+
+@functools.lru_cache(maxsize=4096)
+def tile_padding(mean_rows: float, block_m: int) -> float:
+    """E[ceil(n / block_m) * block_m] / E[n] for n ~ Poisson(mean_rows): the rows a grouped GEMM computes (each
+    expert's last row tile is computed whole) per real row, when tokens pick experts independently. The kernel
+    rates come from equal groups of whole tiles (bench_grouped_gemm), which have none of this padding."""
+    lam = float(mean_rows)
+    if lam <= 0:
+        return 1.0
+    sd = math.sqrt(lam)
+    lo, hi = max(0, int(lam - 12 * sd) - 5), int(lam + 12 * sd) + 5
+    tot = pad = 0.0
+    for n in range(lo, hi + 1):
+        w = math.exp(n * math.log(lam) - lam - math.lgamma(n + 1))
+        tot += w
+        pad += w * (-(-n // block_m) * block_m)
+    return pad / tot / lam
+
+
 def _moe_compute(dep: Deployment, r: Rates, use: _Use, T: float, imb: float, D: float) -> dict:
     """ms of the compute of one MoE layer for T tokens on one GPU (one micro-batch), without MLA."""
     H, I, E, k, fp8, G = dep.hidden, dep.intermediate, dep.num_experts, dep.top_k, dep.precision == "fp8", dep.gpus
@@ -544,11 +570,14 @@ def _moe_compute(dep: Deployment, r: Rates, use: _Use, T: float, imb: float, D: 
     rb = r.keyed("route", k, T, dep.scoring) or (r.mem_gbps, r.source["mem_gbps"])
     pb = r.keyed("permute_fp8" if fp8 else "permute_bf16", k, T) or (r.mem_gbps, r.source["mem_gbps"])
     ub = r.keyed("unpermute", k, T) or (r.mem_gbps, r.source["mem_gbps"])
+    # the w13 GEMM is 2/3 of the MLP's FLOPs, w2 1/3; each pads its experts' last row tile
+    bm13, bm2 = TILE_ROWS if rows_per_expert >= 128 else TILE_ROWS_FEW
+    pad = (2 * tile_padding(rows_per_expert, bm13) + tile_padding(rows_per_expert, bm2)) / 3
     out = {
         "routing": mem(_route_bytes(T, H, E, k), use(f"route GB/s at T={T:g}, k={k}", rb, "GB/s")),
         "permute": mem(_permute_bytes(T, H, k, fp8), use(f"permute {dep.precision} GB/s at T={T:g}, k={k}", pb,
                                                          "GB/s")),
-        "experts": flop(T * k * imb * 6 * H * I,
+        "experts": flop(T * k * imb * pad * 6 * H * I,
                         use(f"expert MLP {dep.precision} at {rows_per_expert:g} rows/expert",
                             r.mlp_tflops(dep.precision, rows_per_expert), "TFLOP/s")),
         "shared_experts": 0.0,

@@ -148,8 +148,9 @@ def test_measured_rates_are_used_and_named(tmp_path):
     assert all(y > 100 for _, y, _ in r.curves["gate_up_fp8"].points)
     y, src = r.curves["gate_up_fp8"].at(1024)
     assert 502.56 < y < 540.96 and "interpolated" in src
-    # the experts' time is the FLOPs at that rate
-    ms = 4096 * 2 * 6 * 7168 * 2048 / 500e12 * 1e3
+    # the experts' time is the FLOPs at that rate, with the row tiles' padding (256 rows per expert on average)
+    pad = (2 * plan.tile_padding(256, 128) + plan.tile_padding(256, 64)) / 3
+    ms = 4096 * 2 * 6 * 7168 * 2048 * pad / 500e12 * 1e3
     assert p["per_moe_layer_ms"]["experts"] == pytest.approx(ms)
     # an unknown device: MFU against the default peak, said in the notes
     assert any("no datasheet peak" in n for n in p["notes"])
@@ -180,6 +181,20 @@ def test_device_choice_and_cpu_runs_skipped(tmp_path):
     assert picked.device == GPU and picked.curves["mlp_fp8"].points[0][1] == 500.0
     none = load_rates(str(tmp_path), device="B200")
     assert not none.files and any("no result for device 'B200'" in n for n in none.notes)
+
+
+def test_tile_padding():
+    """Rows computed per real row when each expert's last tile is computed whole (Poisson group sizes)."""
+    assert plan.tile_padding(0, 128) == 1.0
+    assert plan.tile_padding(0.01, 128) == pytest.approx(128, rel=1e-2)  # almost always one row in a whole tile
+    big = [plan.tile_padding(m, 128) for m in (128, 512, 4096, 65536)]
+    assert all(a > b > 1.0 for a, b in zip(big, big[1:])) and big[-1] < 1.002
+    assert plan.tile_padding(512, 64) < plan.tile_padding(512, 128)
+    # a Monte-Carlo estimate of the same expectation
+    import numpy as np
+    n = np.random.default_rng(0).poisson(300.0, 200000)
+    mc = float((np.ceil(n / 128) * 128).mean() / 300.0)
+    assert plan.tile_padding(300.0, 128) == pytest.approx(mc, rel=2e-3)
 
 
 # ---- measured vs predicted -----------------------------------------------------------------------------------
