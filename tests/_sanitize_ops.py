@@ -42,8 +42,8 @@ def _ops(device="cuda"):
     x = randn(T, H)
     w_router = randn(E, H, scale=H**-0.5)
 
-    def ids_with_empty_expert():
-        ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(T)])  # expert E-1 gets nothing
+    def ids_with_empty_expert(tokens=T):
+        ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(tokens)])  # expert E-1 gets nothing
         return ids.to(torch.int32).to(dev)
 
     def route():
@@ -82,7 +82,7 @@ def _ops(device="cuda"):
         permute_mod = importlib.import_module("moe_kernels.ops.permute")  # the module (ops.permute is the op)
         T2 = permute_mod.SINGLE_PROGRAM_PAIRS // k + 61
         x2 = randn(T2, H)
-        ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(T2)]).to(torch.int32).to(dev)
+        ids = ids_with_empty_expert(T2)
         for fp8 in (False, True):
             p = mk.ops.permute(x2, ids, E, fp8=fp8)
             r = ref.permute(x2.cpu(), ids.cpu(), E, fp8=fp8)

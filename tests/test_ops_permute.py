@@ -42,7 +42,7 @@ def index_path(request, monkeypatch):
     """Which index path permute takes; yields (path, spies on the index and scan kernels)."""
     if request.param == "single":  # the path at any test size (its default limit is small)
         monkeypatch.setattr(permute_mod, "SINGLE_PROGRAM_PAIRS", 1 << 20)
-    if request.param == "blocks":
+    else:
         monkeypatch.setattr(permute_mod, "SINGLE_PROGRAM_PAIRS", 0)
         monkeypatch.setattr(permute_mod, "_pairs_per_block", lambda n: 2 * permute_mod.INDEX_CHUNK)
     spies = {name: LaunchSpy(getattr(permute_mod, name)) for name in ("_index_kernel", "_scan_kernel")}
