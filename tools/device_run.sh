@@ -37,7 +37,18 @@ for s in "${steps[@]}"; do
     demo)
       log demo
       timeout "${DEMO_TIMEOUT:-180}" python3 -m moe_kernels.cli demo 2>&1 | tee "$OUT/demo.log" | tail -12 ;;
-    bench_*)
+    ncu:*)
+      # "ncu:gate_up:8:4096:base128:noscale": Nsight Compute sections of one probe_grouped_gemm variant ("torch" as
+      # the base profiles torch._scaled_grouped_mm); the report goes to $OUT/ncu_<spec>.log
+      spec=${s#ncu:}; kern='regex:_grouped_gemm_kernel'; [[ "$spec" == *:torch* ]] && kern='regex:(?i)gemm|cutlass'
+      log "ncu $spec"
+      PYTHONPATH=. timeout "${NCU_TIMEOUT:-120}" ncu --clock-control none --kernel-name "$kern" --launch-skip 1 \
+        --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        python3 bench/probe_grouped_gemm.py --ncu "$spec" >"$OUT/ncu_${spec//:/_}.log" 2>&1
+      grep -E "Duration|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Stall|Issue Slots|Warp Cycles Per Issued|Shared Memory Configuration Size|Block Limit" \
+        "$OUT/ncu_${spec//:/_}.log" | head -20 ;;
+    bench_*|probe_*)
       # "bench_moe_layer:--quick" passes "--quick" to the script
       name=${s%%:*}; args=""; [ "$name" != "$s" ] && args=${s#*:}
       log "$name $args (limit ${BENCH_TIMEOUT:-300}s)"

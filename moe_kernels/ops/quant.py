@@ -18,16 +18,24 @@ E4M3_MAX = tl.constexpr(FP8_MAX)
 AMAX_FLOOR = tl.constexpr(MIN_AMAX)
 # Triton's CPU interpreter multiplies bf16 tiles as raw integers: upcast dot operands there
 UPCAST_DOT = tl.constexpr(interpret_mode())
+# The interpreter truncates fp32 -> e4m3 casts: round to nearest even in fp32 there first. On the GPU the cast is
+# one cvt.rn.satfinite.e4m3x2.f32 per two values, already round-to-nearest-even, and the emulation would cost ~12
+# instructions per value (it made the fp8 permute compute-bound).
+EMULATE_RNE = tl.constexpr(interpret_mode())
 
 
 @triton.jit
 def to_e4m3_rne(v):
-    """Round fp32 values (already within +-448) to the nearest e4m3 value, ties to even, still in fp32.
+    """Prepare fp32 values (already within +-448) for the e4m3 cast that follows, so that it rounds to nearest, ties
+    to even, on every backend.
 
-    The cast that follows is then exact, so the result does not depend on how a backend rounds its fp8 casts
-    (Triton's interpreter truncates). e4m3 keeps 3 mantissa bits: the spacing at v is 2^(exponent(v) - 3),
-    and 2^-9 below 2^-6 (subnormals). Scaling by powers of two is exact, so no division is needed.
+    On the GPU the cast itself rounds that way (cvt.rn): v is returned as it is. In the interpreter, which truncates,
+    v is rounded here to the nearest e4m3 value (still fp32) and the cast is then exact. e4m3 keeps 3 mantissa bits:
+    the spacing at v is 2^(exponent(v) - 3), and 2^-9 below 2^-6 (subnormals). Scaling by powers of two is exact, so
+    no division is needed.
     """
+    if not EMULATE_RNE:
+        return v
     bits = v.to(tl.int32, bitcast=True)
     exp = tl.maximum((bits >> 23) & 0xFF, 127 - 6)
     ulp = ((exp - 3) << 23).to(tl.float32, bitcast=True)
@@ -38,7 +46,7 @@ def to_e4m3_rne(v):
 
 @triton.jit
 def quantize_groups(x):
-    """fp32 [R, GROUP] -> (e4m3 values still in fp32 [R, GROUP], fp32 scales [R]), bit-exact to the reference.
+    """fp32 [R, GROUP] -> (values for the e4m3 cast [R, GROUP], fp32 scales [R]), bit-exact to the reference once cast.
 
     scale = max(amax, 1e-10) / 448; q = rne(clamp(x / scale, +-448)). Both divisions are IEEE-rounded
     (tl.fdiv(..., ieee_rounding=True)): Triton's plain fp32 "/" is an approximate division on NVIDIA GPUs.
