@@ -6,10 +6,13 @@
 For each shape and base config (tile, warps, stages; TMA on) it times:
   * ``rowmajor``: the shipped kernel, activation scales [M, K/128] row-major (the API's layout);
   * ``colmajor``: the same scales stored column-major (stride (1, M)), so a K step's BLOCK_M scales are contiguous;
-  * ``persistent``: a grid of SMs x programs-per-SM walking the tiles, K loops flattened into one pipeline;
   * ``noscale``: a timing probe that drops the per-K promotion and the scales (wrong results): the rate of the
     same kernel with one chained accumulator, an upper bound on what removing the promotion could give.
 Also the compiled kernel's registers, spills and shared memory. TFLOP/s = 2 M N K / median time (do_bench).
+
+The run of 2026-12-02 (results/grouped_gemm_probe-NVIDIA_H200.json) also timed a persistent variant (a grid of
+SMs x programs-per-SM walking the exact tile count, K loops flattened with tl.range(flatten=True)): 0.22-0.84x of
+the shipped kernel at every shape, so it was removed.
 """
 import argparse
 import os
@@ -30,8 +33,6 @@ BASES = {
 VARIANTS = {  # name -> (cfg overrides, column-major activation scales)
     "rowmajor": ({}, False),
     "colmajor": ({}, True),
-    "persistent": ({"PERSISTENT": 1}, False),
-    "persistent2": ({"PERSISTENT": 2}, False),
     "noscale": ({"NO_SCALE": 1}, False),
 }
 SHAPES = [("gate_up", 8, 4096), ("gate_up", 32, 1024), ("down", 8, 4096), ("down", 32, 256)]
@@ -99,8 +100,6 @@ def main():
         print(f"{proj} G={case} m={m}: torch._scaled_grouped_mm {torch_tf:.0f} TFLOP/s", flush=True)
         for base in bases:
             for variant in VARIANTS:
-                if variant == "persistent2" and base != "base64":
-                    continue  # two 128-row programs per SM do not fit in shared memory
                 row = dict(case=f"{proj} G={case} m={m}", base=base, variant=variant,
                            scaled_grouped_mm_tflops=torch_tf)
                 try:

@@ -80,9 +80,8 @@ def test_grouped_gemm_fp8_pair_n(device, N, row_weight):
 
 @pytest.mark.parametrize("pair_n", [0, 1])
 @pytest.mark.parametrize("swiglu", [False, True])
-def test_grouped_gemm_persistent(device, pair_n, swiglu):
-    """The persistent grid (3 programs in the interpreter, so each walks several tiles, empty experts among them),
-    with the activation scales column-major ([M, K/128] with stride (1, M)): the kernel reads them by their strides."""
+def test_grouped_gemm_fp8_column_major_scales(device, pair_n, swiglu):
+    """Activation scales column-major ([M, K/128] with stride (1, M)): the kernel reads them by their strides."""
     counts = COUNTS["mixed"]
     E, N, K = len(counts), 384, 256
     M = sum(counts)
@@ -92,13 +91,13 @@ def test_grouped_gemm_persistent(device, pair_n, swiglu):
     assert a_scale_mn.stride() == (1, M)
     w, w_scale = _fp8_weights(E, 2 * N if swiglu else N, K, device)
     out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=device)
-    cfg = dict(cfgs.get_config("fp8", N, K, 16, torch.device(device)), PAIR_N=pair_n, PERSISTENT=1)
+    cfg = dict(cfgs.get_config("fp8", N, K, 16, torch.device(device)), PAIR_N=pair_n)
     gg._launch(a, a_scale_mn, w, w_scale, out, offsets=offsets, swiglu=swiglu, cfg=cfg)
     ref = R.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out_dtype=torch.float32)
     if swiglu:
         ref = torch.nn.functional.silu(ref[:, :N]) * ref[:, N:]
-    _report(f"grouped_gemm_fp8 persistent pair={pair_n} swiglu={swiglu}",
-            assert_close_rel(out.float(), ref, FP8_TOL, "grouped_gemm_fp8 persistent"))
+    _report(f"grouped_gemm_fp8 column-major scales pair={pair_n} swiglu={swiglu}",
+            assert_close_rel(out.float(), ref, FP8_TOL, "grouped_gemm_fp8 column-major scales"))
 
 
 def test_grouped_gemm_fp8_unaligned_n_fp32_out(device):
@@ -219,17 +218,13 @@ GPU_CONFIGS = [
     for bm, bn, nw, ns, tma in [(64, 128, 4, 3, 0), (128, 128, 8, 4, 0), (64, 128, 4, 4, 1), (128, 128, 8, 5, 1),
                                 (64, 256, 8, 3, 1), (128, 64, 4, 4, 1), (128, 128, 16, 4, 1)]
 ] + [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=nw, num_stages=ns, USE_TMA=tma, PAIR_N=1)
-     for bm, nw, ns, tma in [(128, 16, 4, 1), (64, 8, 3, 1), (64, 4, 3, 0)]
-] + [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=nw, num_stages=ns, USE_TMA=1, PAIR_N=pair,
-          PERSISTENT=per_sm)
-     for bm, nw, ns, pair, per_sm in [(128, 8, 4, 0, 1), (64, 4, 3, 0, 2), (128, 16, 4, 1, 1)]]
+     for bm, nw, ns, tma in [(128, 16, 4, 1), (64, 8, 3, 1), (64, 4, 3, 0)]]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", GPU_CONFIGS,
                          ids=lambda c: "bm{BLOCK_M}_bn{BLOCK_N}_w{num_warps}_s{num_stages}_tma{USE_TMA}".format(**c)
-                         + ("_pair" if c.get("PAIR_N") else "")
-                         + (f"_persistent{c['PERSISTENT']}" if c.get("PERSISTENT") else ""))
+                         + ("_pair" if c.get("PAIR_N") else ""))
 def test_grouped_gemm_fp8_configs_gpu(cfg):
     counts = [0, 1, 130, 255, 64, 300, 17, 500]
     E, N, K = len(counts), 640, 1024

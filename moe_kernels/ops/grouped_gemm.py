@@ -16,12 +16,10 @@ One kernel, specialised by constexpr switches (no copy per dtype or layout):
   * MASKED: the decode layout, A [E, max_m, K] with the valid rows of each expert in ``masked_m`` on the device;
     the grid depends on shapes only, so a decode step can be captured in a CUDA graph.
   * USE_TMA: operands come through TMA tensor descriptors (Hopper, never in the interpreter) instead of pointers.
-  * PERSISTENT: a grid of (programs per SM) x SMs walks the exact tile count, the K loops of its tiles flattened
-    into one software pipeline (tl.range(..., flatten=True)); the contiguous layout only.
 
 No host sync: each program finds its (expert, row tile, column tile) from ``offsets`` on the device (a prefix sum
 of the per-expert tile counts). The grid covers the upper bound cdiv(M, BLOCK_M) + E row tiles and programs past
-the real count return at once (the persistent grid computes the exact count instead). Row tiles are ordered in groups of GROUP_M that sweep the column tiles together,
+the real count return at once. Row tiles are ordered in groups of GROUP_M that sweep the column tiles together,
 so the W tiles of one expert are reused from L2.
 """
 from __future__ import annotations
@@ -50,22 +48,11 @@ _SB = tl.constexpr(SCALE_BLOCK)  # the same, for the kernel
 
 
 @triton.jit
-def _row_tiles(offsets_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
-    """Per-expert row-tile counts [E_PAD] (0 past E) and their inclusive prefix sum, from ``offsets`` on the device."""
-    e_idx = tl.arange(0, E_PAD)
-    e_mask = e_idx < E
-    lo = tl.load(offsets_ptr + e_idx, mask=e_mask, other=0)
-    hi = tl.load(offsets_ptr + e_idx + 1, mask=e_mask, other=0)
-    tiles = tl.where(e_mask, (hi - lo + BLOCK_M - 1) // BLOCK_M, 0)
-    return e_idx, lo, hi, tiles, tl.cumsum(tiles, axis=0)
-
-
-@triton.jit
 def _tile_schedule(pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, num_m, MASKED: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, E_PAD: tl.constexpr):
     """Program id -> (expert, first row, end row of the expert's rows, column tile); first >= end: nothing to do.
 
-    num_m: the row tiles the ids range over (an upper bound, or the exact count of the persistent kernel).
+    num_m: the row tiles the ids range over (an upper bound: programs past the real tiles get first >= end).
     BLOCK_N is the columns one program covers (both tiles of a PAIR_N program)."""
     num_n = tl.cdiv(N, BLOCK_N)
     # GROUP_M consecutive row tiles sweep the column tiles together: their W tiles stay in L2
@@ -81,7 +68,12 @@ def _tile_schedule(pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, num_m, MASKED
         row_start = slot + (tile_m % tiles_per_e) * BLOCK_M
         row_end = slot + tl.load(masked_m_ptr + expert)
     else:
-        e_idx, lo, hi, tiles, ends = _row_tiles(offsets_ptr, E, BLOCK_M, E_PAD)
+        e_idx = tl.arange(0, E_PAD)
+        e_mask = e_idx < E
+        lo = tl.load(offsets_ptr + e_idx, mask=e_mask, other=0)
+        hi = tl.load(offsets_ptr + e_idx + 1, mask=e_mask, other=0)
+        tiles = tl.where(e_mask, (hi - lo + BLOCK_M - 1) // BLOCK_M, 0)
+        ends = tl.cumsum(tiles, axis=0)
         # the expert owning row tile tile_m: how many experts' tiles end at or before it (empty experts included)
         expert = tl.sum((ends <= tile_m).to(tl.int32), axis=0)
         mine = e_idx == expert  # all false past the last real tile: row_end = 0 below
@@ -102,38 +94,22 @@ def _grouped_gemm_kernel(
     FP8: tl.constexpr, SWIGLU: tl.constexpr, QUANT_OUT: tl.constexpr, ROW_WEIGHT: tl.constexpr,
     MASKED: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    E_PAD: tl.constexpr, PAIR_N: tl.constexpr = 0, PERSISTENT: tl.constexpr = 0, NO_SCALE: tl.constexpr = 0,
+    E_PAD: tl.constexpr, PAIR_N: tl.constexpr = 0, NO_SCALE: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
-    TILE_N: tl.constexpr = BLOCK_N * (2 if PAIR_N else 1)  # the columns one program covers
-    if PERSISTENT:
-        # a fixed grid walks the exact tile count: the K loops of consecutive tiles are flattened into one
-        # software pipeline, so the next tile's first loads are in flight during this tile's epilogue
-        _, _, _, _, ends = _row_tiles(offsets_ptr, E, BLOCK_M, E_PAD)
-        num_m = tl.max(ends, axis=0)
-        num_tiles = num_m * tl.cdiv(N, TILE_N)
-        for tile in tl.range(pid, num_tiles, tl.num_programs(0), flatten=True):
-            expert, row_start, row_end, tile_n = _tile_schedule(
-                tile, M, N, E, max_m, offsets_ptr, masked_m_ptr, num_m, MASKED, BLOCK_M, TILE_N, GROUP_M, E_PAD)
-            _gemm_tile(
-                a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, row_weight_ptr, out_ptr, out_scale_ptr,
-                expert, row_start, row_end, tile_n, N, K, w_rows, up_row,
-                stride_am, stride_asm, stride_ask, stride_we, stride_wn, stride_wse, stride_wsn, stride_om,
-                stride_osm, FP8, SWIGLU, QUANT_OUT, ROW_WEIGHT, USE_TMA, EVEN_K, IEEE, UPCAST,
-                BLOCK_M, BLOCK_N, BLOCK_K, PAIR_N, NO_SCALE)
-    else:
-        # upper bound on the row tiles: every expert may end in a partial tile; programs past the real count exit
-        num_m = E * tl.cdiv(max_m, BLOCK_M) if MASKED else tl.cdiv(M, BLOCK_M) + E
-        expert, row_start, row_end, tile_n = _tile_schedule(
-            pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, num_m, MASKED, BLOCK_M, TILE_N, GROUP_M, E_PAD)
-        if row_start >= row_end:
-            return
-        _gemm_tile(
-            a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, row_weight_ptr, out_ptr, out_scale_ptr,
-            expert, row_start, row_end, tile_n, N, K, w_rows, up_row,
-            stride_am, stride_asm, stride_ask, stride_we, stride_wn, stride_wse, stride_wsn, stride_om, stride_osm,
-            FP8, SWIGLU, QUANT_OUT, ROW_WEIGHT, USE_TMA, EVEN_K, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, PAIR_N,
-            NO_SCALE)
+    # upper bound on the row tiles: every expert may end in a partial tile; programs past the real count exit
+    num_m = E * tl.cdiv(max_m, BLOCK_M) if MASKED else tl.cdiv(M, BLOCK_M) + E
+    expert, row_start, row_end, tile_n = _tile_schedule(
+        pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, num_m, MASKED, BLOCK_M, BLOCK_N * (2 if PAIR_N else 1),
+        GROUP_M, E_PAD)
+    if row_start >= row_end:
+        return
+    _gemm_tile(
+        a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, row_weight_ptr, out_ptr, out_scale_ptr,
+        expert, row_start, row_end, tile_n, N, K, w_rows, up_row,
+        stride_am, stride_asm, stride_ask, stride_we, stride_wn, stride_wse, stride_wsn, stride_om, stride_osm,
+        FP8, SWIGLU, QUANT_OUT, ROW_WEIGHT, USE_TMA, EVEN_K, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, PAIR_N,
+        NO_SCALE)
 
 
 @triton.jit
@@ -272,18 +248,6 @@ def _has_tma(index: int) -> bool:
         torch.cuda.get_device_capability(index)[0] >= 9
 
 
-@functools.lru_cache(maxsize=None)
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    """Multiprocessors of the device (the persistent grid's unit); 3 in the interpreter, so tiles loop there too."""
-    if device.type != "cuda":
-        return 3
-    return _sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _tma_usable(*tensors: torch.Tensor) -> bool:
     """TMA needs Hopper+, Triton's host descriptors, 16-byte aligned bases and row strides, contiguous rows."""
     if interpret_mode():
@@ -318,9 +282,6 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
     cfg = dict(cfg)
     use_tma = bool(cfg.pop("USE_TMA", 0))
     pair_n = bool(cfg.pop("PAIR_N", 0)) and not swiglu and out_scale is None  # SwiGLU has its own second tile
-    per_sm = int(cfg.pop("PERSISTENT", 0))  # persistent: programs per SM (the masked layout keeps its fixed grid)
-    if masked:
-        per_sm = 0
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if fp8 and (BK != SCALE_BLOCK or (SCALE_BLOCK % BN if BN < SCALE_BLOCK else BN % SCALE_BLOCK)):
         raise ValueError(f"FP8 configs need BLOCK_K=128 and BLOCK_N dividing 128 or a multiple of it, got {cfg}")
@@ -335,8 +296,6 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
         a_desc, w_desc = a, w
     num_m = E * triton.cdiv(max_m, BM) if masked else triton.cdiv(M, BM) + E
     grid = (num_m * triton.cdiv(N, BN * (2 if pair_n else 1)),)
-    if per_sm:
-        grid = (min(grid[0], per_sm * _num_sms(a.device)),)
     dummy = offsets if offsets is not None else masked_m  # any int tensor stands in for an absent pointer
     return _grouped_gemm_kernel[grid](
         a, a_desc, a_scale if fp8 else dummy, w, w_desc, w_scale if fp8 else dummy,
@@ -348,8 +307,7 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
         out.stride(0), out_scale.stride(0) if out_scale is not None else 0,
         FP8=fp8, SWIGLU=swiglu, QUANT_OUT=out_scale is not None, ROW_WEIGHT=row_weight is not None,
         MASKED=masked, USE_TMA=use_tma, EVEN_K=K % BK == 0, IEEE=a.dtype == torch.float32 or interpret_mode(),
-        UPCAST=interpret_mode() and not fp8, E_PAD=max(16, triton.next_power_of_2(E)), PAIR_N=pair_n,
-        PERSISTENT=bool(per_sm), **cfg,
+        UPCAST=interpret_mode() and not fp8, E_PAD=max(16, triton.next_power_of_2(E)), PAIR_N=pair_n, **cfg,
     )
 
 
