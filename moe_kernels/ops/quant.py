@@ -26,16 +26,17 @@ EMULATE_RNE = tl.constexpr(interpret_mode())
 
 @triton.jit
 def to_e4m3_rne(v):
-    """Prepare fp32 values (already within +-448) for the e4m3 cast that follows, so that it rounds to nearest, ties
-    to even, on every backend.
+    """Prepare fp32 values x / scale (|v| <= 448 up to rounding) for the e4m3 cast that follows, so that it rounds to
+    nearest, ties to even, and saturates at +-448 on every backend.
 
-    On the GPU the cast itself rounds that way (cvt.rn): v is returned as it is. In the interpreter, which truncates,
-    v is rounded here to the nearest e4m3 value (still fp32) and the cast is then exact. e4m3 keeps 3 mantissa bits:
-    the spacing at v is 2^(exponent(v) - 3), and 2^-9 below 2^-6 (subnormals). Scaling by powers of two is exact, so
-    no division is needed.
+    On the GPU the cast itself does both (cvt.rn.satfinite): v is returned as it is. In the interpreter, which
+    truncates, v is clamped and rounded here to the nearest e4m3 value (still fp32), and the cast is then exact.
+    e4m3 keeps 3 mantissa bits: the spacing at v is 2^(exponent(v) - 3), and 2^-9 below 2^-6 (subnormals). Scaling
+    by powers of two is exact, so no division is needed.
     """
     if not EMULATE_RNE:
         return v
+    v = tl.minimum(tl.maximum(v, -E4M3_MAX), E4M3_MAX)
     bits = v.to(tl.int32, bitcast=True)
     exp = tl.maximum((bits >> 23) & 0xFF, 127 - 6)
     ulp = ((exp - 3) << 23).to(tl.float32, bitcast=True)
@@ -48,13 +49,14 @@ def to_e4m3_rne(v):
 def quantize_groups(x):
     """fp32 [R, GROUP] -> (values for the e4m3 cast [R, GROUP], fp32 scales [R]), bit-exact to the reference once cast.
 
-    scale = max(amax, 1e-10) / 448; q = rne(clamp(x / scale, +-448)). Both divisions are IEEE-rounded
-    (tl.fdiv(..., ieee_rounding=True)): Triton's plain fp32 "/" is an approximate division on NVIDIA GPUs.
+    scale = max(amax, 1e-10) / 448; q = rne(clamp(x / scale, +-448)), the clamp and rounding by to_e4m3_rne and the
+    cast. Both divisions are IEEE-rounded (tl.fdiv(..., ieee_rounding=True)): Triton's plain fp32 "/" is an
+    approximate division on NVIDIA GPUs.
     """
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)  # all-zero groups get a tiny, finite scale
     scale = tl.fdiv(amax, tl.full(amax.shape, E4M3_MAX, tl.float32), ieee_rounding=True)
     scaled = tl.fdiv(x, tl.broadcast_to(scale[:, None], x.shape), ieee_rounding=True)
-    return to_e4m3_rne(tl.minimum(tl.maximum(scaled, -E4M3_MAX), E4M3_MAX)), scale
+    return to_e4m3_rne(scaled), scale
 
 
 @triton.jit
