@@ -121,6 +121,7 @@ CASES = {
     "E7_H384": (37, 3, 7, 384, "random", torch.int64),
     "E24_k2_3chunks": (151, 2, 24, 128, "random", torch.int32),
     "E256_k8_3blocks": (67, 8, 256, 128, "random", torch.int64),
+    "H2176_partial_row_block": (19, 2, 8, 2176, "random", torch.int32),  # fp8: 2048 + 128 columns, bf16: 3 x 1024
 }
 
 
