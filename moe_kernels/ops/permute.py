@@ -129,7 +129,7 @@ def _unpermute_kernel(y_ptr, slot_ptr, w_ptr, out_ptr, H, stride_y, stride_out,
 
 def _row_block(H: int, fp8: bool) -> int:
     """Columns per program of the row kernels: up to 1024 for bf16, 2048 for fp8 rows, so that each of 4 warps' threads
-    stores 16 bytes a row either way (the H200 sweep in results/routing-sweep-hwcvt-NVIDIA_H200.json: fp8 k=8
+    stores 16 bytes a row either way (the H200 sweep in results/routing_sweep-hwcvt-NVIDIA_H200.json: fp8 k=8
     T=4096 121 us at 2048 columns, 128 us at 1024)."""
     return min(2048 if fp8 else 1024, max(FP8_GROUP if fp8 else 16, triton.next_power_of_2(H)))
 
