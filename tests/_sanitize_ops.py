@@ -75,6 +75,15 @@ def _ops(device="cuda"):
         # e4m3 values may differ by 1 ulp from the CPU reference's rounding (tests/test_ops_permute.py bounds it)
         close(ref.dequantize_fp8(p.x.cpu(), p.scale.cpu()), ref.dequantize_fp8(r.x, r.scale), 1e-2, "permute fp8")
 
+    def permute_fp8_wide():
+        """H = 2176: fp8 rows take 2048 columns per program, so the second program's block is mostly masked."""
+        x3 = randn(9, 2176)
+        ids = ids_with_empty_expert(9)
+        p = mk.ops.permute(x3, ids, E, fp8=True)
+        r = ref.permute(x3.cpu(), ids.cpu(), E, fp8=True)
+        close(p.scale, r.scale, 1e-6, "permute fp8 wide scales")
+        close(ref.dequantize_fp8(p.x.cpu(), p.scale.cpu()), ref.dequantize_fp8(r.x, r.scale), 1e-2, "permute fp8 wide")
+
     def permute_blocks():
         """More pairs than the single-program index path takes: block ranks, the scan, then the scatter."""
         import importlib
@@ -252,6 +261,7 @@ def _ops(device="cuda"):
 
     return {
         "route": route, "route_grouped": route_grouped, "permute": permute_bf16, "permute_fp8": permute_fp8,
+        "permute_fp8_wide": permute_fp8_wide,
         "unpermute": unpermute, "quantize_fp8": quantize_fp8, "quantize_weight_fp8": quantize_weight_fp8,
         "grouped_gemm_fp8": grouped_gemm_fp8, "grouped_gemm_bf16": grouped_gemm_bf16,
         "grouped_gemm_fp8_masked": grouped_gemm_fp8_masked, "expert_mlp_fp8": expert_mlp_fp8,
@@ -266,7 +276,7 @@ def _ops(device="cuda"):
 NAMES = ["route", "route_grouped", "permute", "permute_fp8", "unpermute", "quantize_fp8", "quantize_weight_fp8",
          "grouped_gemm_fp8", "grouped_gemm_bf16", "grouped_gemm_fp8_masked", "expert_mlp_fp8", "expert_mlp_bf16",
          "mla_latent_proj", "mla_latent_proj_fp8", "mla_decode", "mla_decode_paged", "dispatch_layout",
-         "permute_blocks", "grouped_gemm_fp8_pair", "mla_decode_variants"]
+         "permute_blocks", "grouped_gemm_fp8_pair", "mla_decode_variants", "permute_fp8_wide"]
 
 
 def main(argv=None) -> int:
