@@ -204,7 +204,11 @@ def check_moe_layer_low_precision(rank, world):
         x = make_x(rank)
         want = _reference_out(ref, make_x, rank, world)
         out = layer(x)
-        expect(out.dtype == torch.bfloat16 and _rel(out, want) <= 1e-5, f"{precision} E={E}: {_rel(out, want):.2e}")
+        # fp8: the fused MLP re-quantises its intermediate to e4m3, so an fp32 ulp of difference in the w13 product
+        # (the interpreter's numpy GEMMs; which BLAS kernel runs depends on the CPU) can move one value across an
+        # e4m3 rounding boundary: one e4m3 ulp there, ~1e-4 of the output's norm at these sizes. bf16: fp32 rounding.
+        tol = 1e-3 if precision == "fp8" else 1e-5
+        expect(out.dtype == torch.bfloat16 and _rel(out, want) <= tol, f"{precision} E={E}: {_rel(out, want):.2e}")
         layer._ep.combine_dtype = torch.bfloat16
         out = layer(x)
         expect(_rel(out, want) <= 1e-2, f"{precision} E={E}, bf16 partials: {_rel(out, want):.2e}")
