@@ -16,6 +16,8 @@ One kernel, specialised by constexpr switches (no copy per dtype or layout):
   * MASKED: the decode layout, A [E, max_m, K] with the valid rows of each expert in ``masked_m`` on the device;
     the grid depends on shapes only, so a decode step can be captured in a CUDA graph.
   * USE_TMA: operands come through TMA tensor descriptors (Hopper, never in the interpreter) instead of pointers.
+  * NO_SCALE: a timing probe for bench/probe_grouped_gemm.py only (no config sets it): the FP8 products are
+    chained without their scales, so the results are wrong; it bounds what the per-K promotion costs.
 
 No host sync: each program finds its (expert, row tile, column tile) from ``offsets`` on the device (a prefix sum
 of the per-expert tile counts). The grid covers the upper bound cdiv(M, BLOCK_M) + E row tiles and programs past
@@ -48,13 +50,17 @@ _SB = tl.constexpr(SCALE_BLOCK)  # the same, for the kernel
 
 
 @triton.jit
-def _tile_schedule(pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, num_m, MASKED: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, E_PAD: tl.constexpr):
+def _tile_schedule(pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, E_PAD: tl.constexpr):
     """Program id -> (expert, first row, end row of the expert's rows, column tile); first >= end: nothing to do.
 
-    num_m: the row tiles the ids range over (an upper bound: programs past the real tiles get first >= end).
     BLOCK_N is the columns one program covers (both tiles of a PAIR_N program)."""
     num_n = tl.cdiv(N, BLOCK_N)
+    if MASKED:
+        tiles_per_e = tl.cdiv(max_m, BLOCK_M)
+        num_m = E * tiles_per_e
+    else:
+        num_m = tl.cdiv(M, BLOCK_M) + E  # upper bound: every expert may end in a partial tile
     # GROUP_M consecutive row tiles sweep the column tiles together: their W tiles stay in L2
     in_group = GROUP_M * num_n
     first_m = (pid // in_group) * GROUP_M
@@ -62,7 +68,6 @@ def _tile_schedule(pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, num_m, MASKED
     tile_m = first_m + (pid % in_group) % group_rows
     tile_n = (pid % in_group) // group_rows
     if MASKED:
-        tiles_per_e = tl.cdiv(max_m, BLOCK_M)
         expert = tile_m // tiles_per_e
         slot = expert.to(tl.int64) * max_m
         row_start = slot + (tile_m % tiles_per_e) * BLOCK_M
@@ -97,33 +102,13 @@ def _grouped_gemm_kernel(
     E_PAD: tl.constexpr, PAIR_N: tl.constexpr = 0, NO_SCALE: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
-    # upper bound on the row tiles: every expert may end in a partial tile; programs past the real count exit
-    num_m = E * tl.cdiv(max_m, BLOCK_M) if MASKED else tl.cdiv(M, BLOCK_M) + E
-    expert, row_start, row_end, tile_n = _tile_schedule(
-        pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, num_m, MASKED, BLOCK_M, BLOCK_N * (2 if PAIR_N else 1),
-        GROUP_M, E_PAD)
-    if row_start >= row_end:
-        return
-    _gemm_tile(
-        a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, row_weight_ptr, out_ptr, out_scale_ptr,
-        expert, row_start, row_end, tile_n, N, K, w_rows, up_row,
-        stride_am, stride_asm, stride_ask, stride_we, stride_wn, stride_wse, stride_wsn, stride_om, stride_osm,
-        FP8, SWIGLU, QUANT_OUT, ROW_WEIGHT, USE_TMA, EVEN_K, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, PAIR_N,
-        NO_SCALE)
-
-
-@triton.jit
-def _gemm_tile(
-    a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, row_weight_ptr, out_ptr, out_scale_ptr,
-    expert, row_start, row_end, tile_n, N, K, w_rows, up_row,
-    stride_am, stride_asm, stride_ask, stride_we, stride_wn, stride_wse, stride_wsn, stride_om, stride_osm,
-    FP8: tl.constexpr, SWIGLU: tl.constexpr, QUANT_OUT: tl.constexpr, ROW_WEIGHT: tl.constexpr,
-    USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_N: tl.constexpr, NO_SCALE: tl.constexpr,
-):
-    """One output tile (two with PAIR_N): rows [row_start, min(row_start + BLOCK_M, row_end)) of one expert."""
     # DUAL: a second accumulator, for the "up" half of W (SWIGLU) or for the next BLOCK_N columns (PAIR_N)
     DUAL: tl.constexpr = SWIGLU or PAIR_N
+    expert, row_start, row_end, tile_n = _tile_schedule(
+        pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, MASKED, BLOCK_M, BLOCK_N * (2 if PAIR_N else 1), GROUP_M,
+        E_PAD)
+    if row_start >= row_end:
+        return
     if PAIR_N:
         tile_n = tile_n * 2  # this program's first column tile; the second is tile_n + 1
         up_row = BLOCK_N  # the second tile's W rows start BLOCK_N rows after the first's
@@ -184,7 +169,7 @@ def _gemm_tile(
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
-        if FP8 and NO_SCALE:  # timing probe only (tools/probe_gemm.py): no promotion, no scales; results are wrong
+        if FP8 and NO_SCALE:  # timing probe only (bench/probe_grouped_gemm.py): no promotion, no scales; wrong results
             acc = tl.dot(a, g, acc)
             if DUAL:
                 acc_u = tl.dot(a, u, acc_u)
