@@ -29,6 +29,13 @@ BASES = {
     "base64": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3, USE_TMA=1),
     "pair128": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=16, num_stages=4, USE_TMA=1,
                     PAIR_N=1),
+    # the Gluon kernel (grouped_gemm_wgmma): each K step's promotion overlaps the next step's product
+    "wg128": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=1, WGMMA=1),
+    "wg128s5": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=5, USE_TMA=1,
+                    WGMMA=1),
+    "wg64": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4, USE_TMA=1, WGMMA=1),
+    "wgpair": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=1, WGMMA=1,
+                   PAIR_N=1),
 }
 VARIANTS = {  # name -> (cfg overrides, column-major activation scales)
     "rowmajor": ({}, False),
@@ -69,9 +76,62 @@ def variant_fn(d, base, variant):
     return fn, out
 
 
+MLP_CFGS = {  # name -> (w13 SwiGLU config, w2 config); None: the tuned table's config
+    "shipped": (None, None),
+    "wgmma_s3": (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, USE_TMA=1, WGMMA=1),
+                 BASES["wg128"]),
+    "wgmma_s4": (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=1, WGMMA=1),
+                 BASES["wg128"]),
+}
+
+
+def probe_mlp(shapes, H=7168, I=2048):
+    """The fused expert MLP (w13 + SwiGLU + e4m3 requant, then w2) per config pair, checked against the reference."""
+    rows = []
+    for case, m in shapes:
+        sizes = group_sizes(case, m)
+        E, M = len(sizes), sum(sizes)
+        off = offsets_of(sizes)
+        x, xs = R.quantize_fp8(torch.randn(M, H, device="cuda", dtype=torch.bfloat16))
+        w13, w13s = R.quantize_weight_fp8((torch.randn(E, 2 * I, H, device="cuda") * H**-0.5).bfloat16())
+        w2, w2s = R.quantize_weight_fp8((torch.randn(E, H, I, device="cuda") * I**-0.5).bfloat16())
+        ref = None
+        flop = 2.0 * M * 3 * I * H
+        for name, (c1, c2) in MLP_CFGS.items():
+            h = torch.empty(M, I, dtype=torch.float8_e4m3fn, device="cuda")
+            hs = torch.empty(M, I // 128, device="cuda")
+            out = torch.empty(M, H, dtype=torch.bfloat16, device="cuda")
+
+            def fn():
+                gg._launch(x, xs, w13, w13s, h, offsets=off, out_scale=hs, swiglu=True, cfg=c1)
+                return gg._launch(h, hs, w2, w2s, out, offsets=off, cfg=c2)
+            row = dict(case=f"mlp G={case} m={m}", base=name, variant="rowmajor")
+            try:
+                fn()
+                torch.cuda.synchronize()
+                if ref is None:
+                    ref = out.float().clone()  # the shipped pair: the tests hold it to the fp32 reference
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                row["rel_err_vs_shipped"] = err
+                if not err < 2e-2:
+                    raise RuntimeError(f"differs from the shipped kernels: relative error {err:.3g}")
+                ms = bench_ms(fn)
+                row.update(ours_tflops=flop / ms / 1e9, ms=ms)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            print(f"  mlp G={case} m={m} {name:10s} {row.get('ours_tflops', float('nan')):7.0f} TFLOP/s "
+                  f"{row.get('ms', float('nan')):.3f} ms {row.get('error', '')}", flush=True)
+            rows.append(row)
+        del x, w13, w2
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two shapes, base128 and base64 only")
+    p.add_argument("--mlp", action="store_true", help="also time the fused expert MLP per config pair")
+    p.add_argument("--bases", default=None, help="comma-separated subset of " + ",".join(BASES))
     p.add_argument("--ncu", metavar="PROJ:G:M:BASE[:VARIANT]", help="launch one variant 3 times (under ncu) and exit")
     args = p.parse_args()
 
@@ -85,7 +145,7 @@ def main():
         return
 
     shapes = SHAPES[::2] if args.quick else SHAPES
-    bases = ["base128", "base64"] if args.quick else list(BASES)
+    bases = args.bases.split(",") if args.bases else ["base128", "base64"] if args.quick else list(BASES)
     rows = []
     for proj, case, m in shapes:
         d = inputs(proj, case, m)
@@ -96,6 +156,8 @@ def main():
         print(f"{proj} G={case} m={m}: torch._scaled_grouped_mm {torch_tf:.0f} TFLOP/s", flush=True)
         for base in bases:
             for variant in VARIANTS:
+                if BASES[base].get("WGMMA") and variant == "noscale":  # a switch of the Triton kernel only
+                    continue
                 row = dict(case=f"{proj} G={case} m={m}", base=base, variant=variant,
                            scaled_grouped_mm_tflops=torch_tf)
                 try:
@@ -119,6 +181,8 @@ def main():
                 rows.append(row)
         del d
         torch.cuda.empty_cache()
+    if args.mlp:
+        rows += probe_mlp([(8, 4096), (32, 1024), (32, 256), ("zipf", 8192)])
     cols = ["case", "base", "variant", "ours_tflops", "scaled_grouped_mm_tflops", "vs_scaled_grouped_mm", "regs",
             "spills", "shared"]
     table = markdown(rows, cols, {"ours_tflops": ".0f", "scaled_grouped_mm_tflops": ".0f",

@@ -219,12 +219,19 @@ GPU_CONFIGS = [
                                 (64, 256, 8, 3, 1), (128, 64, 4, 4, 1), (128, 128, 16, 4, 1)]
 ] + [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=nw, num_stages=ns, USE_TMA=tma, PAIR_N=1)
      for bm, nw, ns, tma in [(128, 16, 4, 1), (64, 8, 3, 1), (64, 4, 3, 0)]]
+# the Gluon kernel (grouped_gemm_wgmma): narrow tiles of 64/128 rows, and the wide 64x256 PAIR_N tile
+WGMMA_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=nw, num_stages=ns, USE_TMA=1,
+                      PAIR_N=pair, WGMMA=1)
+                 for bm, nw, ns, pair in [(128, 8, 4, 0), (128, 8, 2, 0), (64, 4, 5, 0), (64, 8, 3, 1), (64, 8, 4, 1)]]
+
+
+def _cfg_id(c):
+    return ("bm{BLOCK_M}_bn{BLOCK_N}_w{num_warps}_s{num_stages}_tma{USE_TMA}".format(**c)
+            + ("_pair" if c.get("PAIR_N") else "") + ("_wgmma" if c.get("WGMMA") else ""))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", GPU_CONFIGS,
-                         ids=lambda c: "bm{BLOCK_M}_bn{BLOCK_N}_w{num_warps}_s{num_stages}_tma{USE_TMA}".format(**c)
-                         + ("_pair" if c.get("PAIR_N") else ""))
+@pytest.mark.parametrize("cfg", GPU_CONFIGS + WGMMA_CONFIGS, ids=_cfg_id)
 def test_grouped_gemm_fp8_configs_gpu(cfg):
     counts = [0, 1, 130, 255, 64, 300, 17, 500]
     E, N, K = len(counts), 640, 1024
@@ -233,13 +240,51 @@ def test_grouped_gemm_fp8_configs_gpu(cfg):
     a, a_scale = R.quantize_fp8(torch.randn(M, K, device="cuda"))
     w, w_scale = _fp8_weights(E, N, K, "cuda")
     out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
-    gg._launch(a, a_scale, w, w_scale, out, offsets=offsets, cfg=cfg)
+    kernel = gg._launch(a, a_scale, w, w_scale, out, offsets=offsets, cfg=cfg)
+    if cfg.get("WGMMA"):  # the Gluon kernel ran, not the Triton fallback
+        assert kernel.name == "_grouped_gemm_fp8_wgmma_kernel"
     ref = R.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out_dtype=torch.float32)
     _report(f"fp8 config {cfg}", assert_close_rel(out.float(), ref, FP8_TOL, "grouped_gemm_fp8 gpu config"))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tma", [0, 1])
+@pytest.mark.parametrize("cfg", WGMMA_CONFIGS[:3], ids=_cfg_id)
+@pytest.mark.parametrize("layout", ["masked", "row_weight_fp32_out", "colmajor_scales"])
+def test_grouped_gemm_fp8_wgmma_variants_gpu(cfg, layout):
+    """The Gluon kernel's other paths: the masked decode layout, a per-row weight with fp32 output, column-major
+    activation scales; K = 128 (one step: the loop body never runs) and K = 1152 (more steps than stages)."""
+    for K in (128, 1152):
+        E, N = 5, 384
+        if layout == "masked":
+            max_m = 200
+            a, a_scale, w, w_scale = _masked_problem(E, max_m, N, K, "cuda")
+            masked_m = torch.tensor([200, 0, 1, 129, 64], dtype=torch.int32, device="cuda")
+            out = torch.full((E, max_m, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+            kernel = gg._launch(a.view(E * max_m, K), a_scale.view(E * max_m, -1), w, w_scale, out.view(-1, N),
+                                masked_m=masked_m, max_m=max_m, cfg=cfg)
+            assert kernel.name == "_grouped_gemm_fp8_wgmma_kernel"
+            _report(f"wgmma masked K={K}", _check_masked(out, a, a_scale, w, w_scale, masked_m, "wgmma masked"))
+            continue
+        counts = [3, 0, 257, 128, 70]
+        M = sum(counts)
+        offsets = _offsets(counts, "cuda")
+        a, a_scale = R.quantize_fp8(torch.randn(M, K, device="cuda"))
+        if layout == "colmajor_scales":
+            a_scale = a_scale.t().contiguous().t()
+        w, w_scale = _fp8_weights(E, N, K, "cuda")
+        rw = torch.rand(M, device="cuda") if layout == "row_weight_fp32_out" else None
+        dtype = torch.float32 if rw is not None else torch.bfloat16
+        out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
+        kernel = gg._launch(a, a_scale, w, w_scale, out, offsets=offsets, row_weight=rw, cfg=cfg)
+        assert kernel.name == "_grouped_gemm_fp8_wgmma_kernel"
+        ref = R.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out_dtype=torch.float32)
+        if rw is not None:
+            ref = ref * rw[:, None]
+        _report(f"wgmma {layout} K={K}", assert_close_rel(out.float(), ref, FP8_TOL, f"wgmma {layout}"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", [0, 1, "wgmma"])
 def test_expert_mlp_fp8_gpu_larger(tma):
     counts = [0, 1, 200, 77, 513, 64, 3, 150]
     E, H, I = len(counts), 1024, 384
@@ -252,10 +297,15 @@ def test_expert_mlp_fp8_gpu_larger(tma):
     h = torch.full((M, I), float("nan"), device="cuda").to(torch.float8_e4m3fn)
     hs = torch.full((M, I // 128), float("nan"), device="cuda")
     out = torch.full((M, H), float("nan"), dtype=torch.bfloat16, device="cuda")
-    cfg1 = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, USE_TMA=tma)
-    cfg2 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=tma)
-    gg._launch(x, x_scale, w13, w13_scale, h, offsets=offsets, out_scale=hs, swiglu=True, cfg=cfg1)
-    gg._launch(h, hs, w2, w2_scale, out, offsets=offsets, row_weight=tw, cfg=cfg2)
+    wg = int(tma == "wgmma")
+    cfg1 = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, USE_TMA=int(bool(tma)),
+                WGMMA=wg)
+    cfg2 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=int(bool(tma)),
+                WGMMA=wg)
+    k1 = gg._launch(x, x_scale, w13, w13_scale, h, offsets=offsets, out_scale=hs, swiglu=True, cfg=cfg1)
+    k2 = gg._launch(h, hs, w2, w2_scale, out, offsets=offsets, row_weight=tw, cfg=cfg2)
+    if wg:
+        assert k1.name == k2.name == "_grouped_gemm_fp8_wgmma_kernel"
     ref = R.expert_mlp(x, offsets, w13, w2, x_scale, w13_scale, w2_scale, out_dtype=torch.float32) * tw[:, None]
     _report(f"expert_mlp fp8 gpu tma={tma}", assert_close_rel(out.float(), ref, FP8_TOL, "expert_mlp fp8 gpu"))
 

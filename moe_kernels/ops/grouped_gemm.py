@@ -16,6 +16,9 @@ One kernel, specialised by constexpr switches (no copy per dtype or layout):
   * MASKED: the decode layout, A [E, max_m, K] with the valid rows of each expert in ``masked_m`` on the device;
     the grid depends on shapes only, so a decode step can be captured in a CUDA graph.
   * USE_TMA: operands come through TMA tensor descriptors (Hopper, never in the interpreter) instead of pointers.
+  * WGMMA (a config key, not a switch of this kernel): FP8 configs that set it run
+    ``grouped_gemm_wgmma``, the Gluon kernel for sm_90 that overlaps each K step's promotion with the next
+    step's tensor-core product; elsewhere (interpreter, other GPUs, Triton without Gluon) this kernel runs.
   * NO_SCALE: a timing probe for bench/probe_grouped_gemm.py only (no config sets it): the FP8 products are
     chained without their scales, so the results are wrong; it bounds what the per-K promotion costs.
 
@@ -42,6 +45,10 @@ try:  # host-side TMA descriptors (Triton >= 3.4): kernel arguments lowered to C
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
+try:  # the Hopper kernel in Gluon (Triton >= 3.5): configs with WGMMA=1 run it on sm_90
+    from . import grouped_gemm_wgmma
+except ImportError:  # pragma: no cover - Triton without Gluon: every config runs the Triton kernel
+    grouped_gemm_wgmma = None
 
 __all__ = ["grouped_gemm_fp8", "grouped_gemm_bf16", "grouped_gemm_fp8_masked", "expert_mlp"]
 
@@ -245,6 +252,12 @@ def _tma_usable(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _wgmma_usable(a, w2d, cfg, swiglu, quant_out) -> bool:
+    """The Gluon kernel runs this call: sm_90, TMA-able operands, a tile it builds, rows of out contiguous."""
+    return (grouped_gemm_wgmma is not None and _tma_usable(a, w2d) and grouped_gemm_wgmma.available(a.device)
+            and grouped_gemm_wgmma.supports(cfg, swiglu, quant_out))
+
+
 def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0, out_scale=None,
             row_weight=None, swiglu=False, cfg=None):
     """Launch the grouped GEMM on 2-D a [M, K] (masked: [E * max_m, K]) and w [E, w_rows, K].
@@ -265,6 +278,7 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
     if cfg is None:
         cfg = get_config(kind, N, K, max_m if masked else M // E, a.device)
     cfg = dict(cfg)
+    use_wgmma = bool(cfg.pop("WGMMA", 0))
     use_tma = bool(cfg.pop("USE_TMA", 0))
     pair_n = bool(cfg.pop("PAIR_N", 0)) and not swiglu and out_scale is None  # SwiGLU has its own second tile
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -273,6 +287,10 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
     if out_scale is not None and BN != SCALE_BLOCK:
         cfg["BLOCK_N"] = BN = SCALE_BLOCK  # the quantising epilogue writes one scale group per tile row
     w2d = w.view(E * w_rows, K)
+    if use_wgmma and fp8 and _wgmma_usable(a, w2d, dict(cfg, PAIR_N=int(pair_n)), swiglu, out_scale is not None):
+        return grouped_gemm_wgmma.launch(a, a_scale, w, w_scale, out, offsets=offsets, masked_m=masked_m,
+                                         max_m=max_m, out_scale=out_scale, row_weight=row_weight, swiglu=swiglu,
+                                         cfg=dict(cfg, PAIR_N=int(pair_n)))
     use_tma = use_tma and _tma_usable(a, w2d)
     if use_tma:
         a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [BM, BK])

@@ -6,7 +6,8 @@ A config file ``configs/grouped_gemm_{kind}_N{N}_K{K}_{device_name}.json`` maps 
     {"256": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4,
              "USE_TMA": 1}, ...}
 
-(``PAIR_N``: 1 makes a program of the plain GEMM compute two adjacent BLOCK_N column tiles; absent means 0.)
+(``PAIR_N``: 1 makes a program of the plain GEMM compute two adjacent BLOCK_N column tiles; ``WGMMA``: 1 runs the
+FP8 config on the Gluon kernel for sm_90, ``grouped_gemm_wgmma``; absent means 0.)
 
 ``kind`` is ``fp8``/``bf16`` (plain grouped GEMM) or ``fp8_swiglu``/``bf16_swiglu`` (the w13 GEMM with the SwiGLU
 epilogue, where N is the intermediate size I, the columns it writes). The lookup takes the nearest bucket. A
@@ -28,7 +29,7 @@ __all__ = ["CONFIG_DIR", "KINDS", "DEFAULTS", "config_filename", "get_config", "
 
 CONFIG_DIR = Path(__file__).parent / "configs"  # shipped as package data: moe_kernels/ops/configs/*.json
 KINDS = ("fp8", "fp8_swiglu", "bf16", "bf16_swiglu")
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "USE_TMA", "PAIR_N")
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "USE_TMA", "PAIR_N", "WGMMA")
 
 # Defaults for a GPU or shape without a file: the configs the H100 sweep picked at 1024-4096 rows per expert
 # (bench/results/grouped_gemm_tune_*). The FP8 SwiGLU kernel holds two accumulators: 16 warps (four warpgroups).

@@ -1,0 +1,268 @@
+"""Hopper path of the FP8 grouped GEMM, in Gluon: asynchronous wgmma with the block-scale promotion overlapped.
+
+The same contract as ``grouped_gemm._grouped_gemm_kernel`` with FP8 operands (A e4m3 with 1x128 scales, W e4m3
+with 128x128 scales, rows grouped by expert through ``offsets`` or the masked decode layout, optional SwiGLU +
+e4m3 re-quantisation epilogue, optional per-row weight). What differs is the K loop.
+
+Triton's ``tl.dot`` cannot keep a product in flight while the previous one is scaled: every K step compiles to
+``wgmma; wait 0``, then the fp32 promotion ``acc += P_k * (sa_k x sw_k)`` runs with the tensor cores idle (the
+promotion cost ~30% at DeepSeek shapes: bench/probe_grouped_gemm.py). Gluon exposes the wgmma groups, so here
+each K step issues the product of step k into a fresh register tile, waits only for the product of step k-1
+(``warpgroup_mma_wait(1)``), promotes that one while step k runs, and then refills the freed shared-memory stage
+with TMA. Three fp32 tiles are live (the accumulator and two products), which bounds the tile: 128x128 (8 warps,
+each warpgroup 64 rows) or 64x256 (8 warps, each warpgroup 128 columns).
+
+SWIGLU: the B tile is the gate block and the up block of the same 128 output columns, one per warpgroup
+(64 rows x 256); the epilogue meets them through shared memory, computes silu(gate) * up and writes e4m3 with
+one scale per 1x128 group.
+
+Needs ``triton.experimental.gluon`` (Triton >= 3.5) and sm_90; ``grouped_gemm`` imports this module lazily and
+falls back to the Triton kernel when either is missing.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+__all__ = ["launch", "supports"]
+
+from ..reference.quant import MIN_AMAX
+
+BLOCK_K = 128  # one K step = one scale block of A and of W
+BLOCK_N = 128  # columns of one product = rows of W per TMA load = one weight-scale block
+_BK = gl.constexpr(BLOCK_K)
+_BN = gl.constexpr(BLOCK_N)
+_AMAX_FLOOR = gl.constexpr(MIN_AMAX)
+_E4M3_MAX = gl.constexpr(448.0)
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _schedule(pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, MASKED: gl.constexpr, BLOCK_M: gl.constexpr,
+              OUT_N: gl.constexpr, GROUP_M: gl.constexpr, E_PAD: gl.constexpr, num_warps: gl.constexpr):
+    """Program id -> (expert, first row, end row of the expert's rows, column tile), as the Triton kernel's."""
+    num_n = (N + OUT_N - 1) // OUT_N
+    if MASKED:
+        tiles_per_e = (max_m + BLOCK_M - 1) // BLOCK_M
+        num_m = E * tiles_per_e
+    else:
+        num_m = (M + BLOCK_M - 1) // BLOCK_M + E  # upper bound: every expert may end in a partial tile
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = gl.minimum(num_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % in_group) % group_rows
+    tile_n = (pid % in_group) // group_rows
+    if MASKED:
+        expert = tile_m // tiles_per_e
+        row_start = expert * max_m + (tile_m % tiles_per_e) * BLOCK_M
+        row_end = expert * max_m + gl.load(masked_m_ptr + expert)
+    else:
+        e_layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        e_idx = gl.arange(0, E_PAD, layout=e_layout)
+        e_mask = e_idx < E
+        lo = gl.load(offsets_ptr + e_idx, mask=e_mask, other=0)
+        hi = gl.load(offsets_ptr + e_idx + 1, mask=e_mask, other=0)
+        tiles = gl.where(e_mask, (hi - lo + BLOCK_M - 1) // BLOCK_M, 0)
+        ends = gl.associative_scan(tiles, 0, _add)
+        # the expert owning row tile tile_m: how many experts' tiles end at or before it (empty experts included)
+        expert = gl.sum((ends <= tile_m).to(gl.int32), axis=0)
+        mine = e_idx == expert  # all false past the last real tile: row_end = 0
+        first_tile = gl.sum(gl.where(mine, ends - tiles, 0), axis=0)
+        row_start = gl.sum(gl.where(mine, lo, 0), axis=0) + (tile_m - first_tile) * BLOCK_M
+        row_end = gl.sum(gl.where(mine, hi, 0), axis=0)
+    return expert, row_start, row_end, tile_n
+
+
+@gluon.jit
+def _issue_load(kb, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, b_row, u_row,
+                STAGES: gl.constexpr, WIDE: gl.constexpr):
+    """TMA of K step kb (the A tile and one or two W blocks) into its stage; nothing past the last step."""
+    pred = kb < num_k
+    s = kb % STAGES
+    bar = ready.index(s)
+    mbarrier.expect(bar, a_desc.block_type.nbytes + (2 if WIDE else 1) * w_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(a_desc, [a_row, kb * _BK], bar, a_bufs.index(s), pred)
+    if WIDE:
+        b = b_bufs.index(s)
+        tma.async_copy_global_to_shared(w_desc, [b_row, kb * _BK], bar, b.slice(0, _BN), pred)
+        tma.async_copy_global_to_shared(w_desc, [u_row, kb * _BK], bar, b.slice(_BN, _BN), pred)
+    else:
+        tma.async_copy_global_to_shared(w_desc, [b_row, kb * _BK], bar, b_bufs.index(s), pred)
+
+
+@gluon.jit
+def _grouped_gemm_fp8_wgmma_kernel(
+    a_desc, w_desc, a_scale_ptr, w_scale_ptr, offsets_ptr, masked_m_ptr, row_weight_ptr, out_ptr, out_scale_ptr,
+    M, N, K, E, max_m,
+    w_rows,  # rows of W per expert (N, or 2I with SWIGLU)
+    up_row,  # SWIGLU: the row of W where the "up" half starts (I)
+    stride_asm, stride_ask, stride_wse, stride_wsn, stride_om, stride_osm,
+    SWIGLU: gl.constexpr, PAIR_N: gl.constexpr, ROW_WEIGHT: gl.constexpr, MASKED: gl.constexpr,
+    BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, E_PAD: gl.constexpr, STAGES: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    # Narrow tile: [BLOCK_M, 128] (one weight-scale block), one warp per 16 rows. WIDE tile: [64, 256], 8 warps,
+    # one warpgroup per 128 columns: the second block is W's rows up_row further on, the "up" half (SWIGLU) or
+    # the next 128 columns (PAIR_N).
+    WIDE: gl.constexpr = SWIGLU or PAIR_N
+    TILE_N: gl.constexpr = 2 * _BN if WIDE else _BN
+    pid = gl.program_id(0)
+    expert, row_start, row_end, tile_n = _schedule(pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, MASKED,
+                                                   BLOCK_M, TILE_N if PAIR_N else _BN, GROUP_M, E_PAD, num_warps)
+    if row_start >= row_end:
+        return
+    if PAIR_N:
+        tile_n = tile_n * 2  # this program's first column block; the second is tile_n + 1
+        up_row = _BN
+
+    WARPS_M: gl.constexpr = BLOCK_M // 16
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0],
+                                                         warps_per_cta=[WARPS_M, num_warps // WARPS_M],
+                                                         instr_shape=[16, _BN, 32])
+    row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+    col_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+
+    b_blk = tile_n  # expert-local W row blocks of the tile's two halves (WIDE)
+    u_blk = gl.minimum(tile_n + up_row // _BN, (w_rows - 1) // _BN)  # PAIR_N past N: any (never stored)
+    b_row = expert * w_rows + b_blk * _BN
+    u_row = expert * w_rows + u_blk * _BN
+    ws_ptr = w_scale_ptr + expert.to(gl.int64) * stride_wse
+    b_scale_ptr = ws_ptr + b_blk * stride_wsn
+    u_scale_ptr = ws_ptr + u_blk * stride_wsn
+    first_half = gl.arange(0, TILE_N, layout=col_layout) < _BN
+
+    offs_m = row_start + gl.arange(0, BLOCK_M, layout=row_layout)
+    # rows past M are TMA's zero fill (scale 0); rows of the next expert are computed and never stored
+    as_ptrs = a_scale_ptr + offs_m.to(gl.int64) * stride_asm
+    m_in = offs_m < M
+
+    a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, _BK], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, TILE_N, _BK], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+
+    num_k = K // _BK
+    for i in gl.static_range(STAGES - 1):
+        _issue_load(i, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, row_start, b_row, u_row, STAGES, WIDE)
+
+    zero = gl.zeros([BLOCK_M, TILE_N], gl.float32, layout=mma_layout)
+    acc = zero
+    mbarrier.wait(ready.index(0), 0)
+    prev = warpgroup_mma(a_bufs.index(0), b_bufs.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+    _issue_load(STAGES - 1, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, row_start, b_row, u_row, STAGES, WIDE)
+    sa = gl.load(as_ptrs, mask=m_in, other=0.0)
+    for kb in range(1, num_k):
+        s = kb % STAGES
+        mbarrier.wait(ready.index(s), (kb // STAGES) & 1)
+        # the product of step kb goes to the tensor cores ...
+        cur = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        sa_next = gl.load(as_ptrs + kb * stride_ask, mask=m_in, other=0.0)
+        sb = gl.load(b_scale_ptr + (kb - 1))
+        if WIDE:
+            su = gl.load(u_scale_ptr + (kb - 1))
+        # ... while the product of step kb-1 (the older group in flight) is scaled into acc
+        prev = warpgroup_mma_wait(1, deps=(prev,))
+        if WIDE:
+            acc = acc + prev * sa[:, None] * gl.where(first_half, sb, su)[None, :]
+        else:
+            acc = acc + prev * (sa * sb)[:, None]
+        # step kb-1's stage is free: load step kb-1+STAGES into it
+        _issue_load(kb - 1 + STAGES, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, row_start, b_row, u_row,
+                    STAGES, WIDE)
+        prev = cur
+        sa = sa_next
+    sb = gl.load(b_scale_ptr + (num_k - 1))
+    su = gl.load(u_scale_ptr + (num_k - 1))
+    prev = warpgroup_mma_wait(0, deps=(prev,))
+    acc = acc + prev * sa[:, None] * gl.where(first_half, sb, su)[None, :]
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+
+    if ROW_WEIGHT:
+        acc = acc * gl.load(row_weight_ptr + offs_m, mask=offs_m < row_end, other=0.0)[:, None]
+    # stores from a row-major layout: 16 consecutive bytes per thread
+    VEC: gl.constexpr = 128 // out_ptr.dtype.element_ty.primitive_bitwidth
+    OUT_N: gl.constexpr = _BN if SWIGLU else TILE_N
+    out_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // OUT_N, OUT_N // VEC], [num_warps, 1],
+                                                [1, 0])
+    o_rows = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
+    o_cols = tile_n * _BN + gl.arange(0, OUT_N, layout=gl.SliceLayout(0, out_layout))
+    row_ok = o_rows < row_end
+    out_ptrs = out_ptr + o_rows.to(gl.int64)[:, None] * stride_om + o_cols[None, :]
+    if SWIGLU:
+        # gate (columns 0-127) and up (128-255) sit in different warpgroups: they meet in shared memory
+        c_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, TILE_N],
+                                           gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        c_smem.store(acc)
+        gate = c_smem.slice(0, _BN, dim=1).load(out_layout)
+        up = c_smem.slice(_BN, _BN, dim=1).load(out_layout)
+        h = gate / (1.0 + gl.exp(-gate)) * up  # silu(gate) * up, in fp32
+        # 128 columns: exactly one 1x128 scale group of each row
+        scale = gl.maximum(gl.max(gl.abs(h), axis=1), _AMAX_FLOOR) / _E4M3_MAX
+        q = (h / scale[:, None]).to(out_ptr.dtype.element_ty)  # cvt.rn.satfinite: nearest even, saturating
+        gl.store(out_ptrs, q, mask=row_ok[:, None])
+        gl.store(out_scale_ptr + o_rows.to(gl.int64) * stride_osm + tile_n, scale, mask=row_ok)
+    else:
+        o = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), out_layout)
+        gl.store(out_ptrs, o, mask=row_ok[:, None] & (o_cols < N)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launcher
+
+def supports(cfg: dict, swiglu: bool, quant_out: bool) -> bool:
+    """Whether a config describes a tile this kernel builds: products of [BLOCK_M, 128], one warp per 16 rows
+    (64 or 128 rows: one or two warpgroups), SwiGLU only with its e4m3 epilogue."""
+    BM, BN, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]
+    if BN != BLOCK_N or cfg.get("BLOCK_K", BLOCK_K) != BLOCK_K or quant_out != swiglu:
+        return False
+    if swiglu or cfg.get("PAIR_N", 0):  # the wide tile: 64 x 256, two warpgroups side by side
+        return BM == 64 and warps == 8
+    return BM in (64, 128) and warps == BM // 16
+
+
+def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0, out_scale=None, row_weight=None,
+           swiglu=False, cfg):
+    """Launch on 2-D a [M, K] e4m3 (masked: [E * max_m, K]) and w [E, w_rows, K] e4m3 (row-major, 16-byte
+    aligned rows), writing out [M, N] (SwiGLU: e4m3 out and fp32 out_scale [M, N/128]).
+
+    ``cfg``: BLOCK_M (64 or 128), BLOCK_N (128), num_warps (BLOCK_M / 16), num_stages, GROUP_M, PAIR_N (two
+    adjacent 128-column products per program; ignored with SwiGLU, which always computes two).
+    """
+    E, w_rows, K = w.shape
+    M = a.shape[0]
+    N = w_rows // 2 if swiglu else w_rows
+    BM = cfg["BLOCK_M"]
+    pair_n = bool(cfg.get("PAIR_N", 0)) and not swiglu
+    masked = masked_m is not None
+    a_layout = gl.NVMMASharedLayout.get_default_for([BM, BLOCK_K], gl.float8e4nv)
+    w_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float8e4nv)
+    a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [BM, BLOCK_K], a_layout)
+    w_desc = TensorDescriptor(w.view(E * w_rows, K), [E * w_rows, K], [K, 1], [BLOCK_N, BLOCK_K], w_layout)
+    num_m = E * triton.cdiv(max_m, BM) if masked else triton.cdiv(M, BM) + E
+    grid = (num_m * triton.cdiv(N, BLOCK_N * (2 if pair_n else 1)),)
+    idx = offsets if offsets is not None else masked_m  # any int32 tensor stands in for an absent pointer
+    return _grouped_gemm_fp8_wgmma_kernel[grid](
+        a_desc, w_desc, a_scale, w_scale, idx, idx, row_weight if row_weight is not None else a_scale, out,
+        out_scale if out_scale is not None else a_scale,
+        M, N, K, E, max_m, w_rows, N,
+        a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1), out.stride(0),
+        out_scale.stride(0) if out_scale is not None else 0,
+        SWIGLU=swiglu, PAIR_N=pair_n, ROW_WEIGHT=row_weight is not None, MASKED=masked, BLOCK_M=BM,
+        GROUP_M=cfg["GROUP_M"], E_PAD=max(32, triton.next_power_of_2(E)), STAGES=cfg["num_stages"],
+        num_warps=cfg["num_warps"],
+    )
+
+
+def available(device: torch.device) -> bool:
+    """sm_90 (Hopper): where wgmma exists and this kernel was tuned."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
