@@ -279,6 +279,7 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
         cfg = get_config(kind, N, K, max_m if masked else M // E, a.device)
     cfg = dict(cfg)
     use_wgmma = bool(cfg.pop("WGMMA", 0))
+    wgmma_keys = {k: cfg.pop(k) for k in ("UNROLL",) if k in cfg}  # the Gluon kernel's own knobs
     use_tma = bool(cfg.pop("USE_TMA", 0))
     pair_n = bool(cfg.pop("PAIR_N", 0)) and not swiglu and out_scale is None  # SwiGLU has its own second tile
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -290,7 +291,7 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
     if use_wgmma and fp8 and _wgmma_usable(a, w2d, dict(cfg, PAIR_N=int(pair_n)), swiglu, out_scale is not None):
         return grouped_gemm_wgmma.launch(a, a_scale, w, w_scale, out, offsets=offsets, masked_m=masked_m,
                                          max_m=max_m, out_scale=out_scale, row_weight=row_weight, swiglu=swiglu,
-                                         cfg=dict(cfg, PAIR_N=int(pair_n)))
+                                         cfg=dict(cfg, PAIR_N=int(pair_n), **wgmma_keys))
     use_tma = use_tma and _tma_usable(a, w2d)
     if use_tma:
         a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [BM, BK])

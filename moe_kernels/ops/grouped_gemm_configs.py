@@ -29,7 +29,7 @@ __all__ = ["CONFIG_DIR", "KINDS", "DEFAULTS", "config_filename", "get_config", "
 
 CONFIG_DIR = Path(__file__).parent / "configs"  # shipped as package data: moe_kernels/ops/configs/*.json
 KINDS = ("fp8", "fp8_swiglu", "bf16", "bf16_swiglu")
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "USE_TMA", "PAIR_N", "WGMMA")
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "USE_TMA", "PAIR_N", "WGMMA", "UNROLL")
 
 # Defaults for a GPU or shape without a file: the configs the H100 sweep picked at 1024-4096 rows per expert
 # (bench/results/grouped_gemm_tune_*). The FP8 SwiGLU kernel holds two accumulators: 16 warps (four warpgroups).

@@ -34,6 +34,7 @@ from ..reference.quant import MIN_AMAX
 
 BLOCK_K = 128  # one K step = one scale block of A and of W
 BLOCK_N = 128  # columns of one product = rows of W per TMA load = one weight-scale block
+DEFAULT_UNROLL = 2  # K steps per statically unrolled group: 3+ spill registers (the scheduler hoists products)
 _BK = gl.constexpr(BLOCK_K)
 _BN = gl.constexpr(BLOCK_N)
 _AMAX_FLOOR = gl.constexpr(MIN_AMAX)
@@ -99,6 +100,33 @@ def _issue_load(kb, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, b_row, 
 
 
 @gluon.jit
+def _promote(acc, prod, sa, b_scale_ptr, u_scale_ptr, kb, first_half, WIDE: gl.constexpr):
+    """acc + prod * (A scale of each row x W scale of each column block), for the product of K step kb."""
+    sb = gl.load(b_scale_ptr + kb)
+    if WIDE:
+        su = gl.load(u_scale_ptr + kb)
+        return acc + prod * sa[:, None] * gl.where(first_half, sb, su)[None, :]
+    return acc + prod * (sa * sb)[:, None]
+
+
+@gluon.jit
+def _issue_mma(kb, free, a_bufs, b_bufs, ready, STAGES: gl.constexpr):
+    """Start the product of K step kb once its stage has landed, in the registers of ``free`` (a finished tile)."""
+    s = kb % STAGES
+    mbarrier.wait(ready.index(s), (kb // STAGES) & 1)
+    return warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), free, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _retire(kb, num_k, acc, done, sa, b_scale_ptr, u_scale_ptr, first_half, a_desc, w_desc, a_bufs, b_bufs, ready,
+            a_row, b_row, u_row, STAGES: gl.constexpr, WIDE: gl.constexpr):
+    """Promote the finished product of step kb into acc, then load step kb+STAGES into the stage it has left."""
+    acc = _promote(acc, done, sa, b_scale_ptr, u_scale_ptr, kb, first_half, WIDE)
+    _issue_load(kb + STAGES, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, b_row, u_row, STAGES, WIDE)
+    return acc
+
+
+@gluon.jit
 def _grouped_gemm_fp8_wgmma_kernel(
     a_desc, w_desc, a_scale_ptr, w_scale_ptr, offsets_ptr, masked_m_ptr, row_weight_ptr, out_ptr, out_scale_ptr,
     M, N, K, E, max_m,
@@ -107,7 +135,7 @@ def _grouped_gemm_fp8_wgmma_kernel(
     stride_asm, stride_ask, stride_wse, stride_wsn, stride_om, stride_osm,
     SWIGLU: gl.constexpr, PAIR_N: gl.constexpr, ROW_WEIGHT: gl.constexpr, MASKED: gl.constexpr,
     BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, E_PAD: gl.constexpr, STAGES: gl.constexpr,
-    num_warps: gl.constexpr,
+    UNROLL: gl.constexpr, num_warps: gl.constexpr,
 ):
     # Narrow tile: [BLOCK_M, 128] (one weight-scale block), one warp per 16 rows. WIDE tile: [64, 256], 8 warps,
     # one warpgroup per 128 columns: the second block is W's rows up_row further on, the "up" half (SWIGLU) or
@@ -151,39 +179,39 @@ def _grouped_gemm_fp8_wgmma_kernel(
         mbarrier.init(ready.index(i), count=1)
 
     num_k = K // _BK
-    for i in gl.static_range(STAGES - 1):
+    for i in gl.static_range(STAGES):
         _issue_load(i, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, row_start, b_row, u_row, STAGES, WIDE)
 
-    zero = gl.zeros([BLOCK_M, TILE_N], gl.float32, layout=mma_layout)
-    acc = zero
-    mbarrier.wait(ready.index(0), 0)
-    prev = warpgroup_mma(a_bufs.index(0), b_bufs.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
-    _issue_load(STAGES - 1, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, row_start, b_row, u_row, STAGES, WIDE)
-    sa = gl.load(as_ptrs, mask=m_in, other=0.0)
-    for kb in range(1, num_k):
-        s = kb % STAGES
-        mbarrier.wait(ready.index(s), (kb // STAGES) & 1)
-        # the product of step kb goes to the tensor cores ...
-        cur = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
-        sa_next = gl.load(as_ptrs + kb * stride_ask, mask=m_in, other=0.0)
-        sb = gl.load(b_scale_ptr + (kb - 1))
-        if WIDE:
-            su = gl.load(u_scale_ptr + (kb - 1))
-        # ... while the product of step kb-1 (the older group in flight) is scaled into acc
-        prev = warpgroup_mma_wait(1, deps=(prev,))
-        if WIDE:
-            acc = acc + prev * sa[:, None] * gl.where(first_half, sb, su)[None, :]
-        else:
-            acc = acc + prev * (sa * sb)[:, None]
-        # step kb-1's stage is free: load step kb-1+STAGES into it
-        _issue_load(kb - 1 + STAGES, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, row_start, b_row, u_row,
-                    STAGES, WIDE)
-        prev = cur
-        sa = sa_next
-    sb = gl.load(b_scale_ptr + (num_k - 1))
-    su = gl.load(u_scale_ptr + (num_k - 1))
-    prev = warpgroup_mma_wait(0, deps=(prev,))
-    acc = acc + prev * sa[:, None] * gl.where(first_half, sb, su)[None, :]
+    # Three fp32 register tiles: acc, the product in flight on the tensor cores, and the product finished one step
+    # earlier, promoted into acc while the next runs; the next product then reuses its registers. ptxas
+    # serialises every wgmma of the kernel once a register of a product in flight is copied (as a loop's back
+    # edge or an if's join would), so products stay in flight only inside a statically unrolled group of UNROLL
+    # steps; each group ends with nothing in flight (its last promotion does not overlap).
+    acc = gl.zeros([BLOCK_M, TILE_N], gl.float32, layout=mma_layout)
+    free_a = gl.zeros([BLOCK_M, TILE_N], gl.float32, layout=mma_layout)
+    free_b = gl.zeros([BLOCK_M, TILE_N], gl.float32, layout=mma_layout)
+    num_full = num_k // UNROLL * UNROLL
+    for kb0 in range(0, num_full, UNROLL):
+        pending = _issue_mma(kb0, free_a, a_bufs, b_bufs, ready, STAGES)
+        free = free_b
+        for j in gl.static_range(1, UNROLL):
+            nxt = _issue_mma(kb0 + j, free, a_bufs, b_bufs, ready, STAGES)
+            sa = gl.load(as_ptrs + (kb0 + j - 1) * stride_ask, mask=m_in, other=0.0)
+            free = warpgroup_mma_wait(1, deps=(pending,))  # the older of the two groups in flight
+            acc = _retire(kb0 + j - 1, num_k, acc, free, sa, b_scale_ptr, u_scale_ptr, first_half, a_desc, w_desc,
+                          a_bufs, b_bufs, ready, row_start, b_row, u_row, STAGES, WIDE)
+            pending = nxt
+        sa = gl.load(as_ptrs + (kb0 + UNROLL - 1) * stride_ask, mask=m_in, other=0.0)
+        free_a = warpgroup_mma_wait(0, deps=(pending,))
+        acc = _retire(kb0 + UNROLL - 1, num_k, acc, free_a, sa, b_scale_ptr, u_scale_ptr, first_half, a_desc,
+                      w_desc, a_bufs, b_bufs, ready, row_start, b_row, u_row, STAGES, WIDE)
+        free_b = free
+    for kb in range(num_full, num_k):  # the steps past the last full group, one at a time
+        prod = _issue_mma(kb, free_a, a_bufs, b_bufs, ready, STAGES)
+        sa = gl.load(as_ptrs + kb * stride_ask, mask=m_in, other=0.0)
+        free_a = warpgroup_mma_wait(0, deps=(prod,))
+        acc = _retire(kb, num_k, acc, free_a, sa, b_scale_ptr, u_scale_ptr, first_half, a_desc, w_desc, a_bufs,
+                      b_bufs, ready, row_start, b_row, u_row, STAGES, WIDE)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
@@ -259,7 +287,7 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
         out_scale.stride(0) if out_scale is not None else 0,
         SWIGLU=swiglu, PAIR_N=pair_n, ROW_WEIGHT=row_weight is not None, MASKED=masked, BLOCK_M=BM,
         GROUP_M=cfg["GROUP_M"], E_PAD=max(32, triton.next_power_of_2(E)), STAGES=cfg["num_stages"],
-        num_warps=cfg["num_warps"],
+        UNROLL=cfg.get("UNROLL", DEFAULT_UNROLL), num_warps=cfg["num_warps"],
     )
 
 
