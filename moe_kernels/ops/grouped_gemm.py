@@ -30,6 +30,7 @@ so the W tiles of one expert are reused from L2.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import triton
@@ -253,9 +254,26 @@ def _tma_usable(*tensors: torch.Tensor) -> bool:
 
 
 def _wgmma_usable(a, w2d, cfg, swiglu, quant_out) -> bool:
-    """The Gluon kernel runs this call: sm_90, TMA-able operands, a tile it builds, rows of out contiguous."""
-    return (grouped_gemm_wgmma is not None and _tma_usable(a, w2d) and grouped_gemm_wgmma.available(a.device)
-            and grouped_gemm_wgmma.supports(cfg, swiglu, quant_out))
+    """The Gluon kernel runs this call: sm_90, TMA-able operands, a tile it builds. Says once why not."""
+    if interpret_mode() or not a.is_cuda:
+        return False  # the interpreter runs the Triton kernel: expected, nothing to say
+    if grouped_gemm_wgmma is None:
+        why = "this Triton has no Gluon (triton.experimental.gluon)"
+    elif not grouped_gemm_wgmma.available(a.device):
+        why = f"{torch.cuda.get_device_name(a.device)} is not sm_90"
+    elif not _tma_usable(a, w2d):
+        why = "an operand is not 16-byte aligned for TMA"
+    elif not grouped_gemm_wgmma.supports(cfg, swiglu, quant_out):
+        why = f"the config {cfg} is no tile of the wgmma kernel"
+    else:
+        return True
+    _say_once(f"moe_kernels: a WGMMA grouped GEMM config runs the Triton kernel instead: {why}")
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
 
 
 def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0, out_scale=None,

@@ -34,7 +34,7 @@ from ..reference.quant import MIN_AMAX
 
 BLOCK_K = 128  # one K step = one scale block of A and of W
 BLOCK_N = 128  # columns of one product = rows of W per TMA load = one weight-scale block
-DEFAULT_UNROLL = 2  # K steps per statically unrolled group: 3+ spill registers (the scheduler hoists products)
+DEFAULT_UNROLL = 4  # K steps per statically unrolled group (8 reaches 255 registers and spills on Triton 3.8)
 _BK = gl.constexpr(BLOCK_K)
 _BN = gl.constexpr(BLOCK_N)
 _AMAX_FLOOR = gl.constexpr(MIN_AMAX)
@@ -118,10 +118,17 @@ def _issue_mma(kb, free, a_bufs, b_bufs, ready, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _pin(x):
+    """x, through a volatile no-op: LLVM may not sink the math that produced x past the next wgmma issue (Triton
+    3.6's LLVM sank every promotion of a group to its end: no overlap, and four product tiles live)."""
+    return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _retire(kb, num_k, acc, done, sa, b_scale_ptr, u_scale_ptr, first_half, a_desc, w_desc, a_bufs, b_bufs, ready,
             a_row, b_row, u_row, STAGES: gl.constexpr, WIDE: gl.constexpr):
     """Promote the finished product of step kb into acc, then load step kb+STAGES into the stage it has left."""
-    acc = _promote(acc, done, sa, b_scale_ptr, u_scale_ptr, kb, first_half, WIDE)
+    acc = _pin(_promote(acc, done, sa, b_scale_ptr, u_scale_ptr, kb, first_half, WIDE))
     _issue_load(kb + STAGES, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, b_row, u_row, STAGES, WIDE)
     return acc
 
