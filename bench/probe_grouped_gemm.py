@@ -87,6 +87,8 @@ MLP_CFGS = {  # name -> (w13 SwiGLU config, w2 config); None: the tuned table's 
                  BASES["wg128"]),
     "wgmma_s4": (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=1, WGMMA=1),
                  BASES["wg128"]),
+    "wgmma_s3u4": (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, USE_TMA=1,
+                        WGMMA=1, UNROLL=4), BASES["wg64"]),
 }
 
 

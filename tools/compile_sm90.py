@@ -1,6 +1,12 @@
-"""Compile the grouped GEMM kernel for sm_90 without a GPU and report registers, spills and shared memory.
+"""Compile the grouped GEMM kernels for sm_90 without a GPU and report registers, spills and shared memory.
 
     python tools/compile_sm90.py BLOCK_M=128 BLOCK_N=128 num_warps=16 num_stages=4 PAIR_N=1 [USE_TMA=1] [SWIGLU=1]
+    python tools/compile_sm90.py WGMMA=1 BLOCK_M=128 num_warps=8 STAGES=4 UNROLL=4 [PAIR_N=1] [SWIGLU=1]
+
+The WGMMA form compiles the Gluon kernel (grouped_gemm_wgmma) and also reports ptxas's wgmma warnings: C7514
+(a register of a product in flight is read or copied) and C7512 (not enough registers) mean ptxas serialised every
+wgmma, which undoes the kernel's point. ``order`` is the K loop's shape: M = wgmma, W1/W0 = waits, F = promotion
+FMAs, T = TMA loads, B = CTA barriers.
 
 Catches compile errors and register spills of a config before it costs device time (local Triton version, which
 may differ from the device's).
@@ -64,9 +70,73 @@ def compile_cfg(**kw):
                     r"wgmma\.mma_async|wgmma\.wait_group\.sync\.aligned \d+", ptx)))
 
 
+def _ptxas(k):
+    """ptxas -v on the kernel's PTX: (registers, spill bytes, wgmma warnings)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(k.asm["ptx"])
+        log = subprocess.run([tool if os.path.exists(tool) else "ptxas", "-arch=sm_90a", "-v", src, "-o",
+                              os.path.join(d, "k.cubin")], capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return (int(regs.group(1)) if regs else None, int(spills.group(1)) if spills else None,
+            sorted(set(re.findall(r"\((C75\d\d)\)", log))))
+
+
+def _shape(ptx):
+    """The kernel's instruction stream in letters (runs counted): M wgmma, W<n> wait, F fma, T TMA, B barrier."""
+    marks = []
+    for line in ptx.splitlines():
+        line = line.strip()
+        mark = ("M" if "wgmma.mma_async" in line else "W" + line.rstrip(";")[-1] if "wgmma.wait_group" in line
+                else "F" if line.startswith("fma.rn.f32") else "T" if "cp.async.bulk.tensor" in line
+                else "B" if line.startswith("bar.sync") else "|" if line.startswith("$L__BB") else None)
+        if mark is None:
+            continue
+        if marks and marks[-1][0] == mark:
+            marks[-1][1] += 1
+        else:
+            marks.append([mark, 1])
+    return " ".join(m + (str(n) if n > 1 else "") for m, n in marks)
+
+
+def compile_wgmma(BLOCK_M=128, num_warps=8, STAGES=4, UNROLL=4, SWIGLU=0, PAIR_N=0, ROW_WEIGHT=0, MASKED=0):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from moe_kernels.ops.grouped_gemm_wgmma import _grouped_gemm_fp8_wgmma_kernel as kernel
+
+    names = list(kernel.arg_names)
+    const = dict(SWIGLU=SWIGLU, PAIR_N=PAIR_N, ROW_WEIGHT=ROW_WEIGHT, MASKED=MASKED, BLOCK_M=BLOCK_M, GROUP_M=8,
+                 E_PAD=32, STAGES=STAGES, UNROLL=UNROLL, num_warps=num_warps)
+    a_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 128], gl.float8e4nv)
+    w_layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.float8e4nv)
+    sig = {}
+    for n in names:
+        if n in const:
+            sig[n] = "constexpr"
+        elif n == "a_desc":
+            sig[n] = f"tensordesc<fp8e4nv[{BLOCK_M},128],{a_layout!r}>"
+        elif n == "w_desc":
+            sig[n] = f"tensordesc<fp8e4nv[128,128],{w_layout!r}>"
+        elif n == "out_ptr":
+            sig[n] = "*fp8e4nv" if SWIGLU else "*bf16"
+        elif n.endswith("_ptr"):
+            sig[n] = "*i32" if n in ("offsets_ptr", "masked_m_ptr") else "*fp32"
+        else:
+            sig[n] = "i32"
+    src = GluonASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    regs, spills, warns = _ptxas(k)
+    return dict(shared=k.metadata.shared, regs=regs, spill_bytes=spills, ptxas_wgmma_warnings=warns,
+                order=_shape(k.asm["ptx"]))
+
+
 if __name__ == "__main__":
     kw = {}
     for a in sys.argv[1:]:
         k, v = a.split("=")
         kw[k] = int(v)
-    print(compile_cfg(**kw))
+    print(compile_wgmma(**kw) if kw.pop("WGMMA", 0) else compile_cfg(**kw))

@@ -34,7 +34,9 @@ from ..reference.quant import MIN_AMAX
 
 BLOCK_K = 128  # one K step = one scale block of A and of W
 BLOCK_N = 128  # columns of one product = rows of W per TMA load = one weight-scale block
-DEFAULT_UNROLL = 4  # K steps per statically unrolled group (8 reaches 255 registers and spills on Triton 3.8)
+# K steps per statically unrolled group: 4 for the narrow tiles (8 reaches 255 registers and spills), 2 for the
+# wide one (its per-column W scales take registers: 4 spills with Triton 3.6)
+DEFAULT_UNROLL = {False: 4, True: 2}
 _BK = gl.constexpr(BLOCK_K)
 _BN = gl.constexpr(BLOCK_N)
 _AMAX_FLOOR = gl.constexpr(MIN_AMAX)
@@ -294,7 +296,7 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
         out_scale.stride(0) if out_scale is not None else 0,
         SWIGLU=swiglu, PAIR_N=pair_n, ROW_WEIGHT=row_weight is not None, MASKED=masked, BLOCK_M=BM,
         GROUP_M=cfg["GROUP_M"], E_PAD=max(32, triton.next_power_of_2(E)), STAGES=cfg["num_stages"],
-        UNROLL=cfg.get("UNROLL", DEFAULT_UNROLL), num_warps=cfg["num_warps"],
+        UNROLL=cfg.get("UNROLL", DEFAULT_UNROLL[swiglu or pair_n]), num_warps=cfg["num_warps"],
     )
 
 
