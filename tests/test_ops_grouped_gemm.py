@@ -412,3 +412,35 @@ def test_config_lookup_same_chip_and_default():
     assert h200 and cfgs._table_for("fp8", 4096, 7168, "NVIDIA H200") == h200
     assert cfgs._table_for("fp8", 4096, 7168, "NVIDIA A100-SXM4-80GB") is None
     assert cfgs._table_for("fp8", 12345, 7168, "NVIDIA H200") is None  # no file for this shape anywhere
+
+
+# The Gluon kernel cannot run on the CPU: compile it for sm_90 offline (Triton's own ptxas) and hold it to what it
+# exists for. ptxas warnings C7514/C7512 mean it serialised every wgmma (a product in flight copied, or registers
+# short), which leaves the kernel no faster than the Triton one; spills cost the same.
+WGMMA_COMPILE = [dict(BLOCK_M=128, num_warps=8, STAGES=4), dict(BLOCK_M=64, num_warps=4, STAGES=4),
+                 dict(BLOCK_M=64, num_warps=8, STAGES=4, PAIR_N=1, UNROLL=2),
+                 dict(BLOCK_M=64, num_warps=8, STAGES=3, SWIGLU=1, UNROLL=2),
+                 dict(BLOCK_M=128, num_warps=8, STAGES=4, ROW_WEIGHT=1, MASKED=1)]
+
+
+@pytest.mark.skipif(gg.grouped_gemm_wgmma is None, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("cfg", WGMMA_COMPILE, ids=lambda c: "_".join(f"{k}{v}" for k, v in c.items()))
+def test_wgmma_kernel_compiles_for_sm90_unserialised(cfg):
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+    # a process of its own: this one runs Triton's interpreter, where kernels are not compiled
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root)
+    args = [sys.executable, os.path.join(root, "tools", "compile_sm90.py"), "WGMMA=1"]
+    proc = subprocess.run(args + [f"{k}={v}" for k, v in cfg.items()], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    print(cfg, r)
+    assert r["ptxas_wgmma_warnings"] == [], r
+    assert r["spill_bytes"] == 0, r
+    # every K step's promotion sits between a wait for one group (W1) and the next step's wgmma (M)
+    assert "W1 F64" in r["order"], r["order"]
