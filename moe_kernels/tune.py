@@ -98,10 +98,13 @@ def _dequant(p):
     return out if p["out_scale"] is None else out * p["out_scale"].repeat_interleave(128, dim=1)
 
 
-def tune(families=("grouped_gemm",), out_dir=None, quick=False, kinds=None, verbose=True, log_path=None) -> list:
+def tune(families=("grouped_gemm",), out_dir=None, quick=False, kinds=None, verbose=True, log_path=None,
+         challenge=None) -> list:
     """Sweep, then write one JSON per (kind, N, K) for this GPU; returns the paths written.
 
     ``kinds``: a subset of SHAPES' keys; ``log_path``: also write every timing (config, ms, TFLOP/s) as JSON.
+    ``challenge="wgmma"``: time only the WGMMA candidates against each bucket's current config from this GPU's
+    table (the incumbent, timed in the same run), a short re-tune after a kernel change.
     """
     import triton.testing
 
@@ -122,6 +125,7 @@ def tune(families=("grouped_gemm",), out_dir=None, quick=False, kinds=None, verb
         cands = candidates(kind, quick)
         for N, K in SHAPES[kind]:
             table = {}
+            incumbents = load_table(str(out_dir / config_filename(kind, N, K, gpu))) or {}
             for rows in buckets:
                 E = _experts_for(rows)
                 p = _problem(kind, N, K, rows, E, device)
@@ -130,10 +134,16 @@ def tune(families=("grouped_gemm",), out_dir=None, quick=False, kinds=None, verb
                     return _launch(p["a"], p["a_scale"], p["w"], p["w_scale"], p["out"], offsets=p["offsets"],
                                    out_scale=p["out_scale"], swiglu=p["swiglu"], cfg=cfg)
 
-                run(dict(cands[0], USE_TMA=0))  # a pointer-load config the tests cover: the expected output
+                if challenge == "wgmma":
+                    ref_cfg = next(c for c in cands if not c.get("WGMMA"))
+                    mine = [c for c in cands if c.get("WGMMA")]
+                    bucket_cands = ([incumbents[rows]] if rows in incumbents else []) + mine
+                else:
+                    ref_cfg, bucket_cands = cands[0], cands
+                run(dict(ref_cfg, USE_TMA=0))  # a pointer-load config the tests cover: the expected output
                 expect = _dequant(p)
                 best = None
-                for cfg in cands:
+                for cfg in bucket_cands:
                     try:
                         p["out"].zero_()
                         run(cfg)
@@ -176,9 +186,11 @@ if __name__ == "__main__":  # python -m moe_kernels.tune [--quick] [--out DIR] [
     ap.add_argument("--out", default=None, help="directory for the JSON files (default: the package's)")
     ap.add_argument("--kinds", default=None, help="comma-separated subset of " + ",".join(SHAPES))
     ap.add_argument("--log", default=None, help="write every timing there as JSON")
+    ap.add_argument("--challenge", choices=["wgmma"], default=None,
+                    help="time only the WGMMA configs against this GPU's current table entries")
     args = ap.parse_args()
     t0 = time.time()
     kinds = args.kinds.split(",") if args.kinds else None
-    for path in tune(out_dir=args.out, quick=args.quick, kinds=kinds, log_path=args.log):
+    for path in tune(out_dir=args.out, quick=args.quick, kinds=kinds, log_path=args.log, challenge=args.challenge):
         print(f"wrote {path}")
     print(f"tuning took {time.time() - t0:.0f}s")

@@ -30,9 +30,10 @@ for s in "${steps[@]}"; do
       SANITIZE_LOG_DIR=/tmp/sanitize timeout "${SANITIZE_TIMEOUT:-300}" bash tests/sanitize.sh 2>&1 \
         | tee "$OUT/sanitize.log" | tail -12 ;;
     tune)
-      # this GPU's grouped GEMM tables (moe_kernels/ops/configs, in results.tgz); TUNE_KINDS=fp8,fp8_swiglu
+      # this GPU's grouped GEMM tables (moe_kernels/ops/configs, in results.tgz); TUNE_KINDS=fp8,fp8_swiglu; TUNE_ARGS="--challenge wgmma"
       log "tune ${TUNE_KINDS:-fp8,fp8_swiglu} (limit ${TUNE_TIMEOUT:-400}s)"
-      timeout "${TUNE_TIMEOUT:-400}" python3 -m moe_kernels.tune --kinds "${TUNE_KINDS:-fp8,fp8_swiglu}" \
+      # shellcheck disable=SC2086
+      timeout "${TUNE_TIMEOUT:-400}" python3 -m moe_kernels.tune --kinds "${TUNE_KINDS:-fp8,fp8_swiglu}" ${TUNE_ARGS:-} \
         --log "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" | grep -v "^  skip" | tail -20 ;;
     demo)
       log demo
