@@ -39,8 +39,6 @@ BASES = {
                     WGMMA=1, UNROLL=8),
     "wg64s3": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3, USE_TMA=1, WGMMA=1),
     "wg64": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4, USE_TMA=1, WGMMA=1),
-    "wgpair": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=1, WGMMA=1,
-                   PAIR_N=1),
 }
 VARIANTS = {  # name -> (cfg overrides, column-major activation scales)
     "rowmajor": ({}, False),
@@ -83,12 +81,9 @@ def variant_fn(d, base, variant):
 
 MLP_CFGS = {  # name -> (w13 SwiGLU config, w2 config); None: the tuned table's config
     "shipped": (None, None),
-    "wgmma_s3": (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, USE_TMA=1, WGMMA=1),
-                 BASES["wg128"]),
-    "wgmma_s4": (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=1, WGMMA=1),
-                 BASES["wg128"]),
-    "wgmma_s3u4": (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, USE_TMA=1,
-                        WGMMA=1, UNROLL=4), BASES["wg64"]),
+    "wgmma128": (BASES["wg128"], BASES["wg128"]),
+    "wgmma128s3": (dict(BASES["wg128"], num_stages=3), BASES["wg128"]),
+    "wgmma64": (BASES["wg64"], BASES["wg128"]),
 }
 
 

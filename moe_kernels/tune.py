@@ -48,13 +48,10 @@ def candidates(kind: str, quick: bool = False) -> list[dict]:
     # PAIR_N: the plain GEMM's program computes two 128-column tiles, as the SwiGLU kernel does (TMA only)
     pairs = [] if swiglu or not fp8 else [(128, 128, 16), (64, 128, 8)]
     out, wg = [], []
-    if fp8:  # the Gluon kernel for sm_90 (grouped_gemm_wgmma): 64/128-row tiles, or the 64x256 wide tile
-        wide = [(64, 8, ns) for ns in (2, 3, 4)]
-        narrow = [(bm, bm // 16, ns) for bm in (64, 128) for ns in ((3, 4) if quick else (3, 4, 5))]
-        for bm, nw, ns in (wide if swiglu else narrow + [(64, 8, ns) for ns in (3, 4)]):
-            cfg = dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=nw, num_stages=ns, USE_TMA=1,
-                       WGMMA=1)
-            wg.append(dict(cfg, PAIR_N=1) if nw == 8 and bm == 64 and not swiglu else cfg)
+    if fp8:  # the Gluon kernel for sm_90 (grouped_gemm_wgmma): 64/128-row tiles, one warp per 16 rows
+        for bm, ns in itertools.product((64, 128), (3, 4) if quick or swiglu else (3, 4, 5)):
+            wg.append(dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=ns,
+                           USE_TMA=1, WGMMA=1))
     for pair, (bm, bn, nw), ns, tma in [(0, *c) for c in itertools.product(shapes, stages, (0, 1))] + \
             [(1, *c) for c in itertools.product(pairs, (3, 4), (1,))]:
         smem = ns * (bm + bn * (2 if swiglu or pair else 1)) * bk * (1 if fp8 else 2)

@@ -219,15 +219,15 @@ GPU_CONFIGS = [
                                 (64, 256, 8, 3, 1), (128, 64, 4, 4, 1), (128, 128, 16, 4, 1)]
 ] + [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=nw, num_stages=ns, USE_TMA=tma, PAIR_N=1)
      for bm, nw, ns, tma in [(128, 16, 4, 1), (64, 8, 3, 1), (64, 4, 3, 0)]]
-# the Gluon kernel (grouped_gemm_wgmma): narrow tiles of 64/128 rows, and the wide 64x256 PAIR_N tile
-WGMMA_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=nw, num_stages=ns, USE_TMA=1,
-                      PAIR_N=pair, WGMMA=1)
-                 for bm, nw, ns, pair in [(128, 8, 4, 0), (128, 8, 2, 0), (64, 4, 5, 0), (64, 8, 3, 1), (64, 8, 4, 1)]]
+# the Gluon kernel (grouped_gemm_wgmma): tiles of 64/128 rows, 2-5 stages, groups of 1-4 unrolled K steps
+WGMMA_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=ns, USE_TMA=1,
+                      WGMMA=1, UNROLL=u)
+                 for bm, ns, u in [(128, 4, 4), (128, 2, 4), (64, 5, 4), (64, 3, 2), (128, 3, 1)]]
 
 
 def _cfg_id(c):
     return ("bm{BLOCK_M}_bn{BLOCK_N}_w{num_warps}_s{num_stages}_tma{USE_TMA}".format(**c)
-            + ("_pair" if c.get("PAIR_N") else "") + ("_wgmma" if c.get("WGMMA") else ""))
+            + ("_pair" if c.get("PAIR_N") else "") + ("_wgmma_u{}".format(c["UNROLL"]) if c.get("WGMMA") else ""))
 
 
 @pytest.mark.gpu
@@ -298,8 +298,8 @@ def test_expert_mlp_fp8_gpu_larger(tma):
     hs = torch.full((M, I // 128), float("nan"), device="cuda")
     out = torch.full((M, H), float("nan"), dtype=torch.bfloat16, device="cuda")
     wg = int(tma == "wgmma")
-    cfg1 = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, USE_TMA=int(bool(tma)),
-                WGMMA=wg)
+    cfg1 = dict(BLOCK_M=128 if wg else 64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3,
+                USE_TMA=int(bool(tma)), WGMMA=wg)
     cfg2 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=int(bool(tma)),
                 WGMMA=wg)
     k1 = gg._launch(x, x_scale, w13, w13_scale, h, offsets=offsets, out_scale=hs, swiglu=True, cfg=cfg1)
@@ -418,8 +418,7 @@ def test_config_lookup_same_chip_and_default():
 # exists for. ptxas warnings C7514/C7512 mean it serialised every wgmma (a product in flight copied, or registers
 # short), which leaves the kernel no faster than the Triton one; spills cost the same.
 WGMMA_COMPILE = [dict(BLOCK_M=128, num_warps=8, STAGES=4), dict(BLOCK_M=64, num_warps=4, STAGES=4),
-                 dict(BLOCK_M=64, num_warps=8, STAGES=4, PAIR_N=1, UNROLL=2),
-                 dict(BLOCK_M=64, num_warps=8, STAGES=3, SWIGLU=1, UNROLL=2),
+                 dict(BLOCK_M=128, num_warps=8, STAGES=4, SWIGLU=1), dict(BLOCK_M=64, num_warps=4, STAGES=3, SWIGLU=1),
                  dict(BLOCK_M=128, num_warps=8, STAGES=4, ROW_WEIGHT=1, MASKED=1)]
 
 

@@ -34,9 +34,7 @@ from ..reference.quant import MIN_AMAX
 
 BLOCK_K = 128  # one K step = one scale block of A and of W
 BLOCK_N = 128  # columns of one product = rows of W per TMA load = one weight-scale block
-# K steps per statically unrolled group: 4 for the narrow tiles (8 reaches 255 registers and spills), 2 for the
-# wide one (its per-column W scales take registers: 4 spills with Triton 3.6)
-DEFAULT_UNROLL = {False: 4, True: 2}
+DEFAULT_UNROLL = 4  # K steps per statically unrolled group (8 reaches 255 registers and spills)
 _BK = gl.constexpr(BLOCK_K)
 _BN = gl.constexpr(BLOCK_N)
 _AMAX_FLOOR = gl.constexpr(MIN_AMAX)
@@ -85,37 +83,22 @@ def _schedule(pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, MASKED: gl.constex
 
 
 @gluon.jit
-def _issue_load(kb, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, b_row, u_row,
-                STAGES: gl.constexpr, WIDE: gl.constexpr):
-    """TMA of K step kb (the A tile and one or two W blocks) into its stage; nothing past the last step."""
+def _issue_load(t, kb, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, w_row, STAGES: gl.constexpr):
+    """TMA of K step kb (the A tile and the W block) into the stage of pipeline step t; nothing past the last."""
     pred = kb < num_k
-    s = kb % STAGES
+    s = t % STAGES
     bar = ready.index(s)
-    mbarrier.expect(bar, a_desc.block_type.nbytes + (2 if WIDE else 1) * w_desc.block_type.nbytes, pred=pred)
+    mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
     tma.async_copy_global_to_shared(a_desc, [a_row, kb * _BK], bar, a_bufs.index(s), pred)
-    if WIDE:
-        b = b_bufs.index(s)
-        tma.async_copy_global_to_shared(w_desc, [b_row, kb * _BK], bar, b.slice(0, _BN), pred)
-        tma.async_copy_global_to_shared(w_desc, [u_row, kb * _BK], bar, b.slice(_BN, _BN), pred)
-    else:
-        tma.async_copy_global_to_shared(w_desc, [b_row, kb * _BK], bar, b_bufs.index(s), pred)
+    tma.async_copy_global_to_shared(w_desc, [w_row, kb * _BK], bar, b_bufs.index(s), pred)
 
 
 @gluon.jit
-def _promote(acc, prod, sa, b_scale_ptr, u_scale_ptr, kb, first_half, WIDE: gl.constexpr):
-    """acc + prod * (A scale of each row x W scale of each column block), for the product of K step kb."""
-    sb = gl.load(b_scale_ptr + kb)
-    if WIDE:
-        su = gl.load(u_scale_ptr + kb)
-        return acc + prod * sa[:, None] * gl.where(first_half, sb, su)[None, :]
-    return acc + prod * (sa * sb)[:, None]
-
-
-@gluon.jit
-def _issue_mma(kb, free, a_bufs, b_bufs, ready, STAGES: gl.constexpr):
-    """Start the product of K step kb once its stage has landed, in the registers of ``free`` (a finished tile)."""
-    s = kb % STAGES
-    mbarrier.wait(ready.index(s), (kb // STAGES) & 1)
+def _issue_mma(t, free, a_bufs, b_bufs, ready, STAGES: gl.constexpr):
+    """Start the product of pipeline step t once its stage has landed, in the registers of ``free`` (a tile whose
+    product is finished and promoted)."""
+    s = t % STAGES
+    mbarrier.wait(ready.index(s), (t // STAGES) & 1)
     return warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), free, use_acc=False, is_async=True)
 
 
@@ -127,12 +110,51 @@ def _pin(x):
 
 
 @gluon.jit
-def _retire(kb, num_k, acc, done, sa, b_scale_ptr, u_scale_ptr, first_half, a_desc, w_desc, a_bufs, b_bufs, ready,
-            a_row, b_row, u_row, STAGES: gl.constexpr, WIDE: gl.constexpr):
-    """Promote the finished product of step kb into acc, then load step kb+STAGES into the stage it has left."""
-    acc = _pin(_promote(acc, done, sa, b_scale_ptr, u_scale_ptr, kb, first_half, WIDE))
-    _issue_load(kb + STAGES, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, b_row, u_row, STAGES, WIDE)
+def _retire(t0, kb, num_k, acc, done, as_ptrs, m_in, stride_ask, ws_ptr, a_desc, w_desc, a_bufs, b_bufs, ready,
+            a_row, w_row, STAGES: gl.constexpr):
+    """Promote the finished product of step kb into acc (A scale of each row x the block's W scale), then load
+    step kb+STAGES into the stage it has left."""
+    sa = gl.load(as_ptrs + kb * stride_ask, mask=m_in, other=0.0)
+    acc = _pin(acc + done * (sa * gl.load(ws_ptr + kb))[:, None])
+    _issue_load(t0 + kb + STAGES, kb + STAGES, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, w_row, STAGES)
     return acc
+
+
+@gluon.jit
+def _gemm_pass(t0, num_k, acc, free_a, free_b, as_ptrs, m_in, stride_ask, ws_ptr, a_desc, w_desc, a_bufs, b_bufs,
+               ready, a_row, w_row, STAGES: gl.constexpr, UNROLL: gl.constexpr):
+    """acc + A[rows, :] @ W[w_row : w_row + 128, :]^T with the block scales, through the stage ring; t0: pipeline
+    steps done before (the ring's stages and barrier phases continue from there). Returns acc and the two free
+    product tiles.
+
+    Three fp32 register tiles: acc, the product in flight on the tensor cores, and the product finished one step
+    earlier, promoted into acc while the next runs; the next product then reuses its registers. ptxas serialises
+    every wgmma of the kernel once a register of a product in flight is copied (as a loop's back edge or an if's
+    join would), so products stay in flight only inside a statically unrolled group of UNROLL steps; each group
+    ends with nothing in flight (its last promotion does not overlap).
+    """
+    for i in gl.static_range(STAGES):
+        _issue_load(t0 + i, i, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, w_row, STAGES)
+    num_full = num_k // UNROLL * UNROLL
+    for kb0 in range(0, num_full, UNROLL):
+        pending = _issue_mma(t0 + kb0, free_a, a_bufs, b_bufs, ready, STAGES)
+        free = free_b
+        for j in gl.static_range(1, UNROLL):
+            nxt = _issue_mma(t0 + kb0 + j, free, a_bufs, b_bufs, ready, STAGES)
+            free = warpgroup_mma_wait(1, deps=(pending,))  # the older of the two groups in flight
+            acc = _retire(t0, kb0 + j - 1, num_k, acc, free, as_ptrs, m_in, stride_ask, ws_ptr, a_desc, w_desc,
+                          a_bufs, b_bufs, ready, a_row, w_row, STAGES)
+            pending = nxt
+        free_a = warpgroup_mma_wait(0, deps=(pending,))
+        acc = _retire(t0, kb0 + UNROLL - 1, num_k, acc, free_a, as_ptrs, m_in, stride_ask, ws_ptr, a_desc, w_desc,
+                      a_bufs, b_bufs, ready, a_row, w_row, STAGES)
+        free_b = free
+    for kb in range(num_full, num_k):  # the steps past the last full group, one at a time
+        prod = _issue_mma(t0 + kb, free_a, a_bufs, b_bufs, ready, STAGES)
+        free_a = warpgroup_mma_wait(0, deps=(prod,))
+        acc = _retire(t0, kb, num_k, acc, free_a, as_ptrs, m_in, stride_ask, ws_ptr, a_desc, w_desc, a_bufs,
+                      b_bufs, ready, a_row, w_row, STAGES)
+    return acc, free_a, free_b
 
 
 @gluon.jit
@@ -142,129 +164,82 @@ def _grouped_gemm_fp8_wgmma_kernel(
     w_rows,  # rows of W per expert (N, or 2I with SWIGLU)
     up_row,  # SWIGLU: the row of W where the "up" half starts (I)
     stride_asm, stride_ask, stride_wse, stride_wsn, stride_om, stride_osm,
-    SWIGLU: gl.constexpr, PAIR_N: gl.constexpr, ROW_WEIGHT: gl.constexpr, MASKED: gl.constexpr,
-    BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, E_PAD: gl.constexpr, STAGES: gl.constexpr,
-    UNROLL: gl.constexpr, num_warps: gl.constexpr,
+    SWIGLU: gl.constexpr, ROW_WEIGHT: gl.constexpr, MASKED: gl.constexpr, BLOCK_M: gl.constexpr,
+    GROUP_M: gl.constexpr, E_PAD: gl.constexpr, STAGES: gl.constexpr, UNROLL: gl.constexpr, num_warps: gl.constexpr,
 ):
-    # Narrow tile: [BLOCK_M, 128] (one weight-scale block), one warp per 16 rows. WIDE tile: [64, 256], 8 warps,
-    # one warpgroup per 128 columns: the second block is W's rows up_row further on, the "up" half (SWIGLU) or
-    # the next 128 columns (PAIR_N).
-    WIDE: gl.constexpr = SWIGLU or PAIR_N
-    TILE_N: gl.constexpr = 2 * _BN if WIDE else _BN
+    # A program computes a [BLOCK_M, 128] output tile: 128 columns are one weight-scale block (its W scale is one
+    # number per K step) and, with SWIGLU, one 1x128 scale group of the e4m3 output. One warp per 16 rows.
     pid = gl.program_id(0)
     expert, row_start, row_end, tile_n = _schedule(pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, MASKED,
-                                                   BLOCK_M, TILE_N if PAIR_N else _BN, GROUP_M, E_PAD, num_warps)
+                                                   BLOCK_M, _BN, GROUP_M, E_PAD, num_warps)
     if row_start >= row_end:
         return
-    if PAIR_N:
-        tile_n = tile_n * 2  # this program's first column block; the second is tile_n + 1
-        up_row = _BN
 
-    WARPS_M: gl.constexpr = BLOCK_M // 16
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0],
-                                                         warps_per_cta=[WARPS_M, num_warps // WARPS_M],
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, _BN, 32])
     row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
-    col_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
-
-    b_blk = tile_n  # expert-local W row blocks of the tile's two halves (WIDE)
-    u_blk = gl.minimum(tile_n + up_row // _BN, (w_rows - 1) // _BN)  # PAIR_N past N: any (never stored)
-    b_row = expert * w_rows + b_blk * _BN
-    u_row = expert * w_rows + u_blk * _BN
-    ws_ptr = w_scale_ptr + expert.to(gl.int64) * stride_wse
-    b_scale_ptr = ws_ptr + b_blk * stride_wsn
-    u_scale_ptr = ws_ptr + u_blk * stride_wsn
-    first_half = gl.arange(0, TILE_N, layout=col_layout) < _BN
-
     offs_m = row_start + gl.arange(0, BLOCK_M, layout=row_layout)
     # rows past M are TMA's zero fill (scale 0); rows of the next expert are computed and never stored
     as_ptrs = a_scale_ptr + offs_m.to(gl.int64) * stride_asm
     m_in = offs_m < M
+    w_row = expert * w_rows + tile_n * _BN
+    ws_ptr = w_scale_ptr + expert.to(gl.int64) * stride_wse + tile_n * stride_wsn
 
     a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, _BK], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, TILE_N, _BK], w_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, _BN, _BK], w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
 
     num_k = K // _BK
-    for i in gl.static_range(STAGES):
-        _issue_load(i, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, row_start, b_row, u_row, STAGES, WIDE)
-
-    # Three fp32 register tiles: acc, the product in flight on the tensor cores, and the product finished one step
-    # earlier, promoted into acc while the next runs; the next product then reuses its registers. ptxas
-    # serialises every wgmma of the kernel once a register of a product in flight is copied (as a loop's back
-    # edge or an if's join would), so products stay in flight only inside a statically unrolled group of UNROLL
-    # steps; each group ends with nothing in flight (its last promotion does not overlap).
-    acc = gl.zeros([BLOCK_M, TILE_N], gl.float32, layout=mma_layout)
-    free_a = gl.zeros([BLOCK_M, TILE_N], gl.float32, layout=mma_layout)
-    free_b = gl.zeros([BLOCK_M, TILE_N], gl.float32, layout=mma_layout)
-    num_full = num_k // UNROLL * UNROLL
-    for kb0 in range(0, num_full, UNROLL):
-        pending = _issue_mma(kb0, free_a, a_bufs, b_bufs, ready, STAGES)
-        free = free_b
-        for j in gl.static_range(1, UNROLL):
-            nxt = _issue_mma(kb0 + j, free, a_bufs, b_bufs, ready, STAGES)
-            sa = gl.load(as_ptrs + (kb0 + j - 1) * stride_ask, mask=m_in, other=0.0)
-            free = warpgroup_mma_wait(1, deps=(pending,))  # the older of the two groups in flight
-            acc = _retire(kb0 + j - 1, num_k, acc, free, sa, b_scale_ptr, u_scale_ptr, first_half, a_desc, w_desc,
-                          a_bufs, b_bufs, ready, row_start, b_row, u_row, STAGES, WIDE)
-            pending = nxt
-        sa = gl.load(as_ptrs + (kb0 + UNROLL - 1) * stride_ask, mask=m_in, other=0.0)
-        free_a = warpgroup_mma_wait(0, deps=(pending,))
-        acc = _retire(kb0 + UNROLL - 1, num_k, acc, free_a, sa, b_scale_ptr, u_scale_ptr, first_half, a_desc,
-                      w_desc, a_bufs, b_bufs, ready, row_start, b_row, u_row, STAGES, WIDE)
-        free_b = free
-    for kb in range(num_full, num_k):  # the steps past the last full group, one at a time
-        prod = _issue_mma(kb, free_a, a_bufs, b_bufs, ready, STAGES)
-        sa = gl.load(as_ptrs + kb * stride_ask, mask=m_in, other=0.0)
-        free_a = warpgroup_mma_wait(0, deps=(prod,))
-        acc = _retire(kb, num_k, acc, free_a, sa, b_scale_ptr, u_scale_ptr, first_half, a_desc, w_desc, a_bufs,
-                      b_bufs, ready, row_start, b_row, u_row, STAGES, WIDE)
+    acc = gl.zeros([BLOCK_M, _BN], gl.float32, layout=mma_layout)
+    free_a = gl.zeros([BLOCK_M, _BN], gl.float32, layout=mma_layout)
+    free_b = gl.zeros([BLOCK_M, _BN], gl.float32, layout=mma_layout)
+    acc, free_a, free_b = _gemm_pass(0, num_k, acc, free_a, free_b, as_ptrs, m_in, stride_ask, ws_ptr, a_desc,
+                                     w_desc, a_bufs, b_bufs, ready, row_start, w_row, STAGES, UNROLL)
+    if SWIGLU:
+        # that was the gate tile: park it in shared memory (four register tiles do not fit) and run the same rows
+        # through the up block, up_row rows of W further on
+        gate_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, _BN],
+                                              gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        gate_smem.store(acc)
+        up = gl.zeros([BLOCK_M, _BN], gl.float32, layout=mma_layout)
+        up, free_a, free_b = _gemm_pass(num_k, num_k, up, free_a, free_b, as_ptrs, m_in, stride_ask,
+                                        ws_ptr + (up_row // _BN) * stride_wsn, a_desc, w_desc, a_bufs, b_bufs,
+                                        ready, row_start, w_row + up_row, STAGES, UNROLL)
+        gate = gate_smem.load(mma_layout)
+        acc = gate / (1.0 + gl.exp(-gate)) * up  # silu(gate) * up, in fp32
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
+    row_ok = offs_m < row_end
     if ROW_WEIGHT:
-        acc = acc * gl.load(row_weight_ptr + offs_m, mask=offs_m < row_end, other=0.0)[:, None]
+        acc = acc * gl.load(row_weight_ptr + offs_m, mask=row_ok, other=0.0)[:, None]
+    if SWIGLU:
+        # 128 columns: exactly one 1x128 scale group of each row
+        scale = gl.maximum(gl.max(gl.abs(acc), axis=1), _AMAX_FLOOR) / _E4M3_MAX
+        gl.store(out_scale_ptr + offs_m.to(gl.int64) * stride_osm + tile_n, scale, mask=row_ok)
+        q = (acc / scale[:, None]).to(out_ptr.dtype.element_ty)  # cvt.rn.satfinite: nearest even, saturating
+    else:
+        q = acc.to(out_ptr.dtype.element_ty)
     # stores from a row-major layout: 16 consecutive bytes per thread
     VEC: gl.constexpr = 128 // out_ptr.dtype.element_ty.primitive_bitwidth
-    OUT_N: gl.constexpr = _BN if SWIGLU else TILE_N
-    out_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // OUT_N, OUT_N // VEC], [num_warps, 1],
-                                                [1, 0])
+    out_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // _BN, _BN // VEC], [num_warps, 1], [1, 0])
     o_rows = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
-    o_cols = tile_n * _BN + gl.arange(0, OUT_N, layout=gl.SliceLayout(0, out_layout))
-    row_ok = o_rows < row_end
+    o_cols = tile_n * _BN + gl.arange(0, _BN, layout=gl.SliceLayout(0, out_layout))
     out_ptrs = out_ptr + o_rows.to(gl.int64)[:, None] * stride_om + o_cols[None, :]
-    if SWIGLU:
-        # gate (columns 0-127) and up (128-255) sit in different warpgroups: they meet in shared memory
-        c_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, TILE_N],
-                                           gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-        c_smem.store(acc)
-        gate = c_smem.slice(0, _BN, dim=1).load(out_layout)
-        up = c_smem.slice(_BN, _BN, dim=1).load(out_layout)
-        h = gate / (1.0 + gl.exp(-gate)) * up  # silu(gate) * up, in fp32
-        # 128 columns: exactly one 1x128 scale group of each row
-        scale = gl.maximum(gl.max(gl.abs(h), axis=1), _AMAX_FLOOR) / _E4M3_MAX
-        q = (h / scale[:, None]).to(out_ptr.dtype.element_ty)  # cvt.rn.satfinite: nearest even, saturating
-        gl.store(out_ptrs, q, mask=row_ok[:, None])
-        gl.store(out_scale_ptr + o_rows.to(gl.int64) * stride_osm + tile_n, scale, mask=row_ok)
-    else:
-        o = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), out_layout)
-        gl.store(out_ptrs, o, mask=row_ok[:, None] & (o_cols < N)[None, :])
+    gl.store(out_ptrs, gl.convert_layout(q, out_layout), mask=(o_rows < row_end)[:, None] & (o_cols < N)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # launcher
 
 def supports(cfg: dict, swiglu: bool, quant_out: bool) -> bool:
-    """Whether a config describes a tile this kernel builds: products of [BLOCK_M, 128], one warp per 16 rows
-    (64 or 128 rows: one or two warpgroups), SwiGLU only with its e4m3 epilogue."""
+    """Whether a config describes a tile this kernel builds: [BLOCK_M, 128] output tiles of 64 or 128 rows, one warp
+    per 16 rows; SwiGLU only with its e4m3 epilogue, PAIR_N not at all."""
     BM, BN, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]
-    if BN != BLOCK_N or cfg.get("BLOCK_K", BLOCK_K) != BLOCK_K or quant_out != swiglu:
-        return False
-    if swiglu or cfg.get("PAIR_N", 0):  # the wide tile: 64 x 256, two warpgroups side by side
-        return BM == 64 and warps == 8
-    return BM in (64, 128) and warps == BM // 16
+    return (BN == BLOCK_N and cfg.get("BLOCK_K", BLOCK_K) == BLOCK_K and BM in (64, 128) and warps == BM // 16
+            and not cfg.get("PAIR_N", 0) and quant_out == swiglu)
 
 
 def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0, out_scale=None, row_weight=None,
@@ -272,21 +247,20 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
     """Launch on 2-D a [M, K] e4m3 (masked: [E * max_m, K]) and w [E, w_rows, K] e4m3 (row-major, 16-byte
     aligned rows), writing out [M, N] (SwiGLU: e4m3 out and fp32 out_scale [M, N/128]).
 
-    ``cfg``: BLOCK_M (64 or 128), BLOCK_N (128), num_warps (BLOCK_M / 16), num_stages, GROUP_M, PAIR_N (two
-    adjacent 128-column products per program; ignored with SwiGLU, which always computes two).
+    ``cfg``: BLOCK_M (64 or 128), BLOCK_N (128), num_warps (BLOCK_M / 16), num_stages, GROUP_M, UNROLL (K steps
+    per unrolled group, default 4).
     """
     E, w_rows, K = w.shape
     M = a.shape[0]
     N = w_rows // 2 if swiglu else w_rows
     BM = cfg["BLOCK_M"]
-    pair_n = bool(cfg.get("PAIR_N", 0)) and not swiglu
     masked = masked_m is not None
     a_layout = gl.NVMMASharedLayout.get_default_for([BM, BLOCK_K], gl.float8e4nv)
     w_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float8e4nv)
     a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [BM, BLOCK_K], a_layout)
     w_desc = TensorDescriptor(w.view(E * w_rows, K), [E * w_rows, K], [K, 1], [BLOCK_N, BLOCK_K], w_layout)
     num_m = E * triton.cdiv(max_m, BM) if masked else triton.cdiv(M, BM) + E
-    grid = (num_m * triton.cdiv(N, BLOCK_N * (2 if pair_n else 1)),)
+    grid = (num_m * triton.cdiv(N, BLOCK_N),)
     idx = offsets if offsets is not None else masked_m  # any int32 tensor stands in for an absent pointer
     return _grouped_gemm_fp8_wgmma_kernel[grid](
         a_desc, w_desc, a_scale, w_scale, idx, idx, row_weight if row_weight is not None else a_scale, out,
@@ -294,9 +268,9 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
         M, N, K, E, max_m, w_rows, N,
         a_scale.stride(0), a_scale.stride(1), w_scale.stride(0), w_scale.stride(1), out.stride(0),
         out_scale.stride(0) if out_scale is not None else 0,
-        SWIGLU=swiglu, PAIR_N=pair_n, ROW_WEIGHT=row_weight is not None, MASKED=masked, BLOCK_M=BM,
-        GROUP_M=cfg["GROUP_M"], E_PAD=max(32, triton.next_power_of_2(E)), STAGES=cfg["num_stages"],
-        UNROLL=cfg.get("UNROLL", DEFAULT_UNROLL[swiglu or pair_n]), num_warps=cfg["num_warps"],
+        SWIGLU=swiglu, ROW_WEIGHT=row_weight is not None, MASKED=masked, BLOCK_M=BM, GROUP_M=cfg["GROUP_M"],
+        E_PAD=max(32, triton.next_power_of_2(E)), STAGES=cfg["num_stages"], UNROLL=cfg.get("UNROLL", DEFAULT_UNROLL),
+        num_warps=cfg["num_warps"],
     )
 
 
