@@ -257,10 +257,10 @@ def _wgmma_usable(a, w2d, cfg, swiglu, quant_out) -> bool:
     """The Gluon kernel runs this call: sm_90, TMA-able operands, a tile it builds. Says once why not."""
     if interpret_mode() or not a.is_cuda:
         return False  # the interpreter runs the Triton kernel: expected, nothing to say
+    if torch.cuda.get_device_capability(a.device)[0] != 9:
+        return False  # not Hopper: the Triton kernel is this GPU's kernel (the default configs ask for WGMMA)
     if grouped_gemm_wgmma is None:
         why = "this Triton has no Gluon (triton.experimental.gluon)"
-    elif not grouped_gemm_wgmma.available(a.device):
-        why = f"{torch.cuda.get_device_name(a.device)} is not sm_90"
     elif not _tma_usable(a, w2d):
         why = "an operand is not 16-byte aligned for TMA"
     elif not grouped_gemm_wgmma.supports(cfg, swiglu, quant_out):

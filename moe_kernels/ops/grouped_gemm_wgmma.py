@@ -21,7 +21,6 @@ falls back to the Triton kernel when either is missing.
 """
 from __future__ import annotations
 
-import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -272,8 +271,3 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
         E_PAD=max(32, triton.next_power_of_2(E)), STAGES=cfg["num_stages"], UNROLL=cfg.get("UNROLL", DEFAULT_UNROLL),
         num_warps=cfg["num_warps"],
     )
-
-
-def available(device: torch.device) -> bool:
-    """sm_90 (Hopper): where wgmma exists and this kernel was tuned."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
