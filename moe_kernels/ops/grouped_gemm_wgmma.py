@@ -27,9 +27,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["launch", "supports"]
-
 from ..reference.quant import MIN_AMAX
+
+__all__ = ["launch", "supports"]
 
 BLOCK_K = 128  # one K step = one scale block of A and of W
 BLOCK_N = 128  # columns of one product = rows of W per TMA load = one weight-scale block
