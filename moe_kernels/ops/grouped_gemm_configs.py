@@ -31,11 +31,13 @@ CONFIG_DIR = Path(__file__).parent / "configs"  # shipped as package data: moe_k
 KINDS = ("fp8", "fp8_swiglu", "bf16", "bf16_swiglu")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "USE_TMA", "PAIR_N", "WGMMA", "UNROLL")
 
-# Defaults for a GPU or shape without a file: the configs the H100 sweep picked at 1024-4096 rows per expert
-# (bench/results/grouped_gemm_tune_*). The FP8 SwiGLU kernel holds two accumulators: 16 warps (four warpgroups).
+# Defaults for a GPU or shape without a file. FP8: the Gluon kernel's config that the H200 sweep picked at 256-4096
+# rows per expert for all three kinds (bench/results/grouped_gemm_tune_wgmma-NVIDIA_H200.json); off Hopper the same
+# tile runs the Triton kernel. bf16: the H100 sweep's pick at 1024-4096 rows per expert.
 DEFAULTS = {
-    "fp8": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=1),
-    "fp8_swiglu": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=16, num_stages=3, USE_TMA=1),
+    "fp8": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=1, WGMMA=1),
+    "fp8_swiglu": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=1,
+                       WGMMA=1),
     "bf16": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, USE_TMA=1),
     "bf16_swiglu": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, USE_TMA=1),
 }
