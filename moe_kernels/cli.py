@@ -55,6 +55,7 @@ def cmd_info(_args) -> int:
                                       f"{p.total_memory / 2**30:.0f} GiB"))
     else:
         rows.append(("GPU", "none: ops run their PyTorch references (or Triton's interpreter with TRITON_INTERPRET=1)"))
+    rows.append(("FP8 grouped GEMM kernel", _grouped_gemm_kernel()))
     rows.append(("extension moe_kernels._C", "built" if has_extension() else f"not built ({extension_error()})"))
     rows.append(("NVSHMEM", _nvshmem()))
     rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0")))
@@ -62,6 +63,22 @@ def cmd_info(_args) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _grouped_gemm_kernel() -> str:
+    """Which kernel the FP8 grouped GEMM configs run here, and why."""
+    import torch
+
+    from .ops import grouped_gemm
+
+    if grouped_gemm.grouped_gemm_wgmma is None:
+        return "Triton (this Triton has no Gluon: the sm_90 wgmma kernel is off)"
+    if not torch.cuda.is_available():
+        return "Triton on the interpreter, or the reference (no GPU); the sm_90 wgmma kernel needs Hopper"
+    majors = {torch.cuda.get_device_capability(i)[0] for i in range(torch.cuda.device_count())}
+    if majors == {9}:
+        return "Gluon wgmma kernel for sm_90 (grouped_gemm_wgmma), where a config sets WGMMA"
+    return "Triton (the Gluon wgmma kernel is for sm_90 only)"
 
 
 def cmd_demo(args) -> int:
@@ -134,7 +151,8 @@ def cmd_demo(args) -> int:
 def cmd_tune(args) -> int:
     from .tune import tune
 
-    paths = tune(quick=args.quick, out_dir=args.out)
+    paths = tune(quick=args.quick, out_dir=args.out, kinds=args.kinds.split(",") if args.kinds else None,
+                 challenge=args.challenge)
     for p in paths:
         print(f"wrote {p}")
     return 0
@@ -254,6 +272,9 @@ def main(argv=None) -> int:
     tune = sub.add_parser("tune", help="sweep kernel configs on this GPU and rewrite the tuned-config files")
     tune.add_argument("--quick", action="store_true", help="fewer shapes and configs")
     tune.add_argument("--out", default=None, help="directory for the JSON files (default: the package's)")
+    tune.add_argument("--kinds", default=None, help="comma-separated subset of fp8,fp8_swiglu,bf16,bf16_swiglu")
+    tune.add_argument("--challenge", choices=["wgmma"], default=None,
+                      help="time only the Gluon (WGMMA) configs against this GPU's current table entries")
     plan = sub.add_parser("plan", help="predict a large expert-parallel deployment (per-layer times, tokens/s, MFU)",
                           description="Predict one forward step of an expert-parallel deployment from the kernel "
                                       "rates in bench/results (else hardware defaults); docs/planner.md has the "
