@@ -38,6 +38,10 @@ BASES = {
     "wg128u8": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=1,
                     WGMMA=1, UNROLL=8),
     "wg64s3": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3, USE_TMA=1, WGMMA=1),
+    "wg128ws": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=1,
+                    WGMMA=1, WS=1),
+    "wg128ws5": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=5, USE_TMA=1,
+                     WGMMA=1, WS=1),
     "wg64": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4, USE_TMA=1, WGMMA=1),
 }
 VARIANTS = {  # name -> (cfg overrides, column-major activation scales)
@@ -83,6 +87,7 @@ MLP_CFGS = {  # name -> (w13 SwiGLU config, w2 config); None: the tuned table's 
     "shipped": (None, None),
     "wgmma128": (BASES["wg128"], BASES["wg128"]),
     "wgmma128s3": (dict(BASES["wg128"], num_stages=3), BASES["wg128"]),
+    "wgmma128ws": (BASES["wg128ws"], BASES["wg128ws"]),
     "wgmma64": (BASES["wg64"], BASES["wg128"]),
 }
 

@@ -221,13 +221,15 @@ GPU_CONFIGS = [
      for bm, nw, ns, tma in [(128, 16, 4, 1), (64, 8, 3, 1), (64, 4, 3, 0)]]
 # the Gluon kernel (grouped_gemm_wgmma): tiles of 64/128 rows, 2-5 stages, groups of 1-4 unrolled K steps
 WGMMA_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=ns, USE_TMA=1,
-                      WGMMA=1, UNROLL=u)
-                 for bm, ns, u in [(128, 4, 4), (128, 2, 4), (64, 5, 4), (64, 3, 2), (128, 3, 1)]]
+                      WGMMA=1, UNROLL=u, WS=ws)
+                 for bm, ns, u, ws in [(128, 4, 4, 0), (128, 2, 4, 0), (64, 5, 4, 0), (64, 3, 2, 0), (128, 3, 1, 0),
+                                       (128, 4, 4, 1), (64, 2, 4, 1)]]
 
 
 def _cfg_id(c):
     return ("bm{BLOCK_M}_bn{BLOCK_N}_w{num_warps}_s{num_stages}_tma{USE_TMA}".format(**c)
-            + ("_pair" if c.get("PAIR_N") else "") + ("_wgmma_u{}".format(c["UNROLL"]) if c.get("WGMMA") else ""))
+            + ("_pair" if c.get("PAIR_N") else "") + ("_wgmma_u{}".format(c["UNROLL"]) if c.get("WGMMA") else "")
+            + ("_ws" if c.get("WS") else ""))
 
 
 @pytest.mark.gpu
@@ -248,7 +250,7 @@ def test_grouped_gemm_fp8_configs_gpu(cfg):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", WGMMA_CONFIGS[:3], ids=_cfg_id)
+@pytest.mark.parametrize("cfg", WGMMA_CONFIGS[:3] + WGMMA_CONFIGS[-1:], ids=_cfg_id)
 @pytest.mark.parametrize("layout", ["masked", "row_weight_fp32_out", "colmajor_scales"])
 def test_grouped_gemm_fp8_wgmma_variants_gpu(cfg, layout):
     """The Gluon kernel's other paths: the masked decode layout, a per-row weight with fp32 output, column-major
@@ -284,7 +286,7 @@ def test_grouped_gemm_fp8_wgmma_variants_gpu(cfg, layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tma", [0, 1, "wgmma"])
+@pytest.mark.parametrize("tma", [0, 1, "wgmma", "wgmma_ws"])
 def test_expert_mlp_fp8_gpu_larger(tma):
     counts = [0, 1, 200, 77, 513, 64, 3, 150]
     E, H, I = len(counts), 1024, 384
@@ -297,11 +299,11 @@ def test_expert_mlp_fp8_gpu_larger(tma):
     h = torch.full((M, I), float("nan"), device="cuda").to(torch.float8_e4m3fn)
     hs = torch.full((M, I // 128), float("nan"), device="cuda")
     out = torch.full((M, H), float("nan"), dtype=torch.bfloat16, device="cuda")
-    wg = int(tma == "wgmma")
+    wg, ws = int(str(tma).startswith("wgmma")), int(tma == "wgmma_ws")
     cfg1 = dict(BLOCK_M=128 if wg else 64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3,
-                USE_TMA=int(bool(tma)), WGMMA=wg)
+                USE_TMA=int(bool(tma)), WGMMA=wg, WS=ws)
     cfg2 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=int(bool(tma)),
-                WGMMA=wg)
+                WGMMA=wg, WS=ws)
     k1 = gg._launch(x, x_scale, w13, w13_scale, h, offsets=offsets, out_scale=hs, swiglu=True, cfg=cfg1)
     k2 = gg._launch(h, hs, w2, w2_scale, out, offsets=offsets, row_weight=tw, cfg=cfg2)
     if wg:
@@ -422,7 +424,8 @@ def test_config_lookup_same_chip_and_default():
 # short), which leaves the kernel no faster than the Triton one; spills cost the same.
 WGMMA_COMPILE = [dict(BLOCK_M=128, num_warps=8, STAGES=4), dict(BLOCK_M=64, num_warps=4, STAGES=4),
                  dict(BLOCK_M=128, num_warps=8, STAGES=4, SWIGLU=1), dict(BLOCK_M=64, num_warps=4, STAGES=3, SWIGLU=1),
-                 dict(BLOCK_M=128, num_warps=8, STAGES=4, ROW_WEIGHT=1, MASKED=1)]
+                 dict(BLOCK_M=128, num_warps=8, STAGES=4, ROW_WEIGHT=1, MASKED=1),
+                 dict(BLOCK_M=128, num_warps=8, STAGES=4, WS=1), dict(BLOCK_M=128, num_warps=8, STAGES=4, SWIGLU=1, WS=1)]
 
 
 @pytest.mark.skipif(gg.grouped_gemm_wgmma is None, reason="this Triton has no Gluon")
@@ -444,5 +447,9 @@ def test_wgmma_kernel_compiles_for_sm90_unserialised(cfg):
     print(cfg, r)
     assert r["ptxas_wgmma_warnings"] == [], r
     assert r["spill_bytes"] == 0, r
-    # every K step's promotion sits between a wait for one group (W1) and the next step's wgmma (M)
+    # every K step's promotion sits between a wait for one group (W1) and the next step's wgmma (M); with WS the
+    # math warps issue no TMA load (the loader warp's sit after the math region)
     assert "W1 F64" in r["order"], r["order"]
+    if cfg.get("WS"):
+        math = r["order"].split("W0")[0]
+        assert "T" not in math.split(), r["order"]

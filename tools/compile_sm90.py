@@ -102,15 +102,16 @@ def _shape(ptx):
     return " ".join(m + (str(n) if n > 1 else "") for m, n in marks)
 
 
-def compile_wgmma(BLOCK_M=128, num_warps=8, STAGES=4, UNROLL=4, SWIGLU=0, ROW_WEIGHT=0, MASKED=0):
+def compile_wgmma(BLOCK_M=128, num_warps=8, STAGES=4, UNROLL=4, SWIGLU=0, ROW_WEIGHT=0, MASKED=0, WS=0):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    from moe_kernels.ops.grouped_gemm_wgmma import LOADER_REGS, ws_maxnreg
     from moe_kernels.ops.grouped_gemm_wgmma import _grouped_gemm_fp8_wgmma_kernel as kernel
 
     names = list(kernel.arg_names)
     const = dict(SWIGLU=SWIGLU, ROW_WEIGHT=ROW_WEIGHT, MASKED=MASKED, BLOCK_M=BLOCK_M, GROUP_M=8,
-                 E_PAD=32, STAGES=STAGES, UNROLL=UNROLL, num_warps=num_warps)
+                 E_PAD=32, STAGES=STAGES, UNROLL=UNROLL, WS=WS, LOADER_REGS=LOADER_REGS, num_warps=num_warps)
     a_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 128], gl.float8e4nv)
     w_layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.float8e4nv)
     sig = {}
@@ -128,8 +129,11 @@ def compile_wgmma(BLOCK_M=128, num_warps=8, STAGES=4, UNROLL=4, SWIGLU=0, ROW_WE
         else:
             sig[n] = "i32"
     src = GluonASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    opts = {"num_warps": num_warps, **({"maxnreg": ws_maxnreg(num_warps)} if WS else {})}
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     regs, spills, warns = _ptxas(k)
+    if os.environ.get("COMPILE_SM90_PTX"):
+        open(os.environ["COMPILE_SM90_PTX"], "w").write(k.asm["ptx"])
     return dict(shared=k.metadata.shared, regs=regs, spill_bytes=spills, ptxas_wgmma_warnings=warns,
                 order=_shape(k.asm["ptx"]))
 

@@ -34,6 +34,7 @@ __all__ = ["launch", "supports"]
 BLOCK_K = 128  # one K step = one scale block of A and of W
 BLOCK_N = 128  # columns of one product = rows of W per TMA load = one weight-scale block
 DEFAULT_UNROLL = 4  # K steps per statically unrolled group (8 reaches 255 registers and spills)
+LOADER_REGS = 24  # WS: registers of the loader warp (it holds scalars only)
 _BK = gl.constexpr(BLOCK_K)
 _BN = gl.constexpr(BLOCK_N)
 _AMAX_FLOOR = gl.constexpr(MIN_AMAX)
@@ -110,18 +111,37 @@ def _pin(x):
 
 @gluon.jit
 def _retire(t0, kb, num_k, acc, done, as_ptrs, m_in, stride_ask, ws_ptr, a_desc, w_desc, a_bufs, b_bufs, ready,
-            a_row, w_row, STAGES: gl.constexpr):
-    """Promote the finished product of step kb into acc (A scale of each row x the block's W scale), then load
-    step kb+STAGES into the stage it has left."""
+            empty, a_row, w_row, STAGES: gl.constexpr, WS: gl.constexpr):
+    """Promote the finished product of step kb into acc (A scale of each row x the block's W scale), then hand
+    the stage it has left back: load step kb+STAGES into it, or (WS) tell the loader warp that it is empty."""
     sa = gl.load(as_ptrs + kb * stride_ask, mask=m_in, other=0.0)
     acc = _pin(acc + done * (sa * gl.load(ws_ptr + kb))[:, None])
-    _issue_load(t0 + kb + STAGES, kb + STAGES, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, w_row, STAGES)
+    if WS:
+        mbarrier.arrive(empty.index((t0 + kb) % STAGES), count=1)
+    else:
+        _issue_load(t0 + kb + STAGES, kb + STAGES, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, w_row,
+                    STAGES)
     return acc
 
 
 @gluon.jit
+def _loader(a_desc, w_desc, a_bufs, b_bufs, ready, empty, a_row, w_row, up_row, num_k,
+            STAGES: gl.constexpr, PASSES: gl.constexpr):
+    """WS: the loader warp. Fills the stage ring for every K step of every pass (SwiGLU: gate, then up) as soon as
+    the math warps have emptied a stage; the math warps never issue a load or meet at a CTA barrier."""
+    for t in range(num_k * PASSES):
+        kb = t % num_k
+        s = t % STAGES
+        mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
+        bar = ready.index(s)
+        mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(a_desc, [a_row, kb * _BK], bar, a_bufs.index(s))
+        tma.async_copy_global_to_shared(w_desc, [w_row + (t // num_k) * up_row, kb * _BK], bar, b_bufs.index(s))
+
+
+@gluon.jit
 def _gemm_pass(t0, num_k, acc, free_a, free_b, as_ptrs, m_in, stride_ask, ws_ptr, a_desc, w_desc, a_bufs, b_bufs,
-               ready, a_row, w_row, STAGES: gl.constexpr, UNROLL: gl.constexpr):
+               ready, empty, a_row, w_row, STAGES: gl.constexpr, UNROLL: gl.constexpr, WS: gl.constexpr):
     """acc + A[rows, :] @ W[w_row : w_row + 128, :]^T with the block scales, through the stage ring; t0: pipeline
     steps done before (the ring's stages and barrier phases continue from there). Returns acc and the two free
     product tiles.
@@ -132,8 +152,9 @@ def _gemm_pass(t0, num_k, acc, free_a, free_b, as_ptrs, m_in, stride_ask, ws_ptr
     join would), so products stay in flight only inside a statically unrolled group of UNROLL steps; each group
     ends with nothing in flight (its last promotion does not overlap).
     """
-    for i in gl.static_range(STAGES):
-        _issue_load(t0 + i, i, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, w_row, STAGES)
+    if not WS:
+        for i in gl.static_range(STAGES):
+            _issue_load(t0 + i, i, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, w_row, STAGES)
     num_full = num_k // UNROLL * UNROLL
     for kb0 in range(0, num_full, UNROLL):
         pending = _issue_mma(t0 + kb0, free_a, a_bufs, b_bufs, ready, STAGES)
@@ -142,18 +163,46 @@ def _gemm_pass(t0, num_k, acc, free_a, free_b, as_ptrs, m_in, stride_ask, ws_ptr
             nxt = _issue_mma(t0 + kb0 + j, free, a_bufs, b_bufs, ready, STAGES)
             free = warpgroup_mma_wait(1, deps=(pending,))  # the older of the two groups in flight
             acc = _retire(t0, kb0 + j - 1, num_k, acc, free, as_ptrs, m_in, stride_ask, ws_ptr, a_desc, w_desc,
-                          a_bufs, b_bufs, ready, a_row, w_row, STAGES)
+                          a_bufs, b_bufs, ready, empty, a_row, w_row, STAGES, WS)
             pending = nxt
         free_a = warpgroup_mma_wait(0, deps=(pending,))
         acc = _retire(t0, kb0 + UNROLL - 1, num_k, acc, free_a, as_ptrs, m_in, stride_ask, ws_ptr, a_desc, w_desc,
-                      a_bufs, b_bufs, ready, a_row, w_row, STAGES)
+                      a_bufs, b_bufs, ready, empty, a_row, w_row, STAGES, WS)
         free_b = free
     for kb in range(num_full, num_k):  # the steps past the last full group, one at a time
         prod = _issue_mma(t0 + kb, free_a, a_bufs, b_bufs, ready, STAGES)
         free_a = warpgroup_mma_wait(0, deps=(prod,))
         acc = _retire(t0, kb, num_k, acc, free_a, as_ptrs, m_in, stride_ask, ws_ptr, a_desc, w_desc, a_bufs,
-                      b_bufs, ready, a_row, w_row, STAGES)
+                      b_bufs, ready, empty, a_row, w_row, STAGES, WS)
     return acc, free_a, free_b
+
+
+@gluon.jit
+def _math(num_k, as_ptrs, m_in, stride_ask, ws_ptr, a_desc, w_desc, a_bufs, b_bufs, ready, empty, a_row, w_row, up_row,
+          stride_wsn, BLOCK_M: gl.constexpr, SWIGLU: gl.constexpr, STAGES: gl.constexpr, UNROLL: gl.constexpr,
+          WS: gl.constexpr):
+    """The math warps (one per 16 rows): the K loop over the gate (or only) W block, and with SWIGLU the up
+    block; returns the fp32 tile (SWIGLU: silu(gate) * up)."""
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[BLOCK_M // 16, 1],
+                                                         instr_shape=[16, _BN, 32])
+    acc = gl.zeros([BLOCK_M, _BN], gl.float32, layout=mma_layout)
+    free_a = gl.zeros([BLOCK_M, _BN], gl.float32, layout=mma_layout)
+    free_b = gl.zeros([BLOCK_M, _BN], gl.float32, layout=mma_layout)
+    acc, free_a, free_b = _gemm_pass(0, num_k, acc, free_a, free_b, as_ptrs, m_in, stride_ask, ws_ptr, a_desc,
+                                     w_desc, a_bufs, b_bufs, ready, empty, a_row, w_row, STAGES, UNROLL, WS)
+    if SWIGLU:
+        # that was the gate tile: park it in shared memory (four register tiles do not fit) and run the same rows
+        # through the up block, up_row rows of W further on
+        gate_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, _BN],
+                                              gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        gate_smem.store(acc)
+        up = gl.zeros([BLOCK_M, _BN], gl.float32, layout=mma_layout)
+        up, free_a, free_b = _gemm_pass(num_k, num_k, up, free_a, free_b, as_ptrs, m_in, stride_ask,
+                                        ws_ptr + (up_row // _BN) * stride_wsn, a_desc, w_desc, a_bufs, b_bufs,
+                                        ready, empty, a_row, w_row + up_row, STAGES, UNROLL, WS)
+        gate = gate_smem.load(mma_layout)
+        acc = gate / (1.0 + gl.exp(-gate)) * up  # silu(gate) * up, in fp32
+    return (acc,)  # a tuple: what warp_specialize takes from its default partition
 
 
 @gluon.jit
@@ -164,7 +213,8 @@ def _grouped_gemm_fp8_wgmma_kernel(
     up_row,  # SWIGLU: the row of W where the "up" half starts (I)
     stride_asm, stride_ask, stride_wse, stride_wsn, stride_om, stride_osm,
     SWIGLU: gl.constexpr, ROW_WEIGHT: gl.constexpr, MASKED: gl.constexpr, BLOCK_M: gl.constexpr,
-    GROUP_M: gl.constexpr, E_PAD: gl.constexpr, STAGES: gl.constexpr, UNROLL: gl.constexpr, num_warps: gl.constexpr,
+    GROUP_M: gl.constexpr, E_PAD: gl.constexpr, STAGES: gl.constexpr, UNROLL: gl.constexpr, WS: gl.constexpr,
+    LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     # A program computes a [BLOCK_M, 128] output tile: 128 columns are one weight-scale block (its W scale is one
     # number per K step) and, with SWIGLU, one 1x128 scale group of the e4m3 output. One warp per 16 rows.
@@ -190,26 +240,25 @@ def _grouped_gemm_fp8_wgmma_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
 
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())  # WS only
+    for i in gl.static_range(STAGES):
+        mbarrier.init(empty.index(i), count=1)
+
     num_k = K // _BK
-    acc = gl.zeros([BLOCK_M, _BN], gl.float32, layout=mma_layout)
-    free_a = gl.zeros([BLOCK_M, _BN], gl.float32, layout=mma_layout)
-    free_b = gl.zeros([BLOCK_M, _BN], gl.float32, layout=mma_layout)
-    acc, free_a, free_b = _gemm_pass(0, num_k, acc, free_a, free_b, as_ptrs, m_in, stride_ask, ws_ptr, a_desc,
-                                     w_desc, a_bufs, b_bufs, ready, row_start, w_row, STAGES, UNROLL)
-    if SWIGLU:
-        # that was the gate tile: park it in shared memory (four register tiles do not fit) and run the same rows
-        # through the up block, up_row rows of W further on
-        gate_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, _BN],
-                                              gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-        gate_smem.store(acc)
-        up = gl.zeros([BLOCK_M, _BN], gl.float32, layout=mma_layout)
-        up, free_a, free_b = _gemm_pass(num_k, num_k, up, free_a, free_b, as_ptrs, m_in, stride_ask,
-                                        ws_ptr + (up_row // _BN) * stride_wsn, a_desc, w_desc, a_bufs, b_bufs,
-                                        ready, row_start, w_row + up_row, STAGES, UNROLL)
-        gate = gate_smem.load(mma_layout)
-        acc = gate / (1.0 + gl.exp(-gate)) * up  # silu(gate) * up, in fp32
+    if WS:
+        # one loader warp issues every TMA load; the math warps only wait for stages and hand them back
+        acc = gl.warp_specialize([
+            (_math, (num_k, as_ptrs, m_in, stride_ask, ws_ptr, a_desc, w_desc, a_bufs, b_bufs, ready, empty,
+                     row_start, w_row, up_row, stride_wsn, BLOCK_M, SWIGLU, STAGES, UNROLL, WS)),
+            (_loader, (a_desc, w_desc, a_bufs, b_bufs, ready, empty, row_start, w_row, up_row, num_k, STAGES,
+                       2 if SWIGLU else 1)),
+        ], [1], [LOADER_REGS])[0]
+    else:
+        acc = _math(num_k, as_ptrs, m_in, stride_ask, ws_ptr, a_desc, w_desc, a_bufs, b_bufs, ready, empty,
+                    row_start, w_row, up_row, stride_wsn, BLOCK_M, SWIGLU, STAGES, UNROLL, WS)[0]
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
 
     row_ok = offs_m < row_end
     if ROW_WEIGHT:
@@ -247,7 +296,7 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
     aligned rows), writing out [M, N] (SwiGLU: e4m3 out and fp32 out_scale [M, N/128]).
 
     ``cfg``: BLOCK_M (64 or 128), BLOCK_N (128), num_warps (BLOCK_M / 16), num_stages, GROUP_M, UNROLL (K steps
-    per unrolled group, default 4).
+    per unrolled group, default 4), WS (1: a loader warp of its own issues the TMA loads, warp-specialised).
     """
     E, w_rows, K = w.shape
     M = a.shape[0]
@@ -269,5 +318,12 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
         out_scale.stride(0) if out_scale is not None else 0,
         SWIGLU=swiglu, ROW_WEIGHT=row_weight is not None, MASKED=masked, BLOCK_M=BM, GROUP_M=cfg["GROUP_M"],
         E_PAD=max(32, triton.next_power_of_2(E)), STAGES=cfg["num_stages"], UNROLL=cfg.get("UNROLL", DEFAULT_UNROLL),
-        num_warps=cfg["num_warps"],
+        WS=bool(cfg.get("WS", 0)), LOADER_REGS=LOADER_REGS, num_warps=cfg["num_warps"],
+        **({"maxnreg": ws_maxnreg(cfg["num_warps"])} if cfg.get("WS", 0) else {}),
     )
+
+
+def ws_maxnreg(num_warps: int) -> int:
+    """WS: the kernel-wide register cap for num_warps math warps + one loader warpgroup. The loader gives up all
+    but LOADER_REGS of its share, which the math warps take (setmaxnreg): they end up with about 240."""
+    return (65536 // (32 * (num_warps + 4))) // 8 * 8
