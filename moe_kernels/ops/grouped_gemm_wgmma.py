@@ -5,19 +5,26 @@ with 128x128 scales, rows grouped by expert through ``offsets`` or the masked de
 e4m3 re-quantisation epilogue, optional per-row weight). What differs is the K loop.
 
 Triton's ``tl.dot`` cannot keep a product in flight while the previous one is scaled: every K step compiles to
-``wgmma; wait 0``, then the fp32 promotion ``acc += P_k * (sa_k x sw_k)`` runs with the tensor cores idle (the
-promotion cost ~30% at DeepSeek shapes: bench/probe_grouped_gemm.py). Gluon exposes the wgmma groups, so here
-each K step issues the product of step k into a fresh register tile, waits only for the product of step k-1
-(``warpgroup_mma_wait(1)``), promotes that one while step k runs, and then refills the freed shared-memory stage
-with TMA. Three fp32 tiles are live (the accumulator and two products), which bounds the tile: 128x128 (8 warps,
-each warpgroup 64 rows) or 64x256 (8 warps, each warpgroup 128 columns).
+``wgmma; wait 0``, then the fp32 promotion ``acc += P_k * (sa_k x sw_k)`` runs with the tensor cores idle (~30% at
+DeepSeek shapes: bench/probe_grouped_gemm.py). Gluon exposes the wgmma groups, so here each K step issues its
+product into a free register tile, waits only for the previous step's product (``warpgroup_mma_wait(1)``) and
+promotes it while the new one runs. Three fp32 tiles are live (acc and two products), so a program computes a
+[BLOCK_M, 128] tile (128 or 64 rows, one warp per 16 rows): 128 columns are one weight-scale block, whose W scale
+is one number per K step.
 
-SWIGLU: the B tile is the gate block and the up block of the same 128 output columns, one per warpgroup
-(64 rows x 256); the epilogue meets them through shared memory, computes silu(gate) * up and writes e4m3 with
-one scale per 1x128 group.
+What ptxas needs to keep the wgmmas asynchronous (it serialises all of them otherwise, notes C7514/C7512; the CI
+compiles this kernel for sm_90 and fails on them, ``tools/compile_sm90.py WGMMA=1``): no register copy of a
+product in flight, so products are in flight only inside statically unrolled groups of UNROLL steps (a loop's
+back edge or an if's join would copy them), and each promotion passes a volatile no-op before the next issue
+(Triton 3.6's LLVM otherwise sinks a group's promotions to its end, holding four tiles).
 
-Needs ``triton.experimental.gluon`` (Triton >= 3.5) and sm_90; ``grouped_gemm`` imports this module lazily and
-falls back to the Triton kernel when either is missing.
+SWIGLU: the same rows run through the stage ring twice, against the gate block and then the up block of the same
+128 output columns; the gate tile waits in shared memory, then silu(gate) * up is written as e4m3 with one scale
+per 1x128 group. WS: ``gl.warp_specialize`` gives the TMA loads to one loader warp (ready/empty barriers per
+stage), so the math warps never issue a load nor wait on the CTA barriers around one.
+
+Needs ``triton.experimental.gluon`` (Triton 3.6 and 3.8 tested) and sm_90; ``grouped_gemm`` imports this module
+in a try and runs the Triton kernel when Gluon is missing or the GPU is not Hopper.
 """
 from __future__ import annotations
 
