@@ -20,8 +20,9 @@ back edge or an if's join would copy them), and each promotion passes a volatile
 
 SWIGLU: the same rows run through the stage ring twice, against the gate block and then the up block of the same
 128 output columns; the gate tile waits in shared memory, then silu(gate) * up is written as e4m3 with one scale
-per 1x128 group. WS: ``gl.warp_specialize`` gives the TMA loads to one loader warp (ready/empty barriers per
-stage), so the math warps never issue a load nor wait on the CTA barriers around one.
+per 1x128 group. WS (opt-in, no shipped config sets it): ``gl.warp_specialize`` gives the TMA loads to one loader
+warp (ready/empty barriers per stage), so the math warps never issue a load nor wait on the CTA barriers around
+one. It compiles for sm_90 on Triton 3.6 and 3.8 (CI checks it) but has not run on a GPU yet.
 
 Needs ``triton.experimental.gluon`` (Triton 3.6 and 3.8 tested) and sm_90; ``grouped_gemm`` imports this module
 in a try and runs the Triton kernel when Gluon is missing or the GPU is not Hopper.
