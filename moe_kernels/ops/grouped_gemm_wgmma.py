@@ -248,9 +248,12 @@ def _grouped_gemm_fp8_wgmma_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
 
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())  # WS only
-    for i in gl.static_range(STAGES):
-        mbarrier.init(empty.index(i), count=1)
+    if WS:  # the math warps hand emptied stages back to the loader warp
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(empty.index(i), count=1)
+    else:
+        empty = ready  # unused: the math warps load the stages themselves
 
     num_k = K // _BK
     if WS:
@@ -266,7 +269,8 @@ def _grouped_gemm_fp8_wgmma_kernel(
                     row_start, w_row, up_row, stride_wsn, BLOCK_M, SWIGLU, STAGES, UNROLL, WS)[0]
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
-        mbarrier.invalidate(empty.index(i))
+        if WS:
+            mbarrier.invalidate(empty.index(i))
 
     row_ok = offs_m < row_end
     if ROW_WEIGHT:
