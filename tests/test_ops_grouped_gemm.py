@@ -425,7 +425,8 @@ def test_config_lookup_same_chip_and_default():
 WGMMA_COMPILE = [dict(BLOCK_M=128, num_warps=8, STAGES=4), dict(BLOCK_M=64, num_warps=4, STAGES=4),
                  dict(BLOCK_M=128, num_warps=8, STAGES=4, SWIGLU=1), dict(BLOCK_M=64, num_warps=4, STAGES=3, SWIGLU=1),
                  dict(BLOCK_M=128, num_warps=8, STAGES=4, ROW_WEIGHT=1, MASKED=1),
-                 dict(BLOCK_M=128, num_warps=8, STAGES=4, WS=1), dict(BLOCK_M=128, num_warps=8, STAGES=4, SWIGLU=1, WS=1)]
+                 dict(BLOCK_M=128, num_warps=8, STAGES=4, WS=1),
+                 dict(BLOCK_M=128, num_warps=8, STAGES=4, SWIGLU=1, WS=1)]
 
 
 @pytest.mark.skipif(gg.grouped_gemm_wgmma is None, reason="this Triton has no Gluon")
