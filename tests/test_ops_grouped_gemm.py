@@ -454,3 +454,22 @@ def test_wgmma_kernel_compiles_for_sm90_unserialised(cfg):
     if cfg.get("WS"):
         math = r["order"].split("W0")[0]
         assert "T" not in math.split(), r["order"]
+
+
+@pytest.mark.skipif(gg.grouped_gemm_wgmma is None, reason="this Triton has no Gluon")
+def test_wgmma_supports_only_its_tiles():
+    """The configs the Gluon kernel builds (anything else runs the Triton kernel, with a warning on Hopper)."""
+    base = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+    ok = gg.grouped_gemm_wgmma.supports
+    assert ok(base, False, False) and ok(dict(base, BLOCK_M=64, num_warps=4), False, False)
+    assert ok(base, True, True)  # SwiGLU with its e4m3 epilogue
+    assert not ok(base, True, False)  # SwiGLU writing bf16: the Triton kernel's
+    assert not ok(base, False, True)
+    assert not ok(dict(base, num_warps=16), False, False)  # one warp per 16 rows, nothing else
+    assert not ok(dict(base, BLOCK_N=256), False, False)
+    assert not ok(dict(base, BLOCK_M=256, num_warps=16), False, False)
+    assert not ok(dict(base, PAIR_N=1), False, False)
+    # the defaults ask for it
+    for kind in ("fp8", "fp8_swiglu"):
+        cfg = cfgs.DEFAULTS[kind]
+        assert cfg["WGMMA"] == 1 and ok(cfg, kind.endswith("swiglu"), kind.endswith("swiglu"))
