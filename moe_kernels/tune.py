@@ -60,7 +60,7 @@ def candidates(kind: str, quick: bool = False) -> list[dict]:
         if smem <= SMEM_LIMIT:
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=nw, num_stages=ns, USE_TMA=tma)
             out.append(dict(cfg, PAIR_N=1) if pair else cfg)
-    return out + wg  # the first, a Triton pointer-load config, is the tuner's expected output
+    return out + wg
 
 
 def _experts_for(rows: int) -> int:
@@ -122,6 +122,8 @@ def tune(families=("grouped_gemm",), out_dir=None, quick=False, kinds=None, verb
     written, timings = [], []
     for kind in kinds or SHAPES:
         cands = candidates(kind, quick)
+        ref_cfg = next(c for c in cands if not c.get("WGMMA"))  # a Triton config the tests cover
+        contenders = [c for c in cands if c.get("WGMMA")] if challenge == "wgmma" else cands
         for N, K in SHAPES[kind]:
             table = {}
             incumbents = load_table(str(out_dir / config_filename(kind, N, K, gpu))) or {}
@@ -133,12 +135,8 @@ def tune(families=("grouped_gemm",), out_dir=None, quick=False, kinds=None, verb
                     return _launch(p["a"], p["a_scale"], p["w"], p["w_scale"], p["out"], offsets=p["offsets"],
                                    out_scale=p["out_scale"], swiglu=p["swiglu"], cfg=cfg)
 
-                if challenge == "wgmma":
-                    ref_cfg = next(c for c in cands if not c.get("WGMMA"))
-                    mine = [c for c in cands if c.get("WGMMA")]
-                    bucket_cands = ([incumbents[rows]] if rows in incumbents else []) + mine
-                else:
-                    ref_cfg, bucket_cands = cands[0], cands
+                # the challenge: the incumbent config of this bucket against the WGMMA candidates
+                bucket_cands = ([incumbents[rows]] if challenge == "wgmma" and rows in incumbents else []) + contenders
                 run(dict(ref_cfg, USE_TMA=0))  # a pointer-load config the tests cover: the expected output
                 expect = _dequant(p)
                 best = None

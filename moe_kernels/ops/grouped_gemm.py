@@ -253,11 +253,16 @@ def _tma_usable(*tensors: torch.Tensor) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _is_sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
 def _wgmma_usable(a, w2d, cfg, swiglu, quant_out) -> bool:
     """The Gluon kernel runs this call: sm_90, TMA-able operands, a tile it builds. Says once why not."""
     if interpret_mode() or not a.is_cuda:
         return False  # the interpreter runs the Triton kernel: expected, nothing to say
-    if torch.cuda.get_device_capability(a.device)[0] != 9:
+    if not _is_sm90(a.device.index if a.device.index is not None else torch.cuda.current_device()):
         return False  # not Hopper: the Triton kernel is this GPU's kernel (the default configs ask for WGMMA)
     if grouped_gemm_wgmma is None:
         why = "this Triton has no Gluon (triton.experimental.gluon)"
@@ -306,10 +311,12 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
     if out_scale is not None and BN != SCALE_BLOCK:
         cfg["BLOCK_N"] = BN = SCALE_BLOCK  # the quantising epilogue writes one scale group per tile row
     w2d = w.view(E * w_rows, K)
-    if use_wgmma and fp8 and _wgmma_usable(a, w2d, dict(cfg, PAIR_N=int(pair_n)), swiglu, out_scale is not None):
-        return grouped_gemm_wgmma.launch(a, a_scale, w, w_scale, out, offsets=offsets, masked_m=masked_m,
-                                         max_m=max_m, out_scale=out_scale, row_weight=row_weight, swiglu=swiglu,
-                                         cfg=dict(cfg, PAIR_N=int(pair_n), **wgmma_keys))
+    if use_wgmma and fp8:
+        wg_cfg = dict(cfg, PAIR_N=int(pair_n), **wgmma_keys)
+        if _wgmma_usable(a, w2d, wg_cfg, swiglu, out_scale is not None):
+            return grouped_gemm_wgmma.launch(a, a_scale, w, w_scale, out, offsets=offsets, masked_m=masked_m,
+                                             max_m=max_m, out_scale=out_scale, row_weight=row_weight,
+                                             swiglu=swiglu, cfg=wg_cfg)
     use_tma = use_tma and _tma_usable(a, w2d)
     if use_tma:
         a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [BM, BK])
