@@ -62,7 +62,8 @@ def _tile_schedule(pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, MASKED: tl.co
                    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, E_PAD: tl.constexpr):
     """Program id -> (expert, first row, end row of the expert's rows, column tile); first >= end: nothing to do.
 
-    BLOCK_N is the columns one program covers (both tiles of a PAIR_N program)."""
+    BLOCK_N is the columns one program covers (both tiles of a PAIR_N program). ``grouped_gemm_wgmma._schedule``
+    computes the same schedule in Gluon (which cannot call this function): change both together."""
     num_n = tl.cdiv(N, BLOCK_N)
     if MASKED:
         tiles_per_e = tl.cdiv(max_m, BLOCK_M)
