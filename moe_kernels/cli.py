@@ -273,8 +273,9 @@ def main(argv=None) -> int:
     tune.add_argument("--quick", action="store_true", help="fewer shapes and configs")
     tune.add_argument("--out", default=None, help="directory for the JSON files (default: the package's)")
     tune.add_argument("--kinds", default=None, help="comma-separated subset of fp8,fp8_swiglu,bf16,bf16_swiglu")
-    tune.add_argument("--challenge", choices=["wgmma"], default=None,
-                      help="time only the Gluon (WGMMA) configs against this GPU's current table entries")
+    tune.add_argument("--challenge", choices=["wgmma", "untried"], default=None,
+                      help="time only the Gluon (WGMMA) configs against this GPU's current table entries; untried: "
+                           "with its variants not yet run on a GPU (WS, PERSISTENT; run their GPU tests first)")
     plan = sub.add_parser("plan", help="predict a large expert-parallel deployment (per-layer times, tokens/s, MFU)",
                           description="Predict one forward step of an expert-parallel deployment from the kernel "
                                       "rates in bench/results (else hardware defaults); docs/planner.md has the "

@@ -29,8 +29,13 @@ BUCKETS = (64, 256, 1024, 4096)  # rows per expert
 SMEM_LIMIT = 220 * 1024  # Hopper: 227 KB per block, less a little for barriers and the epilogue
 
 
-def candidates(kind: str, quick: bool = False) -> list[dict]:
+def candidates(kind: str, quick: bool = False, untried: bool = False) -> list[dict]:
     """Launch configs worth timing on Hopper.
+
+    ``untried``: also the Gluon kernel's variants that have not run on a GPU yet (WS: a loader warp; PERSISTENT:
+    one program per SM walking the tiles, the next tile's loads under this one's epilogue). ``tune`` times them
+    only when asked (``challenge="untried"``): run their GPU tests first, since a variant that hangs or faults
+    would stop the sweep.
 
     Pruned by compiling for sm_90 offline: no register spills (the FP8 SwiGLU kernel holds two accumulators plus
     two fresh products per K step, so it needs 8+ warps), shared memory within SMEM_LIMIT.
@@ -52,8 +57,9 @@ def candidates(kind: str, quick: bool = False) -> list[dict]:
         for bm, ns in itertools.product((64, 128), (3, 4) if quick or swiglu else (3, 4, 5)):
             wg.append(dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=ns,
                            USE_TMA=1, WGMMA=1))
-        # The WS variant (a loader warp feeds the stage ring) joins once it has run on a GPU: it compiles for sm_90
-        # on Triton 3.6 and 3.8, but no device was lent after it was written (2026-12-05).
+        if untried:  # compiled for sm_90 on Triton 3.6 and 3.8 (CI), not run on a GPU when written (2026-12-05)
+            wg += [dict(c, **v) for c in wg for v in (dict(WS=1), dict(PERSISTENT=1), dict(PERSISTENT=1, WS=1))
+                   if not (v.get("PERSISTENT") and swiglu and c["num_stages"] > 4)]  # 5 stages + gate tile: smem
     for pair, (bm, bn, nw), ns, tma in [(0, *c) for c in itertools.product(shapes, stages, (0, 1))] + \
             [(1, *c) for c in itertools.product(pairs, (3, 4), (1,))]:
         smem = ns * (bm + bn * (2 if swiglu or pair else 1)) * bk * (1 if fp8 else 2)
@@ -103,7 +109,8 @@ def tune(families=("grouped_gemm",), out_dir=None, quick=False, kinds=None, verb
 
     ``kinds``: a subset of SHAPES' keys; ``log_path``: also write every timing (config, ms, TFLOP/s) as JSON.
     ``challenge="wgmma"``: time only the WGMMA candidates against each bucket's current config from this GPU's
-    table (the incumbent, timed in the same run), a short re-tune after a kernel change.
+    table (the incumbent, timed in the same run), a short re-tune after a kernel change. ``challenge="untried"``:
+    the same, with the WS and PERSISTENT variants among the WGMMA candidates (see ``candidates``).
     """
     import triton.testing
 
@@ -121,9 +128,9 @@ def tune(families=("grouped_gemm",), out_dir=None, quick=False, kinds=None, verb
     buckets = (64, 1024, 4096) if quick else BUCKETS
     written, timings = [], []
     for kind in kinds or SHAPES:
-        cands = candidates(kind, quick)
+        cands = candidates(kind, quick, untried=challenge == "untried")
         ref_cfg = next(c for c in cands if not c.get("WGMMA"))  # a Triton config the tests cover
-        contenders = [c for c in cands if c.get("WGMMA")] if challenge == "wgmma" else cands
+        contenders = [c for c in cands if c.get("WGMMA")] if challenge else cands
         for N, K in SHAPES[kind]:
             table = {}
             incumbents = load_table(str(out_dir / config_filename(kind, N, K, gpu))) or {}
@@ -136,7 +143,7 @@ def tune(families=("grouped_gemm",), out_dir=None, quick=False, kinds=None, verb
                                    out_scale=p["out_scale"], swiglu=p["swiglu"], cfg=cfg)
 
                 # the challenge: the incumbent config of this bucket against the WGMMA candidates
-                bucket_cands = ([incumbents[rows]] if challenge == "wgmma" and rows in incumbents else []) + contenders
+                bucket_cands = ([incumbents[rows]] if challenge and rows in incumbents else []) + contenders
                 run(dict(ref_cfg, USE_TMA=0))  # a pointer-load config the tests cover: the expected output
                 expect = _dequant(p)
                 best = None
@@ -183,8 +190,9 @@ if __name__ == "__main__":  # python -m moe_kernels.tune [--quick] [--out DIR] [
     ap.add_argument("--out", default=None, help="directory for the JSON files (default: the package's)")
     ap.add_argument("--kinds", default=None, help="comma-separated subset of " + ",".join(SHAPES))
     ap.add_argument("--log", default=None, help="write every timing there as JSON")
-    ap.add_argument("--challenge", choices=["wgmma"], default=None,
-                    help="time only the WGMMA configs against this GPU's current table entries")
+    ap.add_argument("--challenge", choices=["wgmma", "untried"], default=None,
+                    help="time only the WGMMA configs (untried: with the variants not yet run on a GPU) against "
+                         "this GPU's current table entries")
     args = ap.parse_args()
     t0 = time.time()
     kinds = args.kinds.split(",") if args.kinds else None

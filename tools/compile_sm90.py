@@ -1,7 +1,7 @@
 """Compile the grouped GEMM kernels for sm_90 without a GPU and report registers, spills and shared memory.
 
     python tools/compile_sm90.py BLOCK_M=128 BLOCK_N=128 num_warps=16 num_stages=4 PAIR_N=1 [USE_TMA=1] [SWIGLU=1]
-    python tools/compile_sm90.py WGMMA=1 BLOCK_M=128 num_warps=8 STAGES=4 UNROLL=4 [SWIGLU=1]
+    python tools/compile_sm90.py WGMMA=1 BLOCK_M=128 num_warps=8 STAGES=4 UNROLL=4 [SWIGLU=1] [WS=1] [PERSISTENT=1]
 
 The WGMMA form compiles the Gluon kernel (grouped_gemm_wgmma) and also reports ptxas's wgmma warnings: C7514
 (a register of a product in flight is read or copied) and C7512 (not enough registers) mean ptxas serialised every
@@ -102,12 +102,14 @@ def _shape(ptx):
     return " ".join(m + (str(n) if n > 1 else "") for m, n in marks)
 
 
-def compile_wgmma(BLOCK_M=128, num_warps=8, STAGES=4, UNROLL=4, SWIGLU=0, ROW_WEIGHT=0, MASKED=0, WS=0):
+def compile_wgmma(BLOCK_M=128, num_warps=8, STAGES=4, UNROLL=4, SWIGLU=0, ROW_WEIGHT=0, MASKED=0, WS=0, PERSISTENT=0):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from moe_kernels.ops.grouped_gemm_wgmma import LOADER_REGS, ws_maxnreg
-    from moe_kernels.ops.grouped_gemm_wgmma import _grouped_gemm_fp8_wgmma_kernel as kernel
+    from moe_kernels.ops import grouped_gemm_wgmma as wg
+
+    kernel = wg._grouped_gemm_fp8_wgmma_persistent_kernel if PERSISTENT else wg._grouped_gemm_fp8_wgmma_kernel
 
     names = list(kernel.arg_names)
     const = dict(SWIGLU=SWIGLU, ROW_WEIGHT=ROW_WEIGHT, MASKED=MASKED, BLOCK_M=BLOCK_M, GROUP_M=8,

@@ -303,7 +303,7 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
         cfg = get_config(kind, N, K, max_m if masked else M // E, a.device)
     cfg = dict(cfg)
     use_wgmma = bool(cfg.pop("WGMMA", 0))
-    wgmma_keys = {k: cfg.pop(k) for k in ("UNROLL", "WS") if k in cfg}  # the Gluon kernel's own knobs
+    wgmma_keys = {k: cfg.pop(k) for k in ("UNROLL", "WS", "PERSISTENT") if k in cfg}  # the Gluon kernel's own knobs
     use_tma = bool(cfg.pop("USE_TMA", 0))
     pair_n = bool(cfg.pop("PAIR_N", 0)) and not swiglu and out_scale is None  # SwiGLU has its own second tile
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]

@@ -30,7 +30,7 @@ __all__ = ["CONFIG_DIR", "KINDS", "DEFAULTS", "config_filename", "get_config", "
 CONFIG_DIR = Path(__file__).parent / "configs"  # shipped as package data: moe_kernels/ops/configs/*.json
 KINDS = ("fp8", "fp8_swiglu", "bf16", "bf16_swiglu")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "USE_TMA", "PAIR_N", "WGMMA",
-               "UNROLL", "WS")
+               "UNROLL", "WS", "PERSISTENT")
 
 # Defaults for a GPU or shape without a file. FP8: the Gluon kernel's config that the H200 sweep picked at 256-4096
 # rows per expert for all three kinds (bench/results/grouped_gemm_tune_wgmma-NVIDIA_H200.json); off Hopper the same
