@@ -43,6 +43,15 @@ BASES = {
     "wg128ws5": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=5, USE_TMA=1,
                      WGMMA=1, WS=1),
     "wg64": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4, USE_TMA=1, WGMMA=1),
+    # the persistent kernel: one program per SM walking the tiles (p2: two per SM), with and without a loader warp
+    "wg128p": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=1,
+                   WGMMA=1, PERSISTENT=1),
+    "wg128p2": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=1,
+                    WGMMA=1, PERSISTENT=2),
+    "wg128pws": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=1,
+                     WGMMA=1, PERSISTENT=1, WS=1),
+    "wg64p": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4, USE_TMA=1, WGMMA=1,
+                  PERSISTENT=1),
 }
 VARIANTS = {  # name -> (cfg overrides, column-major activation scales)
     "rowmajor": ({}, False),
@@ -89,6 +98,8 @@ MLP_CFGS = {  # name -> (w13 SwiGLU config, w2 config); None: the tuned table's 
     "wgmma128s3": (dict(BASES["wg128"], num_stages=3), BASES["wg128"]),
     "wgmma128ws": (BASES["wg128ws"], BASES["wg128ws"]),
     "wgmma64": (BASES["wg64"], BASES["wg128"]),
+    "wgmma128p": (BASES["wg128p"], BASES["wg128p"]),
+    "wgmma128pws": (BASES["wg128pws"], BASES["wg128pws"]),
 }
 
 
