@@ -18,7 +18,8 @@ One kernel, specialised by constexpr switches (no copy per dtype or layout):
   * USE_TMA: operands come through TMA tensor descriptors (Hopper, never in the interpreter) instead of pointers.
   * WGMMA (a config key, not a switch of this kernel): FP8 configs that set it run
     ``grouped_gemm_wgmma``, the Gluon kernel for sm_90 that overlaps each K step's promotion with the next
-    step's tensor-core product; elsewhere (interpreter, other GPUs, Triton without Gluon) this kernel runs.
+    step's tensor-core product; elsewhere (interpreter, other GPUs, Triton without Gluon) this kernel runs. Its own
+    keys: UNROLL, WS (a loader warp) and PERSISTENT (n programs per SM walking the tiles), ignored here.
   * NO_SCALE: a timing probe for bench/probe_grouped_gemm.py only (no config sets it): the FP8 products are
     chained without their scales, so the results are wrong; it bounds what the per-K promotion costs.
 

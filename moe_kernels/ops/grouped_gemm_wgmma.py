@@ -24,6 +24,14 @@ per 1x128 group. WS (opt-in, no shipped config sets it): ``gl.warp_specialize`` 
 warp (ready/empty barriers per stage), so the math warps never issue a load nor wait on the CTA barriers around
 one. It compiles for sm_90 on Triton 3.6 and 3.8 (CI checks it) but has not run on a GPU yet.
 
+PERSISTENT (opt-in, n > 0; not run on a GPU yet either): ``_grouped_gemm_fp8_wgmma_persistent_kernel`` launches n
+programs per SM, each walking every grid-th tile of the real tile count (read from ``offsets`` on the device, so
+no program meets an empty tile). The stage ring and its barrier phases run on across tiles: a tile's last STAGES
+steps load the next tile's first ones, so its operands arrive while this tile's epilogue runs (with WS the loader
+warp simply walks the same tiles). Without it every tile starts with the ring's latency and ends with its epilogue
+exposed, a larger share at K = 2048 (16 steps, the down projection) than at K = 7168. The offsets layout only;
+the launcher runs the one-tile kernel for the masked layout and for tiles with fewer K steps than stages.
+
 Needs ``triton.experimental.gluon`` (Triton 3.6 and 3.8 tested) and sm_90; ``grouped_gemm`` imports this module
 in a try and runs the Triton kernel when Gluon is missing or the GPU is not Hopper.
 """
