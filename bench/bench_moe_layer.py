@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import bench_ms, device_name, markdown, save  # noqa: E402  (sets MOE_KERNELS_VALUE_CHECKS=0)
+import plots  # noqa: E402
+from _common import bench_ms, markdown, save  # noqa: E402  (sets MOE_KERNELS_VALUE_CHECKS=0)
 
 import moe_kernels as mk  # noqa: E402
 from moe_kernels import reference as R  # noqa: E402
@@ -179,36 +180,6 @@ def run_case(case, tokens, naive_every=True):
     return rows
 
 
-def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return None
-    groups = sorted({(r["case"], r["precision"]) for r in rows})
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
-    for ax, (case, prec) in zip(axes[0], groups):
-        rs = sorted((r for r in rows if r["case"] == case and r["precision"] == prec), key=lambda r: r["T"])
-        Ts = [r["T"] for r in rs]
-        for key, label in (("ours_tflops", "moe-kernels"), ("composition_tflops", "torch composition"),
-                           ("naive_tflops", "naive torch loop")):
-            ax.plot(Ts, [r[key] for r in rs], marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{case}, {prec}")
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("TFLOP/s")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"one MoE layer (H=7168, I=2048) on {device_name()}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
-    return path
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="T=8192 only")
@@ -239,7 +210,9 @@ def report(rows):
     summary = {f"{r['case']}/{r['precision']}": dict(vs_naive=r["vs_naive"], vs_composition=r["vs_composition"],
                                                      vs_best_torch=r["vs_best_torch"], ours_ms=r["ours_ms"]) for r in head}
     path = save("moe_layer", rows, summary)
-    plot(rows, path.replace(".json", ".png"))
+    png = plots.moe_layer(path)
+    if png:
+        print(f"wrote {png}")
 
 
 if __name__ == "__main__":

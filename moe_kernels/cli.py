@@ -222,6 +222,30 @@ def _json_state(dirs: list[str]) -> dict:
     return {f: os.path.getmtime(f) for d in dirs for f in glob.glob(os.path.join(d, "*.json"))}
 
 
+def _plot_results(bench: str, written: list[str]) -> None:
+    """The PNG of each result JSON written, by bench/plots.py (in the repository, not the package). A plot that
+    fails is reported, never fatal: the JSON is the result."""
+    path = os.path.join(bench, "plots.py")
+    if not os.path.isfile(path):
+        print(f"no plots: {path} not found")
+        return
+    try:
+        spec = importlib.util.spec_from_file_location("moe_kernels_bench_plots", path)
+        plots = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(plots)
+    except Exception as e:  # a broken plots.py must not fail the run
+        print(f"no plots: {path} did not load ({type(e).__name__}: {e})")
+        return
+    for f in written:
+        try:
+            png = plots.plot_result(f)
+        except Exception as e:  # reported, not raised: the JSON is the result
+            print(f"no plot for {f}: {type(e).__name__}: {e}")
+            continue
+        if png:
+            print(f"PNG written: {png}")
+
+
 def cmd_bench(args) -> int:
     from . import plan
 
@@ -257,6 +281,7 @@ def cmd_bench(args) -> int:
     if written:
         for f in written:
             print(f"JSON written: {f}")
+        _plot_results(bench, written)
     else:
         print(f"no JSON written in {', '.join(dict.fromkeys(dirs))}" + (f" (exit status {rc})" if rc else ""))
     return rc
