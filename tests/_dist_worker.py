@@ -192,6 +192,12 @@ def check_moe_layer(rank, world):
             out, want = layer(make_x(rank)), _reference_out(ref, make_x, rank, world)
             err = _rel(out, want)
             expect(err <= 1e-5, f"E={E} k={k}: relative error {err:.2e}")
+            if k == 1:  # no gradient crosses dispatch / combine: a backward must fail loudly, not come back empty
+                try:
+                    out.sum().backward()
+                    expect(False, f"E={E}: a backward through the EP layer ran")
+                except RuntimeError as e:
+                    expect("ep_group" in str(e), f"E={E}: the backward failed with {e}")
 
 
 def check_moe_layer_low_precision(rank, world):

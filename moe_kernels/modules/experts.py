@@ -22,7 +22,12 @@ class GroupedExperts(nn.Module):
     [E, H/128, I/128]: DeepSeek-V3's ``weight_scale_inv``), activations are quantised per 1x128 group, and the
     SwiGLU output is re-quantised inside the fused kernel. ``"bf16"`` / ``"fp32"`` keep unquantised weights.
 
-    ``forward(x, offsets, x_scale=None) -> y [M, H]`` where rows offsets[e]:offsets[e+1] of x belong to expert e.
+    ``forward(x, offsets, x_scale=None) -> y [M, H]`` where rows offsets[e]:offsets[e+1] of x belong to expert e;
+    y is bf16 with FP8 weights, else in the weights' dtype (x is cast to it).
+
+    Gradients (bf16 / fp32 weights, which are parameters): the forward runs the kernels, the backward the
+    reference MLP again as torch ops in fp32 (no backward kernels yet: correct, not fast). FP8 weights are
+    buffers and the FP8 path has no backward.
     """
 
     def __init__(
@@ -112,4 +117,6 @@ class GroupedExperts(nn.Module):
         check_tensor("offsets", offsets, dtype=torch.int32, shape=(self.num_experts + 1,), device=x.device)
         if self.precision == "fp8" and x.dtype != FP8_DTYPE:
             x, x_scale = ops.quantize_fp8(x)
+        elif self.precision != "fp8" and x.dtype != self.w13.dtype:
+            x = x.to(self.w13.dtype)  # bf16 / fp32 experts compute in their weights' dtype
         return ops.expert_mlp(x, x_scale, offsets, self.w13, self.w13_scale, self.w2, self.w2_scale)

@@ -404,6 +404,31 @@ def _(a, w, offsets):
     return a.new_empty(a.shape[0], w.shape[1])
 
 
+def _grouped_gemm_bf16_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # a, w, offsets
+
+
+def _grouped_gemm_bf16_backward(ctx, grad_out):
+    a, w, offsets = ctx.saved_tensors
+    return (*_grad_by_reference(ctx, lambda a, w: reference.grouped_gemm(a, w, offsets, out_dtype=torch.float32),
+                                (a, w), (0, 1), grad_out), None)
+
+
+_grouped_gemm_bf16_op.register_autograd(_grouped_gemm_bf16_backward, setup_context=_grouped_gemm_bf16_setup)
+
+
+def _grad_by_reference(ctx, fn, tensors, positions, grad_out):
+    """Gradients of fn(*tensors) for the inputs at ``positions`` of the op that need one (None for the others):
+    the reference run again as differentiable torch ops (the kernels have no backward), in fp32."""
+    need = [t is not None and ctx.needs_input_grad[i] for t, i in zip(tensors, positions)]
+    leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(tensors, need)]
+    with torch.enable_grad():
+        out = fn(*leaves)
+        wanted = [t for t, n in zip(leaves, need) if n]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out.float()) if wanted else ())
+    return tuple(next(grads) if n else None for n in need)
+
+
 @torch.library.custom_op("moe_kernels::grouped_gemm_fp8_masked", mutates_args=())
 def _grouped_gemm_fp8_masked_op(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                                 masked_m: torch.Tensor) -> torch.Tensor:
@@ -444,6 +469,37 @@ def _expert_mlp_op(x: torch.Tensor, x_scale: torch.Tensor | None, offsets: torch
 @_expert_mlp_op.register_fake
 def _(x, x_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight):
     return x.new_empty(x.shape[0], w2.shape[1], dtype=torch.bfloat16 if w13_scale is not None else x.dtype)
+
+
+def _expert_mlp_setup(ctx, inputs, output):
+    x, x_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight = inputs
+    ctx.fp8 = w13_scale is not None
+    ctx.save_for_backward(x, x_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight)
+
+
+def _expert_mlp_backward(ctx, grad_out):
+    """Gradients for x, w13, w2 and topk_weight (bf16 / fp32 path), through the reference MLP run again in fp32
+    (backward kernels are not written yet). The FP8 path gives topk_weight's only: e4m3 inputs have none."""
+    x, x_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight = ctx.saved_tensors
+    if ctx.fp8:
+        if any(ctx.needs_input_grad[i] for i in (0, 3, 5)):
+            raise RuntimeError("expert_mlp has no backward on the FP8 path (e4m3 activations and weights): train "
+                               "with precision='bf16', or run inference under torch.no_grad()")
+        gtw = None
+        if ctx.needs_input_grad[7]:
+            y = reference.expert_mlp(x, offsets, w13, w2, x_scale, w13_scale, w2_scale, out_dtype=torch.float32)
+            gtw = (grad_out.float() * y).sum(-1).to(topk_weight.dtype)
+        return None, None, None, None, None, None, None, gtw
+
+    def mlp(x, w13, w2, tw):
+        y = reference.expert_mlp(x, offsets, w13, w2, out_dtype=torch.float32)
+        return y if tw is None else y * tw.float()[:, None]
+
+    gx, g13, g2, gtw = _grad_by_reference(ctx, mlp, (x, w13, w2, topk_weight), (0, 3, 5, 7), grad_out)
+    return gx, None, None, g13, None, g2, None, gtw
+
+
+_expert_mlp_op.register_autograd(_expert_mlp_backward, setup_context=_expert_mlp_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -196,6 +196,28 @@ def _(x, topk_ids, num_experts, fp8):
             x.new_empty(T, k, dtype=torch.int32))
 
 
+def _permute_setup(ctx, inputs, output):
+    x, _, _, fp8 = inputs
+    ctx.fp8, ctx.x_shape, ctx.x_dtype = fp8, x.shape, x.dtype
+    ctx.save_for_backward(output[3])  # token_index
+
+
+def _permute_backward(ctx, grad_rows, *_):
+    """x's gradient: each permuted row's gradient added back to its token (index_add in fp32)."""
+    if grad_rows is None:
+        return None, None, None, None
+    if ctx.fp8:
+        raise RuntimeError("permute(fp8=True) has no backward: its rows are quantised to e4m3. Train with "
+                           "bf16 or fp32 rows (MoELayer precision='bf16'), or run inference under torch.no_grad()")
+    (token_index,) = ctx.saved_tensors
+    gx = torch.zeros(ctx.x_shape, dtype=torch.float32, device=grad_rows.device)
+    gx.index_add_(0, token_index.long(), grad_rows.float())
+    return gx.to(ctx.x_dtype), None, None, None
+
+
+_permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
 def permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, fp8: bool = False) -> Permuted:
     """Group the rows of x by expert: row r of the result is token ``token_index[r]`` for expert e where
     ``offsets[e] <= r < offsets[e+1]``; inside one expert tokens keep ascending order. With ``fp8`` the rows are
@@ -249,6 +271,30 @@ def _unpermute_op(y: torch.Tensor, slot: torch.Tensor, topk_weights: torch.Tenso
 @_unpermute_op.register_fake
 def _(y, slot, topk_weights):
     return y.new_empty(slot.shape[0], y.shape[1])
+
+
+def _unpermute_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # y, slot, topk_weights
+
+
+def _unpermute_backward(ctx, grad_out):
+    """out[t] = sum_j w[t, j] y[slot[t, j]]: y's row slot[t, j] gets w[t, j] grad_out[t] (slot is a permutation),
+    w[t, j] gets <grad_out[t], y[slot[t, j]]>; in fp32, as the forward sums."""
+    y, slot, w = ctx.saved_tensors
+    T, k = slot.shape
+    rows = slot.reshape(-1).long()
+    g = grad_out.float()
+    gy = gw = None
+    if ctx.needs_input_grad[0]:
+        gy = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
+        gy[rows] = (g[:, None, :] * w.float()[:, :, None]).reshape(T * k, -1)
+        gy = gy.to(y.dtype)
+    if ctx.needs_input_grad[2]:
+        gw = (g[:, None, :] * y.float()[rows].view(T, k, -1)).sum(-1).to(w.dtype)
+    return gy, None, gw
+
+
+_unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 
 
 def unpermute(y: torch.Tensor, permuted: Permuted, topk_weights: torch.Tensor) -> torch.Tensor:

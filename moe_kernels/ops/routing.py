@@ -230,6 +230,30 @@ def _(x, router_weight, top_k, scoring, n_group, topk_group, norm_topk_prob, rou
             x.new_empty(E, dtype=torch.int32))
 
 
+def _route_setup(ctx, inputs, output):
+    x, router_weight, _, scoring, _, _, norm_topk_prob, routed_scaling_factor, _, _ = inputs
+    ctx.save_for_backward(x, router_weight, output[1])
+    ctx.rule = (scoring, norm_topk_prob, routed_scaling_factor)
+
+
+def _route_backward(ctx, grad_weights, _grad_ids, _grad_counts):
+    """The weights' gradient for x and the gate: the chosen experts' weights again as torch ops, differentiated
+    (the kernel has no backward; the choice itself, ids and counts, has no gradient)."""
+    x, router_weight, ids = ctx.saved_tensors
+    scoring, norm, scaling = ctx.rule
+    leaves = [t.detach().requires_grad_(need) for t, need in zip((x, router_weight), ctx.needs_input_grad[:2])]
+    with torch.enable_grad():
+        scores = reference.expert_scores(reference.router_logits(*leaves), scoring)
+        weights = reference.expert_weights(scores, ids, norm, scaling)
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(weights, wanted, grad_weights) if wanted else ())
+    gx, gw = (next(grads) if t.requires_grad else None for t in leaves)
+    return gx, gw, None, None, None, None, None, None, None, None
+
+
+_route_op.register_autograd(_route_backward, setup_context=_route_setup)
+
+
 def route(
     x: torch.Tensor,
     router_weight: torch.Tensor,

@@ -4,5 +4,5 @@ from .mla import apply_rope, mla_prefill, rms_norm, rope_cos_sin
 from .moe import dense_mlp, expert_mlp, moe_layer
 from .permute import Permuted, permute, permute_indices, unpermute
 from .quant import dequantize_fp8, dequantize_weight_fp8, quantize_fp8, quantize_weight_fp8
-from .routing import expert_counts, route, router_logits, select_experts
+from .routing import expert_counts, expert_scores, expert_weights, route, router_logits, select_experts
 from .dispatch import dispatch_layout

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["router_logits", "select_experts", "route", "expert_counts"]
+__all__ = ["router_logits", "expert_scores", "select_experts", "expert_weights", "route", "expert_counts"]
 
 
 def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
@@ -32,6 +32,15 @@ def _stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     # a stable descending sort keeps the lower index first among equal scores
     vals, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
     return vals[:, :k], idx[:, :k]
+
+
+def expert_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """fp32 logits [T, E] -> the scores the weights are taken from: softmax over experts, or sigmoid."""
+    if scoring == "softmax":
+        return torch.softmax(logits.float(), dim=-1)
+    if scoring == "sigmoid":
+        return torch.sigmoid(logits.float())
+    raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
 
 
 def select_experts(
@@ -48,12 +57,7 @@ def select_experts(
     """fp32 logits [T, E] -> (weights fp32 [T, k], ids int64 [T, k])."""
     logits = logits.float()
     T, E = logits.shape
-    if scoring == "softmax":
-        scores = torch.softmax(logits, dim=-1)
-    elif scoring == "sigmoid":
-        scores = torch.sigmoid(logits)
-    else:
-        raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    scores = expert_scores(logits, scoring)
 
     choice = scores
     if expert_scale is not None:
@@ -71,11 +75,17 @@ def select_experts(
         choice = choice.masked_fill(~group_mask.repeat_interleave(per_group, dim=1), float("-inf"))
 
     _, ids = _stable_topk(choice, top_k)
-    weights = scores.gather(1, ids)
+    return expert_weights(scores, ids, norm_topk_prob, routed_scaling_factor), ids
+
+
+def expert_weights(scores: torch.Tensor, ids: torch.Tensor, norm_topk_prob: bool = True,
+                   routed_scaling_factor: float = 1.0) -> torch.Tensor:
+    """The routing weights of the chosen experts: scores [T, E] (softmax or sigmoid, before bias and scale)
+    gathered at ids [T, k], renormalised and scaled. Differentiable in scores."""
+    weights = scores.gather(1, ids.long())
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    weights = weights * routed_scaling_factor
-    return weights, ids
+    return weights * routed_scaling_factor
 
 
 def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -1,0 +1,154 @@
+"""Gradients: the kernels run forward, the ops' registered backward formulas (torch ops) run backward.
+
+Every gradient is checked against an independent float64 formulation written here with plain torch ops and
+differentiated by autograd: routing weights gathered from softmax / sigmoid scores, a dense per-token sum over the
+chosen experts' SwiGLU MLPs. On the CPU the forward kernels run through Triton's interpreter (tests/conftest.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moe_kernels as mk
+from _helpers import assert_close_rel
+from moe_kernels import ops
+from moe_kernels import reference as R
+
+
+def _dense_moe(x, gate_w, w13, w2, ids, scoring, norm, scaling, shared=None):
+    """float64: sum_j weight[t, j] * MLP_{ids[t, j]}(x[t]) (+ the shared MLP), every token on its own."""
+    logits = x @ gate_w.t()
+    scores = torch.softmax(logits, -1) if scoring == "softmax" else torch.sigmoid(logits)
+    weights = scores.gather(1, ids.long())
+    if norm:
+        weights = weights / weights.sum(-1, keepdim=True)
+    weights = weights * scaling
+    out = torch.zeros_like(x)
+    I = w2.shape[2]
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            h = w13[e] @ x[t]
+            out[t] = out[t] + weights[t, j] * (w2[e] @ (F.silu(h[:I]) * h[I:]))
+    if shared is not None:
+        s13, s2 = shared
+        h = x @ s13.t()
+        out = out + (F.silu(h[:, : s2.shape[1]]) * h[:, s2.shape[1]:]) @ s2.t()
+    return out
+
+
+ROUTING = [dict(scoring="softmax", top_k=2), dict(scoring="softmax", top_k=1, norm_topk_prob=False),
+           dict(scoring="sigmoid", top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)]
+
+
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("bf16", 4e-2)])
+@pytest.mark.parametrize("routing", ROUTING, ids=lambda r: "{scoring}_k{top_k}".format(**r))
+@pytest.mark.parametrize("shared", [0, 1])
+def test_moe_layer_gradients_match_a_dense_float64_formulation(precision, tol, routing, shared):
+    T, H, I, E = 13, 256, 128, 8  # odd T; an expert or two gets no token
+    m = mk.MoELayer(hidden_size=H, intermediate_size=I, num_experts=E, n_shared_experts=shared,
+                    precision=precision, **routing)
+    x = torch.randn(T, H, requires_grad=True)
+    out = m(x)
+    g = torch.randn_like(out)
+    out.backward(g)
+    with torch.no_grad():
+        _, ids, _ = m.gate(x)  # the same choice (the gate's selection does not depend on its load monitor here)
+
+    leaves = [t.detach().double().requires_grad_() for t in (x, m.gate.weight, m.experts.w13, m.experts.w2)]
+    sh = [t.detach().double().requires_grad_() for t in (m.shared_experts.w13[0], m.shared_experts.w2[0])] \
+        if shared else []
+    ref = _dense_moe(*leaves, ids, routing["scoring"], routing.get("norm_topk_prob", True),
+                     routing.get("routed_scaling_factor", 1.0), sh or None)
+    assert_close_rel(out.detach(), ref.detach(), tol, "forward")
+    ref.backward(g.double())
+    names = ["x", "gate.weight", "experts.w13", "experts.w2"] + (["shared.w13", "shared.w2"] if shared else [])
+    ours = [x.grad, m.gate.weight.grad, m.experts.w13.grad, m.experts.w2.grad]
+    if shared:
+        ours += [m.shared_experts.w13.grad[0], m.shared_experts.w2.grad[0]]
+    for name, got, want in zip(names, ours, [t.grad for t in leaves + sh]):
+        assert got is not None, f"no gradient for {name}"
+        assert_close_rel(got.float(), want, tol, f"grad {name}")
+
+
+def test_unpermute_and_permute_gradients():
+    T, k, E, H = 9, 3, 5, 64
+    x = torch.randn(T, H, requires_grad=True)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).int()
+    w = torch.rand(T, k, requires_grad=True)
+    p = ops.permute(x, ids, E)
+    y = p.x * torch.linspace(0.5, 2.0, H)  # a row-independent op between the two
+    out = ops.unpermute(y, p, w)
+    g = torch.randn_like(out)
+    out.backward(g)
+
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for j in range(k):
+            ref[t] += w64[t, j] * x64[t] * torch.linspace(0.5, 2.0, H, dtype=torch.float64)
+    ref.backward(g.double())
+    assert_close_rel(x.grad, x64.grad, 1e-5, "grad x")
+    assert_close_rel(w.grad, w64.grad, 1e-5, "grad topk_weights")
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_route_weight_gradients(scoring):
+    T, H, E, k = 11, 128, 16, 3
+    x = torch.randn(T, H, requires_grad=True)
+    gate = (torch.randn(E, H) * H**-0.5).requires_grad_()
+    weights, ids, _ = ops.route(x, gate, k, scoring=scoring, routed_scaling_factor=1.5)
+    g = torch.randn_like(weights)
+    weights.backward(g)
+    x64, gate64 = x.detach().double().requires_grad_(), gate.detach().double().requires_grad_()
+    logits = x64 @ gate64.t()
+    scores = torch.softmax(logits, -1) if scoring == "softmax" else torch.sigmoid(logits)
+    w = scores.gather(1, ids.long())
+    (w / w.sum(-1, keepdim=True) * 1.5).backward(g.double())
+    assert_close_rel(x.grad, x64.grad, 1e-4, "grad x")
+    assert_close_rel(gate.grad, gate64.grad, 1e-4, "grad gate")
+
+
+def test_grouped_gemm_bf16_gradients():
+    counts = [5, 0, 12, 1]
+    E, N, K = len(counts), 48, 64
+    offsets = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32)
+    a = torch.randn(sum(counts), K, requires_grad=True)
+    w = torch.randn(E, N, K, requires_grad=True)
+    out = ops.grouped_gemm_bf16(a, w, offsets)
+    g = torch.randn_like(out)
+    out.backward(g)
+    a64, w64 = a.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    expert = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))
+    ref = torch.einsum("mk,mnk->mn", a64, w64[expert])
+    ref.backward(g.double())
+    assert_close_rel(a.grad, a64.grad, 1e-5, "grad a")
+    assert_close_rel(w.grad, w64.grad, 1e-5, "grad w")
+
+
+def test_fp8_path_says_it_has_no_backward():
+    m = mk.MoELayer(hidden_size=256, intermediate_size=128, num_experts=4, top_k=2, precision="fp8")
+    out = m(torch.randn(6, 256, requires_grad=True))
+    with pytest.raises(RuntimeError, match="precision='bf16'"):
+        out.sum().backward()
+    p = ops.permute(torch.randn(6, 256, requires_grad=True), torch.randint(0, 4, (6, 2)).int(), 4, fp8=True)
+    with pytest.raises(RuntimeError, match="no backward"):
+        p.x.float().sum().backward()
+    with torch.no_grad():  # inference is unaffected
+        assert torch.isfinite(m(torch.randn(6, 256))).all()
+
+
+def test_bf16_experts_take_fp32_tokens():
+    """A bf16-precision layer fed fp32 tokens casts them for its experts and answers in fp32."""
+    m = mk.MoELayer(hidden_size=256, intermediate_size=128, num_experts=4, top_k=2, precision="bf16")
+    x = torch.randn(7, 256)
+    with torch.no_grad():
+        out = m(x)
+        weights, ids, _ = m.gate(x)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    with torch.no_grad():
+        p = R.permute(x, ids, 4)
+        y = R.expert_mlp(p.x.bfloat16(), p.offsets, m.experts.w13, m.experts.w2, out_dtype=torch.float32)
+        ref = R.unpermute(y, p, weights, out_dtype=torch.float32)
+    assert_close_rel(out, ref, 2e-2, "fp32 tokens through bf16 experts")
