@@ -192,12 +192,42 @@ def check_moe_layer(rank, world):
             out, want = layer(make_x(rank)), _reference_out(ref, make_x, rank, world)
             err = _rel(out, want)
             expect(err <= 1e-5, f"E={E} k={k}: relative error {err:.2e}")
-            if k == 1:  # no gradient crosses dispatch / combine: a backward must fail loudly, not come back empty
-                try:
-                    out.sum().backward()
-                    expect(False, f"E={E}: a backward through the EP layer ran")
-                except RuntimeError as e:
-                    expect("ep_group" in str(e), f"E={E}: the backward failed with {e}")
+
+
+def check_moe_layer_gradients(rank, world):
+    """The EP layer's backward == the single-process layer's (fp32: rel. error <= 1e-5; bf16: 3e-2): the tokens' gradient on
+    every rank, the local experts' weight gradients (the reference's for those experts: it saw every rank's
+    tokens), and the gate's and the shared expert's summed over the ranks (each rank saw its own tokens)."""
+    cases = [(E, "fp32", 1e-5) for E in expert_counts(world)] + [(expert_counts(world)[0], "bf16", 3e-2)]
+    for E, precision, tol in cases:
+        k = min(2, E)
+        ref, layer = _moe_pair(E, k, precision, n_shared=1)
+        make_x = lambda s: torch.randn(num_tokens(s, 9), H, generator=_gen(s))  # noqa: E731
+        make_g = lambda s: torch.randn(num_tokens(s, 9), H, generator=_gen(1000 + s))  # noqa: E731
+        x = make_x(rank).requires_grad_()
+        (layer(x) * make_g(rank)).sum().backward()
+        xs = [make_x(s).requires_grad_() for s in range(world)]
+        (ref(torch.cat(xs)) * torch.cat([make_g(s) for s in range(world)])).sum().backward()
+        err = _rel(x.grad, xs[rank].grad)
+        expect(err <= tol, f"E={E} {precision}: x.grad relative error {err:.2e}")
+        if layer.experts is not None:
+            idx = torch.tensor(layer._ep.local_experts)
+            for name in ("w13", "w2"):
+                err = _rel(getattr(layer.experts, name).grad, getattr(ref.experts, name).grad[idx])
+                expect(err <= tol, f"E={E} {precision}: local experts' {name}.grad relative error {err:.2e}")
+        for ours, want in ((layer.gate.weight, ref.gate.weight), (layer.shared_experts.w13, ref.shared_experts.w13)):
+            g = ours.grad.clone()
+            dist.all_reduce(g)
+            err = _rel(g, want.grad)
+            expect(err <= tol, f"E={E} {precision}: summed {tuple(ours.shape)} gradient relative error {err:.2e}")
+    # FP8 rows (e4m3) carry no gradient: the backward says so on every rank, before any exchange
+    _, layer = _moe_pair(expert_counts(world)[0], 1, "fp8")
+    out = layer(make_x(rank).requires_grad_())
+    try:
+        out.sum().backward()
+        expect(False, "a backward through the FP8 dispatch ran")
+    except RuntimeError as e:
+        expect("FP8" in str(e), f"the FP8 backward failed with {e}")
 
 
 def check_moe_layer_low_precision(rank, world):
@@ -447,6 +477,7 @@ CHECKS = {
     "once_per_rank": check_once_per_rank,
     "fp8_dispatch": check_fp8_dispatch,
     "moe_layer": check_moe_layer,
+    "moe_layer_gradients": check_moe_layer_gradients,
     "moe_layer_low_precision": check_moe_layer_low_precision,
     "skewed": check_skewed,
     "replicas": check_replicas,

@@ -181,6 +181,45 @@ def test_multigpu_moe_layer(backend, precision):
 
 
 @pytest.mark.multigpu
+def test_multigpu_moe_layer_gradients():
+    """Training through expert parallelism on GPUs (bf16 experts, the default backend): the tokens', the local
+    experts' and the summed gate gradients equal the single-GPU layer's on every rank's tokens at once."""
+    import torch.distributed as dist
+
+    from moe_kernels import MoELayer
+
+    group = _torchrun_group()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    H, I, E = 256, 256, 4 * world
+    torch.manual_seed(0)
+    ref = MoELayer(H, I, E, top_k=2, precision="bf16", device=dev)
+    layer = MoELayer(H, I, E, top_k=2, precision="bf16", device=dev, ep_group=group)
+    layer.gate.load_state_dict(ref.gate.state_dict())
+    layer.experts = layer._ep.shard_experts(ref.experts)
+
+    def make(s, salt=0):
+        g = torch.Generator(device=dev).manual_seed(salt + s)
+        return torch.randn(100 + 7 * s, H, device=dev, generator=g).bfloat16()
+
+    x = make(rank).requires_grad_()
+    (layer(x).float() * make(rank, 1000).float()).sum().backward()
+    xs = [make(s).requires_grad_() for s in range(world)]
+    (ref(torch.cat(xs)).float() * torch.cat([make(s, 1000) for s in range(world)]).float()).sum().backward()
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    assert rel(x.grad, xs[rank].grad) < 3e-2
+    idx = torch.tensor(layer._ep.local_experts, device=dev)
+    assert rel(layer.experts.w13.grad, ref.experts.w13.grad[idx]) < 3e-2
+    g = layer.gate.weight.grad.clone()
+    dist.all_reduce(g)
+    assert rel(g, ref.gate.weight.grad) < 3e-2
+    layer._ep.close()
+
+
+@pytest.mark.multigpu
 def test_multigpu_p2p_timeout():
     """A peer that never runs its combine: the P2P kernel gives up after the timeout and check() names it."""
     import torch.distributed as dist

@@ -21,6 +21,7 @@ x's dtype.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import socket
@@ -95,6 +96,7 @@ class Dispatched:
     home_slot: torch.Tensor = field(repr=False)     # int64 [T, k]: send-order record of (t, j) if j is t's first
     #                                                 expert on that rank, else -1
     counts: torch.Tensor = field(repr=False)        # int64 [R, R] records from rank s to rank r (host)
+    send_token: torch.Tensor = field(repr=False)    # int64 [S]: the token of each record sent (backward)
     num_tokens: int = field(repr=False)
     out_dtype: torch.dtype = field(repr=False)
     wire_dtype: torch.dtype = field(repr=False)    # dtype of the partial sums on the way back
@@ -122,8 +124,10 @@ class ExpertParallel:
         buffer_tokens: P2P only: records one rank may receive per dispatch; None sizes the buffers at the
             first dispatch for its worst case (every token of every rank to one rank).
 
-    Calls must be made in the same order on every rank (they are collective). Forward only: the transfers
-    carry no autograd history (training through expert parallelism needs the backward exchange, not built yet).
+    Calls must be made in the same order on every rank (they are collective). ``forward`` is differentiable
+    (bf16 / fp32 rows): when x, the weights or the local experts' parameters require gradients, its backward runs
+    the exchange in reverse (see ``_ExpertParallelFn``), so every rank must run the backward too. ``dispatch`` and
+    ``combine`` called on their own carry no autograd history.
     """
 
     def __init__(
@@ -292,15 +296,24 @@ class ExpertParallel:
         """
         if fp8 is None:  # a rank holding no expert follows the precision shard_experts saw
             fp8 = (experts.precision if experts is not None else self._expert_precision) == "fp8"
+        params = [p for p in experts.parameters() if p.requires_grad] if experts is not None else []
+        if torch.is_grad_enabled() and (x.requires_grad or topk_weights.requires_grad or params):
+            return _ExpertParallelFn.apply(self, experts, fp8, x, topk_weights, topk_ids, *params)
+        return self._pipelined(x, topk_weights, topk_ids, experts, fp8)[0]
+
+    def _pipelined(self, x, topk_weights, topk_ids, experts, fp8):
+        """The forward: (out, [(chunk, Dispatched, expert outputs)] for the backward)."""
         T = x.shape[0]
         half = (T + 1) // 2
         chunks = [(0, half), (half, T)]
         pend = [self.dispatch(x[a:b], topk_ids[a:b], topk_weights[a:b], async_op=True, fp8=fp8) for a, b in chunks]
-        outs = []
-        for p in pend:
+        outs, saved = [], []
+        for chunk, p in zip(chunks, pend):
             d = p.wait()
-            outs.append(self.combine(self._run_experts(experts, d), d, async_op=True))
-        return torch.cat([o.wait() for o in outs])
+            y = self._run_experts(experts, d)
+            outs.append(self.combine(y, d, async_op=True))
+            saved.append((chunk, d, y))
+        return torch.cat([o.wait() for o in outs]), saved
 
     __call__ = forward
 
@@ -533,7 +546,8 @@ class ExpertParallel:
             offsets=offsets.to(plan["device"]), weights=weights, tokens_per_expert=plan["local_counts"],
             num_recv_tokens=meta_i32.shape[0], recv_pos=meta_i32[:, :k].long(),
             recv_weight=meta_i32[:, k:2 * k].contiguous().view(torch.float32), recv_splits=plan["recv_splits"],
-            send_splits=plan["send_splits"], home_slot=plan["home_slot"], counts=plan["counts"], num_tokens=plan["T"],
+            send_splits=plan["send_splits"], home_slot=plan["home_slot"], counts=plan["counts"],
+            send_token=plan["send_token"], num_tokens=plan["T"],
             out_dtype=plan["dtype"], wire_dtype=plan["wire_dtype"],
         )
 
@@ -576,6 +590,17 @@ class ExpertParallel:
                              f"{self.num_local_experts} local ones (shard_experts) or all {self.num_experts}")
         return experts(d.x, offsets, d.scale)
 
+    # ---- backward exchanges: torch.distributed collectives, whichever backend ran the forward ---------------
+
+    def _backward_exchange(self, send: torch.Tensor, d: Dispatched, to_experts: bool, what: str) -> torch.Tensor:
+        """fp32 rows, one per record: home -> expert ranks in dispatch order (to_experts), or back home."""
+        send_splits, recv_splits = (d.send_splits, d.recv_splits) if to_experts else (d.recv_splits, d.send_splits)
+        recv = send.new_empty(sum(recv_splits), send.shape[1])
+        work = dist.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits, group=self.group,
+                                      async_op=True)
+        self._guard.wait(work, what, cuda=recv.is_cuda)
+        return recv
+
     # ---- backend "nccl": torch.distributed collectives -----------------------------------------------------
 
     def _collective_dispatch(self, plan) -> Pending:
@@ -608,6 +633,76 @@ class ExpertParallel:
             return self._home_sum(recv.view(d.wire_dtype).view(-1, H), d)
 
         return Pending(finish)
+
+
+class _ExpertParallelFn(torch.autograd.Function):
+    """``ExpertParallel.forward`` with a backward: the exchange of the forward run in reverse.
+
+    Per micro-batch, with S records sent (home side) and n received (expert side), each record a (token,
+    destination rank) pair carrying the token's slots whose expert lives there:
+      1. the output gradient of each record's token goes to the expert rank (dispatch order);
+      2. there the combine's partial sums are differentiated: the row of slot j gets weight_j * g_record, the
+         weight of slot j gets <g_record, y_j>;
+      3. the local experts are run again under autograd (their rows detached), giving the rows' gradient and,
+         into the returned parameter gradients, the local experts' weight gradients;
+      4. each record's rows' gradients are summed (the row was copied to its slots), sent home with the slots'
+         weight gradients, and added to their token (index_add over the records of each token).
+    Two all_to_all_single per micro-batch, fp32, through torch.distributed on any backend. FP8 rows (e4m3) have
+    no gradient: a backward that needs x's or the experts' gradients raises.
+    """
+
+    @staticmethod
+    def forward(ctx, ep, experts, fp8, x, topk_weights, topk_ids, *params):
+        out, saved = ep._pipelined(x, topk_weights, topk_ids, experts, fp8)
+        ctx.ep, ctx.experts, ctx.fp8, ctx.saved_chunks = ep, experts, fp8, saved
+        ctx.shapes = (x.shape, x.dtype, topk_weights.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ep, experts, saved = ctx.ep, ctx.experts, ctx.saved_chunks
+        (T, H), x_dtype, w_dtype = ctx.shapes
+        need_x, need_w = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        params = [p for p in experts.parameters() if p.requires_grad] if experts is not None else []
+        if ctx.fp8 and (need_x or params):
+            raise RuntimeError("ExpertParallel: the FP8 dispatch (e4m3 rows) has no backward: train with bf16 "
+                               "experts (precision='bf16'), or run inference under torch.no_grad()")
+        dev = grad_out.device
+        gx = torch.zeros(T, H, dtype=torch.float32, device=dev)
+        gw = torch.zeros(T, saved[0][1].recv_pos.shape[1] if saved else 0, dtype=torch.float32, device=dev)
+        gparams = [None] * len(params)
+        for (a, b), d, y in saved:
+            n, k = d.recv_pos.shape
+            M = y.shape[0]
+            g_rec = ep._backward_exchange(grad_out[a:b].float().index_select(0, d.send_token), d, True,
+                                          "backward: gradients to the experts")
+            at = torch.where(d.recv_pos >= 0, d.recv_pos, M)  # [n, k]; slots elsewhere point at a zero row M
+            ypad = torch.cat([y.float(), y.new_zeros(1, H, dtype=torch.float32)])
+            grad_y = torch.zeros(M + 1, H, dtype=torch.float32, device=dev)
+            gw_rec = torch.zeros(n, k, dtype=torch.float32, device=dev)
+            for j in range(k):
+                grad_y.index_add_(0, at[:, j], g_rec * d.recv_weight[:, j:j + 1])
+                gw_rec[:, j] = (g_rec * ypad.index_select(0, at[:, j])).sum(-1)
+            grad_rows = torch.zeros(M + 1, H, dtype=torch.float32, device=dev)
+            if M and experts is not None and (need_x or params) and not ctx.fp8:
+                rows = d.x.detach().requires_grad_(need_x)
+                with torch.enable_grad():
+                    yy = ep._run_experts(experts, dataclasses.replace(d, x=rows))
+                    leaves = ([rows] if need_x else []) + params
+                    grads = torch.autograd.grad(yy, leaves, grad_y[:M].to(yy.dtype), allow_unused=True)
+                if need_x:
+                    grad_rows[:M] = grads[0].float()
+                for i, g in enumerate(grads[1:] if need_x else grads):
+                    if g is not None:
+                        gparams[i] = g if gparams[i] is None else gparams[i] + g
+            g_back = torch.zeros(n, H, dtype=torch.float32, device=dev)
+            for j in range(k):  # a record's row went to each of its slots here: their gradients add up
+                g_back += grad_rows.index_select(0, at[:, j])
+            home = ep._backward_exchange(torch.cat([g_back, gw_rec], 1), d, False, "backward: gradients home")
+            gx[a:b].index_add_(0, d.send_token, home[:, :H])
+            gw[a:b].index_add_(0, d.send_token, home[:, H:])
+        return (None, None, None, gx.to(x_dtype) if need_x else None, gw.to(w_dtype) if need_w else None, None,
+                *gparams)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------

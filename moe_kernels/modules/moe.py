@@ -10,20 +10,6 @@ from .experts import PRECISIONS, GroupedExperts
 from .router import TopKRouter
 
 
-class _NoBackward(torch.autograd.Function):
-    """Passes ``out`` through, tied to the tensors that require gradients, and raises if a backward reaches it."""
-
-    @staticmethod
-    def forward(ctx, what, out, *anchors):
-        ctx.what = what
-        return out.clone()
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(f"{ctx.what} has no backward yet: train without ep_group, or run inference under "
-                           f"torch.no_grad()")
-
-
 class MoELayer(nn.Module):
     """A drop-in Mixture-of-Experts block for tokens of ``hidden_size`` (any multiple of 128; tuned for 7168).
 
@@ -98,11 +84,6 @@ class MoELayer(nn.Module):
         weights, ids, _ = self.gate(x2)
         if self._ep is not None:
             out = self._ep.forward(x2, weights, ids, self.experts)
-            if torch.is_grad_enabled():  # dispatch / combine carry no gradient: fail at backward, not silently
-                anchors = [t for t in (x2, weights, *self.parameters()) if t.requires_grad]
-                if anchors:
-                    out = _NoBackward.apply("MoELayer with ep_group (expert-parallel dispatch / combine)", out,
-                                            *anchors)
         else:
             p = ops.permute(x2, ids, self.num_experts, fp8=self.precision == "fp8")
             y = self.experts(p.x, p.offsets, p.scale)
