@@ -25,9 +25,10 @@ class GroupedExperts(nn.Module):
     ``forward(x, offsets, x_scale=None) -> y [M, H]`` where rows offsets[e]:offsets[e+1] of x belong to expert e;
     y is bf16 with FP8 weights, else in the weights' dtype (x is cast to it).
 
-    Gradients (bf16 / fp32 weights, which are parameters): the forward runs the kernels, the backward the
-    reference MLP again as torch ops in fp32 (no backward kernels yet: correct, not fast). FP8 weights are
-    buffers and the FP8 path has no backward.
+    Gradients (bf16 / fp32 weights, which are parameters): forward and backward run the grouped GEMM kernels (the
+    backward: h13 again, dA and dX through transposed weight views, the weight gradients through
+    ``ops.grouped_wgrad``); on CPU tensors without the interpreter the reference. FP8 weights are buffers and the
+    FP8 path has no backward.
     """
 
     def __init__(

@@ -52,7 +52,7 @@ try:  # the Hopper kernel in Gluon (Triton >= 3.5): configs with WGMMA=1 run it 
 except ImportError:  # pragma: no cover - Triton without Gluon: every config runs the Triton kernel
     grouped_gemm_wgmma = None
 
-__all__ = ["grouped_gemm_fp8", "grouped_gemm_bf16", "grouped_gemm_fp8_masked", "expert_mlp"]
+__all__ = ["grouped_gemm_fp8", "grouped_gemm_bf16", "grouped_gemm_fp8_masked", "expert_mlp", "grouped_wgrad"]
 
 SCALE_BLOCK = 128  # the K (and weight N) extent of one FP8 scale
 _SB = tl.constexpr(SCALE_BLOCK)  # the same, for the kernel
@@ -105,7 +105,8 @@ def _grouped_gemm_kernel(
     M, N, K, E, max_m,
     w_rows,  # rows of W per expert (N, or 2I with SWIGLU)
     up_row,  # SWIGLU: the row of W where the "up" half starts (I)
-    stride_am, stride_asm, stride_ask, stride_we, stride_wn, stride_wse, stride_wsn, stride_om, stride_osm,
+    stride_am, stride_asm, stride_ask, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_om,
+    stride_osm,
     FP8: tl.constexpr, SWIGLU: tl.constexpr, QUANT_OUT: tl.constexpr, ROW_WEIGHT: tl.constexpr,
     MASKED: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -140,7 +141,7 @@ def _grouped_gemm_kernel(
     else:
         a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
         # B operand: a [BLOCK_K, BLOCK_N] view of W's K-contiguous rows (K-major, as FP8 wgmma wants it)
-        g_ptrs = w_ptr + expert64 * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+        g_ptrs = w_ptr + expert64 * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
         u_ptrs = g_ptrs + up_row * stride_wn
     if FP8:
         as_ptrs = a_scale_ptr + offs_m * stride_asm
@@ -177,8 +178,8 @@ def _grouped_gemm_kernel(
                 if DUAL:
                     u = tl.load(u_ptrs, mask=k_mask[:, None] & u_mask[None, :], other=0.0)
             a_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K
-            u_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K * stride_wk
+            u_ptrs += BLOCK_K * stride_wk
         if FP8 and NO_SCALE:  # timing probe only (bench/probe_grouped_gemm.py): no promotion, no scales; wrong results
             acc = tl.dot(a, g, acc)
             if DUAL:
@@ -312,14 +313,15 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
         raise ValueError(f"FP8 configs need BLOCK_K=128 and BLOCK_N dividing 128 or a multiple of it, got {cfg}")
     if out_scale is not None and BN != SCALE_BLOCK:
         cfg["BLOCK_N"] = BN = SCALE_BLOCK  # the quantising epilogue writes one scale group per tile row
-    w2d = w.view(E * w_rows, K)
-    if use_wgmma and fp8:
+    # a W with strides of its own (the backward's transposed view) takes pointer loads and the Triton kernel
+    w2d = w.view(E * w_rows, K) if w.is_contiguous() else None
+    if use_wgmma and fp8 and w2d is not None:
         wg_cfg = dict(cfg, PAIR_N=int(pair_n), **wgmma_keys)
         if _wgmma_usable(a, w2d, wg_cfg, swiglu, out_scale is not None):
             return grouped_gemm_wgmma.launch(a, a_scale, w, w_scale, out, offsets=offsets, masked_m=masked_m,
                                              max_m=max_m, out_scale=out_scale, row_weight=row_weight,
                                              swiglu=swiglu, cfg=wg_cfg)
-    use_tma = use_tma and _tma_usable(a, w2d)
+    use_tma = use_tma and w2d is not None and _tma_usable(a, w2d)
     if use_tma:
         a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [BM, BK])
         w_desc = TensorDescriptor(w2d, [E * w_rows, K], [K, 1], [BN, BK])
@@ -334,7 +336,7 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
         row_weight if row_weight is not None else dummy, out, out_scale if out_scale is not None else dummy,
         M, N, K, E, max_m, w_rows, N,
         a.stride(0), a_scale.stride(0) if fp8 else 0, a_scale.stride(1) if fp8 else 0, w.stride(0), w.stride(1),
-        w_scale.stride(0) if fp8 else 0, w_scale.stride(1) if fp8 else 0,
+        w.stride(2), w_scale.stride(0) if fp8 else 0, w_scale.stride(1) if fp8 else 0,
         out.stride(0), out_scale.stride(0) if out_scale is not None else 0,
         FP8=fp8, SWIGLU=swiglu, QUANT_OUT=out_scale is not None, ROW_WEIGHT=row_weight is not None,
         MASKED=masked, USE_TMA=use_tma, EVEN_K=K % BK == 0, IEEE=a.dtype == torch.float32 or interpret_mode(),
@@ -354,6 +356,100 @@ def _mlp_launch(x, x_scale, offsets, w13, w13_scale, w2, w2_scale, row_weight, o
     _launch(x, x_scale, w13, w13_scale, h, offsets=offsets, out_scale=h_scale, swiglu=True)
     _launch(h, h_scale, w2, w2_scale, out, offsets=offsets, row_weight=row_weight)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# backward kernels (bf16 / fp16 / fp32): the weight gradient, and the expert MLP's backward composed of them
+
+@triton.jit
+def _grouped_wgrad_kernel(dy_ptr, x_ptr, offsets_ptr, dw_ptr, N, K, stride_dy, stride_x, stride_we, stride_wn,
+                          IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    """dW[e] [N, K] = dY[rows of e, :N]^T @ X[rows of e, :K]: a program owns one [BLOCK_N, BLOCK_K] tile of one
+    expert and walks that expert's rows (an expert without rows writes zeros)."""
+    e = tl.program_id(1)
+    num_k = tl.cdiv(K, BLOCK_K)
+    offs_n = (tl.program_id(0) // num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = (tl.program_id(0) % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_mask, k_mask = offs_n < N, offs_k < K
+    lo = tl.load(offsets_ptr + e)
+    hi = tl.load(offsets_ptr + e + 1)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(lo, hi, BLOCK_M):
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        r_mask = rows < hi
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :],
+                     other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        if UPCAST:  # Triton's CPU interpreter multiplies 16-bit float tiles wrongly: upcast there
+            dy = dy.to(tl.float32)
+            x = x.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(tl.trans(dy), x, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(dy), x, acc)
+    ptrs = dw_ptr + e.to(tl.int64) * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
+    tl.store(ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
+
+
+def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, num_experts: int,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """dW [E, N, K] with dW[e] = dY_e^T X_e over the rows of each expert (the weight gradient of
+    ``out = A_e @ W_e^T``): dy [M, N], x [M, K] of one float dtype, offsets int32 [E+1]; fp32 accumulation."""
+    M, N = dy.shape
+    K = x.shape[1]
+    dw = torch.empty(num_experts, N, K, dtype=out_dtype or x.dtype, device=x.device)
+    if num_experts == 0 or N == 0 or K == 0:
+        return dw
+    if not use_triton(x):
+        return torch.stack([dy[lo:hi].float().t() @ x[lo:hi].float() for lo, hi in
+                            zip(offsets.tolist(), offsets.tolist()[1:])]).to(dw.dtype)
+    dy, x = dy.contiguous(), x.contiguous()
+    small = interpret_mode()
+    BM, BN, BK = (16, 32, 32) if small else (32, 64, 64) if x.dtype == torch.float32 else (64, 128, 64)
+    grid = (triton.cdiv(N, BN) * triton.cdiv(K, BK), num_experts)
+    _grouped_wgrad_kernel[grid](dy, x, offsets.contiguous(), dw, N, K, dy.stride(0), x.stride(0), dw.stride(0),
+                                dw.stride(1), IEEE=x.dtype == torch.float32 or small, UPCAST=small,
+                                BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=4 if small else 8,
+                                num_stages=1 if small else 3)
+    return dw
+
+
+def _expert_mlp_backward_kernels(x, offsets, w13, w2, topk_weight, grad_out, need):
+    """(dx, dw13, dw2, dtopk_weight) of ``expert_mlp`` on bf16/fp16/fp32 operands with the package's kernels:
+    h13 again (grouped GEMM), SwiGLU's derivative elementwise in fp32, dA = dY W2 and dX = dH W13 through
+    transposed views of the weights (no copy), the weight gradients through ``grouped_wgrad``."""
+    M, I = x.shape[0], w2.shape[2]
+    E = w13.shape[0]
+    h13 = torch.empty(M, 2 * I, dtype=x.dtype, device=x.device)
+    _launch(x, None, w13, None, h13, offsets=offsets)
+    gate, up = h13.float().chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    a = (silu * up).to(x.dtype)  # what the forward fed the down projection (rounded to x's dtype)
+    g = grad_out.float()
+    dtw = None
+    if topk_weight is not None:
+        if need[3]:
+            y = torch.empty(M, w2.shape[1], dtype=torch.float32, device=x.device)
+            _launch(a, None, w2, None, y, offsets=offsets)
+            dtw = (g * y).sum(-1).to(topk_weight.dtype)
+        g = g * topk_weight.float()[:, None]
+    gy = g.to(x.dtype)
+    dx = dw13 = dw2 = None
+    if need[2]:
+        dw2 = grouped_wgrad(gy, a, offsets, E, out_dtype=w2.dtype)
+    if need[0] or need[1]:
+        da = torch.empty(M, I, dtype=torch.float32, device=x.device)
+        _launch(gy, None, w2.transpose(1, 2), None, da, offsets=offsets)  # dA = dY @ W2[e]
+        dh = torch.cat([da * up * sig * (1.0 + gate * (1.0 - sig)), da * silu], dim=1).to(x.dtype)
+        if need[0]:
+            dx = torch.empty_like(x)
+            _launch(dh, None, w13.transpose(1, 2), None, dx, offsets=offsets)  # dX = dH @ W13[e]
+        if need[1]:
+            dw13 = grouped_wgrad(dh, x, offsets, E, out_dtype=w13.dtype)
+    return dx, dw13, dw2, dtw
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -409,9 +505,19 @@ def _grouped_gemm_bf16_setup(ctx, inputs, output):
 
 
 def _grouped_gemm_bf16_backward(ctx, grad_out):
+    """dA = dOut @ W[e] (the kernel on W's transposed view), dW = ``grouped_wgrad``; the reference off-kernel."""
     a, w, offsets = ctx.saved_tensors
-    return (*_grad_by_reference(ctx, lambda a, w: reference.grouped_gemm(a, w, offsets, out_dtype=torch.float32),
-                                (a, w), (0, 1), grad_out), None)
+    if not use_triton(a):
+        return (*_grad_by_reference(ctx, lambda a, w: reference.grouped_gemm(a, w, offsets, out_dtype=torch.float32),
+                                    (a, w), (0, 1), grad_out), None)
+    g = grad_out.to(a.dtype).contiguous()
+    da = dw = None
+    if ctx.needs_input_grad[0]:
+        da = torch.empty_like(a)
+        _launch(g, None, w.transpose(1, 2), None, da, offsets=offsets)
+    if ctx.needs_input_grad[1]:
+        dw = grouped_wgrad(g, a, offsets, w.shape[0], out_dtype=w.dtype)
+    return da, dw, None
 
 
 _grouped_gemm_bf16_op.register_autograd(_grouped_gemm_bf16_backward, setup_context=_grouped_gemm_bf16_setup)
@@ -478,8 +584,9 @@ def _expert_mlp_setup(ctx, inputs, output):
 
 
 def _expert_mlp_backward(ctx, grad_out):
-    """Gradients for x, w13, w2 and topk_weight (bf16 / fp32 path), through the reference MLP run again in fp32
-    (backward kernels are not written yet). The FP8 path gives topk_weight's only: e4m3 inputs have none."""
+    """Gradients for x, w13, w2 and topk_weight (bf16 / fp32 path): the package's kernels where the forward ran
+    them (``_expert_mlp_backward_kernels``), else the reference MLP run again as torch ops in fp32. The FP8 path
+    gives topk_weight's only: e4m3 inputs have none."""
     x, x_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight = ctx.saved_tensors
     if ctx.fp8:
         if any(ctx.needs_input_grad[i] for i in (0, 3, 5)):
@@ -490,6 +597,11 @@ def _expert_mlp_backward(ctx, grad_out):
             y = reference.expert_mlp(x, offsets, w13, w2, x_scale, w13_scale, w2_scale, out_dtype=torch.float32)
             gtw = (grad_out.float() * y).sum(-1).to(topk_weight.dtype)
         return None, None, None, None, None, None, None, gtw
+
+    need = [ctx.needs_input_grad[i] for i in (0, 3, 5, 7)]
+    if use_triton(x):
+        gx, g13, g2, gtw = _expert_mlp_backward_kernels(x, offsets, w13, w2, topk_weight, grad_out, need)
+        return gx, None, None, g13, None, g2, None, gtw
 
     def mlp(x, w13, w2, tw):
         y = reference.expert_mlp(x, offsets, w13, w2, out_dtype=torch.float32)
