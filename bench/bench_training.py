@@ -14,7 +14,7 @@ before each step, so every step allocates them as a training step does).
   * **naive loop**: bench_moe_layer.py's per-expert loop, differentiated by autograd.
 Gradient errors: relative (Frobenius) to the naive loop's gradients of x and of the expert weights, with the naive
 loop routed on fp32 logits as our router is. TFLOP/s counts 3x the forward's expert and router FLOPs.
-Writes results/training-<device>.json.
+Writes results/training-<device>.json and (with matplotlib) its .png.
 """
 import argparse
 import os
@@ -23,6 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import plots  # noqa: E402
 from _common import bench_ms, markdown, save  # noqa: E402  (sets MOE_KERNELS_VALUE_CHECKS=0)
 from bench_moe_layer import CASES, H, I, build, rel_err  # noqa: E402
 
@@ -61,7 +62,8 @@ def run_case(case, tokens):
             t_comp = float("nan")
         t_naive = bench_ms(lambda: step(tm.naive_loop, x, torch_params, g), warmup=3, rep=10)
         row = dict(case=case, experts=E, top_k=k, precision="bf16", T=T, ours_ms=t_ours, composition_ms=t_comp,
-                   naive_ms=t_naive, ours_tflops=flops / t_ours / 1e9, vs_composition=t_comp / t_ours,
+                   naive_ms=t_naive, ours_tflops=flops / t_ours / 1e9, composition_tflops=flops / t_comp / 1e9,
+                   naive_tflops=flops / t_naive / 1e9, vs_composition=t_comp / t_ours,
                    vs_naive=t_naive / t_ours, err_grad_x=errs[0], err_grad_w13=errs[1], err_grad_w2=errs[2])
         rows.append(row)
         print(f"  {case} T={T}: ours {t_ours:.2f} ms ({row['ours_tflops']:.0f} TFLOP/s), composition {t_comp:.2f} ms,"
@@ -84,7 +86,8 @@ def main():
         print(markdown(rows, cols, {c: ".3g" for c in cols[2:]}))
         summary = {f"{r['case']}/T={r['T']}": dict(vs_composition=r["vs_composition"], vs_naive=r["vs_naive"],
                                                    ours_ms=r["ours_ms"]) for r in rows}
-        print("wrote", save("training", rows, summary))
+        path = save("training", rows, summary)
+        print("wrote", path, plots.training(path))
 
 
 if __name__ == "__main__":

@@ -219,7 +219,7 @@ def _mla(res, plt):
     return _finish(fig, res, "MLA (DeepSeek-V3 shapes: H 7168, latents 1536 / 512 + 64 RoPE)", ncols=3)
 
 
-def _moe_layer(res, plt):
+def _moe_layer(res, plt, what="one MoE layer (H=7168, I=2048)"):
     rows = res["rows"]
     groups = sorted({(r["case"], r["precision"]) for r in rows})
     fig, axes = _figure(plt, 1, len(groups), 4.2, 3.8)
@@ -231,7 +231,11 @@ def _moe_layer(res, plt):
             ax.plot(Ts, [r[key] for r in rs], "o-", color=f"C{i}", label=label, gid=key)
         _spec_lines(ax, res, (prec,))
         _xlog2(ax, Ts, "tokens", "TFLOP/s", f"{case}, {prec}")
-    return _finish(fig, res, "one MoE layer (H=7168, I=2048)")
+    return _finish(fig, res, what)
+
+
+def _training(res, plt):
+    return _moe_layer(res, plt, "one training step, forward + backward (H=7168, I=2048; TFLOP/s = 3x the forward's)")
 
 
 PLACEMENT_POLICIES = (("round_robin", "round-robin"), ("eplb_h", "EPLB hierarchical"), ("eplb_g", "EPLB global"),
@@ -298,7 +302,7 @@ def _all_to_all(res, plt):
 
 
 FAMILIES = {"routing": _routing, "grouped_gemm": _grouped_gemm, "mla": _mla, "moe_layer": _moe_layer,
-            "placement": _placement, "all_to_all": _all_to_all}
+            "training": _training, "placement": _placement, "all_to_all": _all_to_all}
 
 
 def family(path: str) -> str | None:
@@ -356,6 +360,11 @@ def moe_layer(path: str) -> str | None:
     """moe_layer-*.json (bench_moe_layer.py) -> .png: TFLOP/s against tokens per (case, precision), ours, the torch
     composition and the naive loop, against that precision's spec dense peak."""
     return _write(path, "moe_layer")
+
+
+def training(path: str) -> str | None:
+    """training-*.json (bench_training.py) -> .png: as moe_layer, for one forward + backward."""
+    return _write(path, "training")
 
 
 def placement(path: str) -> str | None:

@@ -232,6 +232,21 @@ def test_moe_layer_panels_and_the_matching_peak(tmp_path):
         plt.close(fig)
 
 
+def test_training_is_plotted_as_the_layer(tmp_path):
+    rows = [dict(case="mixtral-like", precision="bf16", T=T, ours_tflops=T / 10, composition_tflops=T / 20,
+                 naive_tflops=T / 40) for T in (8192, 4096)]
+    path = write(tmp_path, "training-Test.json", {"environment": env("NVIDIA H200"), "summary": {}, "rows": rows})
+    assert plots.family(path) == "training"
+    fig, plt = draw(path)
+    try:
+        ax = axis(fig, "mixtral-like, bf16")
+        assert roofs(ax) == [989.0]
+        assert line(ax, "ours_tflops") == ([4096, 8192], [409.6, 819.2])
+        assert line(ax, "composition_tflops")[1] == [204.8, 409.6]
+    finally:
+        plt.close(fig)
+
+
 def test_placement_bars_per_case(tmp_path):
     rows = []
     for i, (load, k, G) in enumerate((("zipf-0.8", 2, 16), ("clustered", 8, 256))):
