@@ -285,28 +285,39 @@ def test_generation_same_tokens_after_patching(family, device):
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "mixtral", "qwen3_moe"])
 def test_patched_model_trains_with_hf_gradients(family):
-    """One training step's gradients (fp32, cross-entropy on random labels) are HF's after patch_model: the MoE
-    blocks' backward formulas (and DeepSeek's MLA, which runs its reference path under autograd) carry the same
-    gradient to the embeddings, the attention and the head as HF's own blocks do."""
+    """One training step's gradients (fp32, cross-entropy on random labels, plus the router load-balancing loss
+    for Mixtral / Qwen-MoE) are HF's after patch_model: the MoE blocks' backward formulas (and DeepSeek's MLA,
+    which runs its reference path under autograd) carry the same gradient to the embeddings, the attention, the
+    routers and the head as HF's own blocks do."""
     import copy
     import warnings
 
     torch.manual_seed(0)
     model = randomize(_family_model(family), std=0.1)
+    aux = family != "deepseek_v3"  # Mixtral / Qwen-MoE train with the router's load-balancing loss
     patched = copy.deepcopy(model)
     assert mk.patch_model(patched, precision=None) > 0
     ids = torch.randint(0, 97, (2, 9))
     labels = torch.randint(0, 97, (2, 9))
+    outs = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MLA says once that it runs its reference path under autograd
         for m in (model, patched):
             m.zero_grad()
-            m(ids, labels=labels).loss.backward()
+            out = m(ids, labels=labels, output_router_logits=aux)
+            out.loss.backward()
+            outs.append(out)
+    if aux:  # the router logits reach transformers' recorder, so the auxiliary loss is HF's
+        assert outs[1].aux_loss is not None and len(outs[1].router_logits) == len(outs[0].router_logits)
+        assert_close_rel(outs[1].aux_loss.detach(), outs[0].aux_loss.detach(), 1e-5, "aux loss")
+        assert_close_rel(outs[1].router_logits[0].detach(), outs[0].router_logits[0].detach(), 1e-5, "router logits")
     ref = dict(model.named_parameters())
     compared = []
-    for name, p in patched.named_parameters():  # every parameter both models name alike (the swapped blocks'
-        if name in ref and ref[name].grad is not None:  # own are named differently)
+    for name, p in patched.named_parameters():  # every parameter both models name alike, and the routers
+        hf_name = name.replace(".mlp.moe.gate.weight", ".mlp.gate.weight")
+        if hf_name in ref and ref[hf_name].grad is not None:
             assert p.grad is not None, f"no gradient for {name}"
-            assert_close_rel(p.grad, ref[name].grad, 1e-4, f"grad {name}")
+            assert_close_rel(p.grad, ref[hf_name].grad, 1e-4, f"grad {name}")
             compared.append(name)
     assert any("embed_tokens" in n for n in compared) and any("layers.0." in n for n in compared), compared
+    assert any(".mlp.moe.gate.weight" in n for n in compared), compared  # the router trains as HF's does

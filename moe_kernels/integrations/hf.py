@@ -177,14 +177,41 @@ class HFMLAAttention(nn.Module):
         return out, None
 
 
-class HFMoEBlock(nn.Module):
-    """Adapter: a MoELayer where HF calls its MoE block (same input, same output)."""
-
-    def __init__(self, moe: MoELayer):
-        super().__init__()
-        self.moe = moe
+def _router_logits_module(router_cls: type, gate) -> nn.Module | None:
+    """A module that transformers' output recorder takes for the block's router (an instance of a subclass of
+    HF's router class, holding no parameter of its own): its forward returns (router logits [tokens, E],) from our
+    gate's weight, differentiably, so ``output_router_logits`` and the load-balancing loss of Mixtral / Qwen-MoE
+    training work on a patched model. None for a router that is a plain Linear (transformers < 5)."""
+    if router_cls is nn.Linear or not issubclass(router_cls, nn.Module):
+        return None
 
     def forward(self, hidden_states):
+        g = self._gate
+        return (torch.nn.functional.linear(hidden_states.reshape(-1, g.hidden_size), g.weight),)
+
+    cls = type(f"{router_cls.__name__}Logits", (router_cls,), {"forward": forward, "__module__": __name__})
+    m = cls.__new__(cls)
+    nn.Module.__init__(m)
+    object.__setattr__(m, "_gate", gate)  # not a submodule: the gate's weight stays under moe.gate only
+    return m
+
+
+class HFMoEBlock(nn.Module):
+    """Adapter: a MoELayer where HF calls its MoE block (same input, same output).
+
+    ``router_cls``: the HF block's router class. transformers records router logits (``output_router_logits``,
+    the auxiliary load-balancing loss) by hooking modules of that class, so the adapter keeps one (``gate``) and
+    runs it when such a hook is installed: one extra [tokens, E] GEMM, differentiable into our gate's weight.
+    """
+
+    def __init__(self, moe: MoELayer, router_cls: type | None = None):
+        super().__init__()
+        self.moe = moe
+        self.gate = _router_logits_module(router_cls, moe.gate) if router_cls is not None else None
+
+    def forward(self, hidden_states):
+        if self.gate is not None and self.gate._forward_hooks:
+            self.gate(hidden_states)  # for transformers' recorder; the layer routes with its own kernel
         return self.moe(hidden_states)
 
 
@@ -197,7 +224,7 @@ def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool
     for name, mod in model.named_modules():
         kind = type(mod).__name__
         if kind in SUPPORTED_MOE:
-            swaps.append((name, HFMoEBlock(moe_from_hf(mod, precision))))
+            swaps.append((name, HFMoEBlock(moe_from_hf(mod, precision), type(mod.gate))))
         elif attention and kind in SUPPORTED_ATTENTION:
             swaps.append((name, HFMLAAttention(mla_from_hf(mod), mod.layer_idx)))
     for name, new in swaps:
