@@ -220,6 +220,19 @@ def check_moe_layer_gradients(rank, world):
             dist.all_reduce(g)
             err = _rel(g, want.grad)
             expect(err <= tol, f"E={E} {precision}: summed {tuple(ours.shape)} gradient relative error {err:.2e}")
+    # E < G with a frozen gate and tokens that need no gradient: the idle ranks have nothing of their own to
+    # differentiate, yet must join the backward's exchanges (the experts' gradients still match)
+    E = expert_counts(world)[0]
+    ref, layer = _moe_pair(E, 1, "fp32")
+    for m in (ref, layer):
+        m.gate.weight.requires_grad_(False)
+    make_x = lambda s: torch.randn(num_tokens(s, 9), H, generator=_gen(s))  # noqa: E731
+    (layer(make_x(rank)) * make_x(rank)).sum().backward()
+    (ref(torch.cat([make_x(s) for s in range(world)])) * torch.cat([make_x(s) for s in range(world)])).sum().backward()
+    if layer.experts is not None:
+        idx = torch.tensor(layer._ep.local_experts)
+        err = _rel(layer.experts.w2.grad, ref.experts.w2.grad[idx])
+        expect(err <= 1e-5, f"E={E}, frozen gate: local experts' w2.grad relative error {err:.2e}")
     # FP8 rows (e4m3) carry no gradient: the backward says so on every rank, before any exchange
     _, layer = _moe_pair(expert_counts(world)[0], 1, "fp8")
     out = layer(make_x(rank).requires_grad_())

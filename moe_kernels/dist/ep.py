@@ -189,6 +189,7 @@ class ExpertParallel:
         self._p2p = None
         self._closed = False
         self._expert_precision = None  # what shard_experts saw (ranks without experts still need it)
+        self._experts_trainable = False
 
         # ---- configuration agreement (collective) ----------------------------------------------------------
         self._store = _group_store(self.group)
@@ -216,6 +217,9 @@ class ExpertParallel:
         if experts.num_experts != self.num_experts:
             raise ValueError(f"experts holds {experts.num_experts} experts, expected num_experts={self.num_experts}")
         self._expert_precision = experts.precision
+        # whether the experts train: every rank must agree on taking the differentiable path (its backward is
+        # collective), including a rank that holds none of them
+        self._experts_trainable = any(p.requires_grad for p in experts.parameters())
         if not self.num_local_experts:
             return None
         idx = torch.tensor(self.local_experts, dtype=torch.long, device=experts.w13.device)
@@ -297,8 +301,13 @@ class ExpertParallel:
         if fp8 is None:  # a rank holding no expert follows the precision shard_experts saw
             fp8 = (experts.precision if experts is not None else self._expert_precision) == "fp8"
         params = [p for p in experts.parameters() if p.requires_grad] if experts is not None else []
-        if torch.is_grad_enabled() and (x.requires_grad or topk_weights.requires_grad or params):
-            return _ExpertParallelFn.apply(self, experts, fp8, x, topk_weights, topk_ids, *params)
+        trainable = bool(params) if experts is not None else self._experts_trainable
+        if torch.is_grad_enabled() and (x.requires_grad or topk_weights.requires_grad or trainable):
+            # a rank with nothing of its own to differentiate still joins the backward's exchanges: an empty
+            # anchor that requires grad makes its output part of the graph
+            anchor = () if (x.requires_grad or topk_weights.requires_grad or params) else \
+                (torch.empty(0, device=x.device, requires_grad=True),)
+            return _ExpertParallelFn.apply(self, experts, fp8, x, topk_weights, topk_ids, *params, *anchor)
         return self._pipelined(x, topk_weights, topk_ids, experts, fp8)[0]
 
     def _pipelined(self, x, topk_weights, topk_ids, experts, fp8):
@@ -702,7 +711,7 @@ class _ExpertParallelFn(torch.autograd.Function):
             gx[a:b].index_add_(0, d.send_token, home[:, :H])
             gw[a:b].index_add_(0, d.send_token, home[:, H:])
         return (None, None, None, gx.to(x_dtype) if need_x else None, gw.to(w_dtype) if need_w else None, None,
-                *gparams)
+                *gparams, *([None] * (len(ctx.needs_input_grad) - 6 - len(gparams))))
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
