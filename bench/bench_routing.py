@@ -162,17 +162,19 @@ def sweep(Ts, H, E, device):
     gen = torch.Generator(device=device).manual_seed(1)
     w = (torch.randn(E, H, device=device, generator=gen) * H**-0.5).bfloat16()
     bias = 0.01 * torch.randn(E, device=device, generator=gen)
-    configs = [(16, 128, 4, 4), (16, 64, 4, 4), (32, 128, 4, 3), (64, 64, 8, 4), (64, 64, 8, 3), (64, 128, 8, 3),
-               (64, 64, 16, 4), (64, 64, 4, 4), (128, 64, 16, 3)]
+    configs = [(16, 128, 4, 4, 1), (16, 64, 4, 4, 1), (32, 128, 4, 3, 1), (64, 64, 8, 4, 1), (64, 64, 8, 3, 1),
+               (64, 128, 8, 3, 1), (64, 64, 16, 4, 1), (64, 64, 4, 4, 1), (128, 64, 16, 3, 1),
+               # SPLIT_K: programs sharing a token tile, each over a slice of H (more programs than tiles)
+               (64, 64, 8, 4, 2), (64, 64, 16, 4, 2), (64, 64, 8, 4, 4), (32, 128, 4, 3, 2)]
     variants = [("deepseek", 8, True), ("softmax", 2, False)]
     for T in Ts:
         x = torch.randn(T, H, device=device, generator=gen).bfloat16()
         for name, k, use_bias in variants:
             c = SCORINGS[name]
-            for bm, bk, nw, ns in configs:
+            for bm, bk, nw, ns, split in configs:
                 if (T <= 1024) != (bm <= 32) and bm != 64:
                     continue  # small tiles for small T, large tiles for large T; 64 everywhere
-                cfg = dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+                cfg = dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=nw, num_stages=ns, SPLIT_K=split)
                 args = (x, w, k, c["scoring"], c["n_group"], c["topk_group"], True, c["routed_scaling_factor"],
                         bias if use_bias else None, None)
                 try:
@@ -258,8 +260,9 @@ def main(argv=None):
     if args.sweep:
         payload["sweep"] = sweep(Ts, H, E, device)
         print()
-        print(markdown(payload["sweep"], ["kernel", "scoring", "k", "T", "BLOCK_M", "BLOCK_K", "BLOCK_H", "num_warps",
-                                          "num_stages", "us", "gbps", "error"], {"us": ".1f", "gbps": ".0f"}))
+        print(markdown(payload["sweep"], ["kernel", "scoring", "k", "T", "BLOCK_M", "BLOCK_K", "SPLIT_K", "BLOCK_H",
+                                          "num_warps", "num_stages", "us", "gbps", "error"],
+                       {"us": ".1f", "gbps": ".0f"}))
         if not args.no_json:
             write_json(result_name, payload, args.results_dir)
     return payload

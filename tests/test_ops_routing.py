@@ -120,6 +120,26 @@ def test_route_matches_reference(case, device):
     check_route(out, x, w, k, scoring, ng, tg, norm, scaling, bias, escale)
 
 
+SPLIT_CASES = {  # H = 160 in 32-wide K steps: 5 steps, so 3 slices are 2, 2 and 1 steps (uneven, not a divisor)
+    "softmax_k2": (37, 16, 160, 2, "softmax", 1, 1, False, False, 1.0, True, torch.bfloat16),
+    "deepseek_E256": (37, 256, 160, 8, "sigmoid", 8, 4, True, False, 2.5, True, torch.bfloat16),
+    "fp32_uneven_H": (21, 7, 136, 3, "sigmoid", 1, 1, False, False, 1.0, True, torch.float32),
+}
+
+
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_route_split_k(case, split, device):
+    """SPLIT_K programs per token tile, the last to arrive reducing the partial logits: the same routing."""
+    from moe_kernels.ops import routing
+
+    T, E, H, k, scoring, ng, tg, b, s, scaling, norm, dtype = SPLIT_CASES[case]
+    x, w, bias, escale = make_inputs(T, E, H, dtype, device, b, s)
+    cfg = dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1, SPLIT_K=split)
+    out = routing._route_triton(x, w, k, scoring, ng, tg, norm, scaling, bias, escale, config=cfg)
+    check_route(out, x, w, k, scoring, ng, tg, norm, scaling, bias, escale)
+
+
 def test_route_mixed_dtypes_use_fp32_products(device):
     x, w, _, _ = make_inputs(37, 16, 128, torch.bfloat16, device)
     w = w.float() + 1e-3 * torch.randn_like(w.float())  # fp32 gate bits that bf16 cannot hold

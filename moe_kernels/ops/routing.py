@@ -35,14 +35,21 @@ def _argmax_low(v, avail, cols, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _route_kernel(
-    x_ptr, w_ptr, bias_ptr, escale_ptr, weights_ptr, ids_ptr, counts_ptr,
+    x_ptr, w_ptr, bias_ptr, escale_ptr, weights_ptr, ids_ptr, counts_ptr, ws_ptr, sem_ptr,
     T, H, E, group_size, stride_xm, stride_we, routed_scaling_factor,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, SIGMOID: tl.constexpr, N_GROUP: tl.constexpr,
     TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ESCALE: tl.constexpr,
     NORM: tl.constexpr, FP32_DOT: tl.constexpr, EVEN_K: tl.constexpr, GROUPS_AS_AXIS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
 ):
+    # SPLIT_K > 1: SPLIT_K programs share a token tile, each multiplying one slice of H; each stores its partial
+    # logits in the workspace ws [tiles, SPLIT_K, BLOCK_M, BLOCK_E] and counts itself in the tile's semaphore; the
+    # last to arrive adds the partials in slice order (the same logits whichever arrives last) and runs the rest.
+    # More programs than token tiles: at T = 4096 and 64-token tiles, 64 programs leave half of 132 SMs idle.
     pid = tl.program_id(0).to(tl.int64)
+    if SPLIT_K > 1:
+        split = pid % SPLIT_K
+        pid = pid // SPLIT_K
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_E)
     offs_k = tl.arange(0, BLOCK_K)
@@ -55,7 +62,15 @@ def _route_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + cols[:, None] * stride_we + offs_k[None, :]
-    for k0 in range(0, H, BLOCK_K):
+    k_lo = 0
+    k_hi = H
+    if SPLIT_K > 1:  # this program's slice of H: whole BLOCK_K steps
+        k_per = tl.cdiv(tl.cdiv(H, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_lo = split * k_per
+        k_hi = tl.minimum(H, k_lo + k_per)
+        x_ptrs += k_lo
+        w_ptrs += k_lo
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             xb = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
             wb = tl.load(w_ptrs, mask=col_mask[:, None], other=0.0)
@@ -71,6 +86,16 @@ def _route_kernel(
             acc += tl.dot(xb, tl.trans(wb))
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if SPLIT_K > 1:
+        tile = ws_ptr + pid * (SPLIT_K * BLOCK_M * BLOCK_E)
+        at = tl.arange(0, BLOCK_M)[:, None] * BLOCK_E + cols[None, :]
+        tl.store(tile + split * (BLOCK_M * BLOCK_E) + at, acc)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        if tl.atomic_add(sem_ptr + pid, 1, sem="acq_rel") != SPLIT_K - 1:
+            return
+        acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):  # slice order: the logits do not depend on who arrived last
+            acc += tl.load(tile + s * (BLOCK_M * BLOCK_E) + at, cache_modifier=".cg")
 
     # a row with a NaN/inf logit is routed as if its logits were 0, and its weights are poisoned with NaN below
     finite = (acc == acc) & (tl.abs(acc) != float("inf"))
@@ -159,7 +184,8 @@ def _cfg(m: int, k: int, w: int, s: int) -> dict:
 # (top_k <= 2, no groups), config for a heavy one); the last row takes any larger T. The E=256 rows come from the
 # H100 sweep of `bench/bench_routing.py --sweep` at H=7168 (bench/results/routing-NVIDIA_H100_80GB_HBM3.json):
 # 16 warps halve the per-thread epilogue of k=8 / group-limited routing (1.4-1.5x faster there). Other entries are
-# untuned defaults.
+# untuned defaults. A config may also set SPLIT_K (programs per token tile, see _route_kernel); none does yet: the
+# sweep times it (bench_routing.py --sweep) but has not run on a GPU since it was written.
 _CONFIGS = {
     (256, True): [(1024, _cfg(16, 128, 4, 4), _cfg(16, 128, 4, 4)),
                   (8192, _cfg(64, 64, 8, 4), _cfg(64, 64, 16, 4)),
@@ -192,16 +218,24 @@ def _route_triton(x, w, top_k, scoring, n_group, topk_group, norm, scaling, bias
     if T == 0:
         return weights, ids, counts
     fp32_dot = x.dtype != w.dtype or x.dtype == torch.float32
-    cfg = config or _config(T, E, H, fp32_dot, heavy=top_k > 2 or n_group > 1)
+    cfg = dict(config or _config(T, E, H, fp32_dot, heavy=top_k > 2 or n_group > 1))
     BLOCK_E = _next_pow2(E, 16)
-    grid = (triton.cdiv(T, cfg["BLOCK_M"]),)
+    split = int(cfg.pop("SPLIT_K", 1))
+    tiles = triton.cdiv(T, cfg["BLOCK_M"])
+    if split > 1:  # the partial logits' workspace and one arrival counter per token tile
+        ws = torch.empty(tiles * split * cfg["BLOCK_M"] * BLOCK_E, dtype=torch.float32, device=x.device)
+        sem = torch.zeros(tiles, dtype=torch.int32, device=x.device)
+    else:
+        ws, sem = weights, counts  # unused
+    grid = (tiles * split,)
     _route_kernel[grid](
         x, w, bias if bias is not None else counts, escale if escale is not None else counts,
-        weights, ids, counts, T, H, E, E // n_group, x.stride(0), w.stride(0), float(scaling),
+        weights, ids, counts, ws, sem, T, H, E, E // n_group, x.stride(0), w.stride(0), float(scaling),
         TOP_K=top_k, K_PAD=_next_pow2(top_k, 2), SIGMOID=scoring == "sigmoid", N_GROUP=n_group,
         TOPK_GROUP=topk_group, G_PAD=_next_pow2(n_group, 2), HAS_BIAS=bias is not None,
         HAS_ESCALE=escale is not None, NORM=norm, FP32_DOT=fp32_dot, EVEN_K=H % cfg["BLOCK_K"] == 0,
-        GROUPS_AS_AXIS=n_group > 1 and E == BLOCK_E and n_group == _next_pow2(n_group), BLOCK_E=BLOCK_E, **cfg,
+        GROUPS_AS_AXIS=n_group > 1 and E == BLOCK_E and n_group == _next_pow2(n_group), BLOCK_E=BLOCK_E,
+        SPLIT_K=split, **cfg,
     )
     return weights, ids, counts
 
