@@ -525,7 +525,7 @@ _grouped_gemm_bf16_op.register_autograd(_grouped_gemm_bf16_backward, setup_conte
 
 def _grad_by_reference(ctx, fn, tensors, positions, grad_out):
     """Gradients of fn(*tensors) for the inputs at ``positions`` of the op that need one (None for the others):
-    the reference run again as differentiable torch ops (the kernels have no backward), in fp32."""
+    the reference run again as differentiable torch ops, in fp32 (CPU tensors without the interpreter)."""
     need = [t is not None and ctx.needs_input_grad[i] for t, i in zip(tensors, positions)]
     leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(tensors, need)]
     with torch.enable_grad():
