@@ -505,6 +505,51 @@ def test_wgmma_kernel_compiles_for_sm90_unserialised(cfg):
 
 
 @pytest.mark.skipif(gg.grouped_gemm_wgmma is None, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("case,K,swiglu,masked,persistent,want", [
+    ("8 K steps >= 4 stages", 1024, False, False, 2, "persistent"),
+    ("3 K steps < 4 stages", 384, False, False, 1, "one-tile"),
+    ("SwiGLU: 2 x 2 steps", 256, True, False, 1, "persistent"),
+    ("SwiGLU: 2 x 1 steps", 128, True, False, 1, "one-tile"),
+    ("masked layout", 1024, False, True, 1, "one-tile"),
+    ("not asked", 1024, False, False, 0, "one-tile"),
+])
+def test_wgmma_launcher_picks_the_persistent_kernel(case, K, swiglu, masked, persistent, want, monkeypatch):
+    """The Gluon launcher's choice and grid, on the CPU (the kernels replaced by recorders): the persistent kernel
+    where it applies, on PERSISTENT x SMs programs at most, the one-tile kernel on the whole upper-bound grid."""
+    wg = gg.grouped_gemm_wgmma
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append((self.name, grid, kw))
+
+    monkeypatch.setattr(wg, "_grouped_gemm_fp8_wgmma_kernel", Recorder("one-tile"))
+    monkeypatch.setattr(wg, "_grouped_gemm_fp8_wgmma_persistent_kernel", Recorder("persistent"))
+    monkeypatch.setattr(wg, "_sm_count", lambda index: 3)
+    E, N, max_m = 4, 256, 96
+    M = E * max_m if masked else 300
+    a, a_scale = torch.zeros(M, K, dtype=torch.float8_e4m3fn), torch.ones(M, K // 128)
+    w_rows = 2 * N if swiglu else N
+    w, w_scale = torch.zeros(E, w_rows, K, dtype=torch.float8_e4m3fn), torch.ones(E, w_rows // 128, K // 128)
+    out = torch.empty(M, N, dtype=torch.float8_e4m3fn if swiglu else torch.bfloat16)
+    out_scale = torch.empty(M, N // 128) if swiglu else None
+    cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, PERSISTENT=persistent,
+               WS=1)
+    kw = dict(masked_m=torch.full((E,), 50, dtype=torch.int32), max_m=max_m) if masked else \
+        dict(offsets=torch.tensor([0, 100, 100, 250, 300], dtype=torch.int32))
+    wg.launch(a, a_scale, w, w_scale, out, out_scale=out_scale, swiglu=swiglu, cfg=cfg, **kw)
+    (name, grid, kwargs), = calls
+    assert name == want, case
+    upper = (E * -(-max_m // 128) if masked else -(-M // 128) + E) * (N // 128)  # every tile the schedule may hold
+    assert grid == ((min(upper, persistent * 3),) if want == "persistent" else (upper,)), (case, grid)
+    assert kwargs["STAGES"] == 4 and kwargs["SWIGLU"] == swiglu and kwargs["MASKED"] == masked
+    assert kwargs["maxnreg"] == gg.grouped_gemm_wgmma.ws_maxnreg(8)  # WS: the register cap goes with it
+
+
+@pytest.mark.skipif(gg.grouped_gemm_wgmma is None, reason="this Triton has no Gluon")
 def test_wgmma_supports_only_its_tiles():
     """The configs the Gluon kernel builds (anything else runs the Triton kernel, with a warning on Hopper)."""
     base = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
