@@ -118,10 +118,10 @@ def rel_err(out, ref):
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
-def build(case):
+def build(case, device="cuda"):
     cfg = CASES[case]
     E = cfg["num_experts"]
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = device, torch.bfloat16
     torch.manual_seed(0)
     layers = {p: mk.MoELayer(hidden_size=H, intermediate_size=I, precision=p, device=dev, dtype=dt, **cfg)
               for p in ("bf16", "fp8")}

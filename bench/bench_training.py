@@ -36,8 +36,8 @@ def step(fn, x, params, g):
     fn(x).backward(g)
 
 
-def run_case(case, tokens):
-    layers, tm, E = build(case)
+def run_case(case, tokens, device="cuda"):
+    layers, tm, E = build(case, device)
     layer = layers["bf16"]
     del layers["fp8"]
     k = CASES[case]["top_k"]
@@ -47,8 +47,8 @@ def run_case(case, tokens):
     torch_params = [tm.gate_w, tm.w13, tm.w2]
     rows = []
     for T in tokens:
-        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        g = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(T, H, device=device, dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(T, H, device=device, dtype=torch.bfloat16)
         flops = 3 * (6.0 * T * k * H * I + 2.0 * T * H * E)
         step(lambda x: tm.naive_loop(x, fp32_router=True), x, torch_params, g)
         want = [t.grad.clone() for t in (x, tm.w13, tm.w2)]
