@@ -44,12 +44,15 @@ ROUTING = [dict(scoring="softmax", top_k=2), dict(scoring="softmax", top_k=1, no
 
 @pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("bf16", 4e-2)])
 @pytest.mark.parametrize("routing", ROUTING, ids=lambda r: "{scoring}_k{top_k}".format(**r))
-def test_moe_layer_gradients_match_a_dense_float64_formulation(precision, tol, routing):
+def test_moe_layer_gradients_match_a_dense_float64_formulation(precision, tol, routing, device):
+    from _helpers import skip_unless_cuda
+
+    skip_unless_cuda(device)
     T, H, I, E = 13, 256, 128, 8  # odd T; an expert or two gets no token
     shared = int(routing["scoring"] == "sigmoid")  # DeepSeek-style routing comes with a shared expert
     m = mk.MoELayer(hidden_size=H, intermediate_size=I, num_experts=E, n_shared_experts=shared,
-                    precision=precision, **routing)
-    x = torch.randn(T, H, requires_grad=True)
+                    precision=precision, device=device, **routing)
+    x = torch.randn(T, H, requires_grad=True, device=device)
     out = m(x)
     g = torch.randn_like(out)
     out.backward(g)
