@@ -233,6 +233,17 @@ def check_moe_layer_gradients(rank, world):
         idx = torch.tensor(layer._ep.local_experts)
         err = _rel(layer.experts.w2.grad, ref.experts.w2.grad[idx])
         expect(err <= 1e-5, f"E={E}, frozen gate: local experts' w2.grad relative error {err:.2e}")
+    # a rank without tokens (T = 0) still joins both exchanges of the backward
+    ref, layer = _moe_pair(world, 2, "fp32")
+    make_x = lambda s: torch.randn(0 if s == 0 else 5, H, generator=_gen(s))  # noqa: E731
+    x = make_x(rank).requires_grad_()
+    (layer(x) * 2.0).sum().backward()
+    (ref(torch.cat([make_x(s) for s in range(world)])) * 2.0).sum().backward()
+    expect(x.grad is not None and x.grad.shape == x.shape, "T = 0: no gradient for x")
+    if layer.experts is not None:
+        idx = torch.tensor(layer._ep.local_experts)
+        err = _rel(layer.experts.w13.grad, ref.experts.w13.grad[idx])
+        expect(err <= 1e-5, f"T = 0 on rank 0: local experts' w13.grad relative error {err:.2e}")
     # FP8 rows (e4m3) carry no gradient: the backward says so on every rank, before any exchange
     _, layer = _moe_pair(expert_counts(world)[0], 1, "fp8")
     out = layer(make_x(rank).requires_grad_())

@@ -75,6 +75,26 @@ def test_moe_layer_gradients_match_a_dense_float64_formulation(precision, tol, r
         assert_close_rel(got.float(), want, tol, f"grad {name}")
 
 
+@pytest.mark.parametrize("T", [0, 1])
+def test_gradients_of_zero_and_one_token(T):
+    """T = 0: every gradient exists and is zero (the experts' too); T = 1: the dense formulation's."""
+    m = mk.MoELayer(hidden_size=256, intermediate_size=128, num_experts=4, top_k=2, precision="fp32")
+    x = torch.randn(T, 256, requires_grad=True)
+    out = m(x)
+    g = torch.randn_like(out)
+    out.backward(g)
+    grads = {"x": x.grad, "gate": m.gate.weight.grad, "w13": m.experts.w13.grad, "w2": m.experts.w2.grad}
+    if T == 0:
+        assert all(v is not None and v.abs().sum() == 0 for v in grads.values()), grads
+        return
+    with torch.no_grad():
+        _, ids, _ = m.gate(x)
+    leaves = [t.detach().double().requires_grad_() for t in (x, m.gate.weight, m.experts.w13, m.experts.w2)]
+    _dense_moe(*leaves, ids, "softmax", True, 1.0).backward(g.double())
+    for (name, got), want in zip(grads.items(), leaves):
+        assert_close_rel(got, want.grad, 1e-4, f"grad {name}")
+
+
 def test_unpermute_and_permute_gradients():
     T, k, E, H = 9, 3, 5, 64
     x = torch.randn(T, H, requires_grad=True)

@@ -282,15 +282,16 @@ def _unpermute_backward(ctx, grad_out):
     w[t, j] gets <grad_out[t], y[slot[t, j]]>; in fp32, as the forward sums."""
     y, slot, w = ctx.saved_tensors
     T, k = slot.shape
+    N = y.shape[1]
     rows = slot.reshape(-1).long()
     g = grad_out.float()
     gy = gw = None
     if ctx.needs_input_grad[0]:
         gy = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
-        gy[rows] = (g[:, None, :] * w.float()[:, :, None]).reshape(T * k, -1)
+        gy[rows] = (g[:, None, :] * w.float()[:, :, None]).reshape(T * k, N)
         gy = gy.to(y.dtype)
     if ctx.needs_input_grad[2]:
-        gw = (g[:, None, :] * y.float()[rows].view(T, k, -1)).sum(-1).to(w.dtype)
+        gw = (g[:, None, :] * y.float()[rows].view(T, k, N)).sum(-1).to(w.dtype)
     return gy, None, gw
 
 
