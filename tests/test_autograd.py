@@ -95,6 +95,26 @@ def test_gradients_of_zero_and_one_token(T):
         assert_close_rel(got, want.grad, 1e-4, f"grad {name}")
 
 
+def test_gradients_when_every_token_picks_one_expert():
+    """top-1 routing of every token to expert 2 (a gate that sees only it): the other experts get zero gradients,
+    expert 2 the dense formulation's."""
+    m = mk.MoELayer(hidden_size=256, intermediate_size=128, num_experts=4, top_k=1, precision="fp32")
+    with torch.no_grad():
+        m.gate.weight.zero_()
+        m.gate.weight[2] = 1.0
+    x = (torch.rand(9, 256) + 0.1).requires_grad_()  # positive: expert 2's logit is the largest for every token
+    out = m(x)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ids = torch.full((9, 1), 2, dtype=torch.int32)
+    leaves = [t.detach().double().requires_grad_() for t in (x, m.gate.weight, m.experts.w13, m.experts.w2)]
+    _dense_moe(*leaves, ids, "softmax", True, 1.0).backward(g.double())
+    assert m.experts.w13.grad[[0, 1, 3]].abs().sum() == 0 and m.experts.w2.grad[[0, 1, 3]].abs().sum() == 0
+    for name, got, want in zip(("x", "w13", "w2"), (x.grad, m.experts.w13.grad, m.experts.w2.grad),
+                               (leaves[0].grad, leaves[2].grad, leaves[3].grad)):
+        assert_close_rel(got, want, 1e-4, f"grad {name}")
+
+
 def test_unpermute_and_permute_gradients():
     T, k, E, H = 9, 3, 5, 64
     x = torch.randn(T, H, requires_grad=True)
