@@ -258,8 +258,8 @@ def test_grouped_gemm_fp8_configs_gpu(cfg):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", WGMMA_CONFIGS[:3] + WGMMA_CONFIGS[-1:] + PERSISTENT_CONFIGS[:1] + PERSISTENT_CONFIGS[-1:],
-                         ids=_cfg_id)
+@pytest.mark.parametrize("cfg", WGMMA_CONFIGS[:3] + WGMMA_CONFIGS[-1:] + PERSISTENT_CONFIGS[:1]
+                         + PERSISTENT_CONFIGS[-1:], ids=_cfg_id)
 @pytest.mark.parametrize("layout", ["masked", "row_weight_fp32_out", "colmajor_scales"])
 def test_grouped_gemm_fp8_wgmma_variants_gpu(cfg, layout):
     """The Gluon kernel's other paths: the masked decode layout, a per-row weight with fp32 output, column-major

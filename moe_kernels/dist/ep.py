@@ -298,8 +298,10 @@ class ExpertParallel:
         a rank holding none (its rows then come back as zeros). Rows travel in FP8 when the experts are FP8
         (``fp8`` overrides). x [T, H], topk_weights fp32 [T, k], topk_ids int32 [T, k]; returns [T, H] in x's dtype.
         """
-        if fp8 is None:  # a rank holding no expert follows the precision shard_experts saw
-            fp8 = (experts.precision if experts is not None else self._expert_precision) == "fp8"
+        if fp8 is None:  # a rank holding no expert follows the precision shard_experts saw; rows that need a
+            # gradient travel unquantised (FP8 experts quantise them in a differentiable op)
+            fp8 = (experts.precision if experts is not None else self._expert_precision) == "fp8" and not (
+                torch.is_grad_enabled() and x.requires_grad)
         params = [p for p in experts.parameters() if p.requires_grad] if experts is not None else []
         trainable = bool(params) if experts is not None else self._experts_trainable
         if torch.is_grad_enabled() and (x.requires_grad or topk_weights.requires_grad or trainable):

@@ -27,8 +27,10 @@ class GroupedExperts(nn.Module):
 
     Gradients (bf16 / fp32 weights, which are parameters): forward and backward run the grouped GEMM kernels (the
     backward: h13 again, dA and dX through transposed weight views, the weight gradients through
-    ``ops.grouped_wgrad``); on CPU tensors without the interpreter the reference. FP8 weights are buffers and the
-    FP8 path has no backward.
+    ``ops.grouped_wgrad``); on CPU tensors without the interpreter the reference. FP8 weights are buffers (no
+    gradient); bf16/fp32 rows that require a gradient get the straight-through one (``ops.expert_mlp_fp8_ste``:
+    the quantisations taken as identities, dA and dX as FP8 GEMMs on the transposed e4m3 weights). e4m3 rows have
+    none.
     """
 
     def __init__(
@@ -117,6 +119,8 @@ class GroupedExperts(nn.Module):
         check_tensor("x", x, ndim=2, shape=(None, self.hidden_size), device=self.w13.device)
         check_tensor("offsets", offsets, dtype=torch.int32, shape=(self.num_experts + 1,), device=x.device)
         if self.precision == "fp8" and x.dtype != FP8_DTYPE:
+            if torch.is_grad_enabled() and x.requires_grad:  # straight-through gradient for the rows
+                return ops.expert_mlp_fp8_ste(x, offsets, self.w13, self.w13_scale, self.w2, self.w2_scale)
             x, x_scale = ops.quantize_fp8(x)
         elif self.precision != "fp8" and x.dtype != self.w13.dtype:
             x = x.to(self.w13.dtype)  # bf16 / fp32 experts compute in their weights' dtype

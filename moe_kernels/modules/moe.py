@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._checks import check_int, check_tensor
+from .._checks import check_int
 from .experts import PRECISIONS, GroupedExperts
 from .router import TopKRouter
 
@@ -85,7 +85,10 @@ class MoELayer(nn.Module):
         if self._ep is not None:
             out = self._ep.forward(x2, weights, ids, self.experts)
         else:
-            p = ops.permute(x2, ids, self.num_experts, fp8=self.precision == "fp8")
+            # rows that need a gradient stay bf16 through permute: the FP8 experts then quantise them inside a
+            # differentiable op (straight-through); otherwise permute quantises them in its single pass
+            grad = torch.is_grad_enabled() and x2.requires_grad
+            p = ops.permute(x2, ids, self.num_experts, fp8=self.precision == "fp8" and not grad)
             y = self.experts(p.x, p.offsets, p.scale)
             out = ops.unpermute(y, p, weights)
         if self.shared_experts is not None:

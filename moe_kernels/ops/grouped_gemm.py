@@ -41,7 +41,7 @@ from .. import reference
 from .._checks import FP8_DTYPE, check_multiple, check_tensor, value_checks_enabled
 from ._common import interpret_mode, use_triton
 from .grouped_gemm_configs import get_config
-from .quant import AMAX_FLOOR, E4M3_MAX, to_e4m3_rne
+from .quant import AMAX_FLOOR, E4M3_MAX, quantize_fp8, to_e4m3_rne
 
 try:  # host-side TMA descriptors (Triton >= 3.4): kernel arguments lowered to CUtensorMap
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -52,7 +52,8 @@ try:  # the Hopper kernel in Gluon (Triton >= 3.5): configs with WGMMA=1 run it 
 except ImportError:  # pragma: no cover - Triton without Gluon: every config runs the Triton kernel
     grouped_gemm_wgmma = None
 
-__all__ = ["grouped_gemm_fp8", "grouped_gemm_bf16", "grouped_gemm_fp8_masked", "expert_mlp", "grouped_wgrad"]
+__all__ = ["grouped_gemm_fp8", "grouped_gemm_bf16", "grouped_gemm_fp8_masked", "expert_mlp", "expert_mlp_fp8_ste",
+           "grouped_wgrad"]
 
 SCALE_BLOCK = 128  # the K (and weight N) extent of one FP8 scale
 _SB = tl.constexpr(SCALE_BLOCK)  # the same, for the kernel
@@ -105,8 +106,8 @@ def _grouped_gemm_kernel(
     M, N, K, E, max_m,
     w_rows,  # rows of W per expert (N, or 2I with SWIGLU)
     up_row,  # SWIGLU: the row of W where the "up" half starts (I)
-    stride_am, stride_asm, stride_ask, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_om,
-    stride_osm,
+    stride_am, stride_asm, stride_ask, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
+    stride_om, stride_osm,
     FP8: tl.constexpr, SWIGLU: tl.constexpr, QUANT_OUT: tl.constexpr, ROW_WEIGHT: tl.constexpr,
     MASKED: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -188,15 +189,15 @@ def _grouped_gemm_kernel(
             # one K step = one scale block: promote the product to fp32 with its scales, then accumulate
             sa = tl.load(as_ptrs + kb * stride_ask, mask=m_mask, other=0.0)
             if BLOCK_N > _SB:
-                sg = tl.load(gs_ptrs + kb, mask=n_mask, other=0.0)[None, :]
+                sg = tl.load(gs_ptrs + kb * stride_wsk, mask=n_mask, other=0.0)[None, :]
             else:
-                sg = tl.load(gs_ptrs + kb)
+                sg = tl.load(gs_ptrs + kb * stride_wsk)
             acc += tl.dot(a, g) * (sa[:, None] * sg)
             if DUAL:
                 if BLOCK_N > _SB:
-                    su = tl.load(us_ptrs + kb, mask=u_mask, other=0.0)[None, :]
+                    su = tl.load(us_ptrs + kb * stride_wsk, mask=u_mask, other=0.0)[None, :]
                 else:
-                    su = tl.load(us_ptrs + kb)
+                    su = tl.load(us_ptrs + kb * stride_wsk)
                 acc_u += tl.dot(a, u) * (sa[:, None] * su)
         else:
             if UPCAST:  # Triton's CPU interpreter multiplies 16-bit float tiles wrongly: upcast there
@@ -337,6 +338,7 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
         M, N, K, E, max_m, w_rows, N,
         a.stride(0), a_scale.stride(0) if fp8 else 0, a_scale.stride(1) if fp8 else 0, w.stride(0), w.stride(1),
         w.stride(2), w_scale.stride(0) if fp8 else 0, w_scale.stride(1) if fp8 else 0,
+        w_scale.stride(2) if fp8 else 0,
         out.stride(0), out_scale.stride(0) if out_scale is not None else 0,
         FP8=fp8, SWIGLU=swiglu, QUANT_OUT=out_scale is not None, ROW_WEIGHT=row_weight is not None,
         MASKED=masked, USE_TMA=use_tma, EVEN_K=K % BK == 0, IEEE=a.dtype == torch.float32 or interpret_mode(),
@@ -450,6 +452,30 @@ def _expert_mlp_backward_kernels(x, offsets, w13, w2, topk_weight, grad_out, nee
         if need[1]:
             dw13 = grouped_wgrad(dh, x, offsets, E, out_dtype=w13.dtype)
     return dx, dw13, dw2, dtw
+
+
+def _fp8_gemm(a, offsets, w, w_scale):
+    """fp32 [M, N] = quantise_1x128(a) @ W[e]^T per expert, W e4m3 [E, N, K] with its 128x128 scales, any strides
+    (a transposed view runs the Triton kernel's pointer loads; 128x128 blocks transpose with their scales)."""
+    aq, a_scale = quantize_fp8(a.contiguous())
+    if not use_triton(a):
+        return reference.grouped_gemm_fp8(aq, a_scale, w, w_scale, offsets, out_dtype=torch.float32)
+    out = torch.empty(a.shape[0], w.shape[1], dtype=torch.float32, device=a.device)
+    _launch(aq, a_scale, w, w_scale, out, offsets=offsets)
+    return out
+
+
+def _expert_mlp_fp8_input_grad(x, offsets, w13, w13_scale, w2, w2_scale, grad_out):
+    """dX of the FP8 expert MLP, its quantisations taken as identities (straight-through): h13 again from the
+    quantised x, then dA = dY W2 and dX = dH W13 as FP8 GEMMs on transposed views of the e4m3 weights, dY and dH
+    quantised 1x128 as the forward's activations are. fp32 [M, H]."""
+    h13 = _fp8_gemm(x, offsets, w13, w13_scale)
+    gate, up = h13.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    da = _fp8_gemm(grad_out.float(), offsets, w2.transpose(1, 2), w2_scale.transpose(1, 2))
+    dh = torch.cat([da * up * sig * (1.0 + gate * (1.0 - sig)), da * silu], dim=1)
+    return _fp8_gemm(dh, offsets, w13.transpose(1, 2), w13_scale.transpose(1, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -614,6 +640,31 @@ def _expert_mlp_backward(ctx, grad_out):
 _expert_mlp_op.register_autograd(_expert_mlp_backward, setup_context=_expert_mlp_setup)
 
 
+@torch.library.custom_op("moe_kernels::expert_mlp_fp8_ste", mutates_args=())
+def _expert_mlp_fp8_ste_op(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
+                           w2: torch.Tensor, w2_scale: torch.Tensor) -> torch.Tensor:
+    xq, x_scale = quantize_fp8(x.contiguous())
+    return _expert_mlp_op(xq, x_scale, offsets, w13, w13_scale, w2, w2_scale, None)
+
+
+@_expert_mlp_fp8_ste_op.register_fake
+def _(x, offsets, w13, w13_scale, w2, w2_scale):
+    return x.new_empty(x.shape[0], w2.shape[1], dtype=torch.bfloat16)
+
+
+def _expert_mlp_fp8_ste_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _expert_mlp_fp8_ste_backward(ctx, grad_out):
+    x, offsets, w13, w13_scale, w2, w2_scale = ctx.saved_tensors
+    dx = _expert_mlp_fp8_input_grad(x, offsets, w13, w13_scale, w2, w2_scale, grad_out)
+    return dx.to(x.dtype), None, None, None, None, None
+
+
+_expert_mlp_fp8_ste_op.register_autograd(_expert_mlp_fp8_ste_backward, setup_context=_expert_mlp_fp8_ste_setup)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # public wrappers: validate on the host (no launch before that), then call the op
 
@@ -734,3 +785,22 @@ def expert_mlp(x, x_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight=No
         check_tensor("topk_weight", topk_weight, dtype=torch.float32, shape=(x.shape[0],), device=x.device)
     _check_offsets(offsets, E, x.shape[0], x.device)
     return _expert_mlp_op(x, x_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight)
+
+
+def expert_mlp_fp8_ste(x, offsets, w13, w13_scale, w2, w2_scale) -> torch.Tensor:
+    """The FP8 expert MLP on bf16/fp16/fp32 rows x [M, H] (quantised 1x128 inside), differentiable in x with the
+    quantisations taken as identities (straight-through): the gradient an FP8-trained layer sees. The e4m3 weights
+    (buffers) get none. Returns bf16 [M, H]."""
+    check_tensor("x", x, dtype=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
+    check_multiple("x.shape[1] (hidden size)", x.shape[1], SCALE_BLOCK)
+    # the FP8 path's own checks, on an empty e4m3 stand-in for the quantised rows
+    xq = x.new_empty(0, x.shape[1], dtype=FP8_DTYPE)
+    _check_fp8_operands(xq, x.new_empty(0, x.shape[1] // SCALE_BLOCK), w13, w13_scale,
+                        names=("x", "x_scale", "w13", "w13_scale"))
+    E, two_i, H = w13.shape
+    check_tensor("w2", w2, dtype=FP8_DTYPE, shape=(E, H, two_i // 2), device=x.device)
+    check_tensor("w2_scale", w2_scale, dtype=torch.float32, shape=(E, -(-H // SCALE_BLOCK), two_i // 2 // SCALE_BLOCK),
+                 device=x.device)
+    check_tensor("offsets", offsets, dtype=torch.int32, device=x.device)
+    _check_offsets(offsets, E, x.shape[0], x.device)
+    return _expert_mlp_fp8_ste_op(x, offsets, w13, w13_scale, w2, w2_scale)

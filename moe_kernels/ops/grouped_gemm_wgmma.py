@@ -485,7 +485,8 @@ def _grouped_gemm_fp8_wgmma_persistent_kernel(
     else:
         empty = ready  # unused: the math warps load the stages themselves
     if SWIGLU:  # the gate tile's parking place, once for all tiles
-        gate_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, _BN], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        gate_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, _BN],
+                                              gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
     else:
         gate_smem = ready  # unused
 
