@@ -33,7 +33,7 @@ def compile_cfg(**kw):
     names = list(_grouped_gemm_kernel.arg_names)
     const = dict(FP8=fp8, SWIGLU=0, QUANT_OUT=0, ROW_WEIGHT=0, MASKED=0, USE_TMA=tma, EVEN_K=1, IEEE=0, UPCAST=0,
                  BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8, E_PAD=32, PAIR_N=0, NO_SCALE=0,
-                 stride_wk=1)  # W's K stride: 1 is specialised at run time (contiguous W), so here too
+                 stride_wk=1, stride_wsk=1)  # 1 is specialised at run time (contiguous W), so here too
     const.update(kw)
     sig = {}
     for n in names:
