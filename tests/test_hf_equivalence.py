@@ -321,3 +321,21 @@ def test_patched_model_trains_with_hf_gradients(family):
             compared.append(name)
     assert any("embed_tokens" in n for n in compared) and any("layers.0." in n for n in compared), compared
     assert any(".mlp.moe.gate.weight" in n for n in compared), compared  # the router trains as HF's does
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral"])
+def test_patched_router_stand_in_is_our_gate(family):
+    """The stand-in of HF's router (kept for transformers' logits recorder) reads and writes our gate: HF's own
+    weight initialisation re-initialises the router we route with, and no parameter is held twice."""
+    model = randomize(_family_model(family), std=0.1)
+    mk.patch_model(model, precision=None)
+    blocks = [m for m in model.modules() if isinstance(m, mk.integrations.hf.HFMoEBlock)]
+    assert blocks
+    for block in blocks:
+        assert block.gate.weight is block.moe.gate.weight
+    names = [n for n, _ in model.named_parameters()]
+    assert len(names) == len(set(names)) and not any(n.endswith("mlp.gate.weight") for n in names)
+    before = blocks[0].moe.gate.weight.detach().clone()
+    model.apply(model._init_weights)  # HF's initialisation, which knows its router class
+    assert not torch.equal(blocks[0].moe.gate.weight.detach(), before)
+

@@ -189,7 +189,13 @@ def _router_logits_module(router_cls: type, gate) -> nn.Module | None:
         g = self._gate
         return (torch.nn.functional.linear(hidden_states.reshape(-1, g.hidden_size), g.weight),)
 
-    cls = type(f"{router_cls.__name__}Logits", (router_cls,), {"forward": forward, "__module__": __name__})
+    # what HF code reads off its router (its _init_weights, router statistics) is our gate's, not a copy
+    views = {"weight": property(lambda self: self._gate.weight),
+             "e_score_correction_bias": property(lambda self: self._gate.e_score_correction_bias),
+             "top_k": property(lambda self: self._gate.top_k),
+             "num_experts": property(lambda self: self._gate.num_experts),
+             "hidden_dim": property(lambda self: self._gate.hidden_size)}
+    cls = type(f"{router_cls.__name__}Logits", (router_cls,), {"forward": forward, "__module__": __name__, **views})
     m = cls.__new__(cls)
     nn.Module.__init__(m)
     object.__setattr__(m, "_gate", gate)  # not a submodule: the gate's weight stays under moe.gate only
