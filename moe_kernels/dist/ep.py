@@ -566,8 +566,7 @@ class ExpertParallel:
         """Per received record: sum_j weight_j * y[pos_j] over its local experts, fp32, in slot order."""
         n, k = d.recv_pos.shape
         M, H = y.shape
-        ypad = torch.cat([y.float(), y.new_zeros(1, H, dtype=torch.float32)])
-        at = torch.where(d.recv_pos >= 0, d.recv_pos, M)
+        ypad, at = _padded_rows(y, d)
         acc = torch.zeros(n, H, dtype=torch.float32, device=y.device)
         for j in range(k):
             acc += ypad.index_select(0, at[:, j]) * d.recv_weight[:, j:j + 1]
@@ -666,13 +665,13 @@ class _ExpertParallelFn(torch.autograd.Function):
     def forward(ctx, ep, experts, fp8, x, topk_weights, topk_ids, *params):
         out, saved = ep._pipelined(x, topk_weights, topk_ids, experts, fp8)
         ctx.ep, ctx.experts, ctx.fp8, ctx.saved_chunks = ep, experts, fp8, saved
-        ctx.shapes = (x.shape, x.dtype, topk_weights.dtype)
+        ctx.shapes = (x.shape, x.dtype, topk_weights.shape[1], topk_weights.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         ep, experts, saved = ctx.ep, ctx.experts, ctx.saved_chunks
-        (T, H), x_dtype, w_dtype = ctx.shapes
+        (T, H), x_dtype, k, w_dtype = ctx.shapes
         need_x, need_w = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         params = [p for p in experts.parameters() if p.requires_grad] if experts is not None else []
         if ctx.fp8 and (need_x or params):
@@ -680,15 +679,13 @@ class _ExpertParallelFn(torch.autograd.Function):
                                "experts (precision='bf16'), or run inference under torch.no_grad()")
         dev = grad_out.device
         gx = torch.zeros(T, H, dtype=torch.float32, device=dev)
-        gw = torch.zeros(T, saved[0][1].recv_pos.shape[1] if saved else 0, dtype=torch.float32, device=dev)
+        gw = torch.zeros(T, k, dtype=torch.float32, device=dev)
         gparams = [None] * len(params)
         for (a, b), d, y in saved:
-            n, k = d.recv_pos.shape
-            M = y.shape[0]
+            n, M = d.recv_pos.shape[0], y.shape[0]
             g_rec = ep._backward_exchange(grad_out[a:b].float().index_select(0, d.send_token), d, True,
                                           "backward: gradients to the experts")
-            at = torch.where(d.recv_pos >= 0, d.recv_pos, M)  # [n, k]; slots elsewhere point at a zero row M
-            ypad = torch.cat([y.float(), y.new_zeros(1, H, dtype=torch.float32)])
+            ypad, at = _padded_rows(y, d)
             grad_y = torch.zeros(M + 1, H, dtype=torch.float32, device=dev)
             gw_rec = torch.zeros(n, k, dtype=torch.float32, device=dev)
             for j in range(k):
@@ -717,6 +714,14 @@ class _ExpertParallelFn(torch.autograd.Function):
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
+
+def _padded_rows(y: torch.Tensor, d: Dispatched):
+    """(y in fp32 with a zero row M appended, the row of each (received record, slot) [n, k]: M where the slot's
+    expert lives on another rank), for gathering per record and slot."""
+    M, H = y.shape
+    return (torch.cat([y.float(), y.new_zeros(1, H, dtype=torch.float32)]),
+            torch.where(d.recv_pos >= 0, d.recv_pos, M))
+
 
 def _group_store(group):
     """The process group's store (prefixed per group), or None where torch does not expose it."""

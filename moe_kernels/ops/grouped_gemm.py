@@ -405,8 +405,8 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, num_
     if num_experts == 0 or N == 0 or K == 0:
         return dw
     if not use_triton(x):
-        return torch.stack([dy[lo:hi].float().t() @ x[lo:hi].float() for lo, hi in
-                            zip(offsets.tolist(), offsets.tolist()[1:])]).to(dw.dtype)
+        o = offsets.tolist()
+        return torch.stack([dy[lo:hi].float().t() @ x[lo:hi].float() for lo, hi in zip(o, o[1:])]).to(dw.dtype)
     dy, x = dy.contiguous(), x.contiguous()
     small = interpret_mode()
     BM, BN, BK = (16, 32, 32) if small else (32, 64, 64) if x.dtype == torch.float32 else (64, 128, 64)
@@ -418,64 +418,62 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, num_
     return dw
 
 
+def _gemm(a, offsets, w, w_scale=None, out_dtype=torch.float32):
+    """out [M, N] = a_e @ W[e]^T per expert, W [E, N, K] with any strides (a transposed view takes the Triton
+    kernel's pointer loads). With ``w_scale`` W is e4m3 with 128x128 scales (which transpose with their blocks) and
+    a is quantised 1x128 first. The reference on CPU tensors without the interpreter."""
+    a_scale = None
+    if w_scale is not None:
+        a, a_scale = quantize_fp8(a.contiguous())
+    if not use_triton(a):
+        if w_scale is not None:
+            return reference.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out_dtype=out_dtype)
+        return reference.grouped_gemm(a, w, offsets, out_dtype=out_dtype)
+    out = torch.empty(a.shape[0], w.shape[1], dtype=out_dtype, device=a.device)
+    _launch(a, a_scale, w, w_scale, out, offsets=offsets)
+    return out
+
+
+def _swiglu_grad(h13, da):
+    """fp32 [M, 2I]: the gradient of silu(gate) * up for h13 = [gate | up], given the product's gradient da."""
+    gate, up = h13.float().chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    return torch.cat([da * up * sig * (1.0 + gate * (1.0 - sig)), da * gate * sig], dim=1)
+
+
 def _expert_mlp_backward_kernels(x, offsets, w13, w2, topk_weight, grad_out, need):
     """(dx, dw13, dw2, dtopk_weight) of ``expert_mlp`` on bf16/fp16/fp32 operands with the package's kernels:
     h13 again (grouped GEMM), SwiGLU's derivative elementwise in fp32, dA = dY W2 and dX = dH W13 through
     transposed views of the weights (no copy), the weight gradients through ``grouped_wgrad``."""
-    M, I = x.shape[0], w2.shape[2]
     E = w13.shape[0]
-    h13 = torch.empty(M, 2 * I, dtype=x.dtype, device=x.device)
-    _launch(x, None, w13, None, h13, offsets=offsets)
-    gate, up = h13.float().chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    a = (silu * up).to(x.dtype)  # what the forward fed the down projection (rounded to x's dtype)
+    h13 = _gemm(x, offsets, w13, out_dtype=x.dtype)
+    a = reference.swiglu(h13).to(x.dtype)  # what the forward fed the down projection (rounded to x's dtype)
     g = grad_out.float()
     dtw = None
     if topk_weight is not None:
         if need[3]:
-            y = torch.empty(M, w2.shape[1], dtype=torch.float32, device=x.device)
-            _launch(a, None, w2, None, y, offsets=offsets)
-            dtw = (g * y).sum(-1).to(topk_weight.dtype)
+            dtw = (g * _gemm(a, offsets, w2)).sum(-1).to(topk_weight.dtype)
         g = g * topk_weight.float()[:, None]
     gy = g.to(x.dtype)
     dx = dw13 = dw2 = None
     if need[2]:
         dw2 = grouped_wgrad(gy, a, offsets, E, out_dtype=w2.dtype)
     if need[0] or need[1]:
-        da = torch.empty(M, I, dtype=torch.float32, device=x.device)
-        _launch(gy, None, w2.transpose(1, 2), None, da, offsets=offsets)  # dA = dY @ W2[e]
-        dh = torch.cat([da * up * sig * (1.0 + gate * (1.0 - sig)), da * silu], dim=1).to(x.dtype)
+        dh = _swiglu_grad(h13, _gemm(gy, offsets, w2.transpose(1, 2))).to(x.dtype)  # dA = dY @ W2[e]
         if need[0]:
-            dx = torch.empty_like(x)
-            _launch(dh, None, w13.transpose(1, 2), None, dx, offsets=offsets)  # dX = dH @ W13[e]
+            dx = _gemm(dh, offsets, w13.transpose(1, 2), out_dtype=x.dtype)  # dX = dH @ W13[e]
         if need[1]:
             dw13 = grouped_wgrad(dh, x, offsets, E, out_dtype=w13.dtype)
     return dx, dw13, dw2, dtw
-
-
-def _fp8_gemm(a, offsets, w, w_scale):
-    """fp32 [M, N] = quantise_1x128(a) @ W[e]^T per expert, W e4m3 [E, N, K] with its 128x128 scales, any strides
-    (a transposed view runs the Triton kernel's pointer loads; 128x128 blocks transpose with their scales)."""
-    aq, a_scale = quantize_fp8(a.contiguous())
-    if not use_triton(a):
-        return reference.grouped_gemm_fp8(aq, a_scale, w, w_scale, offsets, out_dtype=torch.float32)
-    out = torch.empty(a.shape[0], w.shape[1], dtype=torch.float32, device=a.device)
-    _launch(aq, a_scale, w, w_scale, out, offsets=offsets)
-    return out
 
 
 def _expert_mlp_fp8_input_grad(x, offsets, w13, w13_scale, w2, w2_scale, grad_out):
     """dX of the FP8 expert MLP, its quantisations taken as identities (straight-through): h13 again from the
     quantised x, then dA = dY W2 and dX = dH W13 as FP8 GEMMs on transposed views of the e4m3 weights, dY and dH
     quantised 1x128 as the forward's activations are. fp32 [M, H]."""
-    h13 = _fp8_gemm(x, offsets, w13, w13_scale)
-    gate, up = h13.chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    da = _fp8_gemm(grad_out.float(), offsets, w2.transpose(1, 2), w2_scale.transpose(1, 2))
-    dh = torch.cat([da * up * sig * (1.0 + gate * (1.0 - sig)), da * silu], dim=1)
-    return _fp8_gemm(dh, offsets, w13.transpose(1, 2), w13_scale.transpose(1, 2))
+    h13 = _gemm(x, offsets, w13, w13_scale)
+    da = _gemm(grad_out.float(), offsets, w2.transpose(1, 2), w2_scale.transpose(1, 2))
+    return _gemm(_swiglu_grad(h13, da), offsets, w13.transpose(1, 2), w13_scale.transpose(1, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -526,6 +524,18 @@ def _(a, w, offsets):
     return a.new_empty(a.shape[0], w.shape[1])
 
 
+def _grad_by_reference(ctx, fn, tensors, positions, grad_out):
+    """Gradients of fn(*tensors) for the inputs at ``positions`` of the op that need one (None for the others):
+    the reference run again as differentiable torch ops, in fp32 (CPU tensors without the interpreter)."""
+    need = [t is not None and ctx.needs_input_grad[i] for t, i in zip(tensors, positions)]
+    leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(tensors, need)]
+    with torch.enable_grad():
+        out = fn(*leaves)
+        wanted = [t for t, n in zip(leaves, need) if n]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out.float()) if wanted else ())
+    return tuple(next(grads) if n else None for n in need)
+
+
 def _grouped_gemm_bf16_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)  # a, w, offsets
 
@@ -539,26 +549,13 @@ def _grouped_gemm_bf16_backward(ctx, grad_out):
     g = grad_out.to(a.dtype).contiguous()
     da = dw = None
     if ctx.needs_input_grad[0]:
-        da = torch.empty_like(a)
-        _launch(g, None, w.transpose(1, 2), None, da, offsets=offsets)
+        da = _gemm(g, offsets, w.transpose(1, 2), out_dtype=a.dtype)
     if ctx.needs_input_grad[1]:
         dw = grouped_wgrad(g, a, offsets, w.shape[0], out_dtype=w.dtype)
     return da, dw, None
 
 
 _grouped_gemm_bf16_op.register_autograd(_grouped_gemm_bf16_backward, setup_context=_grouped_gemm_bf16_setup)
-
-
-def _grad_by_reference(ctx, fn, tensors, positions, grad_out):
-    """Gradients of fn(*tensors) for the inputs at ``positions`` of the op that need one (None for the others):
-    the reference run again as differentiable torch ops, in fp32 (CPU tensors without the interpreter)."""
-    need = [t is not None and ctx.needs_input_grad[i] for t, i in zip(tensors, positions)]
-    leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(tensors, need)]
-    with torch.enable_grad():
-        out = fn(*leaves)
-        wanted = [t for t, n in zip(leaves, need) if n]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out.float()) if wanted else ())
-    return tuple(next(grads) if n else None for n in need)
 
 
 @torch.library.custom_op("moe_kernels::grouped_gemm_fp8_masked", mutates_args=())

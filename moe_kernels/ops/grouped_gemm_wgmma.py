@@ -120,17 +120,6 @@ def _schedule(pid, M, N, E, max_m, offsets_ptr, masked_m_ptr, MASKED: gl.constex
 
 
 @gluon.jit
-def _issue_load(t, kb, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, w_row, STAGES: gl.constexpr):
-    """TMA of K step kb (the A tile and the W block) into the stage of pipeline step t; nothing past the last."""
-    pred = kb < num_k
-    s = t % STAGES
-    bar = ready.index(s)
-    mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(a_desc, [a_row, kb * _BK], bar, a_bufs.index(s), pred)
-    tma.async_copy_global_to_shared(w_desc, [w_row, kb * _BK], bar, b_bufs.index(s), pred)
-
-
-@gluon.jit
 def _load_step(t, s, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, w_row, up_row, pred,
                STAGES: gl.constexpr, PASSES: gl.constexpr):
     """TMA of a tile's pipeline step s into the stage of ring position t, when pred. A tile's steps are its K steps
@@ -186,8 +175,8 @@ def _retire(t0, kb, num_k, acc, done, as_ptrs, m_in, stride_ask, ws_ptr, a_desc,
                    gl.where(here, a_row, n_a_row), gl.where(here, w_row, n_w_row), up_row, here | (n_a_row >= 0),
                    STAGES, PASSES)
     else:
-        _issue_load(t0 + kb + STAGES, kb + STAGES, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, w_row,
-                    STAGES)
+        _load_step(t0 + kb + STAGES, kb + STAGES, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, w_row, 0,
+                   kb + STAGES < num_k, STAGES, 1)
     return acc
 
 
@@ -197,13 +186,8 @@ def _loader(a_desc, w_desc, a_bufs, b_bufs, ready, empty, a_row, w_row, up_row, 
     """WS: the loader warp. Fills the stage ring for every K step of every pass (SwiGLU: gate, then up) as soon as
     the math warps have emptied a stage; the math warps never issue a load or meet at a CTA barrier."""
     for t in range(num_k * PASSES):
-        kb = t % num_k
-        s = t % STAGES
-        mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
-        bar = ready.index(s)
-        mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(a_desc, [a_row, kb * _BK], bar, a_bufs.index(s))
-        tma.async_copy_global_to_shared(w_desc, [w_row + (t // num_k) * up_row, kb * _BK], bar, b_bufs.index(s))
+        mbarrier.wait(empty.index(t % STAGES), ((t // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
+        _load_step(t, t, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, w_row, up_row, True, STAGES, PASSES)
 
 
 @gluon.jit
@@ -224,7 +208,8 @@ def _gemm_pass(t0, num_k, acc, free_a, free_b, as_ptrs, m_in, stride_ask, ws_ptr
     """
     if not WS and not PERSISTENT:
         for i in gl.static_range(STAGES):
-            _issue_load(t0 + i, i, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, w_row, STAGES)
+            _load_step(t0 + i, i, num_k, a_desc, w_desc, a_bufs, b_bufs, ready, a_row, w_row, 0, i < num_k,
+                       STAGES, 1)
     num_full = num_k // UNROLL * UNROLL
     for kb0 in range(0, num_full, UNROLL):
         pending = _issue_mma(t0 + kb0, free_a, a_bufs, b_bufs, ready, STAGES)
