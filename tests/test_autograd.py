@@ -262,3 +262,21 @@ def test_expert_mlp_backward_kernels(dtype, tol, device):
     for name, got, want in zip(("x", "w13", "w2", "topk_weight"), (x.grad, w13.grad, w2.grad, tw.grad),
                                [t.grad for t in leaves]):
         assert_close_rel(got.float(), want, tol, f"grad {name}")
+
+
+def test_default_grouped_gemm_configs_fit_shared_memory():
+    """Every default config (fp32 ones included: the backward's bf16/fp32 GEMMs run them) asks for no more shared
+    memory than its GPU has, by ``smem_bytes``'s bound; the bf16 tile run on fp32 operands (the old fp32 config)
+    does not fit sm_90, which is what the bound must catch."""
+    from moe_kernels.ops import grouped_gemm_configs as cfgs
+
+    for cap, limit in cfgs.SMEM_LIMIT.items():
+        for kind in cfgs.KINDS:
+            if kind.startswith("fp8") and cap not in cfgs.FP8_ARCHS:
+                continue
+            cfg = cfgs.default_config(kind, cap)
+            need = cfgs.smem_bytes(kind, cfg)
+            assert need <= limit, f"sm_{cap[0]}{cap[1]} {kind}: {cfg} needs {need} bytes, limit {limit}"
+    # the measured failure: 278,584 bytes on Triton 3.6 for bf16_swiglu's tile on fp32 operands
+    assert cfgs.smem_bytes("fp32_swiglu", cfgs.DEFAULTS["bf16_swiglu"]) >= 278584 > cfgs.SMEM_LIMIT[(9, 0)]
+    assert cfgs.default_config("fp32", (8, 9)) != cfgs.default_config("fp32", (9, 0))  # the 99 KiB parts' own

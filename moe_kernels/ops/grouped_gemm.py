@@ -301,7 +301,7 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
     # the kernel reads offsets[e] / masked_m[e] at unit stride: a strided view (offsets[::2]) is copied first
     offsets = offsets.contiguous() if offsets is not None else None
     masked_m = masked_m.contiguous() if masked else None
-    kind = ("fp8" if fp8 else "bf16") + ("_swiglu" if swiglu else "")
+    kind = ("fp8" if fp8 else "fp32" if a.dtype == torch.float32 else "bf16") + ("_swiglu" if swiglu else "")
     if cfg is None:
         cfg = get_config(kind, N, K, max_m if masked else M // E, a.device)
     cfg = dict(cfg)
