@@ -40,6 +40,7 @@ import triton.language as tl
 from .. import reference
 from .._checks import FP8_DTYPE, check_multiple, check_tensor, value_checks_enabled
 from ._common import interpret_mode, use_triton
+from . import grouped_gemm_decode
 from .grouped_gemm_configs import get_config
 from .quant import AMAX_FLOOR, E4M3_MAX, quantize_fp8, to_e4m3_rne
 
@@ -305,6 +306,11 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
     if cfg is None:
         cfg = get_config(kind, N, K, max_m if masked else M // E, a.device)
     cfg = dict(cfg)
+    if cfg.get("DECODE"):  # few rows per expert: the weight-streaming kernel (ops/grouped_gemm_decode.py)
+        cfg.setdefault("BLOCK_T", grouped_gemm_decode.block_t_for(max_m if masked else M, 1 if masked else E))
+        return grouped_gemm_decode.launch(a, a_scale, w, w_scale, out, offsets=offsets, masked_m=masked_m,
+                                          max_m=max_m, out_scale=out_scale, row_weight=row_weight, swiglu=swiglu,
+                                          cfg=cfg, interpret=interpret_mode())
     use_wgmma = bool(cfg.pop("WGMMA", 0))
     wgmma_keys = {k: cfg.pop(k) for k in ("UNROLL", "WS", "PERSISTENT") if k in cfg}  # the Gluon kernel's own knobs
     use_tma = bool(cfg.pop("USE_TMA", 0))

@@ -1,0 +1,189 @@
+"""Grouped GEMM for decode-sized batches: few rows per expert, so the weights are what the kernel reads.
+
+With T tokens routed top-k over E experts, an expert gets about T*k/E rows: at T = 1..256 that is 0..64 rows,
+while each expert's weights are megabytes. The prefill kernel puts rows on the tensor cores' M side (64-128 rows a
+tile): at decode most of that tile is padding and the grid is sized for the worst case (every expert a tile of its
+own, cdiv(M, BLOCK_M) + E row tiles), so few programs stream weights and many start only to return.
+
+This kernel swaps the operands (out^T = W @ A^T): a BLOCK_N x BLOCK_K tile of one expert's weight rows is the MMA's
+M side and the expert's rows (tokens) are its N side, BLOCK_T = 16..64 wide. One program owns BLOCK_N output
+columns of one expert and streams those weight rows over all of K exactly once for up to BLOCK_T rows (more rows:
+it loops over row chunks; the weight tile then comes again from L2). The grid is (column tiles, slots) with
+min(E, M) slots: slot s takes the s-th expert that has rows, found on the device from ``offsets`` (or
+``masked_m``) by a prefix count, so an expert without rows costs no program and the grid depends on shapes only
+(CUDA-graph capturable, no host sync).
+
+Epilogues as in the prefill kernel, by constexpr switch: FP8 block scales (W 128x128 per block, A 1x128 per row and
+K step), SWIGLU (two accumulators: gate rows and the up rows ``up_row`` further on; silu(gate) * up in fp32),
+QUANT_OUT (the SwiGLU output re-quantised to e4m3 with one scale per row and 128 columns: BLOCK_N = 128 is one
+scale group), ROW_WEIGHT (routing weight per row), MASKED (A [E, max_m, K] with ``masked_m`` valid rows).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .quant import AMAX_FLOOR, E4M3_MAX, to_e4m3_rne
+
+__all__ = ["launch", "block_t_for", "DECODE_MAX_ROWS"]
+
+_SB = tl.constexpr(128)  # the K (and weight N) extent of one FP8 scale block
+
+# Average rows per expert (M // E) up to which the launcher takes this kernel when no tuned table says otherwise.
+DECODE_MAX_ROWS = 16
+
+
+@triton.jit
+def _find_expert(slot, E, offsets_ptr, masked_m_ptr, max_m, MASKED: tl.constexpr, E_PAD: tl.constexpr):
+    """The slot-th expert that has rows (in expert order), its first row and its row count; count 0: none."""
+    idx = tl.arange(0, E_PAD)
+    in_range = idx < E
+    if MASKED:
+        counts = tl.load(masked_m_ptr + idx, mask=in_range, other=0)
+        starts = idx * max_m
+    else:
+        starts = tl.load(offsets_ptr + idx, mask=in_range, other=0)
+        counts = tl.load(offsets_ptr + idx + 1, mask=in_range, other=0) - starts
+    busy = counts > 0
+    rank = tl.cumsum(busy.to(tl.int32), axis=0)  # 1-based rank among the experts with rows
+    hit = busy & (rank == slot + 1)
+    expert = tl.sum(tl.where(hit, idx, 0), axis=0)
+    row_start = tl.sum(tl.where(hit, starts, 0), axis=0)
+    count = tl.sum(tl.where(hit, counts, 0), axis=0)  # 0 when fewer than slot + 1 experts have rows
+    return expert, row_start, count
+
+
+@triton.jit
+def _dot_16_32(x, y, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + x @ y for 16- and 32-bit float tiles (fp32 products exact with IEEE)."""
+    if UPCAST:  # Triton's CPU interpreter multiplies 16-bit float tiles wrongly: upcast there
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
+    if IEEE:
+        return tl.dot(x, y, acc, input_precision="ieee")
+    return tl.dot(x, y, acc)
+
+
+@triton.jit
+def _grouped_gemm_decode_kernel(
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, offsets_ptr, masked_m_ptr, row_weight_ptr, out_ptr, out_scale_ptr,
+    N, K, E, max_m, up_row,
+    stride_am, stride_asm, stride_ask, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
+    stride_om, stride_osm,
+    FP8: tl.constexpr, SWIGLU: tl.constexpr, QUANT_OUT: tl.constexpr, ROW_WEIGHT: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
+):
+    tile_n = tl.program_id(0)
+    slot = tl.program_id(1)
+    expert, row_start, count = _find_expert(slot, E, offsets_ptr, masked_m_ptr, max_m, MASKED, E_PAD)
+    if count == 0:
+        return
+    expert64 = expert.to(tl.int64)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's output columns = weight rows
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    # MMA A operand: a [BLOCK_N, BLOCK_K] tile of W's K-contiguous rows; the up rows sit up_row rows further on
+    g_base = w_ptr + expert64 * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
+    if FP8:
+        # BLOCK_N divides 128 (the launcher checks): the tile's rows share one weight-scale block per K step
+        gs_base = w_scale_ptr + expert64 * stride_wse + (tile_n * BLOCK_N // _SB) * stride_wsn
+        us_base = w_scale_ptr + expert64 * stride_wse + ((tile_n * BLOCK_N + up_row) // _SB) * stride_wsn
+
+    for t0 in range(0, count, BLOCK_T):
+        offs_t = row_start + t0 + tl.arange(0, BLOCK_T)  # rows of A (tokens) = the MMA's N side
+        t_mask = (t0 + tl.arange(0, BLOCK_T)) < count
+        # MMA B operand: A^T as [BLOCK_K, BLOCK_T], K-contiguous per row (K-major, as FP8 wgmma wants it)
+        a_ptrs = a_ptr + offs_t[None, :].to(tl.int64) * stride_am + offs_k[:, None]
+        g_ptrs = g_base
+        acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)  # the up half; unused without SWIGLU
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=t_mask[None, :], other=0.0)
+                g = tl.load(g_ptrs, mask=n_mask[:, None], other=0.0)
+                if SWIGLU:
+                    u = tl.load(g_ptrs + up_row * stride_wn, mask=n_mask[:, None], other=0.0)
+            else:
+                k_mask = (kb * BLOCK_K + offs_k) < K
+                a = tl.load(a_ptrs, mask=k_mask[:, None] & t_mask[None, :], other=0.0)
+                g = tl.load(g_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+                if SWIGLU:
+                    u = tl.load(g_ptrs + up_row * stride_wn, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K * stride_wk
+            if FP8:
+                sa = tl.load(a_scale_ptr + offs_t * stride_asm + kb * stride_ask, mask=t_mask, other=0.0)[None, :]
+                acc += tl.dot(g, a) * (tl.load(gs_base + kb * stride_wsk) * sa)
+                if SWIGLU:
+                    acc_u += tl.dot(u, a) * (tl.load(us_base + kb * stride_wsk) * sa)
+            else:
+                acc = _dot_16_32(g, a, acc, IEEE, UPCAST)
+                if SWIGLU:
+                    acc_u = _dot_16_32(u, a, acc_u, IEEE, UPCAST)
+
+        if SWIGLU:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc_u
+        if ROW_WEIGHT:
+            acc = acc * tl.load(row_weight_ptr + offs_t, mask=t_mask, other=0.0)[None, :]
+        out_ptrs = out_ptr + offs_t[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+        mask = n_mask[:, None] & t_mask[None, :]
+        if QUANT_OUT:
+            # BLOCK_N == 128: a column of this tile is one row's 1x128 scale group
+            amax = tl.maximum(tl.max(tl.abs(tl.where(mask, acc, 0.0)), axis=0), AMAX_FLOOR)
+            scale = amax / E4M3_MAX
+            q = to_e4m3_rne(acc / scale[None, :])
+            tl.store(out_ptrs, q.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_scale_ptr + offs_t * stride_osm + tile_n, scale, mask=t_mask)
+        else:
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def block_t_for(rows: int, num_experts: int) -> int:
+    """The token tile for ``rows`` rows over ``num_experts`` experts: about twice the mean rows an expert gets
+    (routing is uneven), a power of two in [16, 64] (16: the smallest MMA N side Triton builds)."""
+    mean = -(-max(rows, 1) // max(num_experts, 1))
+    return min(64, max(16, triton.next_power_of_2(2 * mean)))
+
+
+def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0, out_scale=None,
+           row_weight=None, swiglu=False, cfg=None, interpret=False):
+    """Run the decode kernel on 2-D a [M, K] (masked: [E * max_m, K]) and w [E, w_rows, K] (any strides).
+
+    Same contract as ``grouped_gemm._launch``: ``out`` [M, N] (N = w_rows, or w_rows / 2 with ``swiglu``);
+    ``out_scale`` [M, N / 128] makes the SwiGLU epilogue quantise to e4m3. ``cfg``: BLOCK_N, BLOCK_T, BLOCK_K,
+    num_warps, num_stages (other keys are ignored). Returns the compiled kernel, or None when nothing runs.
+    """
+    fp8 = w_scale is not None
+    E, w_rows, K = w.shape
+    N = w_rows // 2 if swiglu else w_rows
+    M = a.shape[0]
+    masked = masked_m is not None
+    if M == 0 or N == 0 or E == 0:
+        return None
+    BN, BT, BK = int(cfg["BLOCK_N"]), int(cfg["BLOCK_T"]), int(cfg["BLOCK_K"])
+    if not fp8:
+        BK = min(BK, 128 // a.element_size())  # a 16-bit (32-bit) stage of BLOCK_N x BLOCK_K: 16 (32) KB per W tile
+    if out_scale is not None:
+        BN = 128  # the quantising epilogue writes one scale group per tile column
+    if fp8 and (BK != 128 or 128 % BN):
+        raise ValueError(f"the FP8 decode kernel needs BLOCK_K=128 and BLOCK_N dividing 128, got {cfg}")
+    slots = E if masked else min(E, M)
+    dummy = offsets if offsets is not None else masked_m
+    grid = (triton.cdiv(N, BN), slots)
+    return _grouped_gemm_decode_kernel[grid](
+        a, a_scale if fp8 else dummy, w, w_scale if fp8 else dummy,
+        offsets if offsets is not None else dummy, masked_m if masked else dummy,
+        row_weight if row_weight is not None else dummy, out, out_scale if out_scale is not None else dummy,
+        N, K, E, max_m, N,
+        a.stride(0), a_scale.stride(0) if fp8 else 0, a_scale.stride(1) if fp8 else 0,
+        w.stride(0), w.stride(1), w.stride(2),
+        w_scale.stride(0) if fp8 else 0, w_scale.stride(1) if fp8 else 0, w_scale.stride(2) if fp8 else 0,
+        out.stride(0), out_scale.stride(0) if out_scale is not None else 0,
+        FP8=fp8, SWIGLU=swiglu, QUANT_OUT=out_scale is not None, ROW_WEIGHT=row_weight is not None,
+        MASKED=masked, EVEN_K=K % BK == 0, IEEE=a.dtype == torch.float32 or interpret,
+        UPCAST=interpret and not fp8, BLOCK_N=BN, BLOCK_T=BT, BLOCK_K=BK,
+        E_PAD=max(16, triton.next_power_of_2(E)),
+        num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 4)),
+    )
