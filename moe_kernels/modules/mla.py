@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_int, check_tensor
+from .._checks import check_choice, check_int, check_tensor
 from ..ops._common import use_triton
-from ..ops.mla import _mla_decode_op, mla_latent_proj
+from ..ops.mla import _mla_decode_op, fp8_row_bytes, mla_latent_proj, pack_latent_fp8
 from ..reference.mla import apply_rope, default_inv_freq, rms_norm, rope_cos_sin
-from ..reference.mla_decode import split_kv_b
+from ..reference.mla_decode import mla_decode_absorbed, split_kv_b, unpack_latent_fp8
+from ..reference.mla_decode import pack_latent_fp8 as ref_pack_latent_fp8
+from .converters import get_converter
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -36,6 +38,11 @@ class MultiHeadLatentAttention(nn.Module):
     ``use_kernels``: None (default) runs the kernels on CUDA tensors and the reference on the CPU; True also runs
     them on CPU tensors when TRITON_INTERPRET=1; False always runs the reference. The kernels have no backward:
     with gradients required the reference runs (and says so once).
+
+    ``kv_cache_dtype``: "auto" stores the cache in the model's dtype; "fp8" as e4m3 with one fp32 scale per token
+    (rope in bf16; 656 bytes a token instead of 1152 at DeepSeek-V3's sizes), written at prefill and decode; every
+    attention then reads the rows as stored (dequantised). Error against a bf16 cache: docs/numerics.md (MLA).
+    A decode step over a static ``MLACache(batch_size, capacity)`` runs on the device only (CUDA-graph capturable).
     """
 
     def __init__(
@@ -53,8 +60,11 @@ class MultiHeadLatentAttention(nn.Module):
         softmax_scale: float | None = None,
         device=None,
         dtype: torch.dtype | None = None,
+        kv_cache_dtype: str = "auto",
     ):
         super().__init__()
+        check_choice("kv_cache_dtype", kv_cache_dtype, ("auto", "fp8"))
+        self.kv_cache_dtype = kv_cache_dtype
         for name, v in [("hidden_size", hidden_size), ("num_heads", num_heads), ("kv_lora_rank", kv_lora_rank),
                         ("qk_nope_head_dim", qk_nope_head_dim), ("v_head_dim", v_head_dim)]:
             check_int(name, v, lo=1)
@@ -90,6 +100,7 @@ class MultiHeadLatentAttention(nn.Module):
         return (
             f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, q_lora_rank={self.q_lora_rank}, "
             f"kv_lora_rank={self.kv_lora_rank}, rope={self.qk_rope_head_dim}"
+            + (", kv_cache_dtype=fp8" if self.kv_cache_dtype == "fp8" else "")
         )
 
     def _apply(self, fn, *args, **kwargs):
@@ -173,19 +184,35 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, S, h * self.v_head_dim))
 
     def _decode_absorbed(self, q_nope, q_rope, cache: "MLACache") -> torch.Tensor:
-        """One new token per row (q_nope [B,1,h,nope], q_rope [B,1,h,rope]) over the latent cache -> [B, 1, H]."""
+        """One new token per row (q_nope [B,1,h,nope], q_rope [B,1,h,rope]) over the latent cache -> [B, 1, H].
+        A static cache passes its device-side lengths and block table: no host sync."""
         B = q_nope.shape[0]
-        dtype = cache.kv.dtype
+        dtype = self.kv_b_proj.weight.dtype
         w_uk, w_uv = split_kv_b(self.kv_b_proj.weight, self.num_heads, self.qk_nope_head_dim, self.v_head_dim)
         # W_UK absorbed into the query: q_latent[b, h] = q_nope[b, h] @ W_UK[h]      [h, B, C] -> [B, h, C]
         q_latent = torch.bmm(q_nope[:, 0].transpose(0, 1).to(dtype), w_uk).transpose(0, 1)
-        seqlens = torch.full((B,), cache.length, dtype=torch.int32, device=q_nope.device)
+        if cache.static:
+            seqlens = cache.seqlens
+        else:
+            seqlens = torch.full((B,), cache.length, dtype=torch.int32, device=q_nope.device)
         # the op itself, without mla_decode's argument checks (one host sync each): valid by construction here
-        o_latent = _mla_decode_op(q_latent, q_rope[:, 0].to(dtype).contiguous(), cache.kv, seqlens, None,
-                                  float(self.softmax_scale), 0)
+        o_latent = _mla_decode_op(q_latent, q_rope[:, 0].to(dtype).contiguous(), cache.kv, seqlens,
+                                  cache.block_table, float(self.softmax_scale), 0)
         # W_UV applied once to the attended latent: o[b, h] = o_latent[b, h] @ W_UV[h]^T
         o = torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
         return self.o_proj(o.reshape(B, 1, self.num_heads * self.v_head_dim))
+
+    def _decode_static_reference(self, x, cos, sin, cache: "MLACache") -> torch.Tensor:
+        """The reference path of a static cache's decode step (rows of different lengths): fp32 latents, the row
+        written as stored, absorbed attention over each row's own length (reference.mla_decode)."""
+        q_nope, q_rope, c_kv, k_rope = self.latents(x, cos, sin)
+        cache.write_step(torch.cat([c_kv, k_rope], -1))
+        kv = cache._rows(cache.kv.shape[1] * (1 if cache.block_table is None else cache.block_table.shape[1]))
+        if cache.fp8:
+            kv = unpack_latent_fp8(kv, self.kv_lora_rank, self.qk_rope_head_dim)
+        o = mla_decode_absorbed(q_nope[:, :, 0], q_rope[:, :, 0], kv.float(), cache.seqlens, self.kv_b_proj.weight,
+                                self.qk_nope_head_dim, self.v_head_dim, self.softmax_scale)
+        return self.o_proj(o.reshape(x.shape[0], 1, -1).to(x.dtype))
 
     # -- the equations (reference path), and the entry points the HF adapter calls ------------------------------
 
@@ -246,8 +273,8 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is not None:
             if not isinstance(cache, MLACache):
                 raise TypeError(f"cache must be an MLACache, got {type(cache).__name__}")
-            if cache.kv is not None and cache.kv.shape[0] != B:
-                raise ValueError(f"cache holds {cache.kv.shape[0]} sequences but x has batch size {B}")
+            if cache.kv is not None and cache.batch != B:
+                raise ValueError(f"cache holds {cache.batch} sequences but x has batch size {B}")
         if positions is not None:
             check_tensor("positions", positions, device=x.device)
             if positions.dim() == 1 and positions.shape[0] == S:
@@ -256,75 +283,192 @@ class MultiHeadLatentAttention(nn.Module):
             if positions.dim() != 2 or positions.shape[1] != S or positions.shape[0] not in (1, B):
                 raise ValueError(f"positions must have shape [{B}, {S}], [1, {S}] or [{S}] to match x, "
                                  f"got {list(positions.shape)}")
-        offset = cache.length if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(offset, offset + S, device=x.device).unsqueeze(0).expand(B, S)
+        fp8 = self.kv_cache_dtype == "fp8"
+        static_step = cache is not None and cache.static and cache.kv is not None and S == 1
+        if static_step:  # positions and lengths on the device: nothing here waits for the GPU
+            offset = None
+            if positions is None:
+                positions = cache.seqlens[:, None]
+        else:
+            offset = cache.length if cache is not None else 0
+            if positions is None:
+                positions = torch.arange(offset, offset + S, device=x.device).unsqueeze(0).expand(B, S)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_scaling)
         if self._kernels(x):
             q_nope, q_rope, kv = self._latents_fused(x, cos, sin)
+            if static_step:
+                cache.write_step(kv)
+                return self._decode_absorbed(q_nope, q_rope, cache)
             if cache is not None:
-                kv = cache.append_latent(kv, self.kv_lora_rank)
-                if S == 1 and cache.kv.dtype == self.kv_b_proj.weight.dtype:
+                kv = cache.append_latent(kv, self.kv_lora_rank, fp8)
+                if S == 1 and (cache.fp8 or cache.kv.dtype == self.kv_b_proj.weight.dtype):
                     return self._decode_absorbed(q_nope, q_rope, cache)
             c_kv, k_rope = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
             return self._attend_sdpa(q_nope.transpose(1, 2), q_rope.transpose(1, 2), c_kv, k_rope, offset, x.dtype)
+        if static_step:
+            return self._decode_static_reference(x, cos, sin, cache)
         q_nope, q_rope, c_kv, k_rope = self.latents(x, cos, sin)
         if cache is not None:
-            c_kv, k_rope = cache.append(c_kv, k_rope)
+            c_kv, k_rope = cache.append(c_kv, k_rope, fp8)
         return self.attend(q_nope, q_rope, c_kv, k_rope, offset, x.dtype)
 
     @classmethod
     def from_hf(cls, module: nn.Module) -> "MultiHeadLatentAttention":
-        """Build from a HuggingFace ``DeepseekV3Attention`` (weights copied, yarn scaling kept)."""
-        from ..integrations.hf import mla_from_hf  # noqa: PLC0415
-
-        return mla_from_hf(module)
+        """Build from a HuggingFace ``DeepseekV3Attention`` / ``DeepseekV2Attention`` (weights copied, yarn scaling
+        kept). The converter comes from ``modules.converters`` (filled by the integration; no import of it here)."""
+        return get_converter(cls, "hf")(module)
 
 
 class MLACache:
     """The latent KV cache of one layer: one row [c_kv | k_rope] (kv_lora_rank + rope values) per token.
 
-    ``kv`` is a buffer [B, capacity, kv_lora_rank + rope] that grows by doubling, so that appending a decode step
-    copies one row; ``c_kv`` [B, L, kv_lora_rank] and ``k_rope`` [B, L, rope] are views of its first ``length``
-    rows. It keeps the dtype of the first rows appended (fp32 on the reference path, the model's on CUDA).
+    ``MLACache()``: a growable cache. ``kv`` is a buffer [B, capacity, row] that grows by doubling, so that
+    appending a decode step copies one row; every row holds the same number of tokens, ``length``.
+
+    ``MLACache(batch_size, capacity, page_size=None)``: a static cache for CUDA graphs. ``kv`` is allocated once
+    (at the first append) for ``capacity`` tokens per row, contiguous [B, capacity, row] or paged
+    [B * ceil(capacity / page_size), page_size, row] with ``block_table`` int32 [B, blocks] (row b's blocks; any
+    permutation of the blocks may be written into it). ``seqlens`` int32 [B] on the device holds each row's
+    length: a decode step (one new token per row) writes its row at position seqlens[b], adds 1 and attends, all
+    on the device, so a decode step of the module can be captured once and replayed while the lengths change
+    (set ``seqlens`` to any lengths < capacity between replays). A prefill (several tokens) needs equal lengths.
+
+    The row is stored in the module's dtype, or with ``MultiHeadLatentAttention(kv_cache_dtype="fp8")`` as the FP8
+    cache (uint8 rows of ``fp8_row_bytes(kv_lora_rank, rope)`` bytes: e4m3 latent + one fp32 scale per token,
+    bf16 rope; see moe_kernels/reference/mla_decode.py). ``c_kv`` [B, L, kv_lora_rank] and ``k_rope`` [B, L, rope]
+    give the first ``length`` rows (views; fp32 copies of the dequantised rows for the FP8 cache).
     """
 
-    def __init__(self):
+    def __init__(self, batch_size: int | None = None, capacity: int | None = None, *, page_size: int | None = None):
+        self.static = batch_size is not None or capacity is not None
+        if self.static:
+            check_int("batch_size", batch_size, lo=1)
+            check_int("capacity", capacity, lo=1)
+            if page_size is not None:
+                check_int("page_size", page_size, lo=1)
+        elif page_size is not None:
+            raise ValueError("page_size needs batch_size and capacity (a static cache)")
+        self.batch_size, self.capacity, self.page_size = batch_size, capacity, page_size
         self.kv: torch.Tensor | None = None
         self.kv_lora_rank: int | None = None
+        self.rope_dim: int | None = None
+        self.fp8 = False
+        self.seqlens: torch.Tensor | None = None  # static cache: int32 [B] on the device
+        self.block_table: torch.Tensor | None = None  # static paged cache: int32 [B, blocks]
         self._length = 0
 
     @property
+    def batch(self) -> int | None:
+        """Sequences (batch rows) this cache holds; None before the first append of a growable cache."""
+        return self.batch_size if self.static else (None if self.kv is None else self.kv.shape[0])
+
+    @property
     def length(self) -> int:
+        """Tokens per row (a growable cache; a static one: the length of its rows, read from the device)."""
+        if self.static and self.seqlens is not None:
+            lo, hi = int(self.seqlens.min()), int(self.seqlens.max())
+            if lo != hi:
+                raise ValueError(f"the rows of this cache have different lengths ({lo} to {hi})")
+            return hi
         return self._length
+
+    def _rows(self, L: int) -> torch.Tensor:
+        """The first L rows of every batch row as stored: [B, L, row] (gathered through the block table)."""
+        if self.block_table is None:
+            return self.kv[:, :L]
+        page = self.kv.shape[1]
+        n = torch.arange(L, device=self.kv.device)
+        return self.kv[self.block_table[:, n // page].long(), n % page]
+
+    def rows(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The first ``length`` rows [B, L, kv_lora_rank + rope], dequantised (FP8 cache) to ``dtype`` (default:
+        fp32 for the FP8 cache, else the stored dtype)."""
+        kv = self._rows(self.length)
+        if self.fp8:
+            kv = unpack_latent_fp8(kv, self.kv_lora_rank, self.rope_dim)
+        return kv if dtype is None else kv.to(dtype)
 
     @property
     def c_kv(self) -> torch.Tensor | None:
-        return None if self.kv is None else self.kv[:, : self._length, : self.kv_lora_rank]
+        return None if self.kv is None else self.rows()[..., : self.kv_lora_rank]
 
     @property
     def k_rope(self) -> torch.Tensor | None:
-        return None if self.kv is None else self.kv[:, : self._length, self.kv_lora_rank :]
+        return None if self.kv is None else self.rows()[..., self.kv_lora_rank :]
 
-    def append(self, c_kv: torch.Tensor, k_rope: torch.Tensor):
-        """Append c_kv [B, S, kv_lora_rank] and k_rope [B, S, rope]; returns all (c_kv, k_rope) so far."""
-        kv = self.append_latent(torch.cat([c_kv, k_rope.to(c_kv.dtype)], dim=-1), c_kv.shape[-1])
+    def append(self, c_kv: torch.Tensor, k_rope: torch.Tensor, fp8: bool = False):
+        """Append c_kv [B, S, kv_lora_rank] and k_rope [B, S, rope]; returns all (c_kv, k_rope) so far (as read
+        back from the cache: dequantised for the FP8 cache)."""
+        kv = self.append_latent(torch.cat([c_kv, k_rope.to(c_kv.dtype)], dim=-1), c_kv.shape[-1], fp8)
         return kv[..., : self.kv_lora_rank], kv[..., self.kv_lora_rank :]
 
-    def append_latent(self, kv: torch.Tensor, kv_lora_rank: int) -> torch.Tensor:
-        """Append rows kv [B, S, kv_lora_rank + rope]; returns all rows so far, [B, L, kv_lora_rank + rope]."""
+    def _allocate(self, kv: torch.Tensor, kv_lora_rank: int, fp8: bool, length: int):
+        B, _, D = kv.shape
+        self.kv_lora_rank, self.rope_dim, self.fp8 = kv_lora_rank, D - kv_lora_rank, fp8
+        width = fp8_row_bytes(kv_lora_rank, D - kv_lora_rank) if fp8 else D
+        dtype = torch.uint8 if fp8 else kv.dtype
+        if not self.static:
+            self.kv = torch.zeros(B, max(length, 16), width, dtype=dtype, device=kv.device)
+            return
+        if B != self.batch_size:
+            raise ValueError(f"this cache was made for batch size {self.batch_size}, got kv for {B} rows")
+        self.seqlens = torch.zeros(B, dtype=torch.int32, device=kv.device)
+        if self.page_size is None:
+            self.kv = torch.zeros(B, self.capacity, width, dtype=dtype, device=kv.device)
+        else:
+            nblk = -(-self.capacity // self.page_size)
+            self.kv = torch.zeros(B * nblk, self.page_size, width, dtype=dtype, device=kv.device)
+            self.block_table = torch.arange(B * nblk, dtype=torch.int32, device=kv.device).view(B, nblk)
+
+    def _encode(self, kv: torch.Tensor) -> torch.Tensor:
+        """Rows [T, D] as stored: packed to FP8 (the kernel on CUDA) or cast to the cache's dtype."""
+        if self.fp8:
+            return pack_latent_fp8(kv, self.kv_lora_rank) if use_triton(kv) else ref_pack_latent_fp8(
+                kv, self.kv_lora_rank)
+        return kv.to(self.kv.dtype)
+
+    def _slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """Flat row index (into kv viewed as [-1, row]) of position positions[b, s] of batch row b; int64 [B, S]."""
+        B = positions.shape[0]
+        pos = positions.long()
+        if self.block_table is None:
+            return torch.arange(B, device=pos.device)[:, None] * self.kv.shape[1] + pos
+        page = self.kv.shape[1]
+        blk = torch.gather(self.block_table.long(), 1, torch.div(pos, page, rounding_mode="floor"))
+        return blk * page + pos % page
+
+    def write_step(self, kv: torch.Tensor) -> None:
+        """Static cache, one new token per row: kv [B, 1, row] goes to position seqlens[b]; seqlens += 1. Device
+        only (no host sync): capturable in a CUDA graph. The caller keeps seqlens < capacity."""
         B, S, D = kv.shape
-        L = self._length + S
+        slots = self._slots(self.seqlens[:, None])  # [B, 1]
+        self.kv.view(-1, self.kv.shape[-1]).index_copy_(0, slots.view(-1), self._encode(kv.reshape(B * S, D)))
+        self.seqlens += S
+
+    def append_latent(self, kv: torch.Tensor, kv_lora_rank: int, fp8: bool = False) -> torch.Tensor:
+        """Append rows kv [B, S, kv_lora_rank + rope]; returns all rows so far, [B, L, kv_lora_rank + rope] in kv's
+        dtype (as read back from the cache). ``fp8``: the format of a new cache (an existing one keeps its own)."""
+        B, S, D = kv.shape
         if self.kv is None:
-            self.kv_lora_rank = kv_lora_rank
-            self.kv = kv.new_empty(B, max(L, 16), D)
-        elif tuple(self.kv.shape[::2]) != (B, D) or kv_lora_rank != self.kv_lora_rank:
-            raise ValueError(f"kv must have shape [{self.kv.shape[0]}, S, {self.kv.shape[2]}] to extend the cache, "
-                             f"got {list(kv.shape)}")
-        elif L > self.kv.shape[1]:
-            grown = self.kv.new_empty(B, max(L, 2 * self.kv.shape[1]), D)
+            self._allocate(kv, kv_lora_rank, fp8, S)
+        elif B != (self.batch_size if self.static else self.kv.shape[0]) or D != self.kv_lora_rank + self.rope_dim \
+                or kv_lora_rank != self.kv_lora_rank:
+            raise ValueError(f"kv must have shape [{self.batch_size if self.static else self.kv.shape[0]}, S, "
+                             f"{self.kv_lora_rank + self.rope_dim}] to extend the cache, got {list(kv.shape)}")
+        if self.static:
+            start = self.length  # one host sync: prefill only
+            if start + S > self.capacity:
+                raise ValueError(f"appending {S} tokens to rows of {start} exceeds the capacity {self.capacity}")
+            pos = torch.arange(start, start + S, device=kv.device).expand(B, S)
+            self.kv.view(-1, self.kv.shape[-1]).index_copy_(0, self._slots(pos).reshape(-1),
+                                                            self._encode(kv.reshape(B * S, D)))
+            self.seqlens += S
+            return self.rows(kv.dtype)
+        L = self._length + S
+        if L > self.kv.shape[1]:
+            grown = self.kv.new_zeros(B, max(L, 2 * self.kv.shape[1]), self.kv.shape[2])
             grown[:, : self._length] = self.kv[:, : self._length]
             self.kv = grown
-        self.kv[:, self._length : L] = kv
+        self.kv[:, self._length : L] = self._encode(kv.reshape(B * S, D)).view(B, S, -1)
         self._length = L
-        return self.kv[:, :L]
+        return self.rows(kv.dtype)

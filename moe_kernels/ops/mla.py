@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import FP8_DTYPE, check_int, check_multiple, check_same_device, check_tensor, value_checks_enabled
+from .._checks import (FP8_DTYPE, check_int, check_multiple, check_same_device, check_tensor,
+                       value_checks_enabled)
 from ..reference import mla_decode as ref
 from ._common import interpret_mode, use_triton
 from .quant import quantize_fp8, quantize_groups
@@ -49,7 +50,10 @@ try:  # host-side TMA descriptors (Triton >= 3.4)
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
-__all__ = ["mla_latent_proj", "mla_decode", "mla_decode_num_splits", "get_mla_config"]
+__all__ = ["mla_latent_proj", "mla_decode", "mla_decode_num_splits", "get_mla_config", "pack_latent_fp8",
+           "fp8_row_bytes", "decode_kernel_name"]
+
+fp8_row_bytes = ref.fp8_row_bytes
 
 SCALE_BLOCK = 128
 _SB = tl.constexpr(SCALE_BLOCK)
@@ -70,6 +74,8 @@ DEFAULTS = {
     # accumulator every tile, 1: only when a row's max grew, 2: only when it grew by more than 8 in log2 units)
     # and V_BLOCKS (1, or 2: each program accumulates half the value columns) are the variants of the sweep.
     "decode": dict(BLOCK_H=64, BLOCK_N=64, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2),
+    # FP8 cache: the e4m3 tile is widened to bf16 in registers and staged in shared memory again for the wgmmas
+    "decode_fp8": dict(BLOCK_H=64, BLOCK_N=32, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2),
 }
 # few rows (decode-time projections): the grid of 128x128 tiles would leave most SMs idle
 SMALL_M = {
@@ -84,6 +90,7 @@ INTERPRETER = {
     "latent_fp8": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=2, SPLIT_K=1, QUANT_A=1, USE_TMA=0,
                        num_warps=4, num_stages=1),
     "decode": dict(BLOCK_H=16, BLOCK_N=16, LAZY=0, V_BLOCKS=1, num_warps=4, num_stages=1),
+    "decode_fp8": dict(BLOCK_H=16, BLOCK_N=16, LAZY=0, V_BLOCKS=1, num_warps=4, num_stages=1),
 }
 # LAZY -> the growth of a row max (log2 units) that moves m_i and rescales the accumulator
 LAZY_TAU = {1: 0.0, 2: 8.0}
@@ -104,12 +111,23 @@ def _load_table(path: str) -> dict:
         return {}
 
 
+def decode_kernel_name(device: torch.device | None = None) -> str:
+    """Which kernel ``mla_decode`` runs on ``device`` (default: the current CUDA device, else the CPU)."""
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type != "cuda":
+        return ("Triton kernel on the interpreter (TRITON_INTERPRET=1)" if interpret_mode()
+                else "PyTorch reference (CPU)")
+    return "Triton flash-decoding kernel (_mla_decode_kernel + split merge; bf16 or FP8 latent cache)"
+
+
 def config_filename(device_name: str) -> str:
     return f"mla_{device_name.replace(' ', '_')}.json"
 
 
 def get_mla_config(kind: str, size: int, device: torch.device) -> dict:
-    """Launch config of ``kind`` ("latent_bf16", "latent_fp8", "decode") for ``size`` (rows T, or batch B)."""
+    """Launch config of ``kind`` ("latent_bf16", "latent_fp8", "decode", "decode_fp8") for ``size`` (rows T, or
+    batch B)."""
     if device.type != "cuda":
         return dict(INTERPRETER[kind])
     base = SMALL_M[kind] if kind in SMALL_M and size <= 128 else DEFAULTS[kind]
@@ -263,16 +281,21 @@ def _latent_norm_rope_kernel(
 
 @triton.jit
 def _mla_decode_kernel(
-    q_ptr, qr_ptr, kv_ptr, seqlens_ptr, block_table_ptr, o_ptr, lse_ptr,
-    num_heads, num_splits, qk_scale,  # qk_scale = softmax_scale * log2(e): the softmax runs in base 2
+    q_ptr, qr_ptr, kc_ptr, kr_ptr, ks_ptr, seqlens_ptr, block_table_ptr, o_ptr, lse_ptr,
+    num_rows, num_heads, s_q, num_splits, qk_scale,  # qk_scale = softmax_scale * log2(e): the softmax is base 2
     stride_qb, stride_qh, stride_qrb, stride_qrh, stride_kvb, stride_kvn, stride_btb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PAGED: tl.constexpr,
     PAGE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     LAZY: tl.constexpr, TAU: tl.constexpr, V_BLOCKS: tl.constexpr,
+    FP8: tl.constexpr, KR_DIV: tl.constexpr, KS_DIV: tl.constexpr, MULTI_Q: tl.constexpr,
 ):
-    """LAZY: rescale the accumulator only when some row's running max grows by more than TAU (log2 units).
+    """Query rows: the s_q x num_heads queries of batch row b (row r is token r // num_heads, which sees the
+    row's keys 0 .. seqlen - s_q + r // num_heads). The cache is read through three pointers with one row offset
+    ``rows`` (in kc's elements): kc (the C latent columns; e4m3 with FP8), kr = kr_ptr + rows // KR_DIV (the R rope
+    columns) and, with FP8, the per-token scale ks_ptr + rows // KS_DIV (see reference.mla_decode: FP8 cache).
+    LAZY: rescale the accumulator only when some row's running max grows by more than TAU (log2 units).
     V_BLOCKS = 2: the program scores all C + R key columns but accumulates only its half of the C value columns
     (half the accumulator's registers, so twice the heads per program)."""
     tl.static_assert(V_BLOCKS == 1 or V_BLOCKS == 2)
@@ -285,9 +308,12 @@ def _mla_decode_kernel(
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_c = vb * BLOCK_V + tl.arange(0, BLOCK_V)  # this program's value columns (all C when V_BLOCKS = 1)
     offs_r = tl.arange(0, BLOCK_R)
-    h_mask = offs_h < num_heads
+    h_mask = offs_h < num_rows
     c_mask = offs_c < C
     r_mask = offs_r < R
+    cdt = q_ptr.dtype.element_ty  # the dtype of the products (FP8: the cache tile is widened to it, exactly)
+    if UPCAST:
+        cdt = tl.float32
 
     q_rows = q_ptr + b * stride_qb + offs_h[:, None] * stride_qh
     q = tl.load(q_rows + offs_c[None, :], mask=h_mask[:, None] & c_mask[None, :], other=0.0)
@@ -296,18 +322,17 @@ def _mla_decode_kernel(
     if V_BLOCKS == 2:  # the other half of the latent columns: key only
         offs_o = (1 - vb) * BLOCK_V + tl.arange(0, BLOCK_V)
         o_mask = offs_o < C
-        qo = tl.load(q_rows + offs_o[None, :], mask=h_mask[:, None] & o_mask[None, :], other=0.0)
-        if UPCAST:
-            qo = qo.to(tl.float32)
-    if UPCAST:  # Triton's CPU interpreter multiplies 16-bit float tiles wrongly: upcast there
-        q = q.to(tl.float32)
-        qr = qr.to(tl.float32)
+        qo = tl.load(q_rows + offs_o[None, :], mask=h_mask[:, None] & o_mask[None, :], other=0.0).to(cdt)
+    q = q.to(cdt)
+    qr = qr.to(cdt)
 
     # this split's keys: whole BLOCK_N tiles of the row's length
     seqlen = tl.load(seqlens_ptr + b)
     per_split = tl.cdiv(tl.cdiv(seqlen, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, seqlen)
+    if MULTI_Q:  # causal over the s_q new tokens: the keys each query row sees
+        lim = seqlen - (s_q - 1 - offs_h // num_heads)
 
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -320,56 +345,63 @@ def _mla_decode_kernel(
             rows = blk.to(tl.int64) * stride_kvb + (offs_n % PAGE) * stride_kvn
         else:
             rows = b * stride_kvb + offs_n.to(tl.int64) * stride_kvn
-        kv_rows = kv_ptr + rows[:, None]
         # kc: key and value (the PV product reuses it), kr (and ko): key only
-        kc = tl.load(kv_rows + offs_c[None, :], mask=n_mask[:, None] & c_mask[None, :], other=0.0)
-        kr = tl.load(kv_rows + C + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        kc = tl.load(kc_ptr + rows[:, None] + offs_c[None, :], mask=n_mask[:, None] & c_mask[None, :],
+                     other=0.0).to(cdt)
+        kr = tl.load(kr_ptr + (rows // KR_DIV)[:, None] + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :],
+                     other=0.0).to(cdt)
         if V_BLOCKS == 2:
-            ko = tl.load(kv_rows + offs_o[None, :], mask=n_mask[:, None] & o_mask[None, :], other=0.0)
-            if UPCAST:
-                ko = ko.to(tl.float32)
-        if UPCAST:
-            kc = kc.to(tl.float32)
-            kr = kr.to(tl.float32)
+            ko = tl.load(kc_ptr + rows[:, None] + offs_o[None, :], mask=n_mask[:, None] & o_mask[None, :],
+                         other=0.0).to(cdt)
         if IEEE:
             s = tl.dot(q, tl.trans(kc), input_precision="ieee")
             if V_BLOCKS == 2:
                 s = tl.dot(qo, tl.trans(ko), s, input_precision="ieee")
-            s = tl.dot(qr, tl.trans(kr), s, input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(kc))
             if V_BLOCKS == 2:
                 s = tl.dot(qo, tl.trans(ko), s)
+        if FP8:  # one scale per key: a column scale of the latent scores, and of the softmax weights below
+            ks = tl.load(ks_ptr + rows // KS_DIV, mask=n_mask, other=0.0)
+            s = s * ks[None, :]
+        if IEEE:
+            s = tl.dot(qr, tl.trans(kr), s, input_precision="ieee")
+        else:
             s = tl.dot(qr, tl.trans(kr), s)
-        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
-        m_tile = tl.max(s, axis=1)  # finite: every tile holds at least one key
+        if MULTI_Q:
+            s = tl.where(offs_n[None, :] < lim[:, None], s * qk_scale, float("-inf"))
+        else:
+            s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
+        # a row may see no key of a tile (MULTI_Q): its max stays -inf, and m_use keeps exp2 away from -inf - -inf
+        m_tile = tl.max(s, axis=1)
         if LAZY:
             # m_i may lag the true running max by up to TAU: l_i and acc are both sums of 2^(s - m_i) with the
             # same m_i (rescaled together when it moves), so o = acc / l_i and lse = m_i + log2(l_i) stay exact;
             # no overflow, as every weight p = 2^(s - m_i) <= 2^TAU (TAU <= 8: p fits bf16 and l_i fp32 easily).
             # One block-wide test (a uniform branch): when no row grew by more than TAU the multiply is skipped.
-            if tl.max(m_tile - m_i, axis=0) > TAU:  # the first tile always passes: m_i = -inf
+            grow = tl.where(m_tile > m_i, m_tile - m_i, 0.0)  # +inf on a row's first key
+            if tl.max(grow, axis=0) > TAU:
                 m_new = tl.maximum(m_i, m_tile)
-                alpha = tl.exp2(m_i - m_new)
+                alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
                 l_i = l_i * alpha
                 acc = acc * alpha[:, None]
                 m_i = m_new
-            p = tl.exp2(s - m_i[:, None])
+            p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
             l_i += tl.sum(p, axis=1)
-            if IEEE:
-                acc = tl.dot(p, kc, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(kc.dtype), kc, acc)
         else:
             m_new = tl.maximum(m_i, m_tile)
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = tl.dot(p, kc, acc * alpha[:, None], input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(kc.dtype), kc, acc * alpha[:, None])
+            acc = acc * alpha[:, None]
             m_i = m_new
+        if FP8:
+            p = p * ks[None, :]
+        if IEEE:
+            acc = tl.dot(p, kc, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(cdt), kc, acc)
 
     # a split without keys (short row) leaves l_i = 0: output 0 with log-sum-exp -inf, ignored by the merge
     has = l_i > 0
@@ -509,13 +541,33 @@ def mla_decode_num_splits(batch: int, num_heads: int, max_seqlen: int, block_h: 
     return min(range(1, most + 1), key=cost)
 
 
+def _cache_views(kv_cache: torch.Tensor, C: int, R: int):
+    """(kc, kr, ks, KR_DIV, KS_DIV, row strides in kc's elements) of a bf16/fp16/fp32 cache [.., .., C + R] or an
+    FP8 cache uint8 [.., .., fp8_row_bytes(C, R)] (see reference.mla_decode: kc e4m3 | kr bf16 | scale fp32)."""
+    if kv_cache.dtype != torch.uint8:
+        return kv_cache, kv_cache[..., C:], kv_cache, 1, 1, False
+    kc = kv_cache[..., :C].view(FP8_DTYPE)
+    kr = kv_cache[..., C : C + 2 * R].view(torch.bfloat16)
+    ks = kv_cache[..., C + 2 * R : C + 2 * R + 4].view(torch.float32)
+    return kc, kr, ks, 2, 4, True
+
+
 def _decode_launch(q_latent, q_rope, kv_cache, cache_seqlens, block_table, softmax_scale, num_splits, out,
                    cfg=None):
-    B, h, C = q_latent.shape
-    R = q_rope.shape[2]
-    if B == 0 or h == 0:
+    """q_latent [B, h, C] or [B, s_q, h, C] (q_rope alike, out alike): the queries' rows must merge to one
+    [B, s_q * h] dimension (the op makes them so); kv_cache bf16/fp16/fp32 rows or the uint8 FP8 cache."""
+    if q_latent.dim() == 3:
+        q_latent, q_rope, out = q_latent.unsqueeze(1), q_rope.unsqueeze(1), out.unsqueeze(1)
+    B, s_q, h, C = q_latent.shape
+    R = q_rope.shape[3]
+    rows_n = s_q * h
+    if B == 0 or rows_n == 0:
         return
-    cfg = dict(cfg if cfg is not None else get_mla_config("decode", B, q_latent.device))
+    q2, qr2, o2 = (t.reshape(B, rows_n, t.shape[3]) for t in (q_latent, q_rope, out))
+    if o2.data_ptr() != out.data_ptr():
+        raise ValueError("out must be contiguous over its token and head dimensions")
+    kc, kr, ks, kr_div, ks_div, fp8 = _cache_views(kv_cache, C, R)
+    cfg = dict(cfg if cfg is not None else get_mla_config("decode_fp8" if fp8 else "decode", B, q_latent.device))
     if q_latent.dtype == torch.float32 and q_latent.is_cuda:  # fp32 (tests): small tiles fit shared memory
         cfg.update(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
@@ -530,33 +582,71 @@ def _decode_launch(q_latent, q_rope, kv_cache, cache_seqlens, block_table, softm
     page = kv_cache.shape[1] if paged else 1
     max_len = block_table.shape[1] * page if paged else kv_cache.shape[1]
     if num_splits <= 0:
-        num_splits = mla_decode_num_splits(B, h, max_len, BH, q_latent.device, v_blocks)
+        num_splits = mla_decode_num_splits(B, rows_n, max_len, BH, q_latent.device, v_blocks)
     if num_splits > 1:
-        o_part = torch.empty(B, h, num_splits, C, dtype=torch.float32, device=q_latent.device)
-        lse = torch.empty(B, h, num_splits, dtype=torch.float32, device=q_latent.device)
+        o_part = torch.empty(B, rows_n, num_splits, C, dtype=torch.float32, device=q_latent.device)
+        lse = torch.empty(B, rows_n, num_splits, dtype=torch.float32, device=q_latent.device)
         o_stage, lse_strides = o_part, (lse.stride(0), lse.stride(1))
     else:
-        o_stage, lse, lse_strides = out.unsqueeze(2), out, (0, 0)
+        o_stage, lse, lse_strides = o2.unsqueeze(2), o2, (0, 0)
     upcast = interpret_mode() and q_latent.dtype != torch.float32
-    _mla_decode_kernel[(triton.cdiv(h, BH) * v_blocks, num_splits, B)](
-        q_latent, q_rope, kv_cache, cache_seqlens, block_table if paged else cache_seqlens, o_stage, lse,
-        h, num_splits, softmax_scale * LOG2E,
-        q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0) if paged else 0,
+    _mla_decode_kernel[(triton.cdiv(rows_n, BH) * v_blocks, num_splits, B)](
+        q2, qr2, kc, kr, ks, cache_seqlens, block_table if paged else cache_seqlens, o_stage, lse,
+        rows_n, h, s_q, num_splits, softmax_scale * LOG2E,
+        q2.stride(0), q2.stride(1), qr2.stride(0), qr2.stride(1),
+        kc.stride(0), kc.stride(1), block_table.stride(0) if paged else 0,
         o_stage.stride(0), o_stage.stride(1), o_stage.stride(2), *lse_strides,
         C=C, R=R, BLOCK_C=BLOCK_C, BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_H=BH, BLOCK_N=BN,
         SPLIT=num_splits > 1, PAGED=paged, PAGE=page, UPCAST=upcast,
         IEEE=q_latent.dtype == torch.float32 or interpret_mode(), LAZY=lazy > 0, TAU=LAZY_TAU.get(lazy, 0.0),
-        V_BLOCKS=v_blocks, num_warps=num_warps, num_stages=num_stages,
+        V_BLOCKS=v_blocks, FP8=fp8, KR_DIV=kr_div, KS_DIV=ks_div, MULTI_Q=s_q > 1,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         BHR = 16
-        _mla_decode_reduce_kernel[(triton.cdiv(h, BHR), B)](
-            o_part, lse, out, h, num_splits,
+        _mla_decode_reduce_kernel[(triton.cdiv(rows_n, BHR), B)](
+            o_part, lse, o2, rows_n, num_splits,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1),
+            o2.stride(0), o2.stride(1),
             C=C, BLOCK_C=BLOCK_C, BLOCK_H=BHR, num_warps=4,
         )
+
+
+@triton.jit
+def _pack_fp8_kernel(kv_ptr, qc_ptr, kr_ptr, ks_ptr, stride_kv, stride_out,
+                     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One latent cache row [c_kv | k_rope] -> its FP8 row: c_kv as e4m3 with one scale, k_rope as bf16.
+    stride_out: the packed row in bytes (qc's elements); kr and ks address it in 2- and 4-byte units."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    c = tl.load(kv_ptr + row * stride_kv + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
+    q, scale = quantize_groups(c[None, :])  # bit-exact to the reference's rounding (IEEE divisions)
+    tl.store(qc_ptr + row * stride_out + offs_c[None, :], q.to(qc_ptr.dtype.element_ty), mask=(offs_c < C)[None, :])
+    tl.store(ks_ptr + row * (stride_out // 4) + tl.arange(0, 1), scale)
+    kr = tl.load(kv_ptr + row * stride_kv + C + offs_r, mask=offs_r < R, other=0.0)
+    tl.store(kr_ptr + row * (stride_out // 2) + offs_r, kr.to(tl.bfloat16), mask=offs_r < R)
+
+
+def pack_latent_fp8(kv: torch.Tensor, kv_lora_rank: int) -> torch.Tensor:
+    """Latent cache rows kv [T, C + R] (bf16/fp16/fp32) -> the FP8 cache's rows, uint8 [T, fp8_row_bytes(C, R)]
+    (layout: ``reference.mla_decode``; padding bytes zero). CPU tensors without the interpreter: the reference."""
+    check_tensor("kv", kv, dtype=_FLOATS, ndim=2)
+    C = kv_lora_rank
+    R = kv.shape[1] - C
+    check_int("kv_lora_rank", C, lo=1)
+    if R < 1:
+        raise ValueError(f"kv must have kv_lora_rank + rope columns (rope >= 1), got {kv.shape[1]} for C={C}")
+    if not use_triton(kv):
+        return ref.pack_latent_fp8(kv, C)
+    T = kv.shape[0]
+    out = torch.zeros(T, ref.fp8_row_bytes(C, R), dtype=torch.uint8, device=kv.device)
+    if T:
+        kv = kv if kv.stride(1) == 1 else kv.contiguous()
+        qc, kr, ks, _, _, _ = _cache_views(out, C, R)
+        _pack_fp8_kernel[(T,)](kv, qc, kr, ks, kv.stride(0), out.stride(0), C=C, R=R,
+                               BLOCK_C=triton.next_power_of_2(C), BLOCK_R=triton.next_power_of_2(R), num_warps=4)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -596,10 +686,14 @@ def _mla_decode_op(
     q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     block_table: torch.Tensor | None, softmax_scale: float, num_splits: int,
 ) -> torch.Tensor:
+    """q_latent [B, h, C] or [B, s_q, h, C] (q_rope alike); the cache in q's dtype or the uint8 FP8 cache."""
     if not use_triton(q_latent):
         return ref.mla_decode(q_latent, q_rope, kv_cache, cache_seqlens, softmax_scale, block_table).to(
             q_latent.dtype)
     out = torch.empty(q_latent.shape, dtype=q_latent.dtype, device=q_latent.device)
+    if q_latent.dim() == 4:  # the token and head dimensions are merged into one row index in the kernel
+        q_latent = q_latent if q_latent.stride(1) == q_latent.shape[2] * q_latent.stride(2) else q_latent.contiguous()
+        q_rope = q_rope if q_rope.stride(1) == q_rope.shape[2] * q_rope.stride(2) else q_rope.contiguous()
     # the kernel reads cache_seqlens[b] and block_table[b, j] at unit stride along their last dimension
     cache_seqlens = cache_seqlens.contiguous()
     block_table = None if block_table is None else block_table.contiguous()
@@ -687,30 +781,48 @@ def mla_decode(
     block_table: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Absorbed MLA decode: one query per batch row over its latent cache -> o_latent [B, h, C] in q's dtype.
+    """Absorbed MLA decode over the latent cache -> o_latent [B, h, C] (or [B, s_q, h, C]) in q's dtype.
 
     Multiply the result by W_UV (``reference.mla_decode.split_kv_b``) to get the per-head outputs.
 
     Args:
-        q_latent: [B, h, C] = q_nope @ W_UK per head; q_rope: [B, h, R], rotated. Same dtype; unit last stride.
-        kv_cache: [B, S_max, C + R] rows [c_kv | k_rope] in q's dtype; or, with ``block_table``, a paged cache
-            [num_blocks, page, C + R].
-        cache_seqlens: int32 [B], keys per row (<= S_max, or <= max_blocks * page); 0 gives a zero output.
+        q_latent: [B, h, C] = q_nope @ W_UK per head, one new token per row; or [B, s_q, h, C]: s_q new tokens
+            per row (speculative / MTP decoding), the last s_q keys of the row, causal among themselves (token t
+            sees keys 0 .. cache_seqlens[b] - s_q + t). q_rope: [B, h, R] / [B, s_q, h, R], rotated. Same float
+            dtype (bf16, fp16, fp32); unit last stride.
+        kv_cache: [B, S_max, C + R] rows [c_kv | k_rope] in q's dtype; or the FP8 cache, uint8
+            [B, S_max, fp8_row_bytes(C, R)] (``pack_latent_fp8``: e4m3 latent with one fp32 scale per token, bf16
+            rope; C a multiple of 16); or, with ``block_table``, either one paged: [num_blocks, page, row].
+        cache_seqlens: int32 [B], keys per row (<= S_max, or <= max_blocks * page); a query with no key gives zeros.
         block_table: int32 [B, max_blocks], the cache block of each row's logical block (paged cache only).
-        num_splits: key-range splits (flash-decoding); None picks them from the GPU's SM count.
+        num_splits: key-range splits (flash-decoding); None picks them from the GPU's SM count and the shapes only
+            (no host sync: a call is CUDA-graph capturable; the value checks below are skipped while capturing).
     """
-    check_tensor("q_latent", q_latent, dtype=_FLOATS, ndim=3)
-    B, h, C = q_latent.shape
-    check_tensor("q_rope", q_rope, dtype=q_latent.dtype, ndim=3, device=q_latent.device)
-    if tuple(q_rope.shape[:2]) != (B, h):
-        raise ValueError(f"q_rope must have shape [{B}, {h}, R] to match q_latent, got {list(q_rope.shape)}")
-    R = q_rope.shape[2]
-    check_tensor("kv_cache", kv_cache, dtype=q_latent.dtype, ndim=3, device=q_latent.device)
-    if kv_cache.shape[2] != C + R:
-        raise ValueError(f"kv_cache must have C + R = {C + R} columns, got shape {list(kv_cache.shape)}")
+    check_tensor("q_latent", q_latent, dtype=_FLOATS)
+    if q_latent.dim() not in (3, 4):
+        raise ValueError(f"q_latent must be [B, h, C] or [B, s_q, h, C], got shape {list(q_latent.shape)}")
+    *lead, C = q_latent.shape
+    B, h = lead[0], lead[-1]
+    check_tensor("q_rope", q_rope, dtype=q_latent.dtype, ndim=q_latent.dim(), device=q_latent.device)
+    if list(q_rope.shape[:-1]) != lead:
+        raise ValueError(f"q_rope must have shape {lead + ['R']} to match q_latent, got {list(q_rope.shape)}")
+    if h < 1 or C < 1:
+        raise ValueError(f"q_latent needs at least one head and one latent column, got shape {list(q_latent.shape)}")
+    if q_latent.dim() == 4 and not 1 <= lead[1] <= 16:
+        raise ValueError(f"q_latent must have 1 to 16 query tokens per row (dimension 1), got {lead[1]}")
+    R = q_rope.shape[-1]
+    fp8 = kv_cache.dtype == torch.uint8 if isinstance(kv_cache, torch.Tensor) else False
+    check_tensor("kv_cache", kv_cache, dtype=(q_latent.dtype, torch.uint8), ndim=3, device=q_latent.device)
+    width = ref.fp8_row_bytes(C, R) if fp8 else C + R
+    if kv_cache.shape[2] != width:
+        what = f"fp8_row_bytes(C={C}, R={R}) = {width} bytes (FP8 cache)" if fp8 else f"C + R = {width} columns"
+        raise ValueError(f"kv_cache must have {what}, got shape {list(kv_cache.shape)}")
+    if fp8 and (C % 16 or kv_cache.stride(1) % 16 or kv_cache.stride(0) % 16 or kv_cache.storage_offset() % 16):
+        raise ValueError(f"the FP8 kv_cache needs C a multiple of 16 (got {C}) and 16-byte aligned rows "
+                         f"(strides {kv_cache.stride()})")
     if kv_cache.stride(2) != 1:
         raise ValueError("kv_cache must have unit stride along its last dimension")
-    if q_latent.stride(2) != 1 or q_rope.stride(2) != 1:
+    if q_latent.stride(-1) != 1 or q_rope.stride(-1) != 1:
         raise ValueError("q_latent and q_rope must have unit stride along their last dimension")
     check_tensor("cache_seqlens", cache_seqlens, dtype=torch.int32, shape=(B,), device=q_latent.device)
     if block_table is not None:

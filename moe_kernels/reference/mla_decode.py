@@ -11,15 +11,56 @@ W_UK = its first ``nope`` rows per head and W_UV the last ``v``, the score q_nop
 (q_nope W_UK) . c_kv, and o_h = sum_j p_j (c_kv_j W_UV^T) equals (sum_j p_j c_kv_j) W_UV^T. So a decode step
 attends with the latent query q_latent = q_nope W_UK [h, kv_lora_rank] directly over the cache rows
 [c_kv | k_rope] (keys) and c_kv (values) and applies W_UV once to the result: no per-head keys are ever formed.
+
+FP8 latent cache (``pack_latent_fp8``): each token's row is stored in ``fp8_row_bytes(C, R)`` bytes,
+
+    [ c_kv as e4m3 (C bytes) | k_rope in bf16 (2 R bytes) | scale fp32 (4 bytes) | zero padding to 16 bytes ]
+
+with one scale per token for its C latent columns: scale = max(amax(|c_kv|), 1e-10) / 448, e4m3 = rne(c_kv /
+scale). (576 values: 656 bytes instead of 1152 in bf16.) The rope part stays bf16: it is 10% of the bytes and
+carries the position. The decode reads the row as c_kv = e4m3 * scale (the scale applied to the scores and to
+the softmax weights, never to the stored values). See docs/numerics.md (MLA) for the error against a bf16 cache.
 """
 from __future__ import annotations
 
 import torch
 
 from .mla import apply_rope, rms_norm
-from .quant import dequantize_fp8, dequantize_weight_fp8, quantize_fp8
+from .._checks import FP8_MAX
+from .quant import MIN_AMAX, dequantize_fp8, dequantize_weight_fp8, quantize_fp8
 
-__all__ = ["mla_latent_proj", "mla_decode", "split_kv_b", "mla_decode_absorbed"]
+__all__ = ["mla_latent_proj", "mla_decode", "split_kv_b", "mla_decode_absorbed", "fp8_row_bytes", "pack_latent_fp8",
+           "unpack_latent_fp8"]
+
+
+def fp8_row_bytes(C: int, R: int) -> int:
+    """Bytes of one token's row in the FP8 latent cache: C e4m3 + R bf16 + one fp32 scale, padded to 16."""
+    return -(-(C + 2 * R + 4) // 16) * 16
+
+
+def pack_latent_fp8(kv: torch.Tensor, C: int) -> torch.Tensor:
+    """Latent cache rows kv [..., C + R] (any float dtype) -> uint8 [..., fp8_row_bytes(C, R)] (layout above)."""
+    *lead, D = kv.shape
+    R = D - C
+    x = kv.reshape(-1, D).float()
+    c = x[:, :C]
+    scale = c.abs().amax(-1).clamp(min=MIN_AMAX) / FP8_MAX  # [T]
+    q = (c / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    out = torch.zeros(x.shape[0], fp8_row_bytes(C, R), dtype=torch.uint8, device=kv.device)
+    out[:, :C] = q.view(torch.uint8)
+    out[:, C : C + 2 * R] = x[:, C:].to(torch.bfloat16).view(torch.uint8)
+    out[:, C + 2 * R : C + 2 * R + 4] = scale[:, None].contiguous().view(torch.uint8)
+    return out.view(*lead, -1)
+
+
+def unpack_latent_fp8(packed: torch.Tensor, C: int, R: int) -> torch.Tensor:
+    """uint8 [..., fp8_row_bytes(C, R)] -> the rows it stands for, fp32 [..., C + R]."""
+    *lead, nb = packed.shape
+    p = packed.reshape(-1, nb).contiguous()
+    q = p[:, :C].view(torch.float8_e4m3fn).float()
+    rope = p[:, C : C + 2 * R].contiguous().view(torch.bfloat16).float()
+    scale = p[:, C + 2 * R : C + 2 * R + 4].contiguous().view(torch.float32)  # [T, 1]
+    return torch.cat([q * scale, rope], -1).view(*lead, C + R)
 
 
 def mla_latent_proj(
@@ -65,22 +106,34 @@ def mla_decode(
     softmax_scale: float,
     block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One query per batch row over its latent cache -> o_latent [B, h, kv_lora_rank] fp32.
+    """Queries of each batch row over its latent cache -> o_latent [B, h, kv_lora_rank] (or [B, s_q, h, C]) fp32.
 
-    q_latent [B, h, C] (q_nope already multiplied by W_UK), q_rope [B, h, R] (rotated); kv_cache [B, S_max, C + R]
-    rows [c_kv | k_rope], or paged [num_blocks, page, C + R] with block_table int32 [B, max_blocks] (logical key n
-    of row b lives in block block_table[b, n // page], slot n % page); cache_seqlens int32 [B]: row b attends
-    over its keys 0 .. cache_seqlens[b]-1 (a row with none gets zeros).
+    q_latent [B, h, C] (q_nope already multiplied by W_UK), q_rope [B, h, R] (rotated); or [B, s_q, h, C] /
+    [B, s_q, h, R]: s_q new tokens per row (speculative / MTP decoding), the last s_q of the row's keys, causal:
+    query t sees keys 0 .. cache_seqlens[b] - s_q + t. kv_cache [B, S_max, C + R] rows [c_kv | k_rope], or paged
+    [num_blocks, page, C + R] with block_table int32 [B, max_blocks] (logical key n of row b lives in block
+    block_table[b, n // page], slot n % page); either may be the FP8 cache (uint8 rows of ``fp8_row_bytes(C, R)``
+    bytes). cache_seqlens int32 [B]: row b's keys; a query with no key gets zeros.
     """
-    B, h, C = q_latent.shape
+    if q_latent.dim() == 3:
+        return mla_decode(q_latent.unsqueeze(1), q_rope.unsqueeze(1), kv_cache, cache_seqlens, softmax_scale,
+                          block_table)[:, 0]
+    B, s_q, h, C = q_latent.shape
+    R = q_rope.shape[-1]
+    if kv_cache.dtype == torch.uint8:
+        kv_cache = unpack_latent_fp8(kv_cache, C, R)
     page = kv_cache.shape[1]
-    out = torch.zeros(B, h, C, dtype=torch.float32, device=q_latent.device)
+    out = torch.zeros(B, s_q, h, C, dtype=torch.float32, device=q_latent.device)
     for b, L in enumerate(cache_seqlens.tolist()):
         if L == 0:
             continue
         rows = _cache_rows(kv_cache, b, L, block_table, page).float()  # [L, C + R]
-        scores = (q_latent[b].float() @ rows[:, :C].t() + q_rope[b].float() @ rows[:, C:].t()) * softmax_scale
-        out[b] = torch.softmax(scores, dim=-1) @ rows[:, :C]
+        for t in range(s_q):
+            n = L - (s_q - 1 - t)  # keys this query sees
+            if n <= 0:
+                continue
+            scores = (q_latent[b, t].float() @ rows[:n, :C].t() + q_rope[b, t].float() @ rows[:n, C:].t())
+            out[b, t] = torch.softmax(scores * softmax_scale, dim=-1) @ rows[:n, :C]
     return out
 
 
