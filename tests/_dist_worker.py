@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
 import traceback
 
 import torch
@@ -460,6 +461,11 @@ def check_config_mismatch(rank, world):
         raise AssertionError("construction with different num_experts did not raise")
     except ValueError as e:
         expect(f"rank {odd}" in str(e) and "num_experts" in str(e), str(e))
+    try:  # the backend choice depends on it: ranks that disagree could pick different transports
+        ExpertParallel(None, E, allow_shared_device=rank == odd, backend="nccl", timeout=TIMEOUT)
+        raise AssertionError("construction with different allow_shared_device did not raise")
+    except ValueError as e:
+        expect(f"rank {odd} has 1" in str(e) and "allow_shared_device" in str(e), str(e))
     ep = ExpertParallel(None, E, backend="nccl", timeout=TIMEOUT)
     x, ids, w = tokens(rank, 4, E, 2, torch.float32 if rank == odd else torch.bfloat16)
     try:
@@ -516,23 +522,283 @@ CHECKS = {
 }
 
 
+# ---- one GPU shared by every rank: the P2P backend with allow_shared_device (tests/test_ep_shared_device.py) --------
+# Every rank is its own process with its own CUDA context on GPU 0; the P2P buffers are mapped through CUDA IPC as
+# between GPUs, so these checks run the multigpu tests' P2P checks on any one-GPU machine (correctness only).
+
+GPU_TIMEOUT = 30.0  # the ranks' kernels time-share the GPU, and a first call compiles Triton kernels
+SOAK_ITERS = {2: 1000, 4: 1000}
+
+
+def _gpu():
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _p2p(E: int, timeout: float | None = None, **kw):
+    from moe_kernels.dist.ep import ExpertParallel
+
+    ep = ExpertParallel(None, E, backend="p2p", allow_shared_device=True, timeout=timeout or GPU_TIMEOUT, **kw)
+    if ep.backend != "p2p":
+        raise AssertionError(f"allow_shared_device=True did not give the p2p backend: {ep.backend}")
+    return ep
+
+
+def _check_round_trip(ep, rank, world, make, fp8: bool, ctx: str) -> None:
+    """One dispatch + identity-expert combine on GPU tensors from ``make(rank)``: rows bitwise the source rows (or
+    their row-wise FP8 quantisation), weights and counts exact, the combine sum_j w_j x (bitwise x for top-1)."""
+    import moe_kernels as mk
+    from moe_kernels import reference
+
+    dev = _gpu()
+    x, ids, w = (t.to(dev) for t in make(rank))
+    d = ep.dispatch(x, ids, w, fp8=fp8)
+    want_x, want_w, counts = expected_rows(rank, world, ep.placement, make)
+    want_x = want_x.to(dev)
+    expect(d.tokens_per_expert == counts, f"{ctx}: counts {d.tokens_per_expert} != {counts}")
+    expect(torch.equal(d.weights.cpu(), want_w.float()), f"{ctx}: received weights differ")
+    if fp8:
+        expect(d.x.dtype == torch.float8_e4m3fn and d.x.shape == want_x.shape, f"{ctx}: got {d.x.dtype} {d.x.shape}")
+        if want_x.shape[0]:
+            q, sc = mk.ops.quantize_fp8(want_x)
+            expect(torch.equal(bits(d.x), bits(q)) and torch.equal(d.scale, sc), f"{ctx}: fp8 rows/scales differ")
+        y = reference.dequantize_fp8(d.x, d.scale).bfloat16() if d.x.shape[0] else d.x.new_zeros(
+            0, x.shape[1], dtype=torch.bfloat16)
+    else:
+        expect(d.x.shape == want_x.shape and torch.equal(bits(d.x), bits(want_x)),
+               f"{ctx}: received rows differ from the source rows")
+        y = d.x
+    out = ep.combine(y, d)
+    expect(out.shape == x.shape and out.dtype == x.dtype, f"{ctx}: combine gave {out.dtype} {tuple(out.shape)}")
+    if x.shape[0] == 0:
+        return
+    if ids.shape[1] == 1 and not fp8:
+        expect(torch.equal(bits(out), bits(x)), f"{ctx}: the top-1 identity round trip is not exact")
+    xq = reference.dequantize_fp8(*reference.quantize_fp8(x)) if fp8 else x.float()
+    ref = w.sum(1, keepdim=True) * xq
+    expect(bool(torch.isfinite(out).all()) and _rel(out, ref) < 1e-2, f"{ctx}: combine error {_rel(out, ref):.2e}")
+
+
+def gpu_check_round_trip(rank, world):
+    """bf16 and fp8 rows, k = 1/2/4, E < G, E = G, E > G; three calls on the same buffers with new data and a
+    different number of tokens each time (the last rank sends none in the middle call): nothing stale is read."""
+    for E in expert_counts(world):
+        for k in sorted({1, min(2, E), min(4, E)}):
+            ep = _p2p(E)
+            for fp8 in (False, True):
+                for it in range(3):
+                    def make(s, it=it, E=E, k=k, fp8=fp8):
+                        T = 0 if (it == 1 and s == world - 1) else 40 + 13 * s + 29 * it
+                        x, ids, w = tokens(s, T, E, k, torch.bfloat16, seed=100 * it + 10 * E + k + 7 * fp8)
+                        return x, ids, (torch.ones_like(w) if k == 1 else w)
+
+                    _check_round_trip(ep, rank, world, make, fp8, f"E={E} k={k} fp8={fp8} call {it}")
+            ep.check()
+            ep.close()
+
+
+def gpu_check_stale(rank, world):
+    """A large call, then small ones on the same buffers: each small call's rows are its own (a reader that
+    raced ahead of the flags, or an epoch mix-up, would hand back the large call's rows); then a call where every
+    rank sends nothing, and a large one again."""
+    E = 2 * world
+    ep = _p2p(E, buffer_tokens=64 * world * 2)
+    for it, T in enumerate((64, 3, 1, 0, 64, 5)):
+        make = lambda s, T=T, it=it: tokens(s, T, E, 2, torch.bfloat16, seed=500 + it)  # noqa: E731
+        _check_round_trip(ep, rank, world, make, False, f"call {it} (T={T})")
+    ep.check()
+    ep.close()
+
+
+def _gpu_pair(E, k, precision, dtype=torch.bfloat16):
+    """A single-GPU MoELayer and a P2P (shared-device) EP layer with the same weights."""
+    from moe_kernels import MoELayer
+
+    dev = _gpu()
+    torch.manual_seed(4321)
+    ref = MoELayer(2 * H, 2 * I, E, top_k=k, precision=precision, device=dev, dtype=dtype)
+    layer = MoELayer(2 * H, 2 * I, E, top_k=k, precision=precision, device=dev, dtype=dtype)
+    layer.gate.load_state_dict(ref.gate.state_dict())
+    layer.ep_group, layer._ep = dist.group.WORLD, _p2p(E, hidden_size=2 * H)
+    layer.experts = layer._ep.shard_experts(ref.experts)
+    return ref, layer
+
+
+def gpu_check_layer(rank, world):
+    """The EP MoELayer on the P2P backend (two pipelined micro-batches) equals the single-GPU layer on the same
+    weights and every rank's tokens (bf16 and fp8 experts; E > G and E < G)."""
+    dev = _gpu()
+    for precision, E in (("bf16", 2 * world), ("bf16", max(1, world // 2)), ("fp8", 2 * world)):
+        ref, layer = _gpu_pair(E, min(2, E), precision)
+        make_x = lambda s: torch.randn(97 + 31 * s, 2 * H, generator=_gen(s)).bfloat16().to(dev)  # noqa: E731
+        with torch.no_grad():
+            out, want = layer(make_x(rank)), _reference_out(ref, make_x, rank, world)
+        err = _rel(out, want)
+        expect(bool(torch.isfinite(out.float()).all()) and err < 2e-2, f"{precision} E={E}: relative error {err:.2e}")
+        layer._ep.close()
+
+
+def gpu_check_layer_gradients(rank, world):
+    """Training through the P2P backend (bf16 experts): the tokens', the local experts' and the summed gate
+    gradients equal the single-GPU layer's on every rank's tokens at once."""
+    dev = _gpu()
+    for E in (2 * world, max(1, world // 2)):
+        ref, layer = _gpu_pair(E, min(2, E), "bf16", dtype=None)
+        make_x = lambda s: torch.randn(61 + 17 * s, 2 * H, generator=_gen(s)).bfloat16().to(dev)  # noqa: E731
+        make_g = lambda s: torch.randn(61 + 17 * s, 2 * H, generator=_gen(1000 + s)).to(dev)  # noqa: E731
+        x = make_x(rank).requires_grad_()
+        (layer(x).float() * make_g(rank)).sum().backward()
+        xs = [make_x(s).requires_grad_() for s in range(world)]
+        (ref(torch.cat(xs)).float() * torch.cat([make_g(s) for s in range(world)])).sum().backward()
+        err = _rel(x.grad, xs[rank].grad)
+        expect(err < 3e-2, f"E={E}: x.grad relative error {err:.2e}")
+        if layer.experts is not None:
+            idx = torch.tensor(layer._ep.local_experts, device=dev)
+            for name in ("w13", "w2"):
+                err = _rel(getattr(layer.experts, name).grad, getattr(ref.experts, name).grad[idx])
+                expect(err < 3e-2, f"E={E}: local experts' {name}.grad relative error {err:.2e}")
+        g = layer.gate.weight.grad.detach().cpu()
+        dist.all_reduce(g)
+        err = _rel(g, ref.gate.weight.grad.cpu())
+        expect(err < 3e-2, f"E={E}: summed gate gradient relative error {err:.2e}")
+        layer._ep.close()
+
+
+def gpu_check_timeout(rank, world):
+    """The last rank never runs its combine: every other rank's P2P kernel gives up after the timeout and
+    check() raises TimeoutError naming that rank (and keeps raising: the buffers are unusable)."""
+    E, late = 2 * world, world - 1
+    ep = _p2p(E, timeout=2.0)
+    x, ids, w = (t.to(_gpu()) for t in tokens(rank, 32, E, 2))
+    d = ep.dispatch(x, ids, w)
+    if rank != late:
+        ep.combine(d.x, d, async_op=True)
+        try:
+            ep.check()
+            expect(False, "check() did not raise although a rank never sent its partial sums")
+        except TimeoutError as e:
+            expect(f"rank {late} never delivered" in str(e), f"the timeout does not name rank {late}: {e}")
+        try:  # the error sticks: the buffers are unusable (no collective here: the late rank is elsewhere)
+            ep._p2p.check()
+            expect(False, "a second check() after the timeout did not raise")
+        except TimeoutError:
+            pass
+    dist.barrier()
+    ep.close()
+
+
+def gpu_check_soak(rank, world):
+    """Dispatch + combine SOAK_ITERS times with a changing number of tokens and routing: every result right
+    (checked on the device, read every 50 calls), torch.cuda.memory_allocated() flat after the warm-up."""
+    dev = _gpu()
+    E, k, iters = 2 * world, 2, SOAK_ITERS[world]
+    ep = _p2p(E, buffer_tokens=48 * world * 2)
+    gen = torch.Generator().manual_seed(77 + rank)  # sizes differ between ranks and calls
+    worst = torch.zeros((), device=dev)
+    base = peak = None
+    for it in range(iters):
+        T = int(torch.randint(0, 49, (1,), generator=gen))
+        x, ids, w = (t.to(dev) for t in tokens(rank, T, E, k, torch.bfloat16, seed=it))
+        d = ep.dispatch(x, ids, w)
+        out = ep.combine(d.x, d)
+        if T:
+            ref = w.sum(1, keepdim=True) * x.float()
+            worst = torch.maximum(worst, ((out.float() - ref).abs().max() / ref.abs().max()).nan_to_num(1e9))
+        del x, ids, w, d, out
+        if it % 50 == 49:
+            expect(float(worst) < 1e-2, f"call {it}: relative error {float(worst):.2e}")
+            worst.zero_()
+        mem = torch.cuda.memory_allocated(dev)
+        if it == 49:
+            base = peak = mem
+        elif it > 49:
+            peak = max(peak, mem)
+    ep.check()
+    growth = peak - base
+    expect(growth <= 1 << 20, f"memory_allocated grew by {growth} bytes after the warm-up ({base} -> {peak})")
+    ep.close()
+    if rank == 0:
+        print(f"[soak] world {world}: {iters} calls, memory_allocated {base} -> peak {peak} bytes", flush=True)
+
+
+GPU_CHECKS = {
+    "round_trip": gpu_check_round_trip,
+    "stale": gpu_check_stale,
+    "layer": gpu_check_layer,
+    "layer_gradients": gpu_check_layer_gradients,
+    "soak": gpu_check_soak,
+    "timeout": gpu_check_timeout,  # last: it leaves every rank's buffers unusable
+}
+
+
 def run(rank: int, world: int, init_file: str, out_dir: str, names: list[str]) -> None:
+    """Entry of a CPU process: gloo through a file, the checks of ``CHECKS``."""
     os.environ["TRITON_INTERPRET"] = "0"  # CPU tensors take the reference ops (fast); kernels are tested elsewhere
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+    _run_checks(CHECKS, f"file://{init_file}", rank, world, out_dir, names)
+
+
+def run_gpu(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> None:
+    """Entry of a process sharing GPU 0 with its peers: gloo over 127.0.0.1:port, the checks of ``GPU_CHECKS``."""
+    torch.cuda.set_device(0)
+    _run_checks(GPU_CHECKS, f"tcp://127.0.0.1:{port}", rank, world, out_dir, names)
+
+
+def _run_checks(table: dict, init_method: str, rank: int, world: int, out_dir: str, names: list[str]) -> None:
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     results = {}
     try:
         for name in names:
             _problems.clear()
+            t0 = time.perf_counter()
             try:
-                CHECKS[name](rank, world)
+                table[name](rank, world)
                 if _problems:
                     raise AssertionError("\n".join(_problems))
                 results[name] = "ok"
             except Exception:  # noqa: BLE001 (reported per check by the parent)
                 results[name] = traceback.format_exc()
+            results.setdefault("_seconds", {})[name] = round(time.perf_counter() - t0, 2)
             with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
                 json.dump(results, f)
     finally:
         dist.destroy_process_group()
+
+
+def failure(results: dict, check: str) -> str | None:
+    """None when every rank reported ``check`` ok, else a message with the first failing rank's traceback."""
+    failed = {r: res.get(check, "did not run (an earlier check killed the process?)")
+              for r, res in results.items() if res.get(check) != "ok"}
+    if not failed:
+        return None
+    r, tb = next(iter(failed.items()))
+    return f"{check} failed on ranks {sorted(failed)} (world size {len(results)}); rank {r}:\n{tb}"
+
+
+def spawn_world(entry, args: tuple, world: int, out_dir, names: list[str], start_method: str,
+                deadline_s: float) -> dict:
+    """Start ``world`` processes running ``entry(rank, *args)`` (which writes out_dir/rank<r>.json), wait at most
+    ``deadline_s`` (then kill them: a hang fails the checks instead of blocking the suite), and return
+    {rank: {check: "ok" | traceback}}: every check a process did not report carries the reason."""
+    t0 = time.perf_counter()
+    err = None
+    ctx = torch.multiprocessing.start_processes(entry, args=args, nprocs=world, start_method=start_method,
+                                                join=False)
+    try:
+        while not ctx.join(timeout=5):
+            if time.perf_counter() - t0 > deadline_s:
+                err = f"the worker processes did not finish within {deadline_s:g} s (killed)"
+                for p in ctx.processes:  # only the processes started here
+                    if p.is_alive():
+                        p.kill()
+                break
+    except Exception as e:  # noqa: BLE001 (a crashed process: every unfinished check reports it)
+        err = f"the worker processes failed: {e}"
+    results = {}
+    for r in range(world):
+        path = os.path.join(str(out_dir), f"rank{r}.json")
+        results[r] = json.load(open(path)) if os.path.exists(path) else {}
+        if err:
+            results[r] = {c: results[r].get(c, err) for c in names}
+    print(f"\n[{entry.__name__}] world size {world}: {time.perf_counter() - t0:.1f} s for {len(names)} checks")
+    return results

@@ -8,6 +8,7 @@ asynchronous fault is charged to the op that caused it.
   python tests/_sanitize_ops.py                 # every op
   python tests/_sanitize_ops.py --ops route,permute
   python tests/_sanitize_ops.py --list
+  python tests/_sanitize_ops.py --p2p RANK,WORLD,PORT   # one rank of the P2P dispatch/combine (sanitize.sh)
 
 Exit status: 0 when every op ran and matched, 1 when one failed, 0 with a message (nothing run) when CUDA is absent.
 """
@@ -279,12 +280,65 @@ NAMES = ["route", "route_grouped", "permute", "permute_fp8", "unpermute", "quant
          "permute_blocks", "grouped_gemm_fp8_pair", "mla_decode_variants", "permute_fp8_wide"]
 
 
+def p2p_rank(rank: int, world: int, port: int, timeout: float) -> int:
+    """One rank of the P2P dispatch/combine under the sanitizer: ``world`` processes on GPU 0 (gloo on
+    127.0.0.1:port, ``allow_shared_device``), bf16 and fp8 rows, k = 1 and 2, E < G and E > G, a rank without
+    tokens, three calls per buffer; every result compared as in tests/test_ep_shared_device.py."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _dist_worker as W
+
+    if not torch.cuda.is_available():
+        print("_sanitize_ops: CUDA is not available; nothing to sanitize (run on a GPU machine)")
+        return 0
+    torch.cuda.set_device(0)
+    W.GPU_TIMEOUT = timeout  # instrumented kernels are slow, and the ranks time-share the GPU
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    failed = 0
+    try:
+        for E, k in ((max(1, world // 2), 1), (2 * world, 2)):
+            t0 = time.perf_counter()
+            W._problems.clear()
+            ep = W._p2p(E)
+            for fp8 in (False, True):
+                for it in range(3):
+                    def make(s, it=it, E=E, k=k, fp8=fp8):
+                        T = 0 if (it == 1 and s == 0) else 5 + 3 * s + 4 * it
+                        x, ids, wt = W.tokens(s, T, E, k, torch.bfloat16, seed=it + 10 * k + 7 * fp8)
+                        return x, ids, (torch.ones_like(wt) if k == 1 else wt)
+
+                    W._check_round_trip(ep, rank, world, make, fp8, f"E={E} k={k} fp8={fp8} call {it}")
+            ep.check()
+            torch.cuda.synchronize()
+            ep.close()
+            name = f"p2p_E{E}_k{k}"
+            if W._problems:
+                failed += 1
+                print(f"  FAIL {name} (rank {rank}): {'; '.join(W._problems)}", flush=True)
+            else:
+                print(f"  ok   {name} (rank {rank}, {time.perf_counter() - t0:.2f} s)", flush=True)
+    finally:
+        dist.destroy_process_group()
+    print(f"_sanitize_ops: rank {rank}/{world}: {2 - failed}/2 p2p cases ok")
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ops", default="all", help="comma-separated names (default: all)")
     p.add_argument("--list", action="store_true")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke run through the interpreter
+    p.add_argument("--p2p", metavar="RANK,WORLD,PORT",
+                   help="instead of the ops: one rank of the P2P dispatch/combine (tests/sanitize.sh starts WORLD)")
+    p.add_argument("--p2p-timeout", type=float, default=120.0, help="seconds a P2P kernel waits for a peer")
     a = p.parse_args(argv)
+    if a.p2p:
+        rank, world, port = (int(v) for v in a.p2p.split(","))
+        return p2p_rank(rank, world, port, a.p2p_timeout)
     if a.list:
         print("\n".join(NAMES))
         return 0

@@ -6,10 +6,8 @@ The multigpu tests run under ``torchrun --nproc-per-node 2 -m pytest -m multigpu
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
-import time
 
 import pytest
 import torch
@@ -32,31 +30,9 @@ def _run_world(world: int, tmp_root) -> dict:
         out_dir.mkdir()
         # forkserver: children fork from a clean server that imported torch once (CUDA never initialised)
         multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "moe_kernels", "_dist_worker"])
-        t0 = time.perf_counter()
-        err = None
-        ctx = torch.multiprocessing.start_processes(
-            _dist_worker.run, args=(world, str(out_dir / "init"), str(out_dir), CHECKS_BY_WORLD[world]),
-            nprocs=world, start_method="forkserver", join=False,
-        )
-        try:
-            while not ctx.join(timeout=5):
-                if time.perf_counter() - t0 > DEADLINE_S:
-                    err = f"the worker processes did not finish within {DEADLINE_S} s (killed)"
-                    for p in ctx.processes:  # only the processes this test started
-                        if p.is_alive():
-                            p.kill()
-                    break
-        except Exception as e:  # noqa: BLE001 (a crashed process: every unfinished check reports it)
-            err = f"the worker processes failed: {e}"
-        results = {}
-        for r in range(world):
-            path = out_dir / f"rank{r}.json"
-            results[r] = json.loads(path.read_text()) if path.exists() else {}
-            if err:
-                results[r] = {c: results[r].get(c, err) for c in CHECKS_BY_WORLD[world]}
-        _runs[world] = results
-        n = len(CHECKS_BY_WORLD[world])
-        print(f"\n[test_dist] world size {world}: {time.perf_counter() - t0:.1f} s for {n} checks")
+        _runs[world] = _dist_worker.spawn_world(
+            _dist_worker.run, (world, str(out_dir / "init"), str(out_dir), CHECKS_BY_WORLD[world]), world, out_dir,
+            CHECKS_BY_WORLD[world], "forkserver", DEADLINE_S)
     return _runs[world]
 
 
@@ -69,12 +45,9 @@ def dist_tmp(tmp_path_factory):
                     reason="needs torch.distributed with gloo")
 @pytest.mark.parametrize("world,check", [(w, c) for w, cs in CHECKS_BY_WORLD.items() for c in cs])
 def test_dist_cpu(world, check, dist_tmp):
-    results = _run_world(world, dist_tmp)
-    failed = {r: res.get(check, "did not run (an earlier check killed the process?)")
-              for r, res in results.items() if res.get(check) != "ok"}
-    if failed:
-        r, tb = next(iter(failed.items()))
-        pytest.fail(f"{check} failed on ranks {sorted(failed)} (world size {world}); rank {r}:\n{tb}")
+    why = _dist_worker.failure(_run_world(world, dist_tmp), check)
+    if why:
+        pytest.fail(why)
 
 
 def test_placement_default():

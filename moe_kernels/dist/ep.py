@@ -49,6 +49,8 @@ _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
 _HEADER = ("hidden size", "dtype", "fp8", "top_k", "combine dtype")  # what all ranks agree on, per dispatch
 _T_COL = len(_HEADER)  # then T, then tokens per destination rank [R], then pairs per expert [E]
 _CONFIG = ("version", "world size", "num_experts", "placement", "hidden_size", "backend")
+# then: construction ticket, host, CUDA device, P2P ops available, allow_shared_device (checked like _CONFIG)
+_CONFIG_COLS = tuple(enumerate(_CONFIG)) + ((10, "allow_shared_device"),)
 
 
 class Pending:
@@ -123,6 +125,13 @@ class ExpertParallel:
             at one extra rounding per (token, rank) partial (~2e-3 relative in bf16).
         buffer_tokens: P2P only: records one rank may receive per dispatch; None sizes the buffers at the
             first dispatch for its worst case (every token of every rank to one rank).
+        allow_shared_device: a correctness mode for tests, with no speed meaning: the P2P backend may run when
+            ranks share one GPU and the group is not nccl (e.g. gloo, which then also carries the count
+            exchange and the handle exchange). Every rank's buffer is still its own cudaMalloc mapped by its
+            peers through CUDA IPC, so the kernels, the protocol and the index math are the ones of distinct
+            GPUs; the ranks' kernels time-share the GPU, so nothing measured this way says anything about
+            speed. Off by default (ranks sharing a GPU then take the "nccl" backend). Every rank must pass the
+            same value (checked at construction).
 
     Calls must be made in the same order on every rank (they are collective). ``forward`` is differentiable
     (bf16 / fp32 rows): when x, the weights or the local experts' parameters require gradients, its backward runs
@@ -141,6 +150,7 @@ class ExpertParallel:
         timeout: float | None = None,
         combine_dtype: torch.dtype | None = None,
         buffer_tokens: int | None = None,
+        allow_shared_device: bool = False,
     ):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ExpertParallel needs torch.distributed: call torch.distributed.init_process_group")
@@ -161,6 +171,9 @@ class ExpertParallel:
             raise TypeError(f"combine_dtype must be None, float32, bfloat16 or float16, got {combine_dtype}")
         if buffer_tokens is not None:
             check_int("buffer_tokens", buffer_tokens, lo=1)
+        if not isinstance(allow_shared_device, bool):
+            raise TypeError(f"allow_shared_device must be a bool, got {type(allow_shared_device).__name__}")
+        self.allow_shared_device = allow_shared_device
         if placement is None:
             placement = default_placement(num_experts, self.world_size)
         elif not isinstance(placement, Placement):
@@ -196,9 +209,10 @@ class ExpertParallel:
         ticket = self._store.add(f"{_KEY}/ctor/{self.rank}", 1) if self._store is not None else 0
         self._guard = _Guard(self._store, self.rank, self.world_size, self.timeout, self.group)
         host = zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF
-        cuda_dev = torch.cuda.current_device() if self._group_backend() == "nccl" else -1
+        shared_ok = allow_shared_device and torch.cuda.is_available()
+        cuda_dev = torch.cuda.current_device() if (self._group_backend() == "nccl" or shared_ok) else -1
         cfg = [_VERSION, self.world_size, num_experts, placement.fingerprint(), hidden_size or -1,
-               BACKENDS.index(backend), ticket, host, cuda_dev, int(_p2p_ops_available())]
+               BACKENDS.index(backend), ticket, host, cuda_dev, int(_p2p_ops_available()), int(allow_shared_device)]
         table = self._guard.all_gather(torch.tensor(cfg, dtype=torch.int64), self._config_device(),
                                        "construction", ctor_ticket=ticket)
         self._check_config(table)
@@ -225,8 +239,13 @@ class ExpertParallel:
         idx = torch.tensor(self.local_experts, dtype=torch.long, device=experts.w13.device)
         local = GroupedExperts.__new__(GroupedExperts)
         torch.nn.Module.__init__(local)
-        local.num_experts, local.hidden_size = self.num_local_experts, experts.hidden_size
-        local.intermediate_size, local.precision = experts.intermediate_size, experts.precision
+        # the module's own attributes (sizes, precision, flags), whatever they are; dict-valued ones are caches of
+        # the full module's weights (e.g. FP8 copies): the shard starts with empty ones
+        bookkeeping = set(vars(local))
+        for key, value in vars(experts).items():
+            if key not in bookkeeping:
+                local.__dict__[key] = type(value)() if isinstance(value, dict) else value
+        local.num_experts = self.num_local_experts
         for name in ("w13", "w2", "w13_scale", "w2_scale"):
             t = getattr(experts, name)
             if t is None:
@@ -375,7 +394,7 @@ class ExpertParallel:
         return T, k
 
     def _check_config(self, table: torch.Tensor) -> None:
-        for i, name in enumerate(_CONFIG):
+        for i, name in _CONFIG_COLS:
             col = table[:, i].tolist()
             ref_rank = 0
             if name == "hidden_size":  # -1: this rank did not say
@@ -408,16 +427,21 @@ class ExpertParallel:
             return "nccl"
         reason = None
         hosts, devs, have_ops = table[:, 7].tolist(), table[:, 8].tolist(), table[:, 9].tolist()
-        if self._group_backend() != "nccl":
-            reason = f"the group's backend is {dist.get_backend(self.group)!r}; P2P needs CUDA ranks on an nccl group"
+        shared = self.allow_shared_device
+        if self._group_backend() != "nccl" and not shared:
+            reason = (f"the group's backend is {dist.get_backend(self.group)!r}; P2P needs CUDA ranks on an nccl "
+                      f"group (or allow_shared_device=True, a correctness mode for tests)")
+        elif shared and min(devs) < 0:
+            reason = f"allow_shared_device=True, but some ranks see no CUDA device (devices {devs})"
         elif not all(have_ops):
             from .._ext import extension_error  # noqa: PLC0415
 
             reason = f"the extension's P2P ops are not available ({extension_error() or 'built without p2p.cu'})"
         elif len(set(hosts)) > 1:
             reason = f"the group spans {len(set(hosts))} nodes; P2P (CUDA IPC) works within one node"
-        elif min(devs) < 0 or len(set(devs)) != len(devs):
-            reason = f"ranks do not use distinct CUDA devices of one node (devices {devs})"
+        elif min(devs) < 0 or (len(set(devs)) != len(devs) and not shared):
+            reason = (f"ranks do not use distinct CUDA devices of one node (devices {devs}); ranks sharing a GPU "
+                      f"need allow_shared_device=True (a correctness mode for tests)")
         else:
             mine = devs[self.rank]
             ok = all(d == mine or torch.cuda.can_device_access_peer(mine, d) for d in devs)
@@ -469,7 +493,8 @@ class ExpertParallel:
         wire = self.combine_dtype or torch.float32
         header = torch.tensor([H, _DTYPE_CODE[x.dtype], int(fp8), k, _DTYPE_CODE[wire], T], dtype=torch.int64)
         mine = torch.cat([header.to(dev), tokens_per_rank.long(), tokens_per_expert.long()])
-        table = self._guard.all_gather(mine, dev, "dispatch")
+        # a CPU group (gloo with allow_shared_device) gathers host tensors: the host needs the table anyway
+        table = self._guard.all_gather(mine, dev if self._group_backend() == "nccl" else "cpu", "dispatch")
         self._check_header(table)
         C = table[:, _T_COL + 1:_T_COL + 1 + R]  # [R, R] records from source s to destination r
         N = table[:, _T_COL + 1 + R:]            # [R, E] (token, expert) pairs from source s to expert e
@@ -605,11 +630,14 @@ class ExpertParallel:
     def _backward_exchange(self, send: torch.Tensor, d: Dispatched, to_experts: bool, what: str) -> torch.Tensor:
         """fp32 rows, one per record: home -> expert ranks in dispatch order (to_experts), or back home."""
         send_splits, recv_splits = (d.send_splits, d.recv_splits) if to_experts else (d.recv_splits, d.send_splits)
+        dev = send.device
+        if send.is_cuda and self._group_backend() != "nccl":  # CUDA rows on a CPU group (allow_shared_device)
+            send = send.cpu()
         recv = send.new_empty(sum(recv_splits), send.shape[1])
         work = dist.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits, group=self.group,
                                       async_op=True)
         self._guard.wait(work, what, cuda=recv.is_cuda)
-        return recv
+        return recv.to(dev)
 
     # ---- backend "nccl": torch.distributed collectives -----------------------------------------------------
 

@@ -1,0 +1,103 @@
+"""The P2P expert-parallel backend on ONE GPU: 2 and 4 ranks, each its own process and CUDA context on GPU 0,
+a gloo group over 127.0.0.1, ``ExpertParallel(..., allow_shared_device=True)``. Every rank's buffer is its own
+allocation mapped by its peers through CUDA IPC, as between GPUs, so the P2P kernels, their protocol (flags,
+epochs, timeouts) and the index math run here as on a multi-GPU node; the ranks time-share the GPU, so this
+says nothing about speed. The checks live in tests/_dist_worker.py (``GPU_CHECKS``); one group of processes per
+world size runs them all, each reported as its own test.
+
+Also here (CPU, no GPU needed): the option's argument checks and the backend choice it changes.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+import _dist_worker
+
+# per world size: a hang fails the checks instead of blocking the run (tools/gpu/ep.sh sets a tighter one)
+DEADLINE_S = float(os.environ.get("MOE_KERNELS_EP_TEST_DEADLINE", "300"))
+_runs: dict = {}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _p2p_available() -> str | None:
+    """Why the shared-device tests cannot run here, or None."""
+    from moe_kernels.dist.ep import _p2p_ops_available
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if not _p2p_ops_available():
+        from moe_kernels._ext import extension_error
+
+        return f"the extension's P2P ops are not available: {extension_error()}"
+    return None
+
+
+def _run_world(world: int, tmp_root) -> dict:
+    if world not in _runs:
+        out_dir = tmp_root / f"gpu_world{world}"
+        out_dir.mkdir()
+        names = list(_dist_worker.GPU_CHECKS)
+        # spawn: fresh interpreters, each creating its own CUDA context on GPU 0
+        _runs[world] = _dist_worker.spawn_world(_dist_worker.run_gpu, (world, _free_port(), str(out_dir), names),
+                                                world, out_dir, names, "spawn", DEADLINE_S)
+        for r, res in _runs[world].items():
+            print(f"[shared-device] world {world} rank {r} seconds per check: {res.get('_seconds')}")
+    return _runs[world]
+
+
+@pytest.fixture(scope="module")
+def gpu_tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("ep_shared")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world,check", [(w, c) for w in (2, 4) for c in _dist_worker.GPU_CHECKS])
+def test_shared_device(world, check, gpu_tmp):
+    why = _p2p_available()
+    if why:
+        pytest.skip(why)
+    why = _dist_worker.failure(_run_world(world, gpu_tmp), check)
+    if why:
+        pytest.fail(f"(one GPU shared by the ranks) {why}")
+
+
+# ---- CPU: the option itself -------------------------------------------------------------------------------------
+
+def _one_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    return dist.group.WORLD
+
+
+def test_allow_shared_device_option(tmp_path):
+    """Off by default; a bool only; on a machine without CUDA, p2p stays impossible and says why."""
+    import torch.distributed as dist
+
+    from moe_kernels.dist.ep import ExpertParallel
+
+    group = _one_rank_group(tmp_path)
+    try:
+        ep = ExpertParallel(group, 2, backend="nccl")
+        assert ep.allow_shared_device is False and ep.backend == "nccl"
+        with pytest.raises(TypeError, match="allow_shared_device"):
+            ExpertParallel(group, 2, allow_shared_device=1)
+        if not torch.cuda.is_available():
+            with pytest.raises(RuntimeError, match="allow_shared_device=True, but some ranks see no CUDA device"):
+                ExpertParallel(group, 2, backend="p2p", allow_shared_device=True)
+            with pytest.raises(RuntimeError, match="or allow_shared_device=True"):
+                ExpertParallel(group, 2, backend="p2p")
+            ep = ExpertParallel(group, 2, backend="auto", allow_shared_device=True)  # falls back quietly on the CPU
+            assert ep.backend == "nccl"
+    finally:
+        dist.destroy_process_group()
