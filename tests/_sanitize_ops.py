@@ -303,7 +303,7 @@ def p2p_rank(rank: int, world: int, port: int, timeout: float) -> int:
         for E, k in ((max(1, world // 2), 1), (2 * world, 2)):
             t0 = time.perf_counter()
             W._problems.clear()
-            ep = W._p2p(E)
+            ep = W._p2p(E, buffer_tokens=32 * world)  # later calls carry more tokens than the first
             for fp8 in (False, True):
                 for it in range(3):
                     def make(s, it=it, E=E, k=k, fp8=fp8):
