@@ -1,21 +1,25 @@
-"""MLA kernels vs the torch compositions, on one GPU (DeepSeek-V3 shapes: H 7168, 128 heads, 1536/512/64 latents).
+"""MLA decode against FlashMLA in the same process (and the fused latent down-projection), on one GPU.
 
-    python bench/bench_mla.py [--quick] [--no-sweep]
+    python bench/bench_mla.py [--quick] [--no-sweep] [--latent] [--budget SECONDS]
 
-Down-projection (``mk.ops.mla.mla_latent_proj``): x [T, 7168] -> c_q = RMSNorm(x W_DQ), kv = [RMSNorm(c_kv) | RoPE(k_r)]
-as one GEMM over [W_DQ; W_DKV] (2112 x 7168) plus the fused norm/RoPE kernel. Baselines (unfused torch):
-  bf16: F.linear on the same concatenated weight (one cuBLAS GEMM), F.rms_norm twice, RoPE in torch ops, cat.
-  fp8:  the activations quantised to e4m3 1x128 in torch ops, torch._scaled_mm with 1x128 / 128x128 block scales
-        (when this torch supports it; else the package's own quantize_fp8 + grouped_gemm_fp8 with one expert), then
-        the same norm/RoPE ops.
-Decode (``mk.ops.mla.mla_decode`` + W_UV): one token per row over a latent cache [B, S, 576] bf16, 128 heads.
-Baseline: the torch absorbed attention, scores = [q_latent | q_rope] x cache^T (batched GEMM), softmax in fp32,
-x cache[..., :512], x W_UV. GB/s counts the cache bytes once plus W_UV, q and the output; the fraction is of a
-device-to-device copy measured in the same run (bytes read + written).
+Decode (``mk.ops.mla_decode``, the op alone: one token per row over the latent cache, 128 heads, 512 + 64
+latent/rope, softmax scale 1/sqrt(192), q std 0.05 and cache std 1 as ../shared/anchors/bench_anchors.py), at B in
+{32, 128} x S in {1024, 4096, 8192}, four caches: bf16 contiguous [B, S, 576], bf16 paged (page 64, shuffled
+block table), FP8 contiguous / paged (uint8 rows of 656 bytes: e4m3 latent + fp32 scale per token, bf16 rope).
+FlashMLA (``flash_mla.flash_mla_with_kvcache``, dense bf16 paged decode) runs on the same bf16 rows when it
+imports: it is searched on sys.path, then in $FLASHMLA_PATH and /tmp/anchors_build/src/FlashMLA (where
+``PROJ=. bash .anchors/run.sh build`` puts it). A torch absorbed decode (batched GEMMs + fp32 softmax) is the
+second baseline. us: triton.testing.do_bench median (L2 flushed); *_graph_us: replayed from a CUDA graph.
+GB/s = bytes read (cache rows once, q) + written (out) / t; TFLOP/s = 2 B 128 S (576 + 512) / t; x_flashmla =
+t_flashmla / t_ours (> 1: ours faster). Every output is checked against FlashMLA's (bf16) or a float32 reference
+of the first rows (FP8: the reference over the dequantised rows).
 
-Before the timed table, a small sweep of launch configs (compile errors are recorded, not fatal) picks the best per
-shape; the winners are written as ``results/mla_<GPU>.json`` in the format that
-moe_kernels/ops/mla.py looks up in moe_kernels/ops/configs/.
+Summary keys: decode_vs_flashmla_min (min over the shapes of the bf16-cache ratios, contiguous and paged),
+decode_fp8_vs_flashmla_B128_S4096 (FlashMLA's bf16 time / ours over the FP8 cache), paged_vs_contig_max.
+
+With a sweep (default), launch configs and split counts are timed at S=4096 for each B and cache dtype; the
+winners run the table and are written as results/mla_<GPU>.json (the format moe_kernels/ops/configs/ uses).
+--latent adds the down-projection rows (``mla_latent_proj`` against unfused torch; see bench_latent).
 """
 import argparse
 import json
@@ -25,8 +29,10 @@ import sys
 import time
 import traceback
 
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("MOE_KERNELS_VALUE_CHECKS", "0")  # no host syncs inside timed calls
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import RESULTS, bench_ms, copy_bandwidth_gbps, markdown, save  # noqa: E402
@@ -34,6 +40,7 @@ from _common import RESULTS, bench_ms, copy_bandwidth_gbps, markdown, save  # no
 import moe_kernels.ops.mla as ops_mla  # noqa: E402
 from moe_kernels import reference as R  # noqa: E402
 from moe_kernels.reference.mla import default_inv_freq  # noqa: E402
+from moe_kernels.reference import mla_decode as RD  # noqa: E402
 from moe_kernels.reference.mla_decode import mla_latent_proj as ref_latent_proj  # noqa: E402
 
 H, Q, C, ROPE, HEADS, V = 7168, 1536, 512, 64, 128, 128
@@ -60,39 +67,29 @@ def dec_cfg(bh, bn, warps, stages, lazy=0, v=1):
     return dict(BLOCK_H=bh, BLOCK_N=bn, LAZY=lazy, V_BLOCKS=v, num_warps=warps, num_stages=stages)
 
 
-# Shared memory (bf16): the q tile BLOCK_H x 576 x 2 B (64 heads: 72 KiB, 128: 144 KiB) + the cache tiles,
-# BLOCK_N x 576 x 2 B each (16 keys: 18 KiB, 32: 36, 64: 72, 128: 144): num_stages of them where the dots are wgmma
-# (>= 64 heads; Triton's pipeliner keeps one more buffer for the wgmma in flight), num_stages - 1 with mma v2 (16-32
-# heads), one with num_stages=1 (not pipelined). Hopper allows 227 KiB per CTA. Accumulator: BLOCK_H x 512 /
-# V_BLOCKS fp32 over 32 x num_warps threads. LAZY 1: rescale when a row max grew, 2: when it grew by > 8 (log2).
-# Every entry compiles for sm_90 with Triton 3.8 at the KiB below; "spills": ptxas -v there (255 registers).
-DECODE_SWEEP = [
-    dec_cfg(64, 32, 8, 2),  # 72 + 2 x 36 = 144 KiB; acc [64, 512]: 128 regs/thread
-    dec_cfg(64, 32, 8, 3),  # 72 + 3 x 36 = 180 KiB
-    dec_cfg(64, 16, 8, 3),  # 72 + 3 x 18 = 126 KiB
-    dec_cfg(64, 64, 8, 2),  # 72 + 2 x 72 = 216 KiB (the shipped default)
-    dec_cfg(32, 32, 4, 2),  # mma v2: 36 + 1 x 36 = 72 KiB; acc [32, 512] over 128 threads: 128 regs
-    dec_cfg(16, 64, 4, 3),  # mma v2: 18 + 2 x 72 = 162 KiB
-    # lazy rescale, 64-head blocks (two programs read each cache tile)
-    dec_cfg(64, 64, 8, 2, lazy=1),  # 216 KiB; 64 rows x 64 keys: some row max grows in most tiles
-    dec_cfg(64, 64, 8, 2, lazy=2),  # 216 KiB
-    dec_cfg(64, 64, 8, 1, lazy=2),  # 72 + 72 = 144 KiB; spills 448 B
-    dec_cfg(64, 32, 8, 3, lazy=2),  # 180 KiB
-    dec_cfg(64, 32, 8, 4),  # 72 + 4 x 36 = 216 KiB
-    dec_cfg(64, 32, 8, 4, lazy=2),  # 216 KiB
-    dec_cfg(64, 128, 8, 1),  # 72 + 144 = 216 KiB; s/p [64, 128] fp32: 32 regs/thread on top of acc's; spills 820 B
-    dec_cfg(64, 128, 8, 1, lazy=2),  # 216 KiB; spills 816 B
-    # split V: 128 heads in one head block, two V blocks of 256 columns (QK^T computed twice, M=128 wgmma),
-    # acc [128, 256] fp32 over 256 threads: 128 regs/thread; still two programs per cache tile
-    dec_cfg(128, 32, 8, 2, v=2),  # 144 + 2 x 36 = 216 KiB; s/p [128, 32]: 16 regs/thread; 219 registers
-    dec_cfg(128, 32, 8, 2, lazy=2, v=2),  # 216 KiB
-    dec_cfg(128, 64, 8, 1, v=2),  # 144 + 72 = 216 KiB (2 stages: 288 KiB, does not fit); s/p: 32 regs/thread
-    dec_cfg(128, 64, 8, 1, lazy=2, v=2),  # 216 KiB
-    dec_cfg(128, 16, 8, 4, lazy=2, v=2),  # 144 + 4 x 18 = 216 KiB
-    # split V at 64 heads: half the accumulator (4 warps: 128 regs/thread; 8 warps: 64) for the same tiles
-    dec_cfg(64, 64, 4, 2, lazy=2, v=2),  # 216 KiB; spills 36 B
-    dec_cfg(64, 64, 8, 2, lazy=2, v=2),  # 216 KiB
-]
+# Shared memory: the q tile BLOCK_H x 576 x 2 B (64 heads: 72 KiB, 128: 144 KiB) + the cache tiles (bf16: BLOCK_N x
+# 1152 B; FP8: BLOCK_N x 656 B, plus the bf16 copy the wgmmas read) per stage; Hopper allows 227 KiB per CTA.
+# Accumulator: BLOCK_H x 512 / V_BLOCKS fp32 over 32 x num_warps threads. LAZY 1: rescale when a row max grew,
+# 2: when it grew by > 8 (log2). V_BLOCKS=2: 128 heads in one head block, each program half the value columns.
+DECODE_SWEEP = {
+    "decode": [
+        dec_cfg(64, 64, 8, 2),
+        dec_cfg(128, 64, 8, 1, v=2),
+        dec_cfg(128, 32, 8, 2, v=2),
+        dec_cfg(64, 32, 8, 3),
+        dec_cfg(64, 64, 8, 2, lazy=2),
+        dec_cfg(128, 32, 8, 2, lazy=2, v=2),
+    ],
+    "decode_fp8": [
+        dec_cfg(64, 32, 8, 2),
+        dec_cfg(64, 64, 8, 2),
+        dec_cfg(64, 16, 8, 3),
+        dec_cfg(64, 32, 8, 3),
+        dec_cfg(128, 32, 8, 2, v=2),
+        dec_cfg(128, 64, 8, 1, v=2),
+        dec_cfg(64, 64, 8, 2, lazy=2),
+    ],
+}
 
 
 def graph_ms(fn):
@@ -271,94 +268,169 @@ def bench_latent(T, fp8, sweep, log):
 # ---------------------------------------------------------------------------------------------------------------
 # decode
 
+PAGE = 64
+SCALE = 1.0 / math.sqrt(192)
+ROW_FP8 = ops_mla.fp8_row_bytes(C, ROPE)
+CACHES = ("bf16", "bf16_paged", "fp8", "fp8_paged")
 
-def bench_decode(B, S, sweep, log, copy_bw, paged=False):
-    dev = DEV
-    torch.manual_seed(0)
-    scale = 1.0 / math.sqrt(192)
-    cache = torch.randn(B, S, C + ROPE, device=dev, dtype=torch.bfloat16)
-    q_lat = torch.randn(B, HEADS, C, device=dev, dtype=torch.bfloat16) * 0.05
-    q_pe = torch.randn(B, HEADS, ROPE, device=dev, dtype=torch.bfloat16) * 0.05
-    w_uv = (torch.randn(HEADS, V, C, device=dev) * C**-0.5).bfloat16()
-    lens = torch.full((B,), S, dtype=torch.int32, device=dev)
-    table = None
-    kv = cache
-    if paged:
-        page = 64
-        nblk = S // page
-        perm = torch.randperm(B * nblk, device=dev)
-        kv = torch.empty(B * nblk, page, C + ROPE, device=dev, dtype=torch.bfloat16)
-        kv[perm] = cache.view(B * nblk, page, C + ROPE)
-        table = perm.view(B, nblk).int()
-    row = dict(op="decode_paged" if paged else "decode", B=B, S=S)
 
-    def ours_lat(cfg=None, splits=0):
-        out = torch.empty(B, HEADS, C, device=dev, dtype=torch.bfloat16)
-        ops_mla._decode_launch(q_lat, q_pe, kv, lens, table, scale, splits, out, cfg=cfg)
+def load_flash_mla():
+    """flash_mla from sys.path, $FLASHMLA_PATH or the anchors' build dir; (module or None, why not)."""
+    for path in (os.environ.get("FLASHMLA_PATH"), "/tmp/anchors_build/src/FlashMLA"):
+        if path and os.path.isdir(path) and path not in sys.path:
+            sys.path.append(path)
+    try:
+        import flash_mla  # noqa: PLC0415
+
+        return flash_mla, None
+    except Exception as e:  # noqa: BLE001 - absent or broken: its columns stay empty
+        return None, f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def decode_data(B, S, seed=0):
+    """The same rows as the four caches, the queries, FlashMLA's views (q [B, 1, 128, 576], pages [.., 64, 1, 576])."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    cache = torch.randn(B, S, C + ROPE, device=DEV, generator=gen).bfloat16()
+    q_lat = (torch.randn(B, HEADS, C, device=DEV, generator=gen) * 0.05).bfloat16()
+    q_pe = (torch.randn(B, HEADS, ROPE, device=DEV, generator=gen) * 0.05).bfloat16()
+    nblk = S // PAGE
+    perm = torch.randperm(B * nblk, device=DEV, generator=gen)
+    table = perm.view(B, nblk).int().contiguous()
+    paged = torch.empty(B * nblk, PAGE, C + ROPE, device=DEV, dtype=torch.bfloat16)
+    paged[perm] = cache.view(B * nblk, PAGE, C + ROPE)
+    packed = ops_mla.pack_latent_fp8(cache.view(B * S, C + ROPE), C).view(B, S, ROW_FP8)
+    packed_paged = torch.empty(B * nblk, PAGE, ROW_FP8, device=DEV, dtype=torch.uint8)
+    packed_paged[perm] = packed.view(B * nblk, PAGE, ROW_FP8)
+    lens = torch.full((B,), S, dtype=torch.int32, device=DEV)
+    q_full = torch.cat([q_lat, q_pe], -1).contiguous()
+    kv = {"bf16": (cache, None), "bf16_paged": (paged, table), "fp8": (packed, None), "fp8_paged": (packed_paged, table)}
+    return dict(B=B, S=S, kv=kv, lens=lens, q_lat=q_lat, q_pe=q_pe, q_full=q_full, table=table,
+                q_fm=q_full.view(B, 1, HEADS, C + ROPE), k_fm=paged.view(B * nblk, PAGE, 1, C + ROPE))
+
+
+def decode_ref(d, cache_kind, rows=(0, 1)):
+    """float32 reference of the first rows (FP8: over the dequantised rows)."""
+    cache = d["kv"]["bf16"][0][list(rows)]
+    if cache_kind.startswith("fp8"):
+        cache = d["kv"]["fp8"][0][list(rows)]
+    idx = list(rows)
+    return RD.mla_decode(d["q_lat"][idx].cpu(), d["q_pe"][idx].cpu(), cache.cpu(), d["lens"][idx].cpu(), SCALE)
+
+
+def ours_fn(d, cache_kind, cfg=None, splits=0):
+    kv, table = d["kv"][cache_kind]
+    out = torch.empty(d["B"], HEADS, C, device=DEV, dtype=torch.bfloat16)
+
+    def fn():
+        ops_mla._decode_launch(d["q_lat"], d["q_pe"], kv, d["lens"], table, SCALE, splits, out, cfg=cfg)
         return out
+    return fn
 
-    def with_wuv(fn):
-        return lambda: torch.bmm(fn().transpose(0, 1), w_uv.transpose(1, 2))
 
-    q_full = torch.cat([q_lat, q_pe], -1)
+def cfg_kind(cache_kind):
+    return "decode_fp8" if cache_kind.startswith("fp8") else "decode"
 
-    def torch_absorbed():
-        s = torch.bmm(q_full, cache.transpose(1, 2))  # [B, h, S]
-        p = torch.softmax(s.float() * scale, dim=-1).to(torch.bfloat16)
-        o = torch.bmm(p, cache[..., :C])  # [B, h, C]
-        return torch.bmm(o.transpose(0, 1), w_uv.transpose(1, 2))  # [h, B, V]
 
-    ref = torch_absorbed()
-    got = with_wuv(ours_lat)()
-    row["rel_err_vs_torch"] = rel(got, ref)
-
-    cands = [(None, 0, "default")]
-    if sweep:
-        cands += [(cfg, 0, f"sweep{i}") for i, cfg in enumerate(DECODE_SWEEP)]
-    results = []
+def sweep_decode(d, cache_kind, log):
+    """Time every sweep config (and split counts around the heuristic's) of one cache kind: (cfg, splits, name)."""
+    kind = cfg_kind(cache_kind)
+    cands = [(None, 0, "shipped")] + [(c, 0, f"sweep{i}") for i, c in enumerate(DECODE_SWEEP[kind])]
+    res = []
     for cfg, splits, name in cands:
         try:
-            ours_lat(cfg, splits)
-            ms = bench_ms(lambda cfg=cfg, splits=splits: ours_lat(cfg, splits))
-            results.append((ms, cfg, splits, name))
-            if name != "default":
-                log.append(dict(kind="decode", B=B, S=S, cfg=cfg, splits=splits, ms=ms))
+            fn = ours_fn(d, cache_kind, cfg, splits)
+            fn()
+            ms = bench_ms(fn, rep=40)
+            res.append((ms, cfg, splits, name))
+            log.append(dict(kind=kind, cache=cache_kind, B=d["B"], S=d["S"], cfg=cfg, name=name, ms=ms))
+        except Exception as e:  # noqa: BLE001 - a config that does not compile / fit is recorded, not fatal
+            log.append(dict(kind=kind, cache=cache_kind, B=d["B"], S=d["S"], cfg=cfg, name=name,
+                            error=f"{type(e).__name__}: {str(e)[:300]}"))
+    ms, cfg, splits, name = min(res, key=lambda r: r[0])
+    used = cfg or ops_mla.get_mla_config(kind, d["B"], d["q_lat"].device)
+    auto = ops_mla.mla_decode_num_splits(d["B"], HEADS, d["S"], used["BLOCK_H"], d["q_lat"].device,
+                                         used.get("V_BLOCKS", 1))
+    for s in sorted({max(1, auto // 2), auto * 2, auto + 1} - {auto}):
+        try:
+            t = bench_ms(ours_fn(d, cache_kind, cfg, s), rep=40)
+            log.append(dict(kind=kind, cache=cache_kind, B=d["B"], S=d["S"], cfg=cfg, name=name, splits=s, ms=t))
+            if t < ms:
+                ms, splits = t, s
         except Exception as e:  # noqa: BLE001
-            log.append(dict(kind="decode", B=B, S=S, cfg=cfg, error=f"{type(e).__name__}: {str(e)[:300]}"))
-    ms, cfg, splits, name = min(results, key=lambda r: r[0])
-    used = cfg or ops_mla.get_mla_config("decode", B, q_lat.device)
-    auto = ops_mla.mla_decode_num_splits(B, HEADS, S, used["BLOCK_H"], q_lat.device, used.get("V_BLOCKS", 1))
-    row["auto_splits"] = auto
-    if sweep:  # the number of splits, around the heuristic's choice
-        for s in sorted({max(1, auto // 2), auto * 2, auto + 1} - {auto}):
-            try:
-                t = bench_ms(lambda s=s: ours_lat(cfg, s))
-                log.append(dict(kind="decode", B=B, S=S, cfg=cfg, splits=s, ms=t))
-                if t < ms:
-                    ms, splits, name = t, s, f"{name}+splits{s}"
-            except Exception as e:  # noqa: BLE001
-                log.append(dict(kind="decode", B=B, S=S, splits=s, error=f"{type(e).__name__}: {str(e)[:300]}"))
-    row["config"] = name
-    row["best_cfg"] = cfg or ops_mla.get_mla_config("decode", B, q_lat.device)
-    row["rel_err_best_vs_torch"] = rel(with_wuv(lambda: ours_lat(cfg, splits))(), ref)
-    row["best_splits"] = splits
-    t_kernel = ms
-    t_ours = bench_ms(with_wuv(lambda: ours_lat(cfg, splits)))
-    t_torch = bench_ms(torch_absorbed)
-    cache_bytes = B * S * (C + ROPE) * 2
-    other = w_uv.numel() * 2 + q_full.numel() * 2 + B * HEADS * V * 2
-    row.update(
-        ours_us=t_ours * 1e3, kernel_us=t_kernel * 1e3, torch_us=t_torch * 1e3, speedup=t_torch / t_ours,
-        GBps=(cache_bytes + other) / t_ours / 1e6, kernel_GBps=(cache_bytes + q_full.numel() * 2) / t_kernel / 1e6,
-        TFLOPS=B * S * HEADS * 2 * (C + ROPE + C) / t_kernel / 1e9,
-    )
-    row["frac_copy"] = row["GBps"] / copy_bw
-    row["kernel_frac_copy"] = row["kernel_GBps"] / copy_bw
-    if torch.cuda.is_available():
-        g_ours, g_torch = graph_ms(with_wuv(lambda: ours_lat(cfg, splits))), graph_ms(torch_absorbed)
-        if g_ours and g_torch:
-            row.update(ours_graph_us=g_ours * 1e3, torch_graph_us=g_torch * 1e3, speedup_graph=g_torch / g_ours)
-    return row
+            log.append(dict(kind=kind, B=d["B"], splits=s, error=f"{type(e).__name__}: {str(e)[:300]}"))
+    return dict(used), splits, name + (f"+splits{splits}" if splits else "")
+
+
+def bench_decode_shape(B, S, fm, chosen, log, sweep, graphs=True):
+    """One (B, S): FlashMLA, torch, and ours over the four caches -> rows (one per cache kind)."""
+    torch.cuda.empty_cache()
+    d = decode_data(B, S)
+    nbytes_q_out = B * HEADS * (C + ROPE) * 2 + B * HEADS * C * 2
+    flops = 2.0 * B * HEADS * S * (C + ROPE + C)
+    base = dict(B=B, S=S)
+    out_fm = None
+    if fm is not None:
+        try:
+            meta = fm.get_mla_metadata()[0]
+
+            def flashmla():
+                return fm.flash_mla_with_kvcache(d["q_fm"], d["k_fm"], d["table"], d["lens"], C, meta, None,
+                                                 softmax_scale=SCALE, causal=False)[0]
+            out_fm = flashmla().reshape(B, HEADS, C).clone()
+            base["flashmla_us"] = bench_ms(flashmla) * 1e3
+            if graphs:
+                g = graph_ms(flashmla)
+                base["flashmla_graph_us"] = g and g * 1e3
+            base["flashmla_GBps"] = (B * S * (C + ROPE) * 2 + nbytes_q_out) / base["flashmla_us"] / 1e3
+            base["flashmla_TFLOPS"] = flops / base["flashmla_us"] / 1e6
+        except Exception as e:  # noqa: BLE001
+            base["flashmla_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    try:
+        cache = d["kv"]["bf16"][0]
+
+        def torch_absorbed():
+            s = torch.bmm(d["q_full"], cache.transpose(1, 2))
+            p = torch.softmax(s.float() * SCALE, dim=-1).to(torch.bfloat16)
+            return torch.bmm(p, cache[..., :C])
+        base["torch_us"] = bench_ms(torch_absorbed) * 1e3
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory for the scores at B=128, S=8192
+        base["torch_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    rows = []
+    for kind in CACHES:
+        row = dict(base, op="decode" if kind == "bf16" else f"decode_{kind}", cache=kind)
+        try:
+            key = (cfg_kind(kind), B)
+            if sweep and key not in chosen:
+                chosen[key] = sweep_decode(d, kind, log)
+            cfg, splits, name = chosen.get(key, (None, 0, "shipped"))
+            fn = ours_fn(d, kind, cfg, splits)
+            out = fn().clone()
+            ref = decode_ref(d, kind)
+            row["rel_err_vs_fp32"] = rel(out[:2].cpu(), ref)
+            if out_fm is not None and kind.startswith("bf16"):
+                row["rel_err_vs_flashmla"] = rel(out, out_fm)
+            if out_fm is not None and kind.startswith("fp8"):
+                row["rel_err_vs_flashmla_bf16"] = rel(out, out_fm)  # the FP8 cache's own error included
+            t = bench_ms(fn)
+            row_bytes = ROW_FP8 if kind.startswith("fp8") else (C + ROPE) * 2
+            row.update(config=name, best_cfg=cfg or ops_mla.get_mla_config(cfg_kind(kind), B, d["q_lat"].device),
+                       splits=splits or "auto", ours_us=t * 1e3,
+                       GBps=(B * S * row_bytes + nbytes_q_out) / t / 1e6, TFLOPS=flops / t / 1e9)
+            if graphs:
+                g = graph_ms(fn)
+                row["ours_graph_us"] = g and g * 1e3
+            if "flashmla_us" in row:
+                row["x_flashmla"] = row["flashmla_us"] / row["ours_us"]
+                if row.get("ours_graph_us") and row.get("flashmla_graph_us"):
+                    row["x_flashmla_graph"] = row["flashmla_graph_us"] / row["ours_graph_us"]
+            if "torch_us" in row:
+                row["speedup"] = row["torch_us"] / row["ours_us"]
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc()
+        rows.append(row)
+    del d
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,43 +454,31 @@ def _precompile_job(job):
             c_q = torch.empty(T, Q, dtype=x.dtype, device=DEV)
             kv = torch.empty(T, C + ROPE, dtype=x.dtype, device=DEV)
             ops_mla._latent_proj_launch(x, w, w_scale, qn, kn, cs, cs, Q, C, EPS, True, c_q, kv, cfg=cfg)
-        elif kind == "mk_unfused_fp8":
-            import moe_kernels as mk  # noqa: PLC0415
-
-            w8, ws = R.quantize_weight_fp8((torch.randn(N, H, device=DEV) * H**-0.5).bfloat16())
-            for T in cfg:
-                a, s = mk.ops.quantize_fp8(torch.randn(T, H, device=DEV, dtype=torch.bfloat16))
-                mk.ops.grouped_gemm_fp8(a, s, w8[None], ws[None], torch.tensor([0, T], dtype=torch.int32, device=DEV))
-        else:  # decode / decode_paged
-            B, S = 16, 1024
-            cache = torch.randn(B, S, C + ROPE, device=DEV, dtype=torch.bfloat16)
-            q_lat = torch.randn(B, HEADS, C, device=DEV, dtype=torch.bfloat16)
-            q_pe = torch.randn(B, HEADS, ROPE, device=DEV, dtype=torch.bfloat16)
-            lens = torch.full((B,), S, dtype=torch.int32, device=DEV)
-            table = None
-            if kind == "decode_paged":
-                cache = cache.view(B * S // 64, 64, C + ROPE)
-                table = torch.arange(B * S // 64, device=DEV, dtype=torch.int32).view(B, S // 64)
-            for splits in (1, 2):
-                out = torch.empty(B, HEADS, C, device=DEV, dtype=torch.bfloat16)
-                ops_mla._decode_launch(q_lat, q_pe, cache, lens, table, 0.1, splits, out, cfg=cfg)
+        else:  # decode / decode_fp8: contiguous and paged, one split and several
+            d = decode_data(16, 1024)
+            caches = ("bf16", "bf16_paged") if kind == "decode" else ("fp8", "fp8_paged")
+            for c in caches:
+                for splits in (1, 2):
+                    ours_fn(d, c, cfg, splits)()
         torch.cuda.synchronize()
         return kind, cfg, None
     except Exception as e:  # noqa: BLE001 - the timed run records the error again
         return kind, cfg, f"{type(e).__name__}: {str(e)[:200]}"
 
 
-def precompile(workers: int, sweep: bool, Ts) -> float:
+def precompile(workers: int, sweep: bool, latent: bool) -> float:
     """Compile every launch config the run will time in parallel processes (Triton compiles on the CPU)."""
     import concurrent.futures as cf  # noqa: PLC0415
     import multiprocessing as mp  # noqa: PLC0415
 
     t0 = time.time()
-    jobs = [(k, None) for k in ("latent_bf16", "latent_fp8", "decode", "decode_paged")]
-    jobs.append(("mk_unfused_fp8", list(Ts)))
+    jobs = [("decode", None), ("decode_fp8", None)]
     if sweep:
-        jobs += [(k, cfg) for k, cfgs in LATENT_SWEEP.items() for cfg in cfgs]
-        jobs += [("decode", cfg) for cfg in DECODE_SWEEP]
+        jobs += [(k, cfg) for k, cfgs in DECODE_SWEEP.items() for cfg in cfgs]
+    if latent:
+        jobs += [(k, None) for k in ("latent_bf16", "latent_fp8")]
+        if sweep:
+            jobs += [(k, cfg) for k, cfgs in LATENT_SWEEP.items() for cfg in cfgs]
     try:
         with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
             for kind, cfg, err in ex.map(_precompile_job, jobs):
@@ -431,72 +491,108 @@ def precompile(workers: int, sweep: bool, Ts) -> float:
 
 
 def config_table(rows):
-    """The sweep winners as moe_kernels/ops/configs/mla_<GPU>.json: {kind: {size bucket: config}}."""
+    """The winners as moe_kernels/ops/configs/mla_<GPU>.json: {kind: {size bucket: config}}."""
     table: dict = {}
     for r in rows:
         if r.get("best_cfg") is None:
             continue
         if r["op"] == "down_proj":
             table.setdefault(f"latent_{r['dtype']}", {})[str(r["T"])] = r["best_cfg"]
-        elif r["op"] == "decode" and r["S"] == 4096:
-            table.setdefault("decode", {})[str(r["B"])] = r["best_cfg"]
+        elif r.get("cache") in ("bf16", "fp8") and r["S"] == 4096:
+            table.setdefault(cfg_kind(r["cache"]), {})[str(r["B"])] = r["best_cfg"]
     return table
+
+
+def summarize(rows, copy_bw, fm_err, t0):
+    dec = [r for r in rows if r.get("cache") and "ours_us" in r]
+    bf = [r for r in dec if r["cache"].startswith("bf16") and "x_flashmla" in r]
+
+    def pick(cache, B, S, key):
+        return next((r.get(key) for r in dec if r["cache"] == cache and r["B"] == B and r["S"] == S), None)
+
+    pairs = [(r, next((p for p in dec if p["cache"] == r["cache"] + "_paged" and p["B"] == r["B"]
+                       and p["S"] == r["S"]), None)) for r in dec if r["cache"] in ("bf16", "fp8")]
+    down = [r for r in rows if r["op"] == "down_proj"]
+    return {
+        "copy_GBps": copy_bw,
+        "flash_mla": "imported" if fm_err is None else f"not available: {fm_err}",
+        "decode_vs_flashmla_min": min((r["x_flashmla"] for r in bf), default=None),
+        "decode_vs_flashmla_min_graph": min((r["x_flashmla_graph"] for r in bf if r.get("x_flashmla_graph")),
+                                            default=None),
+        "decode_vs_flashmla_max": max((r["x_flashmla"] for r in bf), default=None),
+        "decode_fp8_vs_flashmla_B128_S4096": pick("fp8", 128, 4096, "x_flashmla"),
+        "decode_fp8_paged_vs_flashmla_B128_S4096": pick("fp8_paged", 128, 4096, "x_flashmla"),
+        "decode_B128_S4096_GBps": pick("bf16", 128, 4096, "GBps"),
+        "decode_B128_S4096_frac_copy": (pick("bf16", 128, 4096, "GBps") or 0) / copy_bw,
+        "paged_vs_contig_max": max((p["ours_us"] / r["ours_us"] for r, p in pairs if p and "ours_us" in p),
+                                   default=None),
+        "rel_err_vs_fp32_max_bf16": max((r["rel_err_vs_fp32"] for r in dec if r["cache"].startswith("bf16")),
+                                        default=None),
+        "rel_err_vs_fp32_max_fp8": max((r["rel_err_vs_fp32"] for r in dec if r["cache"].startswith("fp8")),
+                                       default=None),
+        "down_proj_min_speedup_bf16": min((r["speedup"] for r in down if r["dtype"] == "bf16"), default=None),
+        "down_proj_min_speedup_fp8": min((r["speedup"] for r in down if r["dtype"] == "fp8"), default=None),
+        "targets": {"decode_vs_flashmla": 1.0, "paged_vs_contig": 1.05, "decode_fp8_vs_flashmla_B128_S4096": 1.6},
+        "decode_kernel": ops_mla.decode_kernel_name(),
+        "seconds": time.time() - t0,
+    }
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="fewer shapes: T 1024 only, decode at S 4096 only")
+    ap.add_argument("--quick", action="store_true", help="decode at S 4096 only (and T 1024 with --latent)")
     ap.add_argument("--no-sweep", action="store_true", help="time the shipped configs only")
+    ap.add_argument("--no-graph", action="store_true", help="no CUDA-graph timings")
+    ap.add_argument("--latent", action="store_true", help="also the down-projection rows")
+    ap.add_argument("--budget", type=float, default=0, help="stop starting new shapes after this many seconds")
     ap.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1),
                     help="processes that compile the kernels first (0: compile on first use)")
     args = ap.parse_args()
     sweep = not args.no_sweep
     t0 = time.time()
-    Ts = [1024] if args.quick else [1024, 8192]
+    fm, fm_err = load_flash_mla()
+    print(f"flash_mla: {'imported from ' + fm.__file__ if fm else 'not available (' + fm_err + ')'}", flush=True)
+    print(f"decode kernel: {ops_mla.decode_kernel_name()}", flush=True)
     if args.compile_workers > 0:
-        precompile(args.compile_workers, sweep, Ts)
+        precompile(args.compile_workers, sweep, args.latent)
     copy_bw = copy_bandwidth_gbps()
     print(f"device-to-device copy: {copy_bw:.0f} GB/s (read + write)", flush=True)
-    rows, log = [], []
+    rows, log, chosen = [], [], {}
 
-    def run(fn, *a, **k):
-        try:
-            r = fn(*a, **k)
+    def add(new_rows):
+        for r in new_rows:
             rows.append(r)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "best_cfg"},
                   flush=True)
-            save("mla", rows, {"copy_GBps": copy_bw, "partial": True}, extra={"sweep": log})  # survives a timeout
-        except Exception:  # noqa: BLE001 - keep the other shapes
-            traceback.print_exc()
+        save("mla", rows, {"copy_GBps": copy_bw, "partial": True}, extra={"sweep": log})  # survives a timeout
 
-    for fp8 in (False, True):
-        for T in Ts:
-            run(bench_latent, T, fp8, sweep, log)
-    shapes = [(32, 4096), (128, 4096)] if args.quick else [(b, s) for b in (32, 128) for s in (1024, 4096, 8192)]
-    for B, S in shapes:
-        run(bench_decode, B, S, sweep and S == 4096, log, copy_bw)
-    run(bench_decode, 128, 4096, False, log, copy_bw, paged=True)
+    # S = 4096 first: the sweep picks each B's configs there, which the other S then reuse
+    Ss = [4096] if args.quick else [4096, 1024, 8192]
+    for S in Ss:
+        for B in (32, 128):
+            if args.budget and time.time() - t0 > args.budget:
+                print(f"budget of {args.budget:.0f} s spent: B={B} S={S} and later shapes skipped", flush=True)
+                continue
+            try:
+                add(bench_decode_shape(B, S, fm, chosen, log, sweep, graphs=not args.no_graph))
+            except Exception:  # noqa: BLE001 - keep the other shapes
+                traceback.print_exc()
+    if args.latent:
+        for fp8 in (False, True):
+            for T in ([1024] if args.quick else [1024, 8192]):
+                try:
+                    add([bench_latent(T, fp8, sweep, log)])
+                except Exception:  # noqa: BLE001
+                    traceback.print_exc()
 
+    dec = sorted([r for r in rows if r.get("cache")], key=lambda r: (r["cache"], r["B"], r["S"]))
+    print(markdown(dec, ["cache", "B", "S", "ours_us", "flashmla_us", "x_flashmla", "ours_graph_us",
+                         "flashmla_graph_us", "x_flashmla_graph", "GBps", "TFLOPS", "torch_us", "config", "splits",
+                         "rel_err_vs_fp32", "rel_err_vs_flashmla"]))
     down = [r for r in rows if r["op"] == "down_proj"]
-    dec = [r for r in rows if r["op"] == "decode"]
-    print(markdown(down, ["dtype", "T", "ours_us", "baseline_us", "speedup", "ours_graph_us", "baseline_graph_us",
-                          "speedup_graph", "torch_bf16_us", "speedup_vs_torch_bf16", "TFLOPS", "config",
-                          "rel_err_kv"]))
-    print(markdown([r for r in rows if r["op"].startswith("decode")],
-                   ["op", "B", "S", "kernel_us", "ours_us", "torch_us", "speedup", "speedup_graph", "GBps",
-                    "frac_copy", "kernel_frac_copy", "TFLOPS", "config", "auto_splits", "rel_err_vs_torch"]))
-    target = next((r for r in dec if r["B"] == 128 and r["S"] == 4096), None)
-    summary = {
-        "copy_GBps": copy_bw,
-        "down_proj_min_speedup_bf16": min((r["speedup"] for r in down if r["dtype"] == "bf16"), default=None),
-        "down_proj_min_speedup_fp8": min((r["speedup"] for r in down if r["dtype"] == "fp8"), default=None),
-        "decode_B128_S4096_frac_copy": target and target["frac_copy"],
-        "decode_B128_S4096_kernel_frac_copy": target and target["kernel_frac_copy"],
-        "decode_B128_S4096_speedup": target and target["speedup"],
-        "decode_min_speedup": min((r["speedup"] for r in dec), default=None),
-        "targets": {"down_proj_speedup": 1.3, "decode_frac_copy": 0.75, "decode_speedup": 2.0},
-        "seconds": time.time() - t0,
-    }
+    if down:
+        print(markdown(down, ["dtype", "T", "ours_us", "baseline_us", "speedup", "TFLOPS", "config", "rel_err_kv"]))
+    summary = summarize(rows, copy_bw, fm_err, t0)
     print(json.dumps(summary, indent=1))
     path = save("mla", rows, summary, extra={"sweep": log})
     table = config_table(rows)

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# MLA decode on one Hopper GPU: GPU tests, FlashMLA build, bench against FlashMLA. Run from the repo root, with
+# the anchors copied to .anchors (cp -r ../shared/anchors .anchors) and OUT set (results come back from there).
+#
+#   bash tools/gpu/mla.sh            # ~4-5 min: FlashMLA build (background, ~100 s) || GPU tests; then the bench
+#   MLA_QUICK=1 bash tools/gpu/mla.sh   # bench at S=4096 only, no sweep
+#
+# $OUT gets 6 files: mla_tests.log, mla_bench.log, mla_build.log, mla-<GPU>.json (rows, summary, sweep),
+# mla_<GPU>.json (the sweep's launch configs, for moe_kernels/ops/configs/), mla_summary.txt (printed at the end).
+set -u
+ROOT=$(pwd)
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+el() { echo $(( $(date +%s) - T0 )); }
+
+{
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -2
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    "$PY" -m moe_kernels.cli info 2>&1 | grep -E "GPU 0|MLA|triton" || true
+} 2>&1 | tee /tmp/mla_env.txt
+
+# 1. FlashMLA build in the background (CPU-bound, ~100 s), while the GPU tests run
+BUILD_PID=""
+if [ -d .anchors ]; then
+    # its own logs go to /tmp/anchors_out (not $OUT: few files come back); the tail of FlashMLA's is appended
+    (OUT=/tmp/anchors_out PROJ=. timeout 240 bash .anchors/run.sh build > "$OUT/mla_build.log" 2>&1
+     echo "build rc=$?" >> "$OUT/mla_build.log"
+     tail -15 /tmp/anchors_out/logs/build_flashmla.log >> "$OUT/mla_build.log" 2>/dev/null) &
+    BUILD_PID=$!
+else
+    echo "no .anchors: FlashMLA is not built; the bench runs without it" | tee "$OUT/mla_build.log"
+fi
+
+# 2. GPU tests (gpu-marked: DeepSeek-V3 sizes, FP8 cache, 2 query tokens, paged, CUDA-graph replay)
+echo "[$(el) s] GPU tests"
+timeout 200 "$PY" -m pytest -q -m gpu tests/test_ops_mla.py tests/test_mla_*.py -p no:cacheprovider \
+    > "$OUT/mla_tests.log" 2>&1
+echo "tests rc=$?" >> "$OUT/mla_tests.log"
+tail -3 "$OUT/mla_tests.log"
+
+if [ -n "$BUILD_PID" ]; then
+    echo "[$(el) s] waiting for the FlashMLA build"
+    wait "$BUILD_PID"
+    tail -4 "$OUT/mla_build.log"
+fi
+
+# 3. the bench (FlashMLA in the same process when it imports)
+echo "[$(el) s] bench"
+ARGS="--budget 120"
+[ "${MLA_QUICK:-0}" = 1 ] && ARGS="--quick --no-sweep"
+timeout 230 "$PY" bench/bench_mla.py $ARGS > "$OUT/mla_bench.log" 2>&1
+echo "bench rc=$?" >> "$OUT/mla_bench.log"
+cp bench/results/mla-*.json "$OUT/" 2>/dev/null
+cp bench/results/mla_*.json "$OUT/" 2>/dev/null
+
+# 4. compact summary
+{
+    echo "=== MLA GPU run: $(el) s total ==="
+    cat /tmp/mla_env.txt
+    echo "--- tests:"; grep -E "passed|failed|error" "$OUT/mla_tests.log" | tail -3
+    grep -E "^(FAILED|ERROR)" "$OUT/mla_tests.log" | cut -c1-300 | head -20
+    echo "--- build:"; grep -E "build rc|FAILED|flash_mla" "$OUT/mla_build.log" | tail -3
+    echo "--- bench:"; grep -E "flash_mla:|decode kernel:|bench rc|budget|Error|error:" "$OUT/mla_bench.log" | head -12
+    sed -n '/^| cache/,/^$/p' "$OUT/mla_bench.log" | head -30
+    "$PY" - <<'EOF'
+import glob, json
+for p in sorted(glob.glob("bench/results/mla-*.json")):
+    s = json.load(open(p)).get("summary", {})
+    keys = ["flash_mla", "decode_vs_flashmla_min", "decode_vs_flashmla_min_graph", "decode_vs_flashmla_max",
+            "decode_fp8_vs_flashmla_B128_S4096", "decode_fp8_paged_vs_flashmla_B128_S4096", "paged_vs_contig_max",
+            "decode_B128_S4096_GBps", "copy_GBps", "rel_err_vs_fp32_max_bf16", "rel_err_vs_fp32_max_fp8",
+            "decode_kernel", "seconds"]
+    print(p, json.dumps({k: s.get(k) for k in keys}, indent=1))
+EOF
+} 2>&1 | tee "$OUT/mla_summary.txt"
