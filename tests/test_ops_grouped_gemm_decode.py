@@ -30,8 +30,8 @@ def _offsets(counts, device):
     return torch.tensor(o, dtype=torch.int32, device=device)
 
 
-def _cfg(block_t=16, block_n=128):
-    return dict(cfgs.DECODE_DEFAULT, BLOCK_T=block_t, BLOCK_N=block_n)
+def _cfg(block_t=16, block_n=128, split_k=1):
+    return dict(cfgs.DECODE_DEFAULT, BLOCK_T=block_t, BLOCK_N=block_n, SPLIT_K=split_k)
 
 
 def _fp8_weights(E, N, K, device):
@@ -59,11 +59,12 @@ def test_decode_fp8_plain_row_weight(device, name, block_n):
     assert_close_rel(out.float(), ref, FP8_TOL, f"decode fp8 [{name}]")
 
 
-@pytest.mark.parametrize("name", ["decode", "chunked"])
-def test_decode_expert_mlp_fp8(device, name):
-    """The fused MLP through the decode kernel: SwiGLU + e4m3 re-quantisation, then w2 with the routing weight."""
+@pytest.mark.parametrize("name,split_k", [("decode", 1), ("chunked", 1), ("decode", 3), ("chunked", 2)])
+def test_decode_expert_mlp_fp8(device, name, split_k):
+    """The fused MLP through the decode kernel: SwiGLU + e4m3 re-quantisation, then w2 with the routing weight;
+    split_k > 1: K slices summed by the last program to arrive (H = 384: 3 K steps, uneven over 2 slices)."""
     counts = COUNTS[name]
-    E, H, I = len(counts), 256, 256
+    E, H, I = len(counts), 384, 256
     M = sum(counts)
     offsets = _offsets(counts, device)
     x, x_scale = R.quantize_fp8(torch.randn(M, H, device=device))
@@ -72,16 +73,18 @@ def test_decode_expert_mlp_fp8(device, name):
     tw = torch.rand(M, device=device)
     h = _nan((M, I), torch.float32, device).to(torch.float8_e4m3fn)
     h_scale = _nan((M, I // 128), torch.float32, device)
-    gg._launch(x, x_scale, w13, w13_scale, h, offsets=offsets, out_scale=h_scale, swiglu=True, cfg=_cfg())
+    gg._launch(x, x_scale, w13, w13_scale, h, offsets=offsets, out_scale=h_scale, swiglu=True,
+               cfg=_cfg(split_k=split_k))
     out = _nan((M, H), torch.bfloat16, device)
-    gg._launch(h, h_scale, w2, w2_scale, out, offsets=offsets, row_weight=tw, cfg=_cfg())
+    gg._launch(h, h_scale, w2, w2_scale, out, offsets=offsets, row_weight=tw, cfg=_cfg(split_k=split_k))
     ref = R.expert_mlp(x, offsets, w13, w2, x_scale, w13_scale, w2_scale, out_dtype=torch.float32) * tw[:, None]
     assert torch.isfinite(h_scale).all()
     assert_close_rel(out.float(), ref, FP8_TOL, f"decode expert_mlp fp8 [{name}]")
 
 
+@pytest.mark.parametrize("split_k", [1, 2])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
-def test_decode_swiglu_16_and_32_bit(device, dtype, tol):
+def test_decode_swiglu_16_and_32_bit(device, dtype, tol, split_k):
     """bf16 / fp32 SwiGLU GEMM with K = 200 (no multiple of BLOCK_K: the masked K tail) and I = 96."""
     counts = COUNTS["decode"]
     E, I, K = len(counts), 96, 200
@@ -90,7 +93,7 @@ def test_decode_swiglu_16_and_32_bit(device, dtype, tol):
     a = torch.randn(M, K, device=device).to(dtype)
     w = (torch.randn(E, 2 * I, K, device=device) / K**0.5).to(dtype)
     out = _nan((M, I), dtype, device)
-    gg._launch(a, None, w, None, out, offsets=offsets, swiglu=True, cfg=_cfg(block_n=64))
+    gg._launch(a, None, w, None, out, offsets=offsets, swiglu=True, cfg=_cfg(block_n=64, split_k=split_k))
     g = R.grouped_gemm(a.float(), w.float(), offsets)
     ref = torch.nn.functional.silu(g[:, :I]) * g[:, I:]
     assert_close_rel(out.float(), ref, tol, f"decode swiglu {dtype}")
@@ -128,6 +131,7 @@ def test_decode_selection_and_token_tile():
     assert gd.block_t_for(1, 256) == 16 and gd.block_t_for(8, 8) == 16
     assert gd.block_t_for(2048, 256) == 16 and gd.block_t_for(512, 8) == 64 and gd.block_t_for(10**6, 8) == 64
     assert cfgs.DECODE_MAX_ROWS == gd.DECODE_MAX_ROWS
+    assert gd.split_k_for(8, 56, torch.device("cpu")) == 1  # the interpreter: split only when a config asks
     with pytest.raises(ValueError, match="BLOCK_N dividing 128"):
         E, N, K = 2, 128, 128
         a, a_scale = R.quantize_fp8(torch.randn(3, K))
@@ -167,3 +171,18 @@ def test_decode_is_chosen_for_few_rows_and_graph_replays():
         graph.replay()
         ref = R.expert_mlp(x, offsets, w13, w2, x_scale, w13_scale, w2_scale, out_dtype=torch.float32) * tw[:, None]
         assert_close_rel(y.float(), ref, FP8_TOL, f"graph replay {seed}")
+
+
+@pytest.mark.gpu
+def test_decode_split_k_auto_one_expert():
+    """One expert, one row (a shared expert at T = 1): the launcher splits K so more SMs stream the weights."""
+    dev = torch.device("cuda")
+    H, I = 2048, 1024
+    w13, w13_scale = _fp8_weights(1, 2 * I, H, dev)
+    w2, w2_scale = _fp8_weights(1, H, I, dev)
+    assert gd.split_k_for(I // 128, H // 128, dev) > 1
+    x, x_scale = R.quantize_fp8(torch.randn(1, H, device=dev))
+    offsets = torch.tensor([0, 1], dtype=torch.int32, device=dev)
+    got = gg.expert_mlp(x, x_scale, offsets, w13, w13_scale, w2, w2_scale)
+    ref = R.expert_mlp(x, offsets, w13, w2, x_scale, w13_scale, w2_scale, out_dtype=torch.float32)
+    assert_close_rel(got.float(), ref, FP8_TOL, "split-K one expert")

@@ -20,13 +20,15 @@ scale group), ROW_WEIGHT (routing weight per row), MASKED (A [E, max_m, K] with 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .quant import AMAX_FLOOR, E4M3_MAX, to_e4m3_rne
 
-__all__ = ["launch", "block_t_for", "DECODE_MAX_ROWS"]
+__all__ = ["launch", "block_t_for", "split_k_for", "DECODE_MAX_ROWS"]
 
 _SB = tl.constexpr(128)  # the K (and weight N) extent of one FP8 scale block
 
@@ -66,16 +68,44 @@ def _dot_16_32(x, y, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _epilogue(acc, acc_u, offs_t, t_mask, offs_n, n_mask, tile_n, row_weight_ptr, out_ptr, out_scale_ptr,
+              stride_om, stride_osm, SWIGLU: tl.constexpr, QUANT_OUT: tl.constexpr, ROW_WEIGHT: tl.constexpr):
+    """SwiGLU, routing weight, optional e4m3 re-quantisation; stores the [BLOCK_N, BLOCK_T] tile transposed."""
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_u
+    if ROW_WEIGHT:
+        acc = acc * tl.load(row_weight_ptr + offs_t, mask=t_mask, other=0.0)[None, :]
+    out_ptrs = out_ptr + offs_t[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+    mask = n_mask[:, None] & t_mask[None, :]
+    if QUANT_OUT:
+        # BLOCK_N == 128: a column of this tile is one row's 1x128 scale group
+        amax = tl.maximum(tl.max(tl.abs(tl.where(mask, acc, 0.0)), axis=0), AMAX_FLOOR)
+        scale = amax / E4M3_MAX
+        q = to_e4m3_rne(acc / scale[None, :])
+        tl.store(out_ptrs, q.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_scale_ptr + offs_t * stride_osm + tile_n, scale, mask=t_mask)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _grouped_gemm_decode_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, offsets_ptr, masked_m_ptr, row_weight_ptr, out_ptr, out_scale_ptr,
-    N, K, E, max_m, up_row,
+    ws_ptr, sem_ptr,
+    M, N, K, E, max_m, up_row, slots,
     stride_am, stride_asm, stride_ask, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
     stride_om, stride_osm,
     FP8: tl.constexpr, SWIGLU: tl.constexpr, QUANT_OUT: tl.constexpr, ROW_WEIGHT: tl.constexpr,
     MASKED: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    tile_n = tl.program_id(0)
+    # SPLIT_K > 1: SPLIT_K programs share a (column tile, expert), each streaming one slice of K; each stores its
+    # fp32 partials in the workspace ws [SPLIT_K, rows, 2N or N] and counts itself in the pair's semaphore; the
+    # last to arrive sums the slices in slice order (the result does not depend on who came last) and runs the
+    # epilogue. That keeps every SM streaming weights when few (expert, tile) pairs exist (one token, one expert).
+    tile_n = tl.program_id(0) // SPLIT_K
+    split = tl.program_id(0) % SPLIT_K
     slot = tl.program_id(1)
     expert, row_start, count = _find_expert(slot, E, offsets_ptr, masked_m_ptr, max_m, MASKED, E_PAD)
     if count == 0:
@@ -84,22 +114,28 @@ def _grouped_gemm_decode_kernel(
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's output columns = weight rows
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
+    k_steps = tl.cdiv(K, BLOCK_K)
+    k_per = tl.cdiv(k_steps, SPLIT_K)  # whole BLOCK_K steps per slice
+    kb_lo = split * k_per
+    kb_hi = tl.minimum(kb_lo + k_per, k_steps)
     # MMA A operand: a [BLOCK_N, BLOCK_K] tile of W's K-contiguous rows; the up rows sit up_row rows further on
-    g_base = w_ptr + expert64 * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
+    g_base = w_ptr + expert64 * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + \
+        (kb_lo * BLOCK_K + offs_k[None, :]) * stride_wk
     if FP8:
         # BLOCK_N divides 128 (the launcher checks): the tile's rows share one weight-scale block per K step
         gs_base = w_scale_ptr + expert64 * stride_wse + (tile_n * BLOCK_N // _SB) * stride_wsn
         us_base = w_scale_ptr + expert64 * stride_wse + ((tile_n * BLOCK_N + up_row) // _SB) * stride_wsn
+    WN: tl.constexpr = 2 if SWIGLU else 1  # workspace columns per output column
 
     for t0 in range(0, count, BLOCK_T):
         offs_t = row_start + t0 + tl.arange(0, BLOCK_T)  # rows of A (tokens) = the MMA's N side
         t_mask = (t0 + tl.arange(0, BLOCK_T)) < count
         # MMA B operand: A^T as [BLOCK_K, BLOCK_T], K-contiguous per row (K-major, as FP8 wgmma wants it)
-        a_ptrs = a_ptr + offs_t[None, :].to(tl.int64) * stride_am + offs_k[:, None]
+        a_ptrs = a_ptr + offs_t[None, :].to(tl.int64) * stride_am + (kb_lo * BLOCK_K + offs_k[:, None])
         g_ptrs = g_base
         acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)  # the up half; unused without SWIGLU
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        for kb in range(kb_lo, kb_hi):
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=t_mask[None, :], other=0.0)
                 g = tl.load(g_ptrs, mask=n_mask[:, None], other=0.0)
@@ -122,22 +158,32 @@ def _grouped_gemm_decode_kernel(
                 acc = _dot_16_32(g, a, acc, IEEE, UPCAST)
                 if SWIGLU:
                     acc_u = _dot_16_32(u, a, acc_u, IEEE, UPCAST)
-
-        if SWIGLU:
-            acc = acc / (1.0 + tl.exp(-acc)) * acc_u
-        if ROW_WEIGHT:
-            acc = acc * tl.load(row_weight_ptr + offs_t, mask=t_mask, other=0.0)[None, :]
-        out_ptrs = out_ptr + offs_t[None, :].to(tl.int64) * stride_om + offs_n[:, None]
-        mask = n_mask[:, None] & t_mask[None, :]
-        if QUANT_OUT:
-            # BLOCK_N == 128: a column of this tile is one row's 1x128 scale group
-            amax = tl.maximum(tl.max(tl.abs(tl.where(mask, acc, 0.0)), axis=0), AMAX_FLOOR)
-            scale = amax / E4M3_MAX
-            q = to_e4m3_rne(acc / scale[None, :])
-            tl.store(out_ptrs, q.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(out_scale_ptr + offs_t * stride_osm + tile_n, scale, mask=t_mask)
+        if SPLIT_K > 1:
+            part = ws_ptr + (split * M + offs_t[None, :].to(tl.int64)) * (WN * N) + offs_n[:, None]
+            tl.store(part, acc, mask=n_mask[:, None] & t_mask[None, :])
+            if SWIGLU:
+                tl.store(part + N, acc_u, mask=n_mask[:, None] & t_mask[None, :])
         else:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            _epilogue(acc, acc_u, offs_t, t_mask, offs_n, n_mask, tile_n, row_weight_ptr, out_ptr, out_scale_ptr,
+                      stride_om, stride_osm, SWIGLU, QUANT_OUT, ROW_WEIGHT)
+
+    if SPLIT_K > 1:
+        tl.debug_barrier()  # every thread's partials are written before the release below
+        if tl.atomic_add(sem_ptr + tile_n * slots + slot, 1, sem="acq_rel") == SPLIT_K - 1:
+            tl.debug_barrier()
+            for t0 in range(0, count, BLOCK_T):
+                offs_t = row_start + t0 + tl.arange(0, BLOCK_T)
+                t_mask = (t0 + tl.arange(0, BLOCK_T)) < count
+                part = ws_ptr + offs_t[None, :].to(tl.int64) * (WN * N) + offs_n[:, None]
+                mask = n_mask[:, None] & t_mask[None, :]
+                acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+                acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+                for s in range(SPLIT_K):  # slice order: the sum does not depend on who arrived last
+                    acc += tl.load(part + s * M * (WN * N), mask=mask, other=0.0, cache_modifier=".cg")
+                    if SWIGLU:
+                        acc_u += tl.load(part + s * M * (WN * N) + N, mask=mask, other=0.0, cache_modifier=".cg")
+                _epilogue(acc, acc_u, offs_t, t_mask, offs_n, n_mask, tile_n, row_weight_ptr, out_ptr,
+                          out_scale_ptr, stride_om, stride_osm, SWIGLU, QUANT_OUT, ROW_WEIGHT)
 
 
 def block_t_for(rows: int, num_experts: int) -> int:
@@ -170,13 +216,23 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
     if fp8 and (BK != 128 or 128 % BN):
         raise ValueError(f"the FP8 decode kernel needs BLOCK_K=128 and BLOCK_N dividing 128, got {cfg}")
     slots = E if masked else min(E, M)
+    tiles = triton.cdiv(N, BN)
+    k_steps = triton.cdiv(K, BK)
+    split = int(cfg.get("SPLIT_K", 0)) or split_k_for(tiles * slots, k_steps, a.device)
+    split = triton.cdiv(k_steps, triton.cdiv(k_steps, max(1, min(split, k_steps))))  # no empty slice
     dummy = offsets if offsets is not None else masked_m
-    grid = (triton.cdiv(N, BN), slots)
+    if split > 1:  # fp32 partials per slice, and one arrival counter per (column tile, slot)
+        rows = a.shape[0]
+        ws = torch.empty(split * rows * (2 if swiglu else 1) * N, dtype=torch.float32, device=a.device)
+        sem = torch.zeros(tiles * slots, dtype=torch.int32, device=a.device)
+    else:
+        ws, sem = out, dummy  # unused
+    grid = (tiles * split, slots)
     return _grouped_gemm_decode_kernel[grid](
         a, a_scale if fp8 else dummy, w, w_scale if fp8 else dummy,
         offsets if offsets is not None else dummy, masked_m if masked else dummy,
         row_weight if row_weight is not None else dummy, out, out_scale if out_scale is not None else dummy,
-        N, K, E, max_m, N,
+        ws, sem, a.shape[0], N, K, E, max_m, N, slots,
         a.stride(0), a_scale.stride(0) if fp8 else 0, a_scale.stride(1) if fp8 else 0,
         w.stride(0), w.stride(1), w.stride(2),
         w_scale.stride(0) if fp8 else 0, w_scale.stride(1) if fp8 else 0, w_scale.stride(2) if fp8 else 0,
@@ -184,6 +240,22 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
         FP8=fp8, SWIGLU=swiglu, QUANT_OUT=out_scale is not None, ROW_WEIGHT=row_weight is not None,
         MASKED=masked, EVEN_K=K % BK == 0, IEEE=a.dtype == torch.float32 or interpret,
         UPCAST=interpret and not fp8, BLOCK_N=BN, BLOCK_T=BT, BLOCK_K=BK,
-        E_PAD=max(16, triton.next_power_of_2(E)),
+        E_PAD=max(16, triton.next_power_of_2(E)), SPLIT_K=split,
         num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 4)),
     )
+
+
+def split_k_for(programs: int, k_steps: int, device: torch.device) -> int:
+    """K slices per (column tile, slot) so that about two programs per SM stream weights: ``programs`` is the
+    upper bound of (tile, slot) pairs (slots = min(E, rows)), so fewer experts with rows only means idler SMs,
+    never a wrong result. Each slice keeps at least 4 K steps (the pipeline's depth)."""
+    if device.type != "cuda":
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    want = triton.cdiv(2 * sms, max(programs, 1))
+    return max(1, min(want, k_steps // 4))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

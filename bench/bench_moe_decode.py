@@ -1,0 +1,236 @@
+"""One MoE block at decode sizes (T = 1..256 tokens a step): CUDA-graph replays against the weight-read bound.
+
+    PYTHONPATH=. python bench/bench_moe_decode.py [--tokens 1,2,4,...] [--cases deepseek,mixtral-like] [--quick]
+
+Cases (hidden 7168, expert intermediate 2048, bf16 activations, random weights):
+  * ``deepseek``: transformers' ``DeepseekV3MoE``: 256 routed experts top-8 (sigmoid, n_group 8, topk_group 4,
+    routed_scaling_factor 2.5) + 1 shared expert.
+  * ``mixtral-like``: transformers' ``MixtralSparseMoeBlock``: 8 experts top-2 (softmax).
+
+Every implementation is captured once in a CUDA graph and replayed (``triton.testing.do_bench_cudagraph``, median):
+  * **hf_grouped_mm**: the transformers block itself with ``experts_implementation="grouped_mm"``.
+  * **ours bf16 / fp8**: ``mk.MoELayer.from_hf(block, precision)`` (fp8: the same weights quantised 128x128).
+  * **composition bf16 / fp8**: torch ops on the same weights: fp32 router + top-k (the group-limited selection as
+    torch ops), stable argsort, ``torch._grouped_mm`` / ``torch._scaled_grouped_mm`` (rowwise e4m3), SwiGLU,
+    second grouped GEMM, weighted ``index_add_``; the shared expert as a one-group grouped GEMM.
+
+The bound: the weight bytes a step must read, i.e. the distinct routed experts its tokens hit (counted from our
+router's ids on the same tokens) times one expert's bytes, plus the shared experts (fp8: e4m3 + fp32 128x128
+scales; bf16: 2 bytes a weight), over the device-to-device copy bandwidth measured in this run.
+``frac_weight_bound`` = (bytes / copy bandwidth) / time. Writes results/moe_decode-<device>.json; summary:
+``min_frac_weight_bound_T_ge_8`` and ``frac_weight_bound_T1`` (ours fp8, min over the cases) and
+``min_vs_hf_grouped_mm`` (HF block time / ours fp8, min over cases and T).
+"""
+import argparse
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import bench_ms, copy_bandwidth, markdown, save  # noqa: E402  (sets MOE_KERNELS_VALUE_CHECKS=0)
+
+import moe_kernels as mk  # noqa: E402
+from moe_kernels import reference as R  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CASES = {
+    "deepseek": dict(num_experts=256, top_k=8, scoring="sigmoid", n_group=8, topk_group=4,
+                     routed_scaling_factor=2.5, n_shared=1),
+    "mixtral-like": dict(num_experts=8, top_k=2, scoring="softmax", n_group=1, topk_group=1,
+                         routed_scaling_factor=1.0, n_shared=0),
+}
+
+
+def hf_block(case: str, H: int, I: int, device="cuda"):
+    """The transformers MoE block of the case, grouped_mm experts, random bf16 weights (1/sqrt(fan-in))."""
+    c = CASES[case]
+    if case == "deepseek":
+        from transformers import DeepseekV3Config
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as Block
+
+        cfg = DeepseekV3Config(hidden_size=H, moe_intermediate_size=I, n_routed_experts=c["num_experts"],
+                               num_experts_per_tok=c["top_k"], n_group=c["n_group"], topk_group=c["topk_group"],
+                               n_shared_experts=c["n_shared"], routed_scaling_factor=c["routed_scaling_factor"],
+                               norm_topk_prob=True, hidden_act="silu", experts_implementation="grouped_mm")
+    else:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
+
+        cfg = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=c["num_experts"],
+                            num_experts_per_tok=c["top_k"], hidden_act="silu", experts_implementation="grouped_mm")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            block = Block(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in list(block.named_parameters()) + list(block.named_buffers()):
+            if p.is_floating_point():
+                std = 0.01 if "bias" in name else p.shape[-1] ** -0.5
+                p.normal_(0.0, std, generator=g)
+    return block.eval()
+
+
+def rowwise_fp8(x):
+    """e4m3 with one fp32 scale per row (per output column for a weight [.., N, K])."""
+    s = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448.0
+    return (x.float() / s).clamp(-448, 448).to(FP8), s.squeeze(-1)
+
+
+class Composition:
+    """The torch-op pipeline on our bf16 layer's weights (router, bias and experts shared with it)."""
+
+    def __init__(self, layer, case, fp8):
+        c = CASES[case]
+        self.c, self.fp8, self.k, self.E = c, fp8, c["top_k"], c["num_experts"]
+        self.gate_w = layer.gate.weight.detach()
+        self.bias = getattr(layer.gate, "e_score_correction_bias", None) if c["scoring"] == "sigmoid" else None
+        self.I = layer.intermediate_size
+        groups = [(layer.experts.w13.detach(), layer.experts.w2.detach())]
+        if layer.shared_experts is not None:
+            groups.append((layer.shared_experts.w13.detach(), layer.shared_experts.w2.detach()))
+        self.groups = []
+        for w13, w2 in groups:
+            if fp8:
+                q13, s13 = zip(*(rowwise_fp8(w13[i:i + 8]) for i in range(0, w13.shape[0], 8)))
+                q2, s2 = zip(*(rowwise_fp8(w2[i:i + 8]) for i in range(0, w2.shape[0], 8)))
+                self.groups.append((torch.cat(q13), torch.cat(s13), torch.cat(q2), torch.cat(s2)))
+            else:
+                self.groups.append((w13, None, w2, None))
+
+    def _mlp(self, xs, ends, w13, s13, w2, s2):
+        I = w2.shape[-1]
+        if self.fp8:
+            q, s = rowwise_fp8(xs)
+            h = torch._scaled_grouped_mm(q, w13.transpose(-2, -1), s, s13, offs=ends, out_dtype=torch.bfloat16)
+            q, s = rowwise_fp8(F.silu(h[:, :I]) * h[:, I:])
+            return torch._scaled_grouped_mm(q, w2.transpose(-2, -1), s, s2, offs=ends, out_dtype=torch.bfloat16)
+        h = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=ends)
+        return torch._grouped_mm(F.silu(h[:, :I]) * h[:, I:], w2.transpose(-2, -1), offs=ends)
+
+    def __call__(self, x):
+        c = self.c
+        logits = F.linear(x.float(), self.gate_w.float())
+        w, ids = R.routing.select_experts(logits, self.k, c["scoring"], n_group=c["n_group"],
+                                          topk_group=c["topk_group"], norm_topk_prob=True,
+                                          routed_scaling_factor=c["routed_scaling_factor"], bias=self.bias)
+        flat = ids.reshape(-1).long()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(self.E, dtype=torch.int32, device=x.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        ends = torch.cumsum(counts, 0, dtype=torch.int32)
+        y = self._mlp(x[order // self.k], ends, *self.groups[0])
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        out.index_add_(0, order // self.k, y.float() * w.reshape(-1)[order, None])
+        if len(self.groups) > 1:
+            one = torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device)
+            out += self._mlp(x, one, *self.groups[1]).float()
+        return out.to(x.dtype)
+
+
+def expert_bytes(layer) -> tuple[int, int]:
+    """(bytes of one routed expert, bytes of the shared experts) as stored: weights plus their scales."""
+    def size(m):
+        return sum(t.numel() * t.element_size() for t in (m.w13, m.w2, getattr(m, "w13_scale", None),
+                                                         getattr(m, "w2_scale", None)) if t is not None)
+    return size(layer.experts) // layer.num_experts, size(layer.shared_experts) if layer.shared_experts else 0
+
+
+def time_graph(fn, rep):
+    try:
+        return bench_ms(fn, rep=rep, cudagraph=True), True
+    except Exception as e:  # noqa: BLE001 - a baseline that cannot be captured is timed eagerly, and says so
+        print(f"    capture failed ({type(e).__name__}: {str(e)[:160]}); timing eagerly", flush=True)
+        torch.cuda.synchronize()
+        return bench_ms(fn, rep=rep), False
+
+
+def run_case(case, tokens, H, I, rep, gbps):
+    block = hf_block(case, H, I)
+    layers = {p: mk.MoELayer.from_hf(block, precision=p) for p in ("bf16", "fp8")}
+    rows, hf_ms = [], {}
+    xs = {T: torch.randn(T, H, device="cuda", dtype=torch.bfloat16) for T in tokens}
+    with torch.no_grad():
+        for T in tokens:
+            hf_ms[T] = time_graph(lambda: block(xs[T][None]), rep)
+        refs = {T: block(xs[T][None])[0].float() for T in tokens}
+        del block
+        torch.cuda.empty_cache()
+        for prec in ("fp8", "bf16"):
+            layer = layers[prec]
+            comp = Composition(layers["bf16"], case, fp8=prec == "fp8")
+            per_expert, shared = expert_bytes(layer)
+            for T in tokens:
+                x = xs[T]
+                hit = int(torch.unique(layer.gate(x)[1]).numel())
+                nbytes = hit * per_expert + shared
+                t_ours, _ = time_graph(lambda: layer(x), rep)
+                t_comp, comp_graph = time_graph(lambda: comp(x), rep)
+                t_hf, hf_graph = hf_ms[T]
+                bound_ms = nbytes / gbps / 1e6
+                err = float((layer(x).float() - refs[T]).norm() / refs[T].norm())
+                row = dict(case=case, precision=prec, T=T, experts_hit=hit, weight_mb=nbytes / 1e6,
+                           ours_us=t_ours * 1e3, composition_us=t_comp * 1e3, hf_grouped_mm_us=t_hf * 1e3,
+                           bound_us=bound_ms * 1e3, frac_weight_bound=bound_ms / t_ours,
+                           vs_hf_grouped_mm=t_hf / t_ours, vs_composition=t_comp / t_ours,
+                           hf_graph=hf_graph, composition_graph=comp_graph, err_vs_hf=err)
+                rows.append(row)
+                print(f"  {case} {prec} T={T}: ours {row['ours_us']:.1f} us ({row['frac_weight_bound']:.0%} of the "
+                      f"{row['bound_us']:.1f} us bound, {hit} experts), HF {row['hf_grouped_mm_us']:.1f} us "
+                      f"(x{row['vs_hf_grouped_mm']:.2f}), composition {row['composition_us']:.1f} us "
+                      f"(x{row['vs_composition']:.2f}); err vs HF {err:.1e}", flush=True)
+            del comp
+            torch.cuda.empty_cache()
+    del layers
+    torch.cuda.empty_cache()
+    return rows
+
+
+def summarize(rows):
+    f8 = [r for r in rows if r["precision"] == "fp8"]
+    pick = lambda rs, key: min((r[key] for r in rs), default=math.nan)  # noqa: E731
+    return dict(
+        min_frac_weight_bound_T_ge_8=pick([r for r in f8 if r["T"] >= 8], "frac_weight_bound"),
+        frac_weight_bound_T1=pick([r for r in f8 if r["T"] == 1], "frac_weight_bound"),
+        min_vs_hf_grouped_mm=pick(f8, "vs_hf_grouped_mm"),
+        min_vs_hf_grouped_mm_bf16=pick([r for r in rows if r["precision"] == "bf16"], "vs_hf_grouped_mm"),
+        min_vs_composition_fp8=pick(f8, "vs_composition"),
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--intermediate", type=int, default=2048)
+    ap.add_argument("--rep", type=int, default=50, help="ms of graph replays per measurement")
+    ap.add_argument("--quick", action="store_true", help="T in {1, 8, 64}")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_moe_decode.py needs a CUDA GPU")
+    tokens = [1, 8, 64] if args.quick else [int(t) for t in args.tokens.split(",")]
+    roof = copy_bandwidth()
+    print(f"copy bandwidth {roof['gbps']:.0f} GB/s", flush=True)
+    rows = []
+    for case in args.cases.split(","):
+        rows += run_case(case, tokens, args.hidden, args.intermediate, args.rep, roof["gbps"])
+        summary = dict(summarize(rows), copy_gbps=roof["gbps"])
+        save("moe_decode", rows, summary)  # after every case: a run cut short keeps its rows
+    print(markdown(rows, ["case", "precision", "T", "experts_hit", "ours_us", "bound_us", "frac_weight_bound",
+                          "hf_grouped_mm_us", "vs_hf_grouped_mm", "composition_us", "vs_composition", "err_vs_hf"],
+                   {"ours_us": ".1f", "bound_us": ".1f", "frac_weight_bound": ".2f", "hf_grouped_mm_us": ".1f",
+                    "vs_hf_grouped_mm": ".2f", "composition_us": ".1f", "vs_composition": ".2f",
+                    "err_vs_hf": ".1e"}))
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
