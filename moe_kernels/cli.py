@@ -24,6 +24,12 @@ def progress(iterable, total: int, label: str, stream=sys.stderr):
     stream.write("\n")
 
 
+def _fail(command: str, message: str) -> int:
+    """A usage error: one line on stderr, exit status 2 (as argparse's own), no traceback."""
+    print(f"moe-kernels {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def _nvshmem() -> str:
     """Where pip's nvidia-nvshmem wheel put libnvshmem_host, if anywhere."""
     spec = importlib.util.find_spec("nvidia.nvshmem")
@@ -87,12 +93,14 @@ def cmd_demo(args) -> int:
     from . import MoELayer, reference
     from .ops._common import use_triton
 
+    if args.tokens is not None and args.tokens < 1:
+        return _fail("demo", f"--tokens must be >= 1, got {args.tokens}")
     gpu = torch.cuda.is_available() and not args.cpu
     device = "cuda" if gpu else "cpu"
     if gpu:
-        H, I, E, k, T = 7168, 2048, 256, 2, args.tokens or 4096
+        H, I, E, k, T = 7168, 2048, 256, 2, args.tokens if args.tokens is not None else 4096
     else:
-        H, I, E, k, T = 1024, 256, 16, 2, args.tokens or 64
+        H, I, E, k, T = 1024, 256, 16, 2, args.tokens if args.tokens is not None else 64
     print(f"MoE layer: hidden {H}, intermediate {I}, {E} experts, top-{k}, fp8, {T} tokens on {device}"
           + ("" if gpu else " (reduced size: no GPU)"))
     torch.manual_seed(0)
@@ -149,10 +157,18 @@ def cmd_demo(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .tune import tune
+    import torch
 
-    paths = tune(quick=args.quick, out_dir=args.out, kinds=args.kinds.split(",") if args.kinds else None,
-                 challenge=args.challenge)
+    from .tune import SHAPES, tune
+
+    kinds = [k.strip() for k in args.kinds.split(",")] if args.kinds else None
+    unknown = [k for k in kinds or () if k not in SHAPES]
+    if unknown:
+        return _fail("tune", f"--kinds: unknown {', '.join(map(repr, unknown))} (choose from {', '.join(SHAPES)})")
+    if not torch.cuda.is_available():
+        return _fail("tune", "needs a CUDA GPU, and torch sees none: it times kernel configs on the device "
+                             "(`moe-kernels info` shows what was found)")
+    paths = tune(quick=args.quick, out_dir=args.out, kinds=kinds, challenge=args.challenge)
     for p in paths:
         print(f"wrote {p}")
     return 0
@@ -179,6 +195,8 @@ def _read_load(path: str) -> list:
 def cmd_plan(args) -> int:
     from . import plan
 
+    if args.results is not None and not os.path.isdir(args.results):
+        return _fail("plan", f"--results {args.results}: no such directory")
     try:
         if args.validate:
             v = plan.validate(args.results, nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps)
@@ -194,6 +212,11 @@ def cmd_plan(args) -> int:
         dep.validate()  # a bad deployment fails before the rate files are read
         rates = plan.load_rates(args.results, nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps,
                                 device=args.device)
+        if args.device is not None and not rates.files:  # refuse rather than predict from defaults
+            have = next((n.split("(have: ", 1)[1].split(")", 1)[0] for n in rates.notes if "(have: " in n), None)
+            return _fail("plan", f"--device {args.device!r}: no benchmark results for it in "
+                                 f"{args.results or 'bench/results'}"
+                                 + (f" (have: {have})" if have else " (no GPU results there at all)"))
         p = plan.predict(dep, rates)
     except (ValueError, OSError) as e:
         print(f"moe-kernels plan: error: {e}", file=sys.stderr)
@@ -249,6 +272,8 @@ def _plot_results(bench: str, written: list[str]) -> None:
 def cmd_bench(args) -> int:
     from . import plan
 
+    if args.nproc is not None and args.nproc < 1:
+        return _fail("bench", f"--nproc must be >= 1, got {args.nproc}")
     bench = plan.bench_dir()
     if bench is None:
         here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
@@ -268,7 +293,7 @@ def cmd_bench(args) -> int:
     if extra[:1] == ["--"]:
         extra = extra[1:]
     cmd = [sys.executable, script, *extra]
-    if args.nproc:
+    if args.nproc is not None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc), script, *extra]
     env = dict(os.environ)
     root = os.path.dirname(bench)

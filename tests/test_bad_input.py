@@ -19,7 +19,7 @@ def layer():
         (dict(top_k=0), ValueError, "top_k"),
         (dict(n_group=3), ValueError, "n_group"),
         (dict(n_group=4, topk_group=5), ValueError, "topk_group"),
-        (dict(hidden_size=200), ValueError, "hidden_size"),
+        (dict(hidden_size=200, precision="fp8"), ValueError, "hidden_size"),
         (dict(precision="int4"), ValueError, "precision"),
         (dict(scoring="relu"), ValueError, "scoring"),
         (dict(balance="magic"), ValueError, "balance"),

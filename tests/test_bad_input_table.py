@@ -437,7 +437,12 @@ reject("mlp-fp8-w2_scale-shape", ValueError, r"w2_scale must have shape \[3, 2, 
     lambda: mlp(True, w2_scale=torch.ones(3, 1, 1)))
 reject("mlp-fp8-w13_scale-shape", ValueError, r"w13_scale must have shape \[3, 2, 2\]")(
     lambda: mlp(True, w13_scale=torch.ones(3, 1, 2)))
-reject("mlp-bf16-x-dtype", TypeError, r"x must have dtype")(lambda: mlp(False, x=torch.zeros(10, 256).to(F8)))
+reject("mlp-bf16-x-dtype", TypeError, r"w13_scale is None but x is float8_e4m3fn")(
+    lambda: mlp(False, x=torch.zeros(10, 256).to(F8)))
+reject("mlp-fp8-w13_scale-missing", TypeError, r"w13_scale is None but x is float8_e4m3fn: the FP8 path needs w13_scale")(
+    lambda: mlp(True, w13_scale=None, w2_scale=None))
+reject("mlp-fp8-w13-no-scale", TypeError, r"w13_scale is None but w13 is float8_e4m3fn")(
+    lambda: mlp(True, x=torch.randn(10, 256), x_scale=None, w13_scale=None, w2_scale=None))
 reject("mlp-bf16-w13-dtype", TypeError, r"w13 must have dtype float32")(
     lambda: mlp(False, w13=torch.randn(3, 256, 256, dtype=torch.bfloat16)))
 reject("mlp-bf16-scales", ValueError, r"x_scale and w2_scale belong to the FP8 path")(
@@ -551,7 +556,10 @@ def _():
 
 # ---- modules ---------------------------------------------------------------------------------------------------
 
-reject("moe-hidden", ValueError, r"hidden_size must be a multiple of 128, got 200")(lambda: moe_layer(hidden_size=200))
+reject("moe-hidden", ValueError, r"precision='fp8' needs hidden_size to be a multiple of 128 .*, got 200")(
+    lambda: moe_layer(hidden_size=200, precision="fp8"))
+reject("moe-num_experts-max", ValueError, r"num_experts must be <= 256 \(the routing kernel's limit\), got 512")(
+    lambda: moe_layer(num_experts=512))
 reject("moe-topk", ValueError, r"top_k must be <= 8")(lambda: moe_layer(top_k=9))
 reject("moe-topk-zero", ValueError, r"top_k must be >= 1")(lambda: moe_layer(top_k=0))
 reject("moe-ngroup", ValueError, r"n_group must divide num_experts=8")(lambda: moe_layer(n_group=3))
@@ -561,7 +569,7 @@ reject("moe-scoring", ValueError, r"scoring must be one of")(lambda: moe_layer(s
 reject("moe-balance", ValueError, r"balance must be one of")(lambda: moe_layer(balance="magic"))
 reject("moe-num_experts", ValueError, r"num_experts must be >= 1")(lambda: moe_layer(num_experts=0))
 reject("moe-shared", ValueError, r"n_shared_experts must be >= 0")(lambda: moe_layer(n_shared_experts=-1))
-reject("moe-intermediate-fp8", ValueError, r"intermediate_size must be a multiple of 128")(
+reject("moe-intermediate-fp8", ValueError, r"precision='fp8' needs intermediate_size to be a multiple of 128")(
     lambda: moe_layer(intermediate_size=100, precision="fp8"))
 reject("moe-scaling-inf", ValueError, r"routed_scaling_factor must be finite")(
     lambda: moe_layer(routed_scaling_factor=float("inf")))
@@ -576,6 +584,7 @@ reject("moe-x-device", TypeError, r"x is on meta but the layer's weights are on 
 
 reject("router-hidden", ValueError, r"hidden_size must be >= 1")(lambda: mk.TopKRouter(0, E, 2))
 reject("router-topk-8", ValueError, r"top_k must be <= 8")(lambda: mk.TopKRouter(H, 16, 9))
+reject("router-num_experts-max", ValueError, r"num_experts must be <= 256")(lambda: mk.TopKRouter(H, 257, 2))
 reject("router-alpha", ValueError, r"alpha must lie in \[0.1, 0.3\]")(
     lambda: mk.TopKRouter(H, E, 2, balance="adaptive", alpha=0.5))
 reject("router-load_decay", ValueError, r"load_decay must lie in \[0, 1\)")(
@@ -586,9 +595,9 @@ reject("router-x-shape", ValueError, r"x must have shape \[\*, 256\]")(lambda: m
 reject("router-x-device", TypeError, r"x must be on cpu, got meta")(
     lambda: mk.TopKRouter(H, E, 2)(torch.empty(T, H, device=META)))
 
-reject("experts-hidden", ValueError, r"hidden_size must be a multiple of 128")(
-    lambda: mk.GroupedExperts(2, 200, 128, precision="bf16"))
-reject("experts-intermediate-fp8", ValueError, r"intermediate_size must be a multiple of 128")(
+reject("experts-hidden", ValueError, r"precision='fp8' needs hidden_size to be a multiple of 128")(
+    lambda: mk.GroupedExperts(2, 200, 128, precision="fp8"))
+reject("experts-intermediate-fp8", ValueError, r"precision='fp8' needs intermediate_size to be a multiple of 128")(
     lambda: mk.GroupedExperts(2, H, 100, precision="fp8"))
 reject("experts-precision", ValueError, r"precision must be one of")(
     lambda: mk.GroupedExperts(2, H, 128, precision="int8"))

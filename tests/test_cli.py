@@ -20,3 +20,50 @@ def test_demo_small_cpu(capsys):
 def test_unknown_command():
     with pytest.raises(SystemExit):
         cli.main(["frobnicate"])
+
+
+# every misuse: exit status 2, one line on stderr naming what is wrong, no traceback (issue 21)
+MISUSE = {
+    "demo-tokens-negative": (["demo", "--cpu", "--tokens", "-5"], "--tokens must be >= 1, got -5"),
+    "demo-tokens-zero": (["demo", "--cpu", "--tokens", "0"], "--tokens must be >= 1, got 0"),
+    "tune-no-gpu": (["tune", "--quick"], "needs a CUDA GPU"),
+    "tune-unknown-kind": (["tune", "--kinds", "fp8,fp9"], "--kinds: unknown 'fp9'"),
+    "bench-nproc-negative": (["bench", "--nproc", "-1", "placement"], "--nproc must be >= 1, got -1"),
+    "bench-nproc-zero": (["bench", "--nproc", "0", "placement"], "--nproc must be >= 1, got 0"),
+    "plan-results-missing": (["plan", "--results", "/nonexistent/moe-kernels"], "no such directory"),
+    "plan-validate-results-missing": (["plan", "--validate", "--results", "/nonexistent/x"], "no such directory"),
+    "plan-device-unknown": (["plan", "--device", "FOO", "--results", "{tmp}"], "--device 'FOO': no benchmark results"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISUSE))
+def test_misuse_is_one_line_error(case, capsys, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # `tune` without a GPU, on any machine
+    argv, words = MISUSE[case]
+    assert cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"moe-kernels {argv[0]}: error: ") and words in lines[0], cap.err
+    assert "running:" not in cap.out  # nothing was started
+
+
+def test_plan_device_known_still_runs(capsys, tmp_path):
+    """--device naming a device that has results: no error (the refusal is for devices with none)."""
+    from test_plan import synthetic_results  # noqa: PLC0415
+
+    synthetic_results(str(tmp_path))
+    assert cli.main(["plan", "--gpus", "16", "--results", str(tmp_path), "--device", "Test_GPU"]) == 0
+    assert "Test_GPU" in capsys.readouterr().out
+
+
+def test_misuse_from_the_shell_has_no_traceback():
+    """The installed command itself (python -m moe_kernels.cli): one line, status 2."""
+    import subprocess
+    import sys
+
+    root = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "moe_kernels.cli", "demo", "--tokens", "-5"], capture_output=True,
+                       text=True, cwd=root, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

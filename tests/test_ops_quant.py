@@ -92,3 +92,36 @@ def test_quantize_fp8_large():
     # and x / scale then rounds to the neighbouring e4m3 value: the H100 run saw 2 such elements of 29M.
     n = assert_fp8_close(q, qr)
     print(f"quantize_fp8 4096x7168: {n} elements 1 e4m3 ulp from the CUDA reference")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantize_fp8_nan_spreads_through_its_group_only(dtype, device):
+    """docs/numerics.md: a NaN spreads through its 1x128 group (NaN scale, every value NaN), as in the reference;
+    the other groups are bit-exact. (The kernel's max dropped NaNs: the group came out finite, about 0.)"""
+    x = torch.randn(5, 384, dtype=dtype)
+    x[1, 200] = float("nan")  # row 1, group 1
+    x[3, 0] = float("nan")  # row 3, group 0
+    x, (qr, sr) = x.to(device), R.quantize_fp8(x)
+    q, s = mk.ops.quantize_fp8(x)
+    q, s = q.cpu(), s.cpu()
+    nan_groups = torch.zeros(5, 3, dtype=torch.bool)
+    nan_groups[1, 1] = nan_groups[3, 0] = True
+    assert torch.equal(torch.isnan(sr), nan_groups)  # what the reference defines
+    assert torch.equal(torch.isnan(s), nan_groups)
+    assert torch.isnan(q.float().view(5, 3, 128)[nan_groups]).all()
+    assert not torch.isnan(q.float().view(5, 3, 128)[~nan_groups]).any()
+    assert torch.equal(s[~nan_groups], sr[~nan_groups])
+    assert_fp8_close(q.view(5, 3, 128)[~nan_groups], qr.view(5, 3, 128)[~nan_groups])
+
+
+def test_permute_fp8_nan_spreads_through_its_group_only(device):
+    """The fused quantisation of permute(fp8=True) shares the kernel helper: the same rule."""
+    x = torch.randn(4, 256)
+    x[2, 130] = float("nan")
+    ids = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2]], dtype=torch.int32)
+    p = mk.ops.permute(x.to(device), ids.to(device), 3, fp8=True)
+    rows_of_token2 = (p.token_index.cpu() == 2).nonzero().flatten()
+    nan_scale = torch.isnan(p.scale.cpu())
+    assert nan_scale.sum() == 2 and nan_scale[rows_of_token2, 1].all()  # token 2's group 1, in both its copies
+    assert torch.isnan(p.x.cpu().float()[rows_of_token2, 128:]).all()
+    assert not torch.isnan(p.x.cpu().float()[:, :128]).any()

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._checks import FP8_DTYPE, check_choice, check_int, check_multiple, check_tensor
+from .._checks import FP8_DTYPE, check_choice, check_int, check_tensor
+from ._keep_dtype import apply_keeping_dtype
 
 PRECISIONS = ("fp8", "bf16", "fp32")
 
@@ -46,9 +47,12 @@ class GroupedExperts(nn.Module):
         check_int("hidden_size", hidden_size, lo=1)
         check_int("intermediate_size", intermediate_size, lo=1)
         check_choice("precision", precision, PRECISIONS)
-        check_multiple("hidden_size", hidden_size, 128)
-        if precision == "fp8":
-            check_multiple("intermediate_size", intermediate_size, 128)
+        if precision == "fp8":  # bf16 / fp32 experts take any sizes
+            for name, size in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
+                if size % 128:
+                    raise ValueError(f"precision='fp8' needs {name} to be a multiple of 128 (one scale per "
+                                     f"128x128 weight block and 1x128 activation group), got {size}; "
+                                     f"precision='bf16' or 'fp32' takes any size")
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.precision = precision
         E, H, I = num_experts, hidden_size, intermediate_size
@@ -63,6 +67,13 @@ class GroupedExperts(nn.Module):
             self.w13 = nn.Parameter(torch.randn(E, 2 * I, H, dtype=dt, device=device) * H**-0.5)
             self.w2 = nn.Parameter(torch.randn(E, H, I, dtype=dt, device=device) * I**-0.5)
             self.w13_scale = self.w2_scale = None
+
+    def _apply(self, fn, recurse=True):
+        """Module casts (``.to(dtype)``, ``.half()``, ``.float()``, ``.bfloat16()``) leave FP8 weights e4m3 and
+        their scales fp32; device moves apply to them as to everything else. Parameters (bf16 / fp32 weights) cast."""
+        e4m3 = ("w13", "w2", "w13_scale", "w2_scale") if getattr(self, "w13", None) is not None and \
+            self.w13.dtype == FP8_DTYPE else ()
+        return apply_keeping_dtype(self, fn, recurse, e4m3, super()._apply)
 
     def extra_repr(self) -> str:
         return (

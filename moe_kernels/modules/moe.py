@@ -11,7 +11,8 @@ from .router import TopKRouter
 
 
 class MoELayer(nn.Module):
-    """A drop-in Mixture-of-Experts block for tokens of ``hidden_size`` (any multiple of 128; tuned for 7168).
+    """A drop-in Mixture-of-Experts block for tokens of ``hidden_size`` (tuned for 7168; FP8 needs hidden and
+    intermediate sizes that are multiples of 128, bf16 / fp32 take any).
 
     Arguments follow DeepSeek-V3's configuration names; see ``TopKRouter`` for the routing ones and
     ``GroupedExperts`` for ``precision``. ``n_shared_experts`` adds a dense SwiGLU MLP of

@@ -6,6 +6,8 @@ from torch import nn
 
 from .. import ops
 from .._checks import check_choice, check_int, check_number, check_routing_args, check_tensor
+from ..ops.routing import MAX_EXPERTS, MAX_TOP_K
+from ._keep_dtype import apply_keeping_dtype
 
 BALANCE_RULES = (None, "adaptive", "bias")
 
@@ -49,8 +51,10 @@ class TopKRouter(nn.Module):
         super().__init__()
         check_int("hidden_size", hidden_size, lo=1)
         check_routing_args(num_experts, top_k, n_group, topk_group)
-        if top_k > 8:
-            raise ValueError(f"top_k must be <= 8, got {top_k}")
+        if num_experts > MAX_EXPERTS:  # the routing kernel's limit: say so here, not at the first forward
+            raise ValueError(f"num_experts must be <= {MAX_EXPERTS} (the routing kernel's limit), got {num_experts}")
+        if top_k > MAX_TOP_K:
+            raise ValueError(f"top_k must be <= {MAX_TOP_K}, got {top_k}")
         check_choice("scoring", scoring, ("softmax", "sigmoid"))
         check_choice("balance", balance, BALANCE_RULES)
         if not 0.1 <= alpha <= 0.3:
@@ -67,6 +71,11 @@ class TopKRouter(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
         self.register_buffer("load", torch.zeros(num_experts, dtype=torch.float32, device=device))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
+
+    def _apply(self, fn, recurse=True):
+        """Module casts (``.to(torch.bfloat16)``, ``.half()``) cast the gate, but the load monitor stays fp32 (an EMA
+        of token counts in bf16 stops moving once counts pass 256); device moves apply to everything."""
+        return apply_keeping_dtype(self, fn, recurse, ("load",), super()._apply)
 
     def extra_repr(self) -> str:
         return (

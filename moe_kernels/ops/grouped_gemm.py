@@ -766,6 +766,10 @@ def expert_mlp(x, x_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight=No
     fp8 = w13_scale is not None
     check_tensor("x", x, ndim=2)
     check_tensor("w13", w13, ndim=3, device=x.device)
+    if not fp8 and (x.dtype == FP8_DTYPE or w13.dtype == FP8_DTYPE):  # name the missing scale, not x's dtype
+        what = "x" if x.dtype == FP8_DTYPE else "w13"
+        raise TypeError(f"w13_scale is None but {what} is float8_e4m3fn: the FP8 path needs w13_scale and w2_scale "
+                        f"(the weights' 128x128 block scales) and x_scale (1x128); the bf16 path none")
     check_tensor("w2", w2, ndim=3, device=w13.device)
     E, two_i, H = w13.shape
     I = two_i // 2
@@ -798,7 +802,7 @@ def expert_mlp_fp8_ste(x, offsets, w13, w13_scale, w2, w2_scale) -> torch.Tensor
     check_multiple("x.shape[1] (hidden size)", x.shape[1], SCALE_BLOCK)
     # the FP8 path's own checks, on an empty e4m3 stand-in for the quantised rows
     xq = x.new_empty(0, x.shape[1], dtype=FP8_DTYPE)
-    _check_fp8_operands(xq, x.new_empty(0, x.shape[1] // SCALE_BLOCK), w13, w13_scale,
+    _check_fp8_operands(xq, x.new_empty(0, x.shape[1] // SCALE_BLOCK, dtype=torch.float32), w13, w13_scale,
                         names=("x", "x_scale", "w13", "w13_scale"))
     E, two_i, H = w13.shape
     check_tensor("w2", w2, dtype=FP8_DTYPE, shape=(E, H, two_i // 2), device=x.device)

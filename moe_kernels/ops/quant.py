@@ -12,6 +12,7 @@ from ._common import interpret_mode, use_triton
 
 __all__ = [
     "quantize_fp8", "quantize_weight_fp8", "E4M3_MAX", "AMAX_FLOOR", "UPCAST_DOT", "to_e4m3_rne", "quantize_groups",
+    "group_amax",
 ]
 
 E4M3_MAX = tl.constexpr(FP8_MAX)
@@ -36,13 +37,32 @@ def to_e4m3_rne(v):
     """
     if not EMULATE_RNE:
         return v
-    v = tl.minimum(tl.maximum(v, -E4M3_MAX), E4M3_MAX)
+    v = tl.minimum(tl.maximum(v, -E4M3_MAX, propagate_nan=tl.PropagateNan.ALL), E4M3_MAX,
+                   propagate_nan=tl.PropagateNan.ALL)
     bits = v.to(tl.int32, bitcast=True)
     exp = tl.maximum((bits >> 23) & 0xFF, 127 - 6)
     ulp = ((exp - 3) << 23).to(tl.float32, bitcast=True)
     inv_ulp = ((254 - (exp - 3)) << 23).to(tl.float32, bitcast=True)
     magic = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |x| < 2^22 to an integer, ties to even
-    return ((v * inv_ulp + magic) - magic) * ulp
+    rounded = ((v * inv_ulp + magic) - magic) * ulp
+    # NaN stays NaN (as cvt.rn.satfinite keeps it). The interpreter's cast clamps the exponent and keeps the top 3
+    # mantissa bits (+1 when the next bit is set): the NaN 0x7FF00000 (mantissa 111 then 0s) lands on e4m3's NaN
+    # (0x7F), where other NaNs land on 256, 384 or 448
+    nan = tl.full(v.shape, 0x7FF00000, tl.int32).to(tl.float32, bitcast=True)
+    return tl.where(v != v, nan, rounded)
+
+
+@triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def group_amax(x, axis: tl.constexpr):
+    """max |x| along ``axis``, at least AMAX_FLOOR, and NaN where the group holds a NaN (as the reference's
+    ``amax``: tl.max and tl.maximum drop NaNs). A NaN amax makes the group's scale and every value of it NaN."""
+    amax = tl.reduce(tl.abs(x), axis, _max_keep_nan)
+    return tl.maximum(amax, AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -51,9 +71,9 @@ def quantize_groups(x):
 
     scale = max(amax, 1e-10) / 448; q = rne(clamp(x / scale, +-448)), the clamp and rounding by to_e4m3_rne and the
     cast. Both divisions are IEEE-rounded (tl.fdiv(..., ieee_rounding=True)): Triton's plain fp32 "/" is an
-    approximate division on NVIDIA GPUs.
+    approximate division on NVIDIA GPUs. A group holding a NaN gets a NaN scale and NaN values (the reference's).
     """
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)  # all-zero groups get a tiny, finite scale
+    amax = group_amax(x, 1)  # all-zero groups get a tiny, finite scale
     scale = tl.fdiv(amax, tl.full(amax.shape, E4M3_MAX, tl.float32), ieee_rounding=True)
     scaled = tl.fdiv(x, tl.broadcast_to(scale[:, None], x.shape), ieee_rounding=True)
     return to_e4m3_rne(scaled), scale
