@@ -493,8 +493,8 @@ reject("latent-x-device", TypeError, r"w must be on meta")(lambda: latent(x=torc
 
 reject("decode-q-dtype", TypeError, r"q_latent must have dtype")(
     lambda: decode(q_latent=torch.ones(2, 4, 64, dtype=torch.int32)))
-reject("decode-q-ndim", ValueError, r"q_latent must be 3-D")(lambda: decode(q_latent=torch.randn(2, 64)))
-reject("decode-q_rope-shape", ValueError, r"q_rope must have shape \[2, 4, R\]")(
+reject("decode-q-ndim", ValueError, r"q_latent must be \[B, h, C\] or \[B, s_q, h, C\]")(lambda: decode(q_latent=torch.randn(2, 64)))
+reject("decode-q_rope-shape", ValueError, r"q_rope must have shape \[2, 4, '?R'?\]")(
     lambda: decode(q_rope=torch.randn(2, 3, 16)))
 reject("decode-q_rope-dtype", TypeError, r"q_rope must have dtype float32")(
     lambda: decode(q_rope=torch.randn(2, 4, 16, dtype=torch.bfloat16)))
