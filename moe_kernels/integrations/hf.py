@@ -1,28 +1,79 @@
 """Swapping HuggingFace transformers blocks for moe_kernels modules.
 
-Supported: DeepseekV3MoE, DeepseekV3Attention (DeepSeek-V3 / R1 / Kimi-K2 shaped models), MixtralSparseMoeBlock,
-Qwen2MoeSparseMoeBlock/Qwen3MoeSparseMoeBlock when their routers are plain softmax top-k. Weights are read in the
-layouts of transformers 5 (fused ``gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I]) and of earlier releases
-(a ModuleList of per-expert MLPs with ``gate_proj/up_proj/down_proj`` or Mixtral's ``w1/w3/w2``), and DeepSeek's
-FP8 checkpoints (e4m3 ``weight`` with its ``weight_scale_inv``) are taken as they are.
+Supported MoE blocks (``SUPPORTED_MOE``; each checked against the unpatched model in tests/test_hf_*.py):
+
+==================  ==========================  =====================================================================
+family              HF block                    routing -> our layer
+==================  ==========================  =====================================================================
+DeepSeek-V3 / R1    DeepseekV3MoE               sigmoid, group-limited (best-two sum), bias, norm, scale; shared
+Kimi-K2, GLM-4.5    Glm4MoeMoE                  as DeepSeek-V3
+DeepSeek-V2         DeepseekV2Moe               softmax, greedy (no norm), scale; shared experts
+Mixtral             MixtralSparseMoeBlock       softmax top-k, renormalised
+Qwen3-MoE / OLMoE   Qwen3Moe / Olmoe...Block    softmax top-k, norm_topk_prob as configured
+Qwen2-MoE           Qwen2MoeSparseMoeBlock      softmax top-k; shared expert gated by sigmoid(x . g) (FamilyMoELayer)
+Llama 4             Llama4TextMoe               sigmoid of the top-k logits applied to the experts' input; shared
+==================  ==========================  =====================================================================
+
+and MLA attention: DeepseekV3Attention, DeepseekV2Attention. Refused with a reason (``REFUSED_MOE``): GPT-OSS
+(biased, clamped SwiGLU), PhiMoE (sparsemixer routing); DeepSeek-V2's ``group_limited_greedy`` (groups scored by
+their best expert); any expert activation other than SiLU (the kernels compute SwiGLU = silu(gate) * up). Any
+other module with ``experts`` and a router is reported as not supported.
+
+Weights are read in the layouts of transformers 5 (fused ``gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I];
+Llama 4's transposed [E, H, 2I] / [E, I, H]) and of earlier releases (a ModuleList of per-expert MLPs with
+``gate_proj/up_proj/down_proj`` or Mixtral's ``w1/w3/w2``), and DeepSeek's FP8 checkpoints (e4m3 ``weight`` with
+its ``weight_scale_inv``) are taken as they are.
+
+Importing this module registers ``moe_from_hf`` / ``mla_from_hf`` as the "hf" converters of ``MoELayer`` /
+``MultiHeadLatentAttention`` (``modules.converters``), which their ``from_hf`` classmethods call.
 """
 from __future__ import annotations
 
+import logging
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._checks import FP8_DTYPE
+from ..modules.converters import register_converter
 from ..modules.mla import MultiHeadLatentAttention
 from ..modules.moe import MoELayer
+from .layers import FamilyMoELayer
 
-__all__ = ["moe_from_hf", "mla_from_hf", "patch_model", "SUPPORTED_MOE", "SUPPORTED_ATTENTION"]
+__all__ = ["moe_from_hf", "mla_from_hf", "patch_model", "PatchReport", "UnsupportedModule", "SUPPORTED_MOE",
+           "SUPPORTED_ATTENTION", "REFUSED_MOE"]
 
-SUPPORTED_MOE = ("DeepseekV3MoE", "MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock")
-SUPPORTED_ATTENTION = ("DeepseekV3Attention",)
+logger = logging.getLogger("moe_kernels")
+
+# HF block class -> family (as the README's table names it)
+SUPPORTED_MOE = {
+    "DeepseekV3MoE": "DeepSeek-V3", "Glm4MoeMoE": "GLM-4.5 (GLM4-MoE)", "DeepseekV2Moe": "DeepSeek-V2",
+    "MixtralSparseMoeBlock": "Mixtral", "Qwen3MoeSparseMoeBlock": "Qwen3-MoE", "OlmoeSparseMoeBlock": "OLMoE",
+    "Qwen2MoeSparseMoeBlock": "Qwen2-MoE", "Llama4TextMoe": "Llama 4",
+}
+SUPPORTED_ATTENTION = {"DeepseekV3Attention": "DeepSeek-V3 MLA", "DeepseekV2Attention": "DeepSeek-V2 MLA"}
+REFUSED_MOE = {
+    "GptOssMLP": "GPT-OSS experts are not a plain SwiGLU: biased projections, interleaved gate/up columns, "
+                 "gate and up clamped to swiglu_limit, gate * sigmoid(alpha * gate) * (up + 1); the kernels compute "
+                 "silu(x W1) * (x W3) W2 without bias or clamp",
+    "PhimoeSparseMoeBlock": "PhiMoE routes with sparsemixer (each expert's weight a softmax over the logits within "
+                            "a jitter threshold of its maximum, Gumbel-sampled experts in training), which the "
+                            "kernels' softmax / sigmoid top-k cannot reproduce",
+}
+_SOFTMAX_TOPK = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock")
+_SIGMOID_GROUPED = ("DeepseekV3MoE", "Glm4MoeMoE")
+
+
+class UnsupportedModule(TypeError):
+    """A HF module that looks like an MoE block (or MLA) but cannot be swapped; the message says why."""
 
 
 def _linear_weight(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, weight_scale_inv or None) of a Linear-like module."""
+    if getattr(m, "bias", None) is not None:
+        raise UnsupportedModule(f"{type(m).__name__} has a bias; the expert kernels have none")
     w = m.weight.detach()
     s = getattr(m, "weight_scale_inv", None)
     return w, (s.detach() if s is not None else None)
@@ -36,19 +87,76 @@ def _mlp_weights(mlp: nn.Module):
             (wg, sg), (wu, su), (wd, sd) = (_linear_weight(getattr(mlp, n)) for n in (g, u, d))
             s13 = torch.cat([sg, su], 0) if sg is not None else None
             return torch.cat([wg, wu], 0), wd, s13, sd
-    raise TypeError(f"unsupported MLP {type(mlp).__name__}: expected gate_proj/up_proj/down_proj or w1/w3/w2")
+    raise UnsupportedModule(f"unsupported MLP {type(mlp).__name__}: expected gate_proj/up_proj/down_proj or w1/w3/w2")
 
 
-def _expert_weights(experts: nn.Module):
-    """All routed experts -> (w13 [E, 2I, H], w2 [E, H, I], w13_scale | None, w2_scale | None)."""
+def _expert_weights(experts: nn.Module, transposed: bool = False):
+    """All routed experts -> (w13 [E, 2I, H], w2 [E, H, I], w13_scale | None, w2_scale | None).
+
+    ``transposed``: the fused parameters are stored [E, H, 2I] / [E, I, H] (Llama 4)."""
     if hasattr(experts, "gate_up_proj"):  # transformers >= 5: fused 3-D parameters
+        if getattr(experts, "gate_up_proj_bias", None) is not None or getattr(experts, "down_proj_bias", None) \
+                is not None:
+            raise UnsupportedModule("the experts' projections have biases; the expert kernels have none")
+        w13, w2 = experts.gate_up_proj.detach(), experts.down_proj.detach()
+        if transposed:
+            if w13.dtype == FP8_DTYPE:
+                raise UnsupportedModule("FP8 weights in the transposed expert layout are not supported")
+            return w13.transpose(1, 2), w2.transpose(1, 2), None, None
         s13 = getattr(experts, "gate_up_proj_scale_inv", None)
         s2 = getattr(experts, "down_proj_scale_inv", None)
-        return experts.gate_up_proj.detach(), experts.down_proj.detach(), s13, s2
+        return w13, w2, s13, s2
     per = [_mlp_weights(e) for e in experts]
     w13, w2, s13, s2 = zip(*per)
     stack = lambda ts: torch.stack(ts) if ts[0] is not None else None  # noqa: E731
     return torch.stack(w13), torch.stack(w2), stack(s13), stack(s2)
+
+
+_PROBE = torch.linspace(-8.0, 8.0, 161, dtype=torch.float64)
+
+
+def _is_silu(act) -> bool:
+    """Whether the callable computes x * sigmoid(x) (checked on values, so any class or function HF uses)."""
+    try:
+        y = act(_PROBE)
+    except Exception:  # noqa: BLE001 (anything that cannot even run on a tensor is not SiLU)
+        return False
+    return isinstance(y, torch.Tensor) and y.shape == _PROBE.shape and torch.allclose(y, F.silu(_PROBE),
+                                                                                        rtol=1e-6, atol=1e-9)
+
+
+def _activations(module: nn.Module):
+    """(where, activation callable) of every expert MLP in an HF MoE block."""
+    found = []
+    for where in ("experts", "shared_experts", "shared_expert"):
+        sub = getattr(module, where, None)
+        if sub is None:
+            continue
+        subs = list(sub) if isinstance(sub, nn.ModuleList) else [sub]
+        for i, m in enumerate(subs):
+            for attr in ("act_fn", "activation_fn", "act"):
+                act = getattr(m, attr, None)
+                if act is not None:
+                    found.append((f"{where}[{i}]" if len(subs) > 1 else where, act))
+                    break
+    return found
+
+
+def _check_activation(module: nn.Module) -> None:
+    """Refuse a block whose experts' activation is not SiLU, naming the activation."""
+    cfg = getattr(module, "config", None)
+    cfg_act = getattr(cfg, "hidden_act", None)
+    acts = _activations(module)
+    if not acts:
+        if cfg_act in ("silu", "swish"):
+            return
+        raise UnsupportedModule(f"cannot tell the experts' activation (no act_fn, hidden_act={cfg_act!r}); the "
+                                f"kernels compute SwiGLU = silu(gate) * up")
+    for where, act in acts:
+        if not _is_silu(act):
+            name = cfg_act if cfg_act is not None else type(act).__name__
+            raise UnsupportedModule(f"{where} use the activation {name!r} ({type(act).__name__}), not SiLU: the "
+                                    f"kernels compute SwiGLU = silu(gate) * up only")
 
 
 def _pick_precision(precision: str | None, w: torch.Tensor) -> str:
@@ -59,41 +167,101 @@ def _pick_precision(precision: str | None, w: torch.Tensor) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16"}.get(w.dtype, "bf16")
 
 
+def _router(module: nn.Module) -> tuple[str, nn.Module]:
+    for name in ("gate", "router"):
+        r = getattr(module, name, None)
+        if isinstance(r, nn.Module) and getattr(r, "weight", None) is not None:
+            return name, r
+    raise UnsupportedModule(f"{type(module).__name__} has no router (gate / router with a weight)")
+
+
+def _attr(objs, *names, default=None):
+    """The first of ``names`` found on any of ``objs`` (the router, then the block, then its config)."""
+    for o in objs:
+        for n in names:
+            v = getattr(o, n, None) if o is not None else None
+            if v is not None:
+                return v
+    return default
+
+
+def _routing(module: nn.Module, gate: nn.Module) -> dict:
+    """The routing keyword arguments of MoELayer (and FamilyMoELayer's weights_on_input) for one HF block."""
+    kind = type(module).__name__
+    src = (gate, module, getattr(module, "config", None))
+    top_k = _attr(src, "top_k", "num_experts_per_tok")
+    if kind in _SIGMOID_GROUPED:
+        if getattr(gate, "bias", None) is not None:
+            raise UnsupportedModule(f"{kind}'s router has a bias term")
+        return dict(top_k=top_k, scoring="sigmoid", n_group=_attr(src, "num_group", "n_group", default=1),
+                    topk_group=_attr(src, "topk_group", default=1),
+                    norm_topk_prob=bool(_attr(src, "norm_topk_prob", default=True)),
+                    routed_scaling_factor=float(_attr(src, "routed_scaling_factor", default=1.0)))
+    if kind == "DeepseekV2Moe":
+        method = _attr(src, "topk_method", default="greedy")
+        n_group, topk_group = _attr(src, "num_group", "n_group", default=1), _attr(src, "topk_group", default=1)
+        if method == "group_limited_greedy" and n_group and topk_group and 1 < n_group and topk_group < n_group:
+            raise UnsupportedModule("DeepSeek-V2's group_limited_greedy routing scores a group by its best expert; "
+                                    "the routing kernel scores it by its best two (DeepSeek-V3's rule)")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise UnsupportedModule(f"DeepSeek-V2 topk_method {method!r} is not supported")
+        return dict(top_k=top_k, scoring="softmax", norm_topk_prob=False,
+                    routed_scaling_factor=float(_attr(src, "routed_scaling_factor", default=1.0)))
+    if kind in _SOFTMAX_TOPK:
+        norm = True if kind == "MixtralSparseMoeBlock" else bool(_attr(src, "norm_topk_prob", default=False))
+        return dict(top_k=top_k, scoring="softmax", norm_topk_prob=norm)
+    if kind == "Llama4TextMoe":  # top-k of the logits = top-k of their sigmoid; weights sigmoid(logit), unnormalised
+        return dict(top_k=top_k, scoring="sigmoid", norm_topk_prob=False, weights_on_input=True)
+    if kind in REFUSED_MOE:
+        raise UnsupportedModule(REFUSED_MOE[kind])
+    raise UnsupportedModule(f"unsupported MoE block {kind}; supported: {', '.join(SUPPORTED_MOE)}")
+
+
+def _shared(module: nn.Module):
+    """(shared MLP module or None, its sigmoid gate Linear or None)."""
+    shared = getattr(module, "shared_experts", None)
+    if shared is None:
+        shared = getattr(module, "shared_expert", None)
+    gate = getattr(module, "shared_expert_gate", None)
+    if gate is not None and (getattr(gate, "bias", None) is not None or gate.weight.shape[0] != 1):
+        raise UnsupportedModule("shared_expert_gate must be a Linear(H, 1) without bias")
+    return shared, gate
+
+
 @torch.no_grad()
 def moe_from_hf(module: nn.Module, precision: str | None = None) -> MoELayer:
-    """MoELayer with the weights of a HF MoE block. precision None keeps the block's own weight dtype."""
+    """A MoELayer (or its ``FamilyMoELayer`` variant) with the weights of a HF MoE block.
+
+    ``precision``: "fp8" / "bf16" / "fp32", or None to keep the block's own expert weight dtype (FP8 checkpoint
+    weights stay FP8). Raises ``UnsupportedModule`` (a TypeError) naming why a block cannot be taken.
+    """
     kind = type(module).__name__
-    gate = module.gate
+    if kind in REFUSED_MOE:
+        raise UnsupportedModule(REFUSED_MOE[kind])
+    if kind not in SUPPORTED_MOE:
+        raise UnsupportedModule(f"unsupported MoE block {kind}; supported: {', '.join(SUPPORTED_MOE)}")
+    _, gate = _router(module)
+    kw = _routing(module, gate)
+    _check_activation(module)
     router_w = gate.weight.detach()
     E, H = router_w.shape
-    w13, w2, s13, s2 = _expert_weights(module.experts)
+    w13, w2, s13, s2 = _expert_weights(module.experts, transposed=kind == "Llama4TextMoe")
     I = w2.shape[-1]
     precision = _pick_precision(precision, w13)
-    kw: dict = {}
-    if kind == "DeepseekV3MoE":
-        cfg = module.config
-        kw = dict(
-            top_k=cfg.num_experts_per_tok, scoring="sigmoid", n_group=cfg.n_group, topk_group=cfg.topk_group,
-            norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
-        )
-    elif kind in SUPPORTED_MOE:
-        top_k = getattr(gate, "top_k", None) or getattr(module, "top_k")
-        norm = getattr(gate, "norm_topk_prob", getattr(module, "norm_topk_prob", True))
-        kw = dict(top_k=top_k, scoring="softmax", norm_topk_prob=norm)
-        if getattr(module, "shared_expert_gate", None) is not None:
-            raise TypeError(f"{kind} with a gated shared expert is not supported")
+    shared, shared_gate = _shared(module)
+    shared_w = _mlp_weights(shared) if shared is not None else None
+    Is = shared_w[1].shape[-1] if shared_w is not None else 0
+    dtype = router_w.dtype if router_w.dtype != FP8_DTYPE else torch.bfloat16
+    common = dict(hidden_size=H, intermediate_size=I, num_experts=E, precision=precision, device=router_w.device,
+                  dtype=dtype)
+    if kw.get("weights_on_input") or shared_gate is not None or Is % I:
+        layer = FamilyMoELayer(shared_intermediate_size=Is, shared_gate=shared_gate is not None, **common, **kw)
+        shared_dst = layer.shared_expert
+        if shared_gate is not None:
+            layer.shared_expert_gate.weight.copy_(shared_gate.weight)
     else:
-        raise TypeError(f"unsupported MoE block {kind}; supported: {', '.join(SUPPORTED_MOE)}")
-
-    shared = getattr(module, "shared_experts", None)
-    n_shared, shared_w = 0, None
-    if shared is not None:
-        shared_w = _mlp_weights(shared)
-        n_shared = shared_w[1].shape[-1] // I
-    layer = MoELayer(
-        hidden_size=H, intermediate_size=I, num_experts=E, precision=precision, n_shared_experts=n_shared,
-        device=router_w.device, dtype=router_w.dtype if router_w.dtype != FP8_DTYPE else torch.bfloat16, **kw,
-    )
+        layer = MoELayer(n_shared_experts=Is // I, **common, **kw)
+        shared_dst = layer.shared_experts
     layer.gate.weight.copy_(router_w)
     bias = getattr(gate, "e_score_correction_bias", None)
     if bias is not None:
@@ -102,7 +270,7 @@ def moe_from_hf(module: nn.Module, precision: str | None = None) -> MoELayer:
     if shared_w is not None:
         w13s, w2s, s13s, s2s = shared_w
         unsq = lambda t: t.unsqueeze(0) if t is not None else None  # noqa: E731
-        layer.shared_experts.load_weights(w13s.unsqueeze(0), w2s.unsqueeze(0), unsq(s13s), unsq(s2s))
+        shared_dst.load_weights(w13s.unsqueeze(0), w2s.unsqueeze(0), unsq(s13s), unsq(s2s))
     return layer.train(module.training)
 
 
@@ -123,12 +291,17 @@ def _rope_parameters(config, device):
 
 @torch.no_grad()
 def mla_from_hf(module: nn.Module) -> MultiHeadLatentAttention:
+    """A MultiHeadLatentAttention with the weights of a HF ``DeepseekV3Attention`` / ``DeepseekV2Attention``.
+    DeepSeek-V2's interleaved (complex) RoPE is the rope_interleave=True layout (q.k is the same)."""
+    kind = type(module).__name__
+    if kind not in SUPPORTED_ATTENTION:
+        raise UnsupportedModule(f"unsupported attention {kind}; supported: {', '.join(SUPPORTED_ATTENTION)}")
     cfg = module.config
     ref = module.kv_a_proj_with_mqa.weight
     if ref.dtype == FP8_DTYPE:
-        raise TypeError("FP8 attention weights are not supported yet: dequantise them first")
+        raise UnsupportedModule("FP8 attention weights are not supported yet: dequantise them first")
     if getattr(module.kv_a_proj_with_mqa, "bias", None) is not None:
-        raise TypeError("MLA with attention_bias=True is not supported")
+        raise UnsupportedModule("MLA with attention_bias=True is not supported")
     mla = MultiHeadLatentAttention(
         hidden_size=cfg.hidden_size, num_heads=module.num_heads, q_lora_rank=module.q_lora_rank,
         kv_lora_rank=module.kv_lora_rank, qk_nope_head_dim=module.qk_nope_head_dim,
@@ -146,11 +319,16 @@ def mla_from_hf(module: nn.Module) -> MultiHeadLatentAttention:
     return mla.train(module.training)
 
 
-class HFMLAAttention(nn.Module):
-    """Adapter with DeepseekV3Attention's call signature around a MultiHeadLatentAttention.
+register_converter(MoELayer, "hf", moe_from_hf)
+register_converter(MultiHeadLatentAttention, "hf", mla_from_hf)
 
-    Takes the model's cos/sin (``position_embeddings``), its attention mask and its cache object, so that
-    ``generate`` works unchanged; returns ``(output, None)`` as HF attention modules do.
+
+class HFMLAAttention(nn.Module):
+    """Adapter with DeepseekV3Attention's / DeepseekV2Attention's call signature around a MultiHeadLatentAttention.
+
+    Takes the model's position embeddings (DeepSeek-V3's (cos, sin), each [B, S, rope] = cat(freqs, freqs), or
+    DeepSeek-V2's complex freqs_cis [B, S, rope/2]), its attention mask and its cache object, so that ``generate``
+    works unchanged; returns ``(output, None)`` as HF attention modules do.
     """
 
     def __init__(self, mla: MultiHeadLatentAttention, layer_idx: int):
@@ -158,15 +336,20 @@ class HFMLAAttention(nn.Module):
         self.mla = mla
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, cache=None,
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None,
                 **kwargs):
         m = self.mla
         # transformers renamed the cache argument `past_key_values` -> `cache` (5.2x); take either
         past_key_values = cache if cache is not None else past_key_values
         B, S, _ = hidden_states.shape
-        cos, sin = position_embeddings
-        half = m.qk_rope_head_dim // 2
-        cos, sin = cos[..., :half].float(), sin[..., :half].float()  # HF's are cat(freqs, freqs)
+        if position_embeddings is None:
+            raise ValueError("HFMLAAttention needs the model's position_embeddings")
+        if isinstance(position_embeddings, torch.Tensor) and position_embeddings.is_complex():  # DeepSeek-V2
+            cos, sin = position_embeddings.real.float(), position_embeddings.imag.float()
+        else:
+            cos, sin = position_embeddings
+            half = m.qk_rope_head_dim // 2
+            cos, sin = cos[..., :half].float(), sin[..., :half].float()  # HF's are cat(freqs, freqs)
         q_nope, q_rope, c_kv, k_rope = m.latents(hidden_states, cos, sin)
         if past_key_values is not None:
             dt = hidden_states.dtype
@@ -179,15 +362,18 @@ class HFMLAAttention(nn.Module):
 
 def _router_logits_module(router_cls: type, gate) -> nn.Module | None:
     """A module that transformers' output recorder takes for the block's router (an instance of a subclass of
-    HF's router class, holding no parameter of its own): its forward returns (router logits [tokens, E],) from our
-    gate's weight, differentiably, so ``output_router_logits`` and the load-balancing loss of Mixtral / Qwen-MoE
-    training work on a patched model. None for a router that is a plain Linear (transformers < 5)."""
+    HF's router class, holding no parameter of its own): its forward returns (router logits [tokens, E],) * 2 from
+    our gate's weight, differentiably (the recorders read index 0, Llama 4's index 1), so ``output_router_logits``
+    and the load-balancing loss of Mixtral / Qwen-MoE training work on a patched model. None for a router that is a
+    plain Linear (transformers < 5)."""
     if router_cls is nn.Linear or not issubclass(router_cls, nn.Module):
         return None
 
     def forward(self, hidden_states):
         g = self._gate
-        return (torch.nn.functional.linear(hidden_states.reshape(-1, g.hidden_size), g.weight),)
+        dt = torch.promote_types(hidden_states.dtype, g.weight.dtype)  # fp32 routers (DeepSeek) compute in fp32
+        logits = F.linear(hidden_states.reshape(-1, g.hidden_size).to(dt), g.weight.to(dt))
+        return logits, logits
 
     # what HF code reads off its router (its _init_weights, router statistics) is our gate's, not a copy
     views = {"weight": property(lambda self: self._gate.weight),
@@ -195,6 +381,8 @@ def _router_logits_module(router_cls: type, gate) -> nn.Module | None:
              "top_k": property(lambda self: self._gate.top_k),
              "num_experts": property(lambda self: self._gate.num_experts),
              "hidden_dim": property(lambda self: self._gate.hidden_size)}
+    if issubclass(router_cls, nn.Linear):  # Llama 4's router: HF's Linear init reads .bias
+        views["bias"] = property(lambda self: None)
     cls = type(f"{router_cls.__name__}Logits", (router_cls,), {"forward": forward, "__module__": __name__, **views})
     m = cls.__new__(cls)
     nn.Module.__init__(m)
@@ -205,36 +393,132 @@ def _router_logits_module(router_cls: type, gate) -> nn.Module | None:
 class HFMoEBlock(nn.Module):
     """Adapter: a MoELayer where HF calls its MoE block (same input, same output).
 
-    ``router_cls``: the HF block's router class. transformers records router logits (``output_router_logits``,
-    the auxiliary load-balancing loss) by hooking modules of that class, so the adapter keeps one (``gate``) and
-    runs it when such a hook is installed: one extra [tokens, E] GEMM, differentiable into our gate's weight.
+    ``router_cls``: the HF block's router class, kept under its HF name ``router_name`` ("gate" or "router").
+    transformers records router logits (``output_router_logits``, the auxiliary load-balancing loss) by hooking
+    modules of that class, so the adapter keeps one and runs it when such a hook is installed: one extra
+    [tokens, E] GEMM, differentiable into our gate's weight. ``returns_logits``: the HF block returns
+    ``(output, router_logits)`` (Llama 4), so this adapter does too.
     """
 
-    def __init__(self, moe: MoELayer, router_cls: type | None = None):
+    def __init__(self, moe: MoELayer, router_cls: type | None = None, router_name: str = "gate",
+                 returns_logits: bool = False):
         super().__init__()
         self.moe = moe
-        self.gate = _router_logits_module(router_cls, moe.gate) if router_cls is not None else None
+        self.router_name = router_name
+        self.returns_logits = returns_logits
+        router = _router_logits_module(router_cls, moe.gate) if router_cls is not None else None
+        setattr(self, router_name, router)
 
     def forward(self, hidden_states):
-        if self.gate is not None and self.gate._forward_hooks:
-            self.gate(hidden_states)  # for transformers' recorder; the layer routes with its own kernel
-        return self.moe(hidden_states)
+        router = getattr(self, self.router_name)
+        logits = None
+        if router is not None and (router._forward_hooks or self.returns_logits):
+            logits = router(hidden_states)[0]  # for transformers' recorder; the layer routes with its own kernel
+        out = self.moe(hidden_states)
+        return (out, logits) if self.returns_logits else out
 
 
-def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool = True) -> int:
-    """Swap every supported MoE block (and, with ``attention``, every MLA attention) in place; returns how many.
+class Swap(NamedTuple):
+    name: str  # the module's path in the model
+    kind: str  # its HF class
+    family: str
+
+
+class Skip(NamedTuple):
+    name: str
+    kind: str
+    reason: str
+
+
+class PatchReport(int):
+    """What ``patch_model`` did. An ``int`` (the number of modules swapped), so ``n = patch_model(model)``,
+    ``assert patch_model(model) == 5`` and arithmetic keep working for callers that used the count; it also carries
+    ``swapped`` (a list of ``Swap(name, kind, family)``) and ``skipped`` (``Skip(name, kind, reason)`` for every
+    MoE- or MLA-looking module left as it was). ``str(report)`` is a readable summary."""
+
+    swapped: list
+    skipped: list
+
+    def __new__(cls, swapped: list, skipped: list):
+        obj = super().__new__(cls, len(swapped))
+        obj.swapped, obj.skipped = list(swapped), list(skipped)
+        return obj
+
+    def __repr__(self) -> str:
+        return f"PatchReport(swapped={len(self.swapped)}, skipped={len(self.skipped)})"
+
+    def __str__(self) -> str:
+        lines = [f"patch_model: swapped {len(self.swapped)}, skipped {len(self.skipped)}"]
+        lines += [f"  swapped {s.name or '<model>'} ({s.kind}, {s.family})" for s in self.swapped]
+        lines += [f"  skipped {s.name or '<model>'} ({s.kind}): {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def _looks_like_moe(mod: nn.Module) -> bool:
+    experts = getattr(mod, "experts", None)
+    return isinstance(experts, nn.Module) and any(isinstance(getattr(mod, n, None), nn.Module)
+                                                  for n in ("gate", "router"))
+
+
+def _looks_like_mla(mod: nn.Module) -> bool:
+    return isinstance(getattr(mod, "kv_a_proj_with_mqa", None), nn.Module) and hasattr(mod, "kv_b_proj")
+
+
+def _convert(mod: nn.Module, kind: str, precision: str | None) -> nn.Module:
+    if kind in SUPPORTED_ATTENTION:
+        return HFMLAAttention(mla_from_hf(mod), mod.layer_idx)
+    name, router = _router(mod)
+    return HFMoEBlock(moe_from_hf(mod, precision), type(router), name, returns_logits=kind == "Llama4TextMoe")
+
+
+def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool = True,
+                strict: bool = False) -> PatchReport:
+    """Swap every supported MoE block (and, with ``attention``, every MLA attention) in place.
 
     ``precision``: "fp8" (block-scaled e4m3 experts), "bf16"/"fp32", or None to keep each block's weight dtype.
+    ``strict``: raise (``UnsupportedModule``, a TypeError, or the layer's ValueError, naming the module and why) on
+    the first MoE- or MLA-looking module that cannot be taken, before anything is swapped; otherwise such modules
+    are left as they are and reported.
+
+    Returns a ``PatchReport``: an int (how many modules were swapped) with ``.swapped`` / ``.skipped`` lists. Each
+    swap is logged at INFO and each skip at WARNING on the "moe_kernels" logger (Python prints warnings to stderr
+    when logging is not configured).
     """
-    swaps = []
+    swaps, swapped, skipped = [], [], []
+    taken: list[str] = []  # modules swapped or skipped: their submodules are theirs
     for name, mod in model.named_modules():
+        if any(name.startswith(t + ".") for t in taken):
+            continue
         kind = type(mod).__name__
-        if kind in SUPPORTED_MOE:
-            swaps.append((name, HFMoEBlock(moe_from_hf(mod, precision), type(mod.gate))))
-        elif attention and kind in SUPPORTED_ATTENTION:
-            swaps.append((name, HFMLAAttention(mla_from_hf(mod), mod.layer_idx)))
+        is_attn = kind in SUPPORTED_ATTENTION or _looks_like_mla(mod)
+        if not (kind in SUPPORTED_MOE or kind in REFUSED_MOE or _looks_like_moe(mod) or is_attn):
+            continue
+        if is_attn and not attention:
+            continue
+        taken.append(name)
+        try:
+            if not name:
+                raise UnsupportedModule("the model itself is the block: patch the model that holds it, or build the "
+                                        "layer with MoELayer.from_hf / MultiHeadLatentAttention.from_hf")
+            if kind not in SUPPORTED_MOE and kind not in SUPPORTED_ATTENTION:
+                if kind in REFUSED_MOE:
+                    raise UnsupportedModule(REFUSED_MOE[kind])
+                what = "MLA attention" if is_attn else "MoE block"
+                raise UnsupportedModule(f"{what} {kind} is not a supported family (supported: "
+                                        f"{', '.join(SUPPORTED_ATTENTION if is_attn else SUPPORTED_MOE)})")
+            new = _convert(mod, kind, precision)
+        except (TypeError, ValueError) as e:
+            if strict:
+                raise type(e)(f"patch_model(strict=True): cannot swap {name or '<model>'} ({kind}): {e}") from e
+            skipped.append(Skip(name, kind, str(e)))
+            logger.warning("moe_kernels.patch_model: left %s (%s) as it is: %s", name or "<model>", kind, e)
+            continue
+        family = SUPPORTED_MOE.get(kind) or SUPPORTED_ATTENTION[kind]
+        swaps.append((name, new))
+        swapped.append(Swap(name, kind, family))
+        logger.info("moe_kernels.patch_model: swapped %s (%s, %s)", name or "<model>", kind, family)
     for name, new in swaps:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
-    return len(swaps)
+    return PatchReport(swapped, skipped)
