@@ -6,6 +6,7 @@ from torch import nn
 
 from .. import ops
 from .._checks import check_int
+from .converters import get_converter
 from .experts import PRECISIONS, GroupedExperts
 from .router import TopKRouter
 
@@ -99,7 +100,6 @@ class MoELayer(nn.Module):
 
     @classmethod
     def from_hf(cls, module: nn.Module, precision: str | None = None) -> "MoELayer":
-        """Build from a HuggingFace ``DeepseekV3MoE`` or ``MixtralSparseMoeBlock`` (see ``integrations.hf``)."""
-        from ..integrations.hf import moe_from_hf  # noqa: PLC0415
-
-        return moe_from_hf(module, precision)
+        """Build from a HuggingFace MoE block (the families ``moe_kernels.integrations.hf`` lists). The converter
+        is looked up in ``modules.converters``, which the integration fills: this module imports no integration."""
+        return get_converter(cls, "hf")(module, precision=precision)
