@@ -94,6 +94,25 @@ def test_fp8_layer_survives_module_casts(cast):
     assert_close_rel(y.float(), _layer_reference(layer, x), 2e-2, f"after {cast}")
 
 
+@pytest.mark.gpu
+def test_fp8_layer_device_moves_gpu():
+    """Device moves still move the e4m3 weights and scales (alone or with a cast), and the layer runs there."""
+    layer = mk.MoELayer(hidden_size=256, intermediate_size=128, num_experts=4, top_k=2, precision="fp8",
+                        n_shared_experts=1)
+    w13 = layer.experts.w13.clone()
+    layer.cuda().half()
+    ex = layer.experts
+    assert ex.w13.is_cuda and ex.w13.dtype == F8 and ex.w13_scale.is_cuda and ex.w13_scale.dtype == torch.float32
+    assert layer.shared_experts.w2.is_cuda and layer.gate.weight.dtype == torch.float16
+    assert torch.equal(ex.w13.cpu().view(torch.uint8), w13.view(torch.uint8))
+    x = torch.randn(33, 256, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        y = layer(x)
+    assert_close_rel(y.float(), _layer_reference(layer, x), 2e-2, "on cuda after .cuda().half()")
+    layer.to("cpu", torch.bfloat16)
+    assert ex.w13.device.type == "cpu" and ex.w13.dtype == F8 and ex.w2_scale.dtype == torch.float32
+
+
 def test_bf16_layer_casts_its_weights():
     """Parameters (bf16 / fp32 experts) are not held back: a cast casts them."""
     layer = mk.MoELayer(hidden_size=64, intermediate_size=48, num_experts=4, top_k=2, precision="fp32")
@@ -138,6 +157,24 @@ def test_small_odd_sizes_train(device):
     for name, g, r in zip(("x", "w13", "w2"), got, ref_leaves):
         assert_close_rel(g.cpu(), r.grad, 1e-4, f"d{name}")
     assert ex.w13.grad.shape == ex.w13.shape
+
+
+def test_tiny_hf_model_patches():
+    """A small random HF Mixtral (hidden 64, intermediate 48) is patched in fp32 and keeps its logits."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(4)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        want = model(ids).logits
+    mk.patch_model(model, precision="fp32")
+    assert any(isinstance(m, mk.MoELayer) for m in model.modules())
+    with torch.no_grad():
+        got = model(ids).logits
+    assert_close_rel(got, want, 1e-5, "patched logits")
 
 
 def test_fp8_sizes_say_why():
