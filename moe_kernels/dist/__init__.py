@@ -4,7 +4,7 @@ from .place import Topology, evaluate, place_experts, routing_stats
 from .placement import Placement, default_placement, replica_rank
 
 __all__ = ["dispatch_layout", "place_experts", "evaluate", "routing_stats", "Topology", "Placement",
-           "default_placement", "replica_rank", "ExpertParallel"]
+           "default_placement", "replica_rank", "ExpertParallel", "ExpertTensorParallel", "load_full_experts"]
 
 
 def __getattr__(name):  # ExpertParallel imports torch.distributed machinery: load it on first use
@@ -12,4 +12,8 @@ def __getattr__(name):  # ExpertParallel imports torch.distributed machinery: lo
         from .ep import ExpertParallel
 
         return ExpertParallel
+    if name in ("ExpertTensorParallel", "load_full_experts"):
+        from . import tp
+
+        return getattr(tp, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,6 +38,7 @@ from .. import ops
 from .._checks import check_choice, check_int, check_tensor, value_checks_enabled
 from .layout import dispatch_layout
 from .placement import Placement, copy_placement, default_placement, replica_index
+from .tp import all_reduce_sum, derived_experts
 
 __all__ = ["ExpertParallel", "Dispatched", "Pending", "BACKENDS"]
 
@@ -203,6 +204,9 @@ class ExpertParallel:
         self._closed = False
         self._expert_precision = None  # what shard_experts saw (ranks without experts still need it)
         self._experts_trainable = False
+        self._grad_specs: list = []
+        # experts with several copies (replicas): their gradients are summed over the copies in the backward
+        self._replicated_experts = tuple(e for e in range(num_experts) if len(placement.copies(e)) > 1)
 
         # ---- configuration agreement (collective) ----------------------------------------------------------
         self._store = _group_store(self.group)
@@ -234,27 +238,14 @@ class ExpertParallel:
         # whether the experts train: every rank must agree on taking the differentiable path (its backward is
         # collective), including a rank that holds none of them
         self._experts_trainable = any(p.requires_grad for p in experts.parameters())
+        # what the replica gradient sum exchanges, known on every rank (a rank holding no expert joins it too)
+        self._grad_specs = [(tuple(p.shape[1:]), p.dtype) for p in experts.parameters() if p.requires_grad]
         if not self.num_local_experts:
             return None
         idx = torch.tensor(self.local_experts, dtype=torch.long, device=experts.w13.device)
-        local = GroupedExperts.__new__(GroupedExperts)
-        torch.nn.Module.__init__(local)
-        # the module's own attributes (sizes, precision, flags), whatever they are; dict-valued ones are caches of
-        # the full module's weights (e.g. FP8 copies): the shard starts with empty ones
-        bookkeeping = set(vars(local))
-        for key, value in vars(experts).items():
-            if key not in bookkeeping:
-                local.__dict__[key] = type(value)() if isinstance(value, dict) else value
-        local.num_experts = self.num_local_experts
-        for name in ("w13", "w2", "w13_scale", "w2_scale"):
-            t = getattr(experts, name)
-            if t is None:
-                setattr(local, name, None)
-            elif isinstance(t, torch.nn.Parameter):
-                setattr(local, name, torch.nn.Parameter(t.detach().index_select(0, idx), t.requires_grad))
-            else:
-                local.register_buffer(name, t.index_select(0, idx))
-        return local
+        return derived_experts(experts, self.num_local_experts, {
+            name: None if getattr(experts, name) is None else getattr(experts, name).detach().index_select(0, idx)
+            for name in ("w13", "w2", "w13_scale", "w2_scale")})
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  async_op: bool = False, fp8: bool = False):
@@ -627,6 +618,31 @@ class ExpertParallel:
 
     # ---- backward exchanges: torch.distributed collectives, whichever backend ran the forward ---------------
 
+    def _sum_replica_grads(self, experts, params: list, grads: list, device) -> list:
+        """Every copy of a replicated expert gets the sum of all its copies' gradients (each copy saw its share of
+        the tokens), so that the copies stay identical after an optimiser step. One all-reduce (fp32) per trainable
+        weight over [experts with copies, ...]; collective: every rank calls it, in the same order, holding copies
+        or not. Without replicas, or without trainable experts, nothing happens."""
+        rep = self._replicated_experts
+        if not rep or not self._grad_specs:
+            return grads
+        where = {e: i for i, e in enumerate(rep)}
+        full = experts is not None and experts.num_experts == self.num_experts != self.num_local_experts
+        pairs = [(e if full else j, where[e]) for j, e in enumerate(self.local_experts) if e in where]
+        local_idx = torch.tensor([j for j, _ in pairs], dtype=torch.long, device=device)
+        rep_idx = torch.tensor([i for _, i in pairs], dtype=torch.long, device=device)
+        out = list(grads)
+        for i, (shape, _) in enumerate(self._grad_specs):
+            buf = torch.zeros(len(rep), *shape, dtype=torch.float32, device=device)
+            if pairs and grads[i] is not None:
+                buf.index_add_(0, rep_idx, grads[i].index_select(0, local_idx).float())
+            total = all_reduce_sum(buf, self.group)
+            if pairs:
+                g = grads[i].clone() if grads[i] is not None else torch.zeros_like(params[i])
+                g[local_idx] = total.index_select(0, rep_idx).to(g.dtype)
+                out[i] = g
+        return out
+
     def _backward_exchange(self, send: torch.Tensor, d: Dispatched, to_experts: bool, what: str) -> torch.Tensor:
         """fp32 rows, one per record: home -> expert ranks in dispatch order (to_experts), or back home."""
         send_splits, recv_splits = (d.send_splits, d.recv_splits) if to_experts else (d.recv_splits, d.send_splits)
@@ -737,6 +753,7 @@ class _ExpertParallelFn(torch.autograd.Function):
             home = ep._backward_exchange(torch.cat([g_back, gw_rec], 1), d, False, "backward: gradients home")
             gx[a:b].index_add_(0, d.send_token, home[:, :H])
             gw[a:b].index_add_(0, d.send_token, home[:, H:])
+        gparams = ep._sum_replica_grads(experts, params, gparams, dev)
         return (None, None, None, gx.to(x_dtype) if need_x else None, gw.to(w_dtype) if need_w else None, None,
                 *gparams, *([None] * (len(ctx.needs_input_grad) - 6 - len(gparams))))
 
