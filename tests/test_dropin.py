@@ -177,6 +177,29 @@ def test_tiny_hf_model_patches():
     assert_close_rel(got, want, 1e-5, "patched logits")
 
 
+def test_tiny_hf_model_fp8_trains_and_casts():
+    """Defects 1 and 2 end to end: a bf16 HF Mixtral patched to FP8 runs ``model(ids)`` outside torch.no_grad()
+    (the embeddings get a gradient) and still runs after ``model.half()``."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2)
+    model = transformers.MixtralForCausalLM(cfg).to(torch.bfloat16)
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        want = model(ids).logits.float()
+    mk.patch_model(model, precision="fp8")
+    got = model(ids).logits.float()
+    assert_close_rel(got.detach(), want, 3e-2, "fp8 logits with gradients on")
+    got.square().sum().backward()
+    grad = model.model.embed_tokens.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    model.half()
+    with torch.no_grad():
+        assert_close_rel(model(ids).logits.float(), want, 3e-2, "fp8 logits after .half()")
+
+
 def test_fp8_sizes_say_why():
     for kw in (dict(hidden_size=96, intermediate_size=128), dict(hidden_size=256, intermediate_size=48)):
         with pytest.raises(ValueError, match=r"precision='fp8' needs \w+_size to be a multiple of 128.*bf16"):
