@@ -1,0 +1,191 @@
+"""patch_model on every MoE family of the installed transformers whose experts are gated MLPs, against the
+unpatched model in fp32: logits, greedy generation, one training step's gradients; and the families refused.
+
+Tiny random configs (hidden 128); a family the installed transformers lacks is skipped. On the CPU the kernels
+run through Triton's interpreter (tests/conftest.py).
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import moe_kernels as mk  # noqa: E402
+from _helpers import assert_close_rel  # noqa: E402
+
+V = 97
+_ATTN = dict(num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=64, vocab_size=V)
+
+# family -> (config class, model class, config, MoE blocks + MLA attentions swapped, HF router attribute)
+FAMILIES = {
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(hidden_size=128, intermediate_size=192, moe_intermediate_size=64,
+                       shared_expert_intermediate_size=96, num_experts=8, num_experts_per_tok=2,
+                       num_key_value_heads=2, norm_topk_prob=False, **_ATTN), 2, "gate"),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(hidden_size=128, intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                   num_key_value_heads=4, **_ATTN), 2, "gate"),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(hidden_size=128, intermediate_size=192, moe_intermediate_size=64, n_routed_experts=8,
+                         num_experts_per_tok=2, n_shared_experts=1, num_key_value_heads=4, q_lora_rank=64,
+                         kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                         first_k_dense_replace=1, routed_scaling_factor=1.5, **_ATTN), 3, "gate"),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(hidden_size=128, intermediate_size=192, moe_intermediate_size=64, n_routed_experts=8,
+                      num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+                      num_key_value_heads=2, head_dim=32, routed_scaling_factor=1.5, **_ATTN), 1, "gate"),
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
+               dict(hidden_size=128, intermediate_size=64, intermediate_size_mlp=192, num_local_experts=4,
+                    num_experts_per_tok=1, num_key_value_heads=2, head_dim=32, **_ATTN), 2, "router"),
+}
+REFUSED = {
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(hidden_size=128, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                     num_key_value_heads=2, head_dim=32, **_ATTN), "GptOssMLP", "SwiGLU"),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
+               dict(hidden_size=128, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                    num_key_value_heads=2, **_ATTN), "PhimoeSparseMoeBlock", "sparsemixer"),
+}
+
+
+def build(table, family, seed=0, std=0.1, **overrides):
+    """A random fp32 model of the family (eager attention and experts), or skip if transformers lacks it."""
+    cfg_name, model_name, kw = table[family][:3]
+    cfg_cls, model_cls = getattr(transformers, cfg_name, None), getattr(transformers, model_name, None)
+    if cfg_cls is None or model_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
+    cfg = cfg_cls(**{**kw, **overrides})
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(std=std)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(std=0.01)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_logits_and_generation(family):
+    """fp32: the patched model's logits within 1e-5 (relative) of HF's, and greedy generation the same tokens."""
+    model = build(FAMILIES, family)
+    patched = copy.deepcopy(model)
+    report = mk.patch_model(patched, precision=None)
+    assert report == FAMILIES[family][3] and not report.skipped, str(report)
+    ids = torch.randint(0, V, (2, 7))
+    with torch.no_grad():
+        ref, out = model(ids).logits, patched(ids).logits
+        assert_close_rel(out, ref, 1e-5, f"{family} logits")
+        gen_ref = model.generate(ids[:, :4], max_new_tokens=4, do_sample=False)
+        gen = patched.generate(ids[:, :4], max_new_tokens=4, do_sample=False)
+    assert torch.equal(gen, gen_ref), f"{family}: greedy tokens {gen.tolist()} != HF's {gen_ref.tolist()}"
+
+
+def _hf_name(name: str, router: str) -> str:
+    """The HF parameter a patched model's parameter stands for (same layout unless _hf_grad says otherwise)."""
+    for ours, theirs in ((".moe.gate.weight", f".{router}.weight"), (".moe.experts.w13", ".experts.gate_up_proj"),
+                         (".moe.experts.w2", ".experts.down_proj"), (".self_attn.mla.", ".self_attn."),
+                         (".moe.shared_expert_gate.", ".shared_expert_gate.")):
+        name = name.replace(ours, theirs)
+    return name
+
+
+def _shared_grad(ref: dict, name: str):
+    """HF's shared-expert gradients as our fused [1, 2I, H] / [1, H, I] layout, or None if name is not one."""
+    for ours, theirs in ((".moe.shared_experts.", ".shared_experts."), (".moe.shared_expert.", ".shared_expert.")):
+        if ours in name:
+            base = name[: name.index(ours)] + theirs
+            if name.endswith("w13"):
+                return torch.cat([ref[base + "gate_proj.weight"].grad, ref[base + "up_proj.weight"].grad]).unsqueeze(0)
+            return ref[base + "down_proj.weight"].grad.unsqueeze(0)
+    return None
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_training_step_gradients(family):
+    """One training step (cross-entropy on random labels, fp32): every parameter's gradient equals HF's, the
+    routers, routed experts and shared experts included (Llama 4's experts through its transposed layout)."""
+    model = build(FAMILIES, family)
+    router = FAMILIES[family][4]
+    patched = copy.deepcopy(model)
+    mk.patch_model(patched, precision=None)
+    ids, labels = torch.randint(0, V, (2, 9)), torch.randint(0, V, (2, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MLA says once that it runs its reference path under autograd
+        for m in (model, patched):
+            m.train()
+            m.zero_grad()
+            m(ids, labels=labels).loss.backward()
+    ref = dict(model.named_parameters())
+    kinds = set()
+    for name, p in patched.named_parameters():
+        g_ref = _shared_grad(ref, name)
+        if g_ref is None:
+            hf = ref[_hf_name(name, router)]
+            g_ref = hf.grad
+            if family == "llama4" and ".experts." in name:
+                g_ref = g_ref.transpose(1, 2)
+        assert p.grad is not None and g_ref is not None, f"{family}: no gradient for {name}"
+        assert_close_rel(p.grad, g_ref, 1e-4, f"{family} grad {name}")
+        kinds.add(name.rsplit(".", 1)[-1] if ".moe." in name else "other")
+    assert {"weight", "w13", "w2", "other"} <= kinds, kinds  # router, experts and the rest all compared
+
+
+def test_qwen2_moe_block_gated_shared_expert_any_size():
+    """Qwen2-MoE's shared expert (size not a multiple of the routed one) gated by sigmoid(x . g), alone."""
+    model = build(FAMILIES, "qwen2_moe")
+    block = model.model.layers[0].mlp
+    layer = mk.MoELayer.from_hf(block)
+    assert isinstance(layer, mk.MoELayer) and layer.shared_expert_gate is not None
+    x = torch.randn(3, 5, 128)
+    with torch.no_grad():
+        assert_close_rel(layer(x), block(x), 1e-5, "Qwen2-MoE block")
+        block.shared_expert_gate.weight.zero_()  # sigmoid(0) = 1/2: the gate is applied, not ignored
+        assert_close_rel(mk.MoELayer.from_hf(block)(x), block(x), 1e-5, "Qwen2-MoE block, gate 0")
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_llama4_block_weights_on_input(top_k):
+    """Llama 4 scales the experts' input by sigmoid(logit), not their output: top-1 and top-2 against HF."""
+    model = build(FAMILIES, "llama4", num_experts_per_tok=top_k)
+    block = model.model.layers[0].feed_forward
+    layer = mk.MoELayer.from_hf(block)
+    x = torch.randn(2, 6, 128)
+    with torch.no_grad():
+        ref, _ = block(x)
+        assert_close_rel(layer(x).reshape(ref.shape), ref, 1e-5, f"Llama4 block top-{top_k}")
+
+
+def test_deepseek_v2_group_limited_greedy_refused():
+    """DeepSeek-V2's group_limited_greedy scores groups by their best expert: refused with that reason (strict),
+    reported and left in place otherwise; with every group kept it is plain greedy and is taken."""
+    model = build(FAMILIES, "deepseek_v2", topk_method="group_limited_greedy", n_group=4, topk_group=2)
+    with pytest.raises(TypeError, match="group_limited_greedy"):
+        mk.patch_model(copy.deepcopy(model), precision=None, strict=True)
+    report = mk.patch_model(model, precision=None)
+    assert report == 2 and [s.kind for s in report.skipped] == ["DeepseekV2Moe"], str(report)
+    model = build(FAMILIES, "deepseek_v2", topk_method="group_limited_greedy", n_group=4, topk_group=4)
+    assert mk.patch_model(model, precision=None) == 3
+
+
+@pytest.mark.parametrize("family", list(REFUSED))
+def test_refused_families_report_why(family):
+    """GPT-OSS and PhiMoE: left as they are with the reason in the report; strict=True raises it; the model's
+    output is unchanged."""
+    model = build(REFUSED, family)
+    kind, why = REFUSED[family][3:]
+    with pytest.raises(TypeError, match=why):
+        mk.patch_model(copy.deepcopy(model), strict=True)
+    ids = torch.randint(0, V, (1, 5))
+    with torch.no_grad():
+        ref = model(ids).logits
+        report = mk.patch_model(model)
+        out = model(ids).logits
+    assert report == 0 and len(report.skipped) == 2, str(report)
+    assert all(s.kind == kind and why in s.reason for s in report.skipped), str(report)
+    assert torch.equal(out, ref)
