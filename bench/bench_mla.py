@@ -73,6 +73,7 @@ def dec_cfg(bh, bn, warps, stages, lazy=0, v=1):
 # 2: when it grew by > 8 (log2). V_BLOCKS=2: 128 heads in one head block, each program half the value columns.
 DECODE_SWEEP = {
     "decode": [
+        dict(dec_cfg(64, 64, 8, 2), GLUON=1),  # the Gluon sm_90 kernel (mla_decode_sm90; its own fixed tiles)
         dec_cfg(64, 64, 8, 2),
         dec_cfg(128, 64, 8, 1, v=2),
         dec_cfg(128, 32, 8, 2, v=2),

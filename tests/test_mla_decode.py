@@ -256,6 +256,35 @@ def test_decode_deepseek_sizes_gpu(fp8, s_q, paged):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("s_q", [1, 2])
+@pytest.mark.parametrize("paged", [False, True], ids=["contig", "paged"])
+def test_gluon_sm90_kernel_gpu(s_q, paged):
+    """The Gluon sm_90 kernel (config GLUON=1) against the float32 reference: the issue's lengths, a long row, one
+    split and several, 2 query tokens, a paged cache with a shuffled table; NaN-filled outputs; garbage (NaN) in
+    the cache past every row's length must not leak in."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    if ops_mla.mla_decode_sm90 is None:
+        pytest.skip("this Triton has no Gluon")
+    lens = ISSUE_LENGTHS + [2000, 777, 128]
+    q, qr, cache, lens_t, table, scale, ref = make_case(len(lens), s_q if s_q > 1 else None, 128, 512, 64, lens,
+                                                        torch.bfloat16, False, 64 if paged else None, "cuda",
+                                                        q_std=0.3)
+    if not paged:  # NaN past each row's length (contiguous cache rows nobody wrote)
+        for b, L in enumerate(lens):
+            cache[b, L:] = float("nan")
+    assert ops_mla.mla_decode_sm90.supports(q, cache, table)
+    cfg = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2, GLUON=1)
+    for splits in (1, 3, 0):
+        out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+        ops_mla._decode_launch(q, qr, cache, lens_t, table, scale, splits, out, cfg=cfg)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all(), f"splits={splits}"
+        assert_close_rel(out.cpu().float(), ref, 2e-2, f"gluon splits={splits}")
+        assert (out[lens_t == 0] == 0).all()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
 def test_module_decode_step_cuda_graph_gpu(kv_cache_dtype):
     """Capture one decode step of the module over a static paged cache once, replay it with changing lengths; each

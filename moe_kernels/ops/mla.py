@@ -45,6 +45,11 @@ from ..reference import mla_decode as ref
 from ._common import interpret_mode, use_triton
 from .quant import quantize_fp8, quantize_groups
 
+try:  # the Gluon sm_90 decode kernel (needs triton.experimental.gluon)
+    from . import mla_decode_sm90
+except Exception:  # noqa: BLE001 - an older Triton, or a Gluon API change: the Triton kernel runs
+    mla_decode_sm90 = None
+
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
@@ -74,6 +79,8 @@ DEFAULTS = {
     # accumulator every tile, 1: only when a row's max grew, 2: only when it grew by more than 8 in log2 units)
     # and V_BLOCKS (1, or 2: each program accumulates half the value columns) are the variants of the sweep.
     "decode": dict(BLOCK_H=64, BLOCK_N=64, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2),
+    # GLUON=1: the Gluon sm_90 kernel (mla_decode_sm90: bf16 cache, R = 64, C <= 512, page 64) where it applies;
+    # BLOCK_H / BLOCK_N are then 64 / 64 (its tiles) for the split heuristic. Opt-in until measured (configs).
     # FP8 cache: the e4m3 tile is widened to bf16 in registers and staged in shared memory again for the wgmmas
     "decode_fp8": dict(BLOCK_H=64, BLOCK_N=32, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2),
 }
@@ -118,7 +125,12 @@ def decode_kernel_name(device: torch.device | None = None) -> str:
     if device.type != "cuda":
         return ("Triton kernel on the interpreter (TRITON_INTERPRET=1)" if interpret_mode()
                 else "PyTorch reference (CPU)")
-    return "Triton flash-decoding kernel (_mla_decode_kernel + split merge; bf16 or FP8 latent cache)"
+    triton_name = "Triton flash-decoding kernel (_mla_decode_kernel + split merge)"
+    gluon = (mla_decode_sm90 is not None and torch.cuda.get_device_capability(device) == (9, 0)
+             and get_mla_config("decode", 128, device).get("GLUON", 0))
+    if gluon:
+        return f"Gluon sm_90 kernel (mla_decode_sm90) for bf16 caches; {triton_name} for the FP8 cache"
+    return f"{triton_name}, bf16 and FP8 caches"
 
 
 def config_filename(device_name: str) -> str:
@@ -589,19 +601,14 @@ def _decode_launch(q_latent, q_rope, kv_cache, cache_seqlens, block_table, softm
         o_stage, lse_strides = o_part, (lse.stride(0), lse.stride(1))
     else:
         o_stage, lse, lse_strides = o2.unsqueeze(2), o2, (0, 0)
-    upcast = interpret_mode() and q_latent.dtype != torch.float32
-    _mla_decode_kernel[(triton.cdiv(rows_n, BH) * v_blocks, num_splits, B)](
-        q2, qr2, kc, kr, ks, cache_seqlens, block_table if paged else cache_seqlens, o_stage, lse,
-        rows_n, h, s_q, num_splits, softmax_scale * LOG2E,
-        q2.stride(0), q2.stride(1), qr2.stride(0), qr2.stride(1),
-        kc.stride(0), kc.stride(1), block_table.stride(0) if paged else 0,
-        o_stage.stride(0), o_stage.stride(1), o_stage.stride(2), *lse_strides,
-        C=C, R=R, BLOCK_C=BLOCK_C, BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_H=BH, BLOCK_N=BN,
-        SPLIT=num_splits > 1, PAGED=paged, PAGE=page, UPCAST=upcast,
-        IEEE=q_latent.dtype == torch.float32 or interpret_mode(), LAZY=lazy > 0, TAU=LAZY_TAU.get(lazy, 0.0),
-        V_BLOCKS=v_blocks, FP8=fp8, KR_DIV=kr_div, KS_DIV=ks_div, MULTI_Q=s_q > 1,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    if cfg.get("GLUON", 0) and mla_decode_sm90 is not None and mla_decode_sm90.supports(q_latent, kv_cache,
+                                                                                           block_table):
+        mla_decode_sm90.launch(q2, qr2, kv_cache, cache_seqlens, block_table, softmax_scale * LOG2E, num_splits, h,
+                               s_q, o_stage, lse, lse_strides)
+    else:
+        _triton_decode(q2, qr2, kc, kr, ks, kr_div, ks_div, fp8, cache_seqlens, block_table, paged, page,
+                       softmax_scale, num_splits, rows_n, h, s_q, o_stage, lse, lse_strides, C, R, BLOCK_C, BH, BN,
+                       lazy, v_blocks, num_warps, num_stages)
     if num_splits > 1:
         BHR = 16
         _mla_decode_reduce_kernel[(triton.cdiv(rows_n, BHR), B)](
@@ -610,6 +617,25 @@ def _decode_launch(q_latent, q_rope, kv_cache, cache_seqlens, block_table, softm
             o2.stride(0), o2.stride(1),
             C=C, BLOCK_C=BLOCK_C, BLOCK_H=BHR, num_warps=4,
         )
+
+
+def _triton_decode(q2, qr2, kc, kr, ks, kr_div, ks_div, fp8, cache_seqlens, block_table, paged, page, softmax_scale,
+                   num_splits, rows_n, h, s_q, o_stage, lse, lse_strides, C, R, BLOCK_C, BH, BN, lazy, v_blocks,
+                   num_warps, num_stages):
+    B = q2.shape[0]
+    upcast = interpret_mode() and q2.dtype != torch.float32
+    _mla_decode_kernel[(triton.cdiv(rows_n, BH) * v_blocks, num_splits, B)](
+        q2, qr2, kc, kr, ks, cache_seqlens, block_table if paged else cache_seqlens, o_stage, lse,
+        rows_n, h, s_q, num_splits, softmax_scale * LOG2E,
+        q2.stride(0), q2.stride(1), qr2.stride(0), qr2.stride(1),
+        kc.stride(0), kc.stride(1), block_table.stride(0) if paged else 0,
+        o_stage.stride(0), o_stage.stride(1), o_stage.stride(2), *lse_strides,
+        C=C, R=R, BLOCK_C=BLOCK_C, BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_H=BH, BLOCK_N=BN,
+        SPLIT=num_splits > 1, PAGED=paged, PAGE=page, UPCAST=upcast,
+        IEEE=q2.dtype == torch.float32 or interpret_mode(), LAZY=lazy > 0, TAU=LAZY_TAU.get(lazy, 0.0),
+        V_BLOCKS=v_blocks, FP8=fp8, KR_DIV=kr_div, KS_DIV=ks_div, MULTI_Q=s_q > 1,
+        num_warps=num_warps, num_stages=num_stages,
+    )
 
 
 @triton.jit

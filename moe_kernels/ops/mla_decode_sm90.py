@@ -1,0 +1,219 @@
+"""Hopper (sm_90) MLA decode over a bf16 latent cache, in Gluon: TMA tiles through a stage ring, wgmma from shared
+memory, exact online softmax, split-KV (merged by ``mla._mla_decode_reduce_kernel``), contiguous or paged cache.
+
+Contract: that of ``mla._mla_decode_kernel`` (the Triton kernel) for a bf16 cache with C a multiple of 64 up to 512
+latent columns and R = 64 rope columns: program (head block of 64 query rows, split, batch row); rows are the
+s_q x h queries of the batch row (row r is token r // h, which sees keys 0 .. seqlen - s_q + r // h). With one split
+it writes the normalised output in bf16, else the fp32 partial output and its log-sum-exp (base 2).
+
+Schedule of one program (8 warps = two warpgroups; 64 query rows; key tiles of 64):
+  * shared memory: q [64, C] and q_rope [64, R] (loaded once), STAGES cache tiles [64, C] + [64, R] (a 64 x 576
+    bf16 tile is 72 KiB: C/64 + 1 TMA copies of 64 x 64, each a 128-byte-swizzled column block), P [64, 64].
+  * per tile: S = q K^T (C/64 + 1 wgmmas, K-major B, async) -> wait -> the stage of the tile before is free: the
+    next tile's TMA copies go into it -> softmax in registers (base 2, masked past the split's end) -> the
+    accumulator rescaled -> P to shared memory -> O += P V with V = the same cache tile read as an MN-major B
+    operand [64 keys, C] (no second copy of the values).
+  * the accumulator O [64, C] fp32 is split by columns between the warpgroups (warps [4, 2]: each holds
+    [64, C/2], 128 registers a thread at C = 512); S [64, 64] likewise by keys, its row max and sum reduced
+    across the two.
+  * a tile that runs past the split's end (the last one) has the cache rows past it zeroed in shared memory
+    before P V (they may hold any bits, NaN included; their weights are 0).
+
+Not (yet) FlashMLA's "seesaw" schedule (the two warpgroups alternating two tiles so that one's softmax runs under
+the other's wgmma): here the tensor cores wait during each tile's softmax. The Triton kernel stays for other GPUs,
+other shapes, the FP8 cache and the interpreter; ``mla.decode_kernel_name`` says which runs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+__all__ = ["launch", "supports"]
+
+BLOCK_H = 64  # query rows per program (one wgmma M)
+BLOCK_N = 64  # keys per tile = the page size of a paged cache
+CHUNK = 64  # columns per TMA copy: one 128-byte swizzle block of bf16
+_BH = gl.constexpr(BLOCK_H)
+_BN = gl.constexpr(BLOCK_N)
+_CH = gl.constexpr(CHUNK)
+# a CTA-wide barrier: gl.barrier in Triton 3.8, gl.thread_barrier before
+_cta_barrier = getattr(gl, "thread_barrier", None) or getattr(gl, "barrier")
+
+
+@gluon.jit
+def _issue_tile(t, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc, kc_bufs, kr_bufs, ready,
+                C: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr):
+    """TMA copies of key tile t (keys start + 64 t ...) into its stage, when t < n_tiles."""
+    pred = t < n_tiles
+    n0 = start + t * _BN
+    if PAGED:
+        blk = gl.load(block_table_ptr + b * stride_btb + n0 // _BN, mask=pred, other=0)
+        row = blk * _BN
+    else:
+        row = b * S_cap + n0
+    row = row.to(gl.int32)
+    st = t % STAGES
+    bar = ready.index(st)
+    mbarrier.expect(bar, kc_desc.block_type.nbytes * (C // _CH) + kr_desc.block_type.nbytes, pred=pred)
+    kc = kc_bufs.index(st)
+    for j in gl.static_range(C // _CH):
+        tma.async_copy_global_to_shared(kc_desc, [row, j * _CH], bar, kc.slice(j * _CH, _CH, dim=1), pred)
+    tma.async_copy_global_to_shared(kr_desc, [row, 0], bar, kr_bufs.index(st), pred)
+
+
+@gluon.jit
+def _mla_decode_sm90_kernel(
+    q_ptr, qr_ptr, kc_desc, kr_desc, seqlens_ptr, block_table_ptr, o_ptr, lse_ptr,
+    num_rows, num_heads, s_q, num_splits, qk_scale, S_cap,
+    stride_qb, stride_qh, stride_qrb, stride_qrh, stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    C: gl.constexpr, R: gl.constexpr, PAGED: gl.constexpr, SPLIT: gl.constexpr, MULTI_Q: gl.constexpr,
+    STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    gl.static_assert(num_warps == 8, "two warpgroups")
+    pid_h = gl.program_id(0)
+    split = gl.program_id(1)
+    b = gl.program_id(2).to(gl.int64)
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 32, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, C // 2, 16])
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])  # 16-byte loads of q rows
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+    # q and q_rope of this head block -> shared memory (rows past num_rows are zeros)
+    rows_ld = pid_h * _BH + gl.arange(0, _BH, layout=gl.SliceLayout(1, ld_layout))
+    rmask = (rows_ld < num_rows)[:, None]
+    cols_c = gl.arange(0, C, layout=gl.SliceLayout(0, ld_layout))
+    cols_r = gl.arange(0, R, layout=gl.SliceLayout(0, ld_layout))
+    q = gl.load(q_ptr + b * stride_qb + rows_ld[:, None] * stride_qh + cols_c[None, :], mask=rmask, other=0.0)
+    qr = gl.load(qr_ptr + b * stride_qrb + rows_ld[:, None] * stride_qrh + cols_r[None, :], mask=rmask, other=0.0)
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [_BH, C], smem_layout)
+    qr_smem = gl.allocate_shared_memory(gl.bfloat16, [_BH, R], smem_layout)
+    q_smem.store(q)
+    qr_smem.store(qr)
+
+    kc_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _BN, C], smem_layout)
+    kr_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _BN, R], smem_layout)
+    p_smem = gl.allocate_shared_memory(gl.bfloat16, [_BH, _BN], smem_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    fence_async_shared()  # q in shared memory and the barriers' init, seen by the async proxy (TMA, wgmma)
+    _cta_barrier()
+
+    # this split's keys: whole tiles of the row's length (as the Triton kernel splits them)
+    seqlen = gl.load(seqlens_ptr + b)
+    per_split = gl.cdiv(gl.cdiv(seqlen, num_splits), _BN) * _BN
+    start = split * per_split
+    end = gl.minimum(start + per_split, seqlen)
+    n_tiles = gl.maximum(gl.cdiv(end - start, _BN), 0)
+    for i in gl.static_range(STAGES):
+        _issue_tile(i, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc, kc_bufs, kr_bufs,
+                    ready, C, PAGED, STAGES)
+
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    rows_s = pid_h * _BH + gl.arange(0, _BH, layout=row_s)
+    keys = gl.arange(0, _BN, layout=gl.SliceLayout(0, s_layout))
+    if MULTI_Q:
+        lim = seqlen - (s_q - 1 - rows_s // num_heads)
+    m_i = gl.full([_BH], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([_BH], gl.float32, layout=row_s)
+    acc = gl.zeros([_BH, C], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([_BH, _BN], gl.float32, layout=s_layout)
+    for t in range(n_tiles):
+        st = t % STAGES
+        mbarrier.wait(ready.index(st), (t // STAGES) & 1)
+        kc = kc_bufs.index(st)
+        s = warpgroup_mma(q_smem, kc.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma(qr_smem, kr_bufs.index(st).permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        # tile t - 1 is done (its P V was waited for last iteration): its stage takes tile t - 1 + STAGES
+        if t > 0:
+            _issue_tile(t - 1 + STAGES, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc,
+                        kc_bufs, kr_bufs, ready, C, PAGED, STAGES)
+
+        offs_n = start + t * _BN + keys
+        if MULTI_Q:
+            s = gl.where(offs_n[None, :] < lim[:, None], s * qk_scale, float("-inf"))
+        else:
+            s = gl.where((offs_n < end)[None, :], s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees no key yet: no -inf - -inf
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+
+        if start + (t + 1) * _BN > end:  # the split's last tile runs past its keys: zero those rows of V
+            zl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+            z_rows = start + t * _BN + gl.arange(0, _BN, layout=gl.SliceLayout(1, zl))
+            for j in gl.static_range(C // _CH):
+                part = kc.slice(j * _CH, _CH, dim=1)
+                v = part.load(zl)
+                part.store(gl.where((z_rows < end)[:, None], v, gl.zeros_like(v)))
+        p_smem.store(p.to(gl.bfloat16))
+        fence_async_shared()
+        _cta_barrier()
+        acc = warpgroup_mma(p_smem, kc, acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        _cta_barrier()  # every warp is past its P V before P is written again
+
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+
+    # a split without keys (short row) leaves l_i = 0: output 0 with log-sum-exp -inf, ignored by the merge
+    has = l_i > 0
+    l_o = gl.convert_layout(gl.where(has, l_i, 1.0), gl.SliceLayout(1, o_layout))
+    o = acc / l_o[:, None]
+    rows_o = pid_h * _BH + gl.arange(0, _BH, layout=gl.SliceLayout(1, o_layout))
+    cols_o = gl.arange(0, C, layout=gl.SliceLayout(0, o_layout))
+    o_ptrs = o_ptr + b * stride_ob + rows_o[:, None] * stride_oh + split * stride_os + cols_o[None, :]
+    gl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=(rows_o < num_rows)[:, None])
+    if SPLIT:
+        lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
+        gl.store(lse_ptr + b * stride_lb + rows_s * stride_lh + split, lse, mask=rows_s < num_rows)
+
+
+def supports(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor | None) -> bool:
+    """Whether this kernel takes a call: sm_90, bf16, C a multiple of 64 up to 512, R = 64, page 64, rows of the
+    cache contiguous and 16-byte aligned."""
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
+        return False
+    C = q.shape[-1]
+    D = kv_cache.shape[2]
+    if C % CHUNK or C > 512 or D - C != 64:
+        return False
+    if block_table is not None and kv_cache.shape[1] != BLOCK_N:
+        return False
+    if kv_cache.stride(2) != 1 or kv_cache.stride(1) != D or kv_cache.stride(0) != kv_cache.shape[1] * D:
+        return False
+    return kv_cache.data_ptr() % 16 == 0 and (D * 2) % 16 == 0
+
+
+def launch(q2, qr2, kv_cache, cache_seqlens, block_table, qk_scale, num_splits, num_heads, s_q, o_stage, lse,
+           lse_strides, stages: int = 2):
+    """q2 [B, rows, C], qr2 [B, rows, 64] bf16 (rows = s_q x heads), o_stage [B, rows, splits, C] (fp32 partials,
+    or the bf16 output as [B, rows, 1, C] with one split); qk_scale includes log2(e)."""
+    B, rows, C = q2.shape
+    D = kv_cache.shape[2]
+    R = D - C
+    kv2d = kv_cache.view(-1, D)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    kc_desc = TensorDescriptor(kv2d, [kv2d.shape[0], C], [D, 1], [BLOCK_N, CHUNK], layout)
+    kr_desc = TensorDescriptor(kv2d[:, C:], [kv2d.shape[0], R], [D, 1], [BLOCK_N, R], layout)
+    paged = block_table is not None
+    _mla_decode_sm90_kernel[(triton.cdiv(rows, BLOCK_H), num_splits, B)](
+        q2, qr2, kc_desc, kr_desc, cache_seqlens, block_table if paged else cache_seqlens, o_stage, lse,
+        rows, num_heads, s_q, num_splits, qk_scale, 0 if paged else kv_cache.shape[1],
+        q2.stride(0), q2.stride(1), qr2.stride(0), qr2.stride(1), block_table.stride(0) if paged else 0,
+        o_stage.stride(0), o_stage.stride(1), o_stage.stride(2), *lse_strides,
+        C=C, R=R, PAGED=paged, SPLIT=num_splits > 1, MULTI_Q=s_q > 1, STAGES=stages, num_warps=8,
+    )
