@@ -339,3 +339,90 @@ def test_patched_router_stand_in_is_our_gate(family):
     model.apply(model._init_weights)  # HF's initialisation, which knows its router class
     assert not torch.equal(blocks[0].moe.gate.weight.detach(), before)
 
+
+
+_ACT_CASES = [("mixtral", "gelu"), ("qwen3_moe", "gelu"), ("deepseek_v3", "relu")]
+
+
+@pytest.mark.parametrize("family,act", _ACT_CASES)
+def test_patch_model_refuses_non_silu_experts(family, act):
+    """The kernels compute SwiGLU = silu(gate) * up: a block whose experts use another activation is refused with
+    the activation named (strict=True raises before anything is swapped; otherwise it is left and reported), and
+    the model's logits stay HF's. (Before: patched silently, relative logits error 1e-2 .. 2e-1.)"""
+    if family == "qwen3_moe" and hf_q3 is None:
+        pytest.skip("this transformers has no Qwen3-MoE")
+    make = {"mixtral": mixtral_config, "qwen3_moe": qwen3_moe_config, "deepseek_v3": ds_config}[family]
+    cls = {"mixtral": hf_mx.MixtralForCausalLM, "deepseek_v3": hf_ds.DeepseekV3ForCausalLM}.get(family) or \
+        (hf_q3.Qwen3MoeForCausalLM if hf_q3 is not None else None)
+    model = randomize(cls(make(hidden_act=act)), std=0.1)
+    block = next(m for m in model.modules() if type(m).__name__ in mk.integrations.hf.SUPPORTED_MOE)
+    with pytest.raises(TypeError, match=f"'{act}'.*not SiLU"):
+        mk.MoELayer.from_hf(block)
+    with pytest.raises(TypeError, match=f"'{act}'"):
+        mk.patch_model(model, precision=None, attention=False, strict=True)
+    assert not any(isinstance(m, mk.integrations.hf.HFMoEBlock) for m in model.modules())
+    ids = torch.randint(0, 97, (1, 6))
+    with torch.no_grad():
+        ref = model(ids).logits
+        report = mk.patch_model(model, precision=None, attention=False)
+        out = model(ids).logits
+    assert report == 0 and report.skipped and all(act in s.reason for s in report.skipped), str(report)
+    assert torch.equal(out, ref)
+
+
+def test_patch_model_swish_is_silu():
+    """"swish" is SiLU under another name: taken (the activation is checked on values, not by name)."""
+    model = randomize(hf_mx.MixtralForCausalLM(mixtral_config(hidden_act="swish")))
+    assert mk.patch_model(model, precision=None) == 2
+
+
+def test_patch_report_int_lists_log_and_strict(caplog):
+    """patch_model's report: an int (the count, as before) carrying .swapped / .skipped, logged; with one block it
+    cannot take, strict=True raises naming that block and swaps nothing, strict=False swaps the rest and the
+    model still computes HF's logits."""
+    import logging
+
+    model = randomize(hf_mx.MixtralForCausalLM(mixtral_config()))
+    model.model.layers[1].mlp.experts.act_fn = torch.nn.GELU()  # one block the kernels cannot compute
+    ids = torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        ref = model(ids).logits
+    with pytest.raises(TypeError, match=r"model\.layers\.1\.mlp .*GELU"):
+        mk.patch_model(model, precision=None, strict=True)
+    assert not any(isinstance(m, mk.integrations.hf.HFMoEBlock) for m in model.modules())
+    with caplog.at_level(logging.INFO, logger="moe_kernels"), torch.no_grad():
+        report = mk.patch_model(model, precision=None)
+        out = model(ids).logits
+    assert isinstance(report, int) and report == 1 and report + 1 == 2 and int(report) == 1
+    assert [s.name for s in report.swapped] == ["model.layers.0.mlp"]
+    assert [(s.name, s.kind) for s in report.skipped] == [("model.layers.1.mlp", "MixtralSparseMoeBlock")]
+    assert "GELU" in report.skipped[0].reason and "skipped model.layers.1.mlp" in str(report)
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "moe_kernels"]
+    assert any(lv == logging.INFO and "swapped model.layers.0.mlp" in m for lv, m in logged), logged
+    assert any(lv == logging.WARNING and "model.layers.1.mlp" in m and "GELU" in m for lv, m in logged), logged
+    assert_close_rel(out, ref, 1e-5, "Mixtral with one block patched")
+
+
+def test_modules_import_no_integration():
+    """The modules know no HF: no module under moe_kernels/modules imports moe_kernels.integrations; from_hf
+    reaches the integration through the converter registry, which says what is missing when nothing is there."""
+    import ast
+    import pathlib
+
+    from moe_kernels.modules import converters
+
+    for path in pathlib.Path(converters.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "integrations" not in (node.module or ""), f"{path.name} imports {node.module}"
+            elif isinstance(node, ast.Import):
+                assert not any("integrations" in a.name for a in node.names), f"{path.name} imports integrations"
+    assert converters.get_converter(mk.MoELayer, "hf") is mk.integrations.hf.moe_from_hf
+    assert converters.get_converter(mk.MultiHeadLatentAttention, "hf") is mk.integrations.hf.mla_from_hf
+
+    class Sub(mk.MoELayer):
+        pass
+
+    assert converters.get_converter(Sub, "hf") is mk.integrations.hf.moe_from_hf  # inherited through the MRO
+    with pytest.raises(LookupError, match="no 'nope' converter is registered for MoELayer"):
+        converters.get_converter(mk.MoELayer, "nope")

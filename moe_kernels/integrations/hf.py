@@ -142,6 +142,18 @@ def _activations(module: nn.Module):
     return found
 
 
+def _activation_name(act) -> str:
+    """transformers' name of an activation (its ``hidden_act``: "gelu", "relu"...), else its class name."""
+    try:
+        from transformers.activations import ACT2CLS  # noqa: PLC0415
+    except ImportError:
+        ACT2CLS = {}  # noqa: N806
+    for name, entry in ACT2CLS.items():
+        if type(act) is (entry[0] if isinstance(entry, tuple) else entry):
+            return name
+    return getattr(act, "__name__", type(act).__name__)
+
+
 def _check_activation(module: nn.Module) -> None:
     """Refuse a block whose experts' activation is not SiLU, naming the activation."""
     cfg = getattr(module, "config", None)
@@ -154,7 +166,7 @@ def _check_activation(module: nn.Module) -> None:
                                 f"kernels compute SwiGLU = silu(gate) * up")
     for where, act in acts:
         if not _is_silu(act):
-            name = cfg_act if cfg_act is not None else type(act).__name__
+            name = _activation_name(act)
             raise UnsupportedModule(f"{where} use the activation {name!r} ({type(act).__name__}), not SiLU: the "
                                     f"kernels compute SwiGLU = silu(gate) * up only")
 
