@@ -219,8 +219,7 @@ def cmd_plan(args) -> int:
                                  + (f" (have: {have})" if have else " (no GPU results there at all)"))
         p = plan.predict(dep, rates)
     except (ValueError, OSError) as e:
-        print(f"moe-kernels plan: error: {e}", file=sys.stderr)
-        return 2
+        return _fail("plan", str(e))
     print(json.dumps(p, indent=1, default=str) if args.json else plan.format_prediction(p))
     return 0
 
