@@ -7,12 +7,8 @@
 # Run from the repo root with OUT set. Budget: < 3 minutes (mostly Triton JIT compiles). No build needed.
 # $OUT gets: hf_tests.log (pytest -s output) and hf_accuracy.json (the errors); the errors are printed at the end.
 set -u
-ROOT=$(pwd)
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
+PY=${PYTHON:-python3}  # `python -m pytest` from the repo root imports this tree's moe_kernels
+mkdir -p "${OUT:=/tmp/out}"
 {
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | head -1
     "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
