@@ -1,20 +1,30 @@
-"""One training step (forward + backward) of an MoE layer on one GPU: ``mk.MoELayer`` against torch.
+"""One training step (forward + backward) of an MoE layer on one GPU: ``mk.MoELayer`` against torch autograd.
 
-    PYTHONPATH=. python bench/bench_training.py [--tokens 4096,8192] [--cases mixtral-like,deepseek]
+    PYTHONPATH=. python bench/bench_training.py [--tokens 4096,8192,16384] [--cases mixtral-like,deepseek]
+        [--precisions bf16,fp8] [--no-fp32] [--profile-tokens 8192] [--err-tokens 1024]
 
-The layer and its baselines are bench_moe_layer.py's (H=7168, I=2048, bf16 activations), in bf16 (the FP8 path has
-no backward). What is timed (median of ``triton.testing.do_bench``, warm-up first): ``layer(x)`` then
-``out.backward(g)`` with x, the gate and the expert weights requiring gradients (the gradients are set to None
-before each step, so every step allocates them as a training step does).
-  * **ours**: ``MoELayer``: the forward kernels; the backward of the expert MLP through the grouped GEMM kernel
-    (h13 again, dA and dX on transposed weight views) and ``grouped_wgrad``; routing / permute / unpermute through
-    torch ops.
+Cases are bench_moe_layer.py's (H=7168, I=2048, bf16 activations): mixtral-like (32 experts, top-2, softmax) and
+deepseek (256 experts, top-8, sigmoid group-limited). What is timed (median of ``triton.testing.do_bench``, warm-up
+first): ``layer(x)`` then ``out.backward(g)`` with x, the gate and the expert weights requiring gradients (the
+gradients are set to None before each step, so every step allocates them as a training step does).
+  * **ours bf16**: ``MoELayer(precision="bf16")``: the forward kernels; the expert MLP's backward through the
+    grouped GEMM kernel (h13 again, dA and dX on transposed weight views) and ``grouped_wgrad``.
+  * **ours fp8**: ``MoELayer(precision="fp8", trainable=True)`` on the same (bf16 master) weights: forward,
+    dgrad and wgrad in FP8 with 1x128 / 128x128 scales. The e4m3 copies of the weights are made once per optimiser
+    step: ``ours_ms`` is a step on cached copies (a micro-batch of gradient accumulation), ``weight_quant_ms`` one
+    quantisation of all expert weights, ``vs_composition_with_quant`` the ratio with it added to every step.
+  * **ours fp32** (once, mixtral-like at the first T): fp32 weights and tokens.
   * **torch composition**: bench_moe_layer.py's bf16 composition (router, ``torch.topk``, argsort, two
-    ``torch._grouped_mm``, ``index_add_``), differentiated by autograd.
-  * **naive loop**: bench_moe_layer.py's per-expert loop, differentiated by autograd.
-Gradient errors: relative (Frobenius) to the naive loop's gradients of x and of the expert weights, with the naive
-loop routed on fp32 logits as our router is. TFLOP/s counts 3x the forward's expert and router FLOPs.
-Writes results/training-<device>.json and (with matplotlib) its .png.
+    ``torch._grouped_mm``, ``index_add_``) on the same weights, differentiated by autograd: the baseline of every
+    row (torch has no FP8 grouped GEMM with a backward).
+Peak memory: ``torch.cuda.max_memory_allocated`` during one step minus what was allocated before it (weights and
+x), ours and the composition's, in the same run. Gradient errors (mixtral-like, ``--err-tokens`` tokens): relative
+(Frobenius) against a float64 formulation (softmax routing on our choice of experts, per-expert MLPs) of x's, the
+gate's and the expert weights' gradients; the deepseek case's float64 weights would not fit beside the layer.
+``--profile-tokens``: a torch.profiler table of the backward alone (per CUDA kernel) for each case and precision,
+printed and saved to results/training_profile-<device>.txt.
+Writes results/training-<device>.json (summary: min_vs_composition_bf16, min_vs_composition_fp8,
+max_peak_mem_ratio) and (with matplotlib) its .png.
 """
 import argparse
 import os
@@ -24,8 +34,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import plots  # noqa: E402
-from _common import bench_ms, markdown, save  # noqa: E402  (sets MOE_KERNELS_VALUE_CHECKS=0)
-from bench_moe_layer import CASES, H, I, build, rel_err  # noqa: E402
+from _common import RESULTS, bench_ms, markdown, save  # noqa: E402  (sets MOE_KERNELS_VALUE_CHECKS=0)
+from bench_moe_layer import CASES, TorchMoE, rel_err  # noqa: E402
+
+import moe_kernels as mk  # noqa: E402
+
+H, I = 7168, 2048  # monkeypatched smaller by tests/test_bench_smoke.py
 
 
 def step(fn, x, params, g):
@@ -36,57 +50,207 @@ def step(fn, x, params, g):
     fn(x).backward(g)
 
 
-def run_case(case, tokens, device="cuda"):
-    layers, tm, E = build(case, device)
-    layer = layers["bf16"]
-    del layers["fp8"]
-    k = CASES[case]["top_k"]
-    ours_params = [layer.gate.weight, layer.experts.w13, layer.experts.w2]
-    # the torch baselines differentiate the same weights (as leaves of their own)
-    tm.gate_w, tm.w13, tm.w2 = (t.detach().clone().requires_grad_() for t in (tm.gate_w, tm.w13, tm.w2))
+def peak_mb(fn) -> float:
+    """MB allocated at the peak of fn() above what was allocated before it (CUDA; NaN elsewhere)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def build(case, device, precisions):
+    """{precision: MoELayer} sharing one gate and one set of expert weights (bf16 masters; fp32 its own copy)."""
+    cfg = CASES[case]
+    torch.manual_seed(0)
+    base = mk.MoELayer(hidden_size=H, intermediate_size=I, precision="bf16", device=device, dtype=torch.bfloat16,
+                       **cfg)
+    if cfg["scoring"] == "sigmoid":
+        with torch.no_grad():
+            base.gate.e_score_correction_bias.normal_(std=0.01)
+    layers = {"bf16": base}
+    if "fp8" in precisions:
+        # no weights of its own: the bf16 layer's gate and expert weights are its masters
+        f8 = mk.MoELayer(hidden_size=H, intermediate_size=I, precision="fp8", trainable=True, device="meta",
+                         dtype=torch.bfloat16, **cfg)
+        f8.gate = base.gate
+        f8.experts.w13, f8.experts.w2 = base.experts.w13, base.experts.w2
+        layers["fp8"] = f8
+    return layers
+
+
+def dense_reference_grads(layer, x, g):
+    """float64 gradients of (x, gate weight, w13, w2) of a softmax-routed layer, on the experts our gate chose."""
+    with torch.no_grad():
+        _, ids, _ = layer.gate(x)
+    x64, gw, w13, w2 = (t.detach().double().requires_grad_() for t in
+                        (x, layer.gate.weight, layer.experts.w13, layer.experts.w2))
+    scores = torch.softmax(x64 @ gw.t(), -1)
+    w = scores.gather(1, ids.long())
+    w = w / w.sum(-1, keepdim=True)
+    out = torch.zeros_like(x64)
+    inter = w2.shape[2]
+    for e in range(w13.shape[0]):
+        tok, j = (ids == e).nonzero(as_tuple=True)
+        if tok.numel():
+            h = x64[tok] @ w13[e].t()
+            y = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].t()
+            out = out.index_add(0, tok, y * w[tok, j, None])
+    out.backward(g.double())
+    return [t.grad for t in (x64, gw, w13, w2)]
+
+
+def grad_errors(layer, precision, T, device):
+    """{err_grad_x, err_grad_gate, err_grad_w13, err_grad_w2} of one step of ``layer`` on T random tokens."""
+    dt = torch.float32 if precision == "fp32" else torch.bfloat16
+    x = torch.randn(T, H, device=device, dtype=dt, requires_grad=True)
+    g = torch.randn(T, H, device=device, dtype=dt)
+    params = [layer.gate.weight, layer.experts.w13, layer.experts.w2]
+    step(layer, x, params, g)
+    want = dense_reference_grads(layer, x, g)
+    got = [x.grad] + [p.grad for p in params]
+    errs = {f"err_grad_{n}": rel_err(a, b) for n, a, b in zip(("x", "gate", "w13", "w2"), got, want)}
+    for p in params:
+        p.grad = None
+    return errs
+
+
+def profile_backward(layer, x, g, label):
+    """A torch.profiler table of one backward (the forward runs outside the profile): time per CUDA kernel."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    out = layer(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out.backward(g)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70)
+    return f"## backward: {label}\n{table}\n"
+
+
+def run_case(case, tokens, device="cuda", precisions=("bf16",), fp32=False, err_tokens=64, profile_tokens=0):
+    layers = build(case, device, precisions)
+    base = layers["bf16"]
+    k, E = CASES[case]["top_k"], CASES[case]["num_experts"]
+    bias = base.gate.e_score_correction_bias if CASES[case]["scoring"] == "sigmoid" else None
+    # the composition differentiates the same storage as leaves of its own (no copy of the weights)
+    tm = TorchMoE(*(t.detach().requires_grad_() for t in (base.gate.weight,)), bias,
+                  *(t.detach().requires_grad_() for t in (base.experts.w13, base.experts.w2)), CASES[case])
     torch_params = [tm.gate_w, tm.w13, tm.w2]
-    rows = []
-    for T in tokens:
-        x = torch.randn(T, H, device=device, dtype=torch.bfloat16, requires_grad=True)
-        g = torch.randn(T, H, device=device, dtype=torch.bfloat16)
+    rows, profiles = [], []
+    errs = {}
+    if err_tokens and CASES[case]["scoring"] == "softmax":
+        errs = {p: grad_errors(layers[p], p, err_tokens, device) for p in precisions}
+    runs = [(p, T) for T in tokens for p in precisions]
+    if fp32 and tokens:
+        runs.append(("fp32", tokens[0]))
+    for prec, T in runs:
+        if prec == "fp32":  # its own fp32 copy of the weights, composition in fp32 too
+            layer = mk.MoELayer(hidden_size=H, intermediate_size=I, precision="fp32", device=device,
+                                dtype=torch.float32, **CASES[case])
+            with torch.no_grad():
+                layer.gate.weight.copy_(base.gate.weight)
+                layer.experts.load_weights(base.experts.w13.float(), base.experts.w2.float())
+            comp = TorchMoE(*(t.detach().requires_grad_() for t in (layer.gate.weight,)), bias,
+                            *(t.detach().requires_grad_() for t in (layer.experts.w13, layer.experts.w2)),
+                            CASES[case])
+            cparams = [comp.gate_w, comp.w13, comp.w2]
+            if err_tokens and CASES[case]["scoring"] == "softmax":
+                errs["fp32"] = grad_errors(layer, "fp32", err_tokens, device)
+        else:
+            layer, comp, cparams = layers[prec], tm, torch_params
+        dt = torch.float32 if prec == "fp32" else torch.bfloat16
+        x = torch.randn(T, H, device=device, dtype=dt, requires_grad=True)
+        g = torch.randn(T, H, device=device, dtype=dt)
+        ours_params = [layer.gate.weight, layer.experts.w13, layer.experts.w2]
         flops = 3 * (6.0 * T * k * H * I + 2.0 * T * H * E)
-        step(lambda x: tm.naive_loop(x, fp32_router=True), x, torch_params, g)
-        want = [t.grad.clone() for t in (x, tm.w13, tm.w2)]
-        step(layer, x, ours_params, g)
-        errs = [rel_err(a.grad, b) for a, b in zip((x, layer.experts.w13, layer.experts.w2), want)]
-        t_ours = bench_ms(lambda: step(layer, x, ours_params, g), warmup=5, rep=30)
+        run_ours = lambda: step(layer, x, ours_params, g)  # noqa: E731
+        run_comp = lambda: step(lambda x: comp.composition(x, False), x, cparams, g)  # noqa: E731
+        run_ours()  # compile / quantise the weights once (the cache then holds until the weights change)
+        mem_ours = peak_mb(run_ours)
+        t_ours = bench_ms(run_ours, warmup=5, rep=30)
         try:
-            t_comp = bench_ms(lambda: step(lambda x: tm.composition(x, False), x, torch_params, g), warmup=5, rep=30)
-        except Exception as e:  # a torch build without the grouped GEMM's backward
-            print(f"  composition failed: {type(e).__name__}: {str(e)[:200]}")
-            t_comp = float("nan")
-        t_naive = bench_ms(lambda: step(tm.naive_loop, x, torch_params, g), warmup=3, rep=10)
-        row = dict(case=case, experts=E, top_k=k, precision="bf16", T=T, ours_ms=t_ours, composition_ms=t_comp,
-                   naive_ms=t_naive, ours_tflops=flops / t_ours / 1e9, composition_tflops=flops / t_comp / 1e9,
-                   naive_tflops=flops / t_naive / 1e9, vs_composition=t_comp / t_ours,
-                   vs_naive=t_naive / t_ours, err_grad_x=errs[0], err_grad_w13=errs[1], err_grad_w2=errs[2])
+            mem_comp = peak_mb(run_comp)
+            t_comp = bench_ms(run_comp, warmup=5, rep=30)
+        except Exception as e:  # a torch build without the grouped GEMM's backward (or in fp32)
+            print(f"  composition failed ({prec}): {type(e).__name__}: {str(e)[:200]}")
+            t_comp = mem_comp = float("nan")
+        quant_ms = float("nan")
+        if layer.experts.fp8_master:  # one quantisation of the master weights (once per optimiser step)
+            quant_ms = bench_ms(lambda: layer.experts.fp8_weights(force=True), warmup=2, rep=20)
+        for p in ours_params + cparams:
+            p.grad = None
+        x.grad = None
+        row = dict(case=case, experts=E, top_k=k, precision=prec, T=T, ours_ms=t_ours, composition_ms=t_comp,
+                   ours_tflops=flops / t_ours / 1e9, composition_tflops=flops / t_comp / 1e9,
+                   vs_composition=t_comp / t_ours, weight_quant_ms=quant_ms,
+                   vs_composition_with_quant=t_comp / (t_ours + quant_ms) if quant_ms == quant_ms else t_comp / t_ours,
+                   ours_peak_mb=mem_ours, composition_peak_mb=mem_comp,
+                   peak_mem_ratio=mem_ours / mem_comp if mem_comp == mem_comp and mem_comp > 0 else float("nan"),
+                   **errs.get(prec, {}))
         rows.append(row)
-        print(f"  {case} T={T}: ours {t_ours:.2f} ms ({row['ours_tflops']:.0f} TFLOP/s), composition {t_comp:.2f} ms,"
-              f" naive {t_naive:.2f} ms; grad errors x {errs[0]:.1e} w13 {errs[1]:.1e} w2 {errs[2]:.1e}", flush=True)
-    return rows
+        print(f"  {case} {prec} T={T}: ours {t_ours:.2f} ms (+ {quant_ms:.2f} ms weight quantisation) ({row['ours_tflops']:.0f} TFLOP/s, {mem_ours:.0f} MB), "
+              f"composition {t_comp:.2f} ms ({mem_comp:.0f} MB): {row['vs_composition']:.2f}x, memory "
+              f"{row['peak_mem_ratio']:.2f}x", flush=True)
+        if profile_tokens and T == profile_tokens and torch.cuda.is_available():
+            profiles.append(profile_backward(layer, x, g, f"{case} {prec} T={T}"))
+            profiles.append(profile_backward(lambda x: comp.composition(x, False), x, g,
+                                             f"{case} torch composition ({prec} inputs) T={T}"))
+            print(profiles[-2], flush=True)
+        if prec == "fp32":
+            del layer, comp, cparams
+    return (rows, profiles) if profile_tokens else rows
+
+
+def summarize(rows):
+    def ratios(prec, key):
+        return [r[key] for r in rows if r["precision"] == prec and r[key] == r[key]]
+
+    bf, f8 = ratios("bf16", "vs_composition"), ratios("fp8", "vs_composition")
+    mem = [r["peak_mem_ratio"] for r in rows if r["precision"] != "fp32" and r["peak_mem_ratio"] == r["peak_mem_ratio"]]
+    summary = dict(min_vs_composition_bf16=min(bf) if bf else None, min_vs_composition_fp8=min(f8) if f8 else None,
+                   max_peak_mem_ratio=max(mem) if mem else None)
+    summary.update({f"{r['case']}/{r['precision']}/T={r['T']}": dict(
+        vs_composition=r["vs_composition"], ours_ms=r["ours_ms"], peak_mem_ratio=r["peak_mem_ratio"]) for r in rows})
+    return summary
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", default="4096,8192")
-    ap.add_argument("--cases", default="mixtral-like")
+    ap.add_argument("--tokens", default="4096,8192,16384")
+    ap.add_argument("--cases", default="mixtral-like,deepseek")
+    ap.add_argument("--precisions", default="bf16,fp8")
+    ap.add_argument("--no-fp32", action="store_true", help="skip the one fp32 row (mixtral-like, first T)")
+    ap.add_argument("--err-tokens", type=int, default=1024, help="tokens of the float64 gradient check (0: none)")
+    ap.add_argument("--profile-tokens", type=int, default=8192, help="T of the backward's profile (0: none)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_training.py needs a CUDA GPU")
-    rows = []
+    rows, profiles = [], []
+    precisions = tuple(args.precisions.split(","))
+    tokens = [int(t) for t in args.tokens.split(",")]
     for case in args.cases.split(","):
-        rows += run_case(case, [int(t) for t in args.tokens.split(",")])
-        cols = ["case", "T", "ours_ms", "composition_ms", "naive_ms", "ours_tflops", "vs_composition", "vs_naive",
-                "err_grad_x", "err_grad_w13", "err_grad_w2"]
-        print(markdown(rows, cols, {c: ".3g" for c in cols[2:]}))
-        summary = {f"{r['case']}/T={r['T']}": dict(vs_composition=r["vs_composition"], vs_naive=r["vs_naive"],
-                                                   ours_ms=r["ours_ms"]) for r in rows}
+        r, p = run_case(case, tokens, precisions=precisions, fp32=not args.no_fp32 and case == "mixtral-like",
+                        err_tokens=args.err_tokens, profile_tokens=args.profile_tokens or -1)
+        rows += r
+        profiles += p
+        torch.cuda.empty_cache()
+        cols = ["case", "precision", "T", "ours_ms", "composition_ms", "vs_composition", "weight_quant_ms",
+                "vs_composition_with_quant", "ours_tflops",
+                "ours_peak_mb", "composition_peak_mb", "peak_mem_ratio", "err_grad_x", "err_grad_gate",
+                "err_grad_w13", "err_grad_w2"]
+        print(markdown(rows, cols, {c: ".3g" for c in cols[3:]}))
+        summary = summarize(rows)
+        print({k: v for k, v in summary.items() if "/" not in k})
         path = save("training", rows, summary)
+        if profiles:
+            prof_path = path.replace(".json", ".txt").replace("training-", "training_profile-")
+            with open(prof_path, "w") as f:
+                f.write("\n".join(profiles))
+            print("wrote", prof_path)
         print("wrote", path, plots.training(path))
 
 

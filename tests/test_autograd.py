@@ -14,6 +14,7 @@ import moe_kernels as mk
 from _helpers import assert_close_rel
 from moe_kernels import ops
 from moe_kernels import reference as R
+from moe_kernels.ops import grouped_gemm as gg
 
 
 def _dense_moe(x, gate_w, w13, w2, ids, scoring, norm, scaling, shared=None):
@@ -280,3 +281,90 @@ def test_default_grouped_gemm_configs_fit_shared_memory():
     # the measured failure: 278,584 bytes on Triton 3.6 for bf16_swiglu's tile on fp32 operands
     assert cfgs.smem_bytes("fp32_swiglu", cfgs.DEFAULTS["bf16_swiglu"]) >= 278584 > cfgs.SMEM_LIMIT[(9, 0)]
     assert cfgs.default_config("fp32", (8, 9)) != cfgs.default_config("fp32", (9, 0))  # the 99 KiB parts' own
+
+
+def _offsets(counts, device="cpu"):
+    return torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_wgrad_quantises_the_transposed_operands_along_rows(dtype, device):
+    """grouped_wgrad(fp8=True): 1x128 groups along the rows (the reduction axis), starting at each expert's first
+    row: an expert of 130 rows has a full group and a 2-row one. Bit-level agreement with the torch formulation of
+    the recipe, FP8-sized error against float64; an empty expert's gradient is zeros."""
+    from _helpers import skip_unless_cuda
+
+    skip_unless_cuda(device)
+    counts = [130, 0, 7, 1]
+    E, N, K = len(counts), 48, 80
+    offsets = _offsets(counts, device)
+    dy = torch.randn(sum(counts), N, device=device).to(dtype)
+    x = torch.randn(sum(counts), K, device=device).to(dtype)
+    x[3] *= 1000.0  # one large row: its group's scales are its own, the second group of expert 0 is unaffected
+    dw = ops.grouped_wgrad(dy, x, offsets, E, out_dtype=torch.float32, fp8=True)
+    assert torch.equal(dw[1], torch.zeros_like(dw[1]))
+    emulated = gg._wgrad_fp8_reference(dy, x, offsets, E)
+    assert_close_rel(dw, emulated, 1e-5, "fp8 wgrad vs its torch formulation")
+    bounds = offsets.tolist()
+    exact = torch.stack([dy[lo:hi].double().t() @ x[lo:hi].double() for lo, hi in zip(bounds, bounds[1:])])
+    assert_close_rel(dw, exact, 8e-2, "fp8 wgrad vs float64")
+    assert_close_rel(dw[0, :, :], exact[0], 8e-2, "fp8 wgrad vs float64, expert 0")
+
+
+def _fp8_trainable_layer_check(T, H, I, E, top_k, device, tol):
+    m = mk.MoELayer(hidden_size=H, intermediate_size=I, num_experts=E, top_k=top_k, precision="fp8",
+                    trainable=True, device=device)
+    assert isinstance(m.experts.w13, torch.nn.Parameter) and m.experts.w13.dtype == torch.bfloat16
+    x = torch.randn(T, H, requires_grad=True, device=device)
+    out = m(x)
+    g = torch.randn_like(out)
+    out.backward(g)
+    with torch.no_grad():
+        _, ids, _ = m.gate(x)
+    # float64 on the bf16 master weights: the FP8 layer's error is its quantisations' (a few percent)
+    leaves = [t.detach().double().requires_grad_() for t in (x, m.gate.weight, m.experts.w13, m.experts.w2)]
+    ref = _dense_moe(*leaves, ids, "softmax", True, 1.0)
+    ref.backward(g.double())
+    assert_close_rel(out.detach(), ref.detach(), tol, "fp8 forward")
+    for name, got, want in zip(("x", "gate", "w13", "w2"),
+                               (x.grad, m.gate.weight.grad, m.experts.w13.grad, m.experts.w2.grad), leaves):
+        assert got is not None, f"no gradient for {name}"
+        # the gate's gradient sums differences of nearby expert outputs: FP8's relative error grows there
+        assert_close_rel(got.float(), want.grad, 2.5 * tol if name == "gate" else tol, f"fp8 trainable grad {name}")
+    return m
+
+
+def test_fp8_trainable_layer_gradients_match_float64():
+    """MoELayer(precision="fp8", trainable=True): bf16 master weights get gradients from FP8 forward / dgrad /
+    wgrad GEMMs, within FP8 error of float64 on the masters (interpreter, small sizes)."""
+    _fp8_trainable_layer_check(T=6, H=128, I=128, E=4, top_k=2, device="cpu", tol=0.1)
+
+
+@pytest.mark.gpu
+def test_fp8_trainable_layer_gradients_at_real_size():
+    """The same at DeepSeek-V3's expert shape (H=7168, I=2048), 8 experts top-2, 512 tokens, on CUDA."""
+    from _helpers import skip_unless_cuda
+
+    skip_unless_cuda("cuda")
+    _fp8_trainable_layer_check(T=512, H=7168, I=2048, E=8, top_k=2, device="cuda", tol=0.1)
+
+
+def test_fp8_master_weights_are_quantised_once_per_update(monkeypatch):
+    """The e4m3 copies are made again only when a master changes in place (an optimiser step): no quantisation
+    on a second forward; after the step they equal quantize_weight_fp8 of the new masters."""
+    ex = mk.GroupedExperts(2, 128, 128, precision="fp8", trainable=True)
+    calls = []
+    quantize = ops.quantize_weight_fp8
+    monkeypatch.setattr(ops, "quantize_weight_fp8", lambda w: calls.append(w.shape) or quantize(w))
+    (_, s13), _ = ex.fp8_weights()
+    s13 = s13.clone()
+    assert len(calls) == 2
+    ex.fp8_weights()
+    assert len(calls) == 2  # cached
+    ex.w13.grad, ex.w2.grad = ex.w13.detach().clone(), torch.zeros_like(ex.w2)
+    torch.optim.SGD(ex.parameters(), lr=0.5).step()  # w13 halves in place; w2 is written too (by zero)
+    (q13, s13_new), _ = ex.fp8_weights()
+    assert len(calls) == 4
+    want_q, want_s = ops.quantize_weight_fp8(ex.w13.detach())
+    assert torch.equal(q13.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s13_new, want_s)
+    assert_close_rel(s13_new, 0.5 * s13, 1e-6, "scales of the halved weights")

@@ -32,6 +32,14 @@ class GroupedExperts(nn.Module):
     gradient); bf16/fp32 rows that require a gradient get the straight-through one (``ops.expert_mlp_fp8_ste``:
     the quantisations taken as identities, dA and dX as FP8 GEMMs on the transposed e4m3 weights). e4m3 rows have
     none.
+
+    ``trainable=True`` with ``precision="fp8"`` trains the expert weights the DeepSeek-V3 way: ``w13`` / ``w2`` are
+    master weights, parameters in ``master_dtype`` (bf16 or fp32); each forward in training reads their e4m3 copies
+    (128x128 scales), quantised once per optimiser step (cached until a parameter's version counter moves, i.e.
+    until it is updated in place), and forward, dgrad and wgrad GEMMs run in FP8 (``ops.expert_mlp_fp8_train``).
+    The name says what it changes: the FP8 compute is the same either way; what the flag adds is weights that
+    train (and the memory of a master copy). ``w13_scale`` / ``w2_scale`` are then None; ``fp8_weights()`` gives the
+    current e4m3 copies. With ``trainable=False`` (the default) FP8 weights are frozen e4m3 buffers, as loaded.
     """
 
     def __init__(
@@ -41,6 +49,8 @@ class GroupedExperts(nn.Module):
         intermediate_size: int,
         precision: str = "fp8",
         device=None,
+        trainable: bool = False,
+        master_dtype: torch.dtype = torch.bfloat16,
     ):
         super().__init__()
         check_int("num_experts", num_experts, lo=1)
@@ -55,8 +65,19 @@ class GroupedExperts(nn.Module):
                                      f"precision='bf16' or 'fp32' takes any size")
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.precision = precision
+        if not isinstance(trainable, bool):
+            raise TypeError(f"trainable must be a bool, got {type(trainable).__name__}")
+        if master_dtype not in (torch.bfloat16, torch.float32):
+            raise TypeError(f"master_dtype must be torch.bfloat16 or torch.float32, got {master_dtype}")
+        # bf16 / fp32 weights are parameters anyway; the flag changes the FP8 path only
+        self.trainable = trainable or precision != "fp8"
+        self._fp8_cache: dict[str, tuple] = {}  # name -> ((version, data_ptr), e4m3, scales)
         E, H, I = num_experts, hidden_size, intermediate_size
-        if precision == "fp8":
+        if precision == "fp8" and trainable:
+            self.w13 = nn.Parameter(torch.randn(E, 2 * I, H, dtype=master_dtype, device=device) * H**-0.5)
+            self.w2 = nn.Parameter(torch.randn(E, H, I, dtype=master_dtype, device=device) * I**-0.5)
+            self.w13_scale = self.w2_scale = None
+        elif precision == "fp8":
             self.register_buffer("w13", torch.empty(E, 2 * I, H, dtype=FP8_DTYPE, device=device))
             self.register_buffer("w2", torch.empty(E, H, I, dtype=FP8_DTYPE, device=device))
             self.register_buffer("w13_scale", torch.empty(E, 2 * I // 128, H // 128, device=device))
@@ -79,7 +100,37 @@ class GroupedExperts(nn.Module):
         return (
             f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
             f"intermediate_size={self.intermediate_size}, precision={self.precision!r}"
+            + (", trainable=True" if self.precision == "fp8" and self.trainable else "")
         )
+
+    @property
+    def fp8_master(self) -> bool:
+        """FP8 compute on trainable master weights."""
+        return self.precision == "fp8" and self.trainable
+
+    @torch.no_grad()
+    def fp8_weights(self, chunk: int = 8, force: bool = False) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                                         tuple[torch.Tensor, torch.Tensor]]:
+        """((w13 e4m3, w13 scales), (w2 e4m3, w2 scales)) of the master weights, quantised 128x128 a few experts
+        at a time (bounded fp32 temporaries) when a master has changed since the last call (its version counter
+        moves with every in-place update: optimiser steps, ``load_weights``, ``copy_``) or ``force``; else the
+        cached copies."""
+        out = []
+        for name in ("w13", "w2"):
+            w = getattr(self, name)
+            key = (w._version, w.data_ptr(), w.device)
+            hit = self._fp8_cache.get(name)
+            if hit is None or hit[0] != key or force:
+                if hit is not None and hit[1].shape == w.shape and hit[1].device == w.device:
+                    q, s = hit[1], hit[2]  # reuse the buffers
+                else:
+                    q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
+                    s = torch.empty(*w.shape[:-2], -(-w.shape[-2] // 128), w.shape[-1] // 128, device=w.device)
+                for lo in range(0, w.shape[0], chunk):
+                    q[lo : lo + chunk], s[lo : lo + chunk] = ops.quantize_weight_fp8(w[lo : lo + chunk])
+                hit = self._fp8_cache[name] = (key, q, s)
+            out.append((hit[1], hit[2]))
+        return out[0], out[1]
 
     @torch.no_grad()
     def _random_fp8_init(self, chunk: int = 8) -> None:
@@ -99,7 +150,17 @@ class GroupedExperts(nn.Module):
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         check_tensor("w13", w13, shape=(E, 2 * I, H))
         check_tensor("w2", w2, shape=(E, H, I))
-        if self.precision != "fp8":
+        if self.fp8_master and w13_scale is not None:  # an FP8 checkpoint: its dequantised values are the masters
+            from ..reference import dequantize_weight_fp8  # noqa: PLC0415
+
+            check_tensor("w13_scale", w13_scale, dtype=torch.float32)
+            check_tensor("w2_scale", w2_scale, dtype=torch.float32)
+            dev = self.w13.device
+            for lo in range(0, E, 8):
+                self.w13[lo : lo + 8].copy_(dequantize_weight_fp8(w13[lo : lo + 8].to(dev), w13_scale[lo : lo + 8].to(dev)))
+                self.w2[lo : lo + 8].copy_(dequantize_weight_fp8(w2[lo : lo + 8].to(dev), w2_scale[lo : lo + 8].to(dev)))
+            return
+        if self.precision != "fp8" or self.fp8_master:
             if w13_scale is not None or w2_scale is not None:
                 raise ValueError(f"FP8 checkpoint weights need precision='fp8', got precision={self.precision!r}")
             for name, t in (("w13", w13), ("w2", w2)):  # e4m3 values without their scales: silently wrong
@@ -129,6 +190,13 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, x_scale: torch.Tensor | None = None) -> torch.Tensor:
         check_tensor("x", x, ndim=2, shape=(None, self.hidden_size), device=self.w13.device)
         check_tensor("offsets", offsets, dtype=torch.int32, shape=(self.num_experts + 1,), device=x.device)
+        if self.fp8_master:
+            w13_fp8, w2_fp8 = self.fp8_weights()
+            if torch.is_grad_enabled() and x.dtype != FP8_DTYPE:
+                return ops.expert_mlp_fp8_train(x, offsets, self.w13, self.w2, w13_fp8, w2_fp8)
+            if x.dtype != FP8_DTYPE:
+                x, x_scale = ops.quantize_fp8(x)
+            return ops.expert_mlp(x, x_scale, offsets, w13_fp8[0], w13_fp8[1], w2_fp8[0], w2_fp8[1])
         if self.precision == "fp8" and x.dtype != FP8_DTYPE:
             if torch.is_grad_enabled() and x.requires_grad:  # straight-through gradient for the rows
                 return ops.expert_mlp_fp8_ste(x, offsets, self.w13, self.w13_scale, self.w2, self.w2_scale)

@@ -21,6 +21,9 @@ class MoELayer(nn.Module):
     torch.distributed group (see ``moe_kernels.dist``); ``placement`` (a ``moe_kernels.dist.Placement``,
     e.g. from ``place_experts``, replicas included) says which rank holds which expert (None: contiguous blocks).
 
+    ``trainable=True`` with ``precision="fp8"``: the experts keep bf16 master weights that train, with FP8 forward,
+    dgrad and wgrad GEMMs (see ``GroupedExperts``); otherwise FP8 expert weights are frozen e4m3 buffers.
+
     ``forward(x [..., H]) -> [..., H]`` in x's dtype. Dropless: every (token, k) pair is computed exactly once.
     """
 
@@ -42,6 +45,7 @@ class MoELayer(nn.Module):
         placement=None,
         device=None,
         dtype: torch.dtype | None = None,
+        trainable: bool = False,
     ):
         super().__init__()
         check_int("n_shared_experts", n_shared_experts, lo=0)
@@ -53,9 +57,11 @@ class MoELayer(nn.Module):
             hidden_size, num_experts, top_k, scoring, n_group, topk_group, norm_topk_prob, routed_scaling_factor,
             balance=balance, dtype=dtype, device=device,
         )
-        self.experts = GroupedExperts(num_experts, hidden_size, intermediate_size, precision, device=device)
+        self.experts = GroupedExperts(num_experts, hidden_size, intermediate_size, precision, device=device,
+                                      trainable=trainable)
         self.shared_experts = (
-            GroupedExperts(1, hidden_size, intermediate_size * n_shared_experts, precision, device=device)
+            GroupedExperts(1, hidden_size, intermediate_size * n_shared_experts, precision, device=device,
+                           trainable=trainable)
             if n_shared_experts
             else None
         )
@@ -89,7 +95,7 @@ class MoELayer(nn.Module):
         else:
             # rows that need a gradient stay bf16 through permute: the FP8 experts then quantise them inside a
             # differentiable op (straight-through); otherwise permute quantises them in its single pass
-            grad = torch.is_grad_enabled() and x2.requires_grad
+            grad = torch.is_grad_enabled() and (x2.requires_grad or self.experts.fp8_master)
             p = ops.permute(x2, ids, self.num_experts, fp8=self.precision == "fp8" and not grad)
             y = self.experts(p.x, p.offsets, p.scale)
             out = ops.unpermute(y, p, weights)

@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - Triton without Gluon: every config run
     grouped_gemm_wgmma = None
 
 __all__ = ["grouped_gemm_fp8", "grouped_gemm_bf16", "grouped_gemm_fp8_masked", "expert_mlp", "expert_mlp_fp8_ste",
-           "grouped_wgrad"]
+           "expert_mlp_fp8_train", "grouped_wgrad"]
 
 SCALE_BLOCK = 128  # the K (and weight N) extent of one FP8 scale
 _SB = tl.constexpr(SCALE_BLOCK)  # the same, for the kernel
@@ -370,11 +370,27 @@ def _mlp_launch(x, x_scale, offsets, w13, w13_scale, w2, w2_scale, row_weight, o
 # backward kernels (bf16 / fp16 / fp32): the weight gradient, and the expert MLP's backward composed of them
 
 @triton.jit
+def _quantize_columns(v):
+    """fp32 [ROWS, C] -> (e4m3 [ROWS, C], fp32 scales [C]): each column one group, scale = max(amax, floor) / 448
+    with IEEE divisions (the reference's rounding). A NaN in a column reaches the product through its value (the
+    max of tl.max may drop it: the scale stays finite, the NaN does not)."""
+    amax = tl.maximum(tl.max(tl.abs(v), axis=0), AMAX_FLOOR)
+    scale = tl.fdiv(amax, tl.full(amax.shape, E4M3_MAX, tl.float32), ieee_rounding=True)
+    q = to_e4m3_rne(tl.fdiv(v, tl.broadcast_to(scale[None, :], v.shape), ieee_rounding=True))
+    return q.to(tl.float8e4nv), scale
+
+
+@triton.jit
 def _grouped_wgrad_kernel(dy_ptr, x_ptr, offsets_ptr, dw_ptr, N, K, stride_dy, stride_x, stride_we, stride_wn,
-                          IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          FP8: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dW[e] [N, K] = dY[rows of e, :N]^T @ X[rows of e, :K]: a program owns one [BLOCK_N, BLOCK_K] tile of one
-    expert and walks that expert's rows (an expert without rows writes zeros)."""
+    expert and walks that expert's rows (an expert without rows writes zeros).
+
+    FP8 (DeepSeek-V3's wgrad): the reduction runs over rows, so both operands are quantised along rows: each
+    BLOCK_M = 128 rows of the expert (counted from its first row) are one 1x128 group of every column of dY^T and
+    of X^T, quantised here in registers (e4m3, scale = amax / 448); each group's e4m3 product is promoted to fp32
+    with the two column scales. Nothing transposed is written to memory."""
     e = tl.program_id(1)
     num_k = tl.cdiv(K, BLOCK_K)
     offs_n = (tl.program_id(0) // num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -390,37 +406,67 @@ def _grouped_wgrad_kernel(dy_ptr, x_ptr, offsets_ptr, dw_ptr, N, K, stride_dy, s
                      other=0.0)
         x = tl.load(x_ptr + rows[:, None] * stride_x + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :],
                     other=0.0)
-        if UPCAST:  # Triton's CPU interpreter multiplies 16-bit float tiles wrongly: upcast there
-            dy = dy.to(tl.float32)
-            x = x.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(tl.trans(dy), x, acc, input_precision="ieee")
+        if FP8:
+            # one scale per column of the group: the transposed operands' 1x128 groups (masked rows are zeros)
+            q_dy, s_dy = _quantize_columns(dy.to(tl.float32))
+            q_x, s_x = _quantize_columns(x.to(tl.float32))
+            acc += tl.dot(tl.trans(q_dy), q_x) * (s_dy[:, None] * s_x[None, :])
         else:
-            acc = tl.dot(tl.trans(dy), x, acc)
+            if UPCAST:  # Triton's CPU interpreter multiplies 16-bit float tiles wrongly: upcast there
+                dy = dy.to(tl.float32)
+                x = x.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(tl.trans(dy), x, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(tl.trans(dy), x, acc)
     ptrs = dw_ptr + e.to(tl.int64) * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
     tl.store(ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
 
 
+def _wgrad_fp8_reference(dy, x, offsets, num_experts):
+    """fp32 [E, N, K]: what the FP8 wgrad kernel computes, in torch ops (CPU tensors without the interpreter, and
+    the tests' oracle): per expert, every 128 rows from its first one are a 1x128 group of each column of dY^T and
+    X^T, quantised to e4m3, multiplied, the products promoted with their scales."""
+    o = offsets.tolist()
+    out = []
+    for lo, hi in zip(o, o[1:]):
+        acc = torch.zeros(dy.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        for m0 in range(lo, hi, SCALE_BLOCK):
+            m1 = min(m0 + SCALE_BLOCK, hi)
+            qd, sd = reference.quantize_fp8(dy[m0:m1].t().float(), m1 - m0)
+            qx, sx = reference.quantize_fp8(x[m0:m1].t().float(), m1 - m0)
+            acc += (qd.float() @ qx.float().t()) * (sd * sx.t())
+        out.append(acc)
+    return torch.stack(out) if out else torch.zeros(0, dy.shape[1], x.shape[1], device=x.device)
+
+
 def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, num_experts: int,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  out_dtype: torch.dtype | None = None, fp8: bool = False) -> torch.Tensor:
     """dW [E, N, K] with dW[e] = dY_e^T X_e over the rows of each expert (the weight gradient of
-    ``out = A_e @ W_e^T``): dy [M, N], x [M, K] of one float dtype, offsets int32 [E+1]; fp32 accumulation."""
+    ``out = A_e @ W_e^T``): dy [M, N], x [M, K] of one float dtype, offsets int32 [E+1]; fp32 accumulation.
+    ``fp8``: the product in e4m3, both operands quantised along the rows (the reduction axis) in 1x128 groups that
+    start at each expert's first row (DeepSeek-V3's FP8 wgrad)."""
     M, N = dy.shape
     K = x.shape[1]
     dw = torch.empty(num_experts, N, K, dtype=out_dtype or x.dtype, device=x.device)
     if num_experts == 0 or N == 0 or K == 0:
         return dw
     if not use_triton(x):
+        if fp8:
+            return _wgrad_fp8_reference(dy, x, offsets, num_experts).to(dw.dtype)
         o = offsets.tolist()
         return torch.stack([dy[lo:hi].float().t() @ x[lo:hi].float() for lo, hi in zip(o, o[1:])]).to(dw.dtype)
     dy, x = dy.contiguous(), x.contiguous()
     small = interpret_mode()
-    BM, BN, BK = (16, 32, 32) if small else (32, 64, 64) if x.dtype == torch.float32 else (64, 128, 64)
+    if fp8:  # a row step is one 1x128 group
+        BM, BN, BK = (SCALE_BLOCK, 64, 64) if small else (SCALE_BLOCK, 128, 128)
+    else:
+        BM, BN, BK = (16, 32, 32) if small else (32, 64, 64) if x.dtype == torch.float32 else (64, 128, 64)
     grid = (triton.cdiv(N, BN) * triton.cdiv(K, BK), num_experts)
     _grouped_wgrad_kernel[grid](dy, x, offsets.contiguous(), dw, N, K, dy.stride(0), x.stride(0), dw.stride(0),
-                                dw.stride(1), IEEE=x.dtype == torch.float32 or small, UPCAST=small,
+                                dw.stride(1), FP8=fp8, IEEE=x.dtype == torch.float32 or small, UPCAST=small,
                                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=4 if small else 8,
-                                num_stages=1 if small else 3)
+                                num_stages=1 if small else (2 if fp8 else 3))
     return dw
 
 
@@ -473,13 +519,30 @@ def _expert_mlp_backward_kernels(x, offsets, w13, w2, topk_weight, grad_out, nee
     return dx, dw13, dw2, dtw
 
 
-def _expert_mlp_fp8_input_grad(x, offsets, w13, w13_scale, w2, w2_scale, grad_out):
-    """dX of the FP8 expert MLP, its quantisations taken as identities (straight-through): h13 again from the
-    quantised x, then dA = dY W2 and dX = dH W13 as FP8 GEMMs on transposed views of the e4m3 weights, dY and dH
-    quantised 1x128 as the forward's activations are. fp32 [M, H]."""
-    h13 = _gemm(x, offsets, w13, w13_scale)
-    da = _gemm(grad_out.float(), offsets, w2.transpose(1, 2), w2_scale.transpose(1, 2))
-    return _gemm(_swiglu_grad(h13, da), offsets, w13.transpose(1, 2), w13_scale.transpose(1, 2))
+def _expert_mlp_fp8_backward(x, offsets, w13, w13_scale, w2, w2_scale, grad_out, need, w_dtype=None):
+    """(dx, dw13, dw2) of the FP8 expert MLP (DeepSeek-V3's recipe: every GEMM in FP8), its quantisations taken
+    as identities (straight-through). h13 again from the quantised x (bf16, [M, 2I]); dA = dY W2 and dX = dH W13
+    as FP8 GEMMs on transposed views of the e4m3 weights (their 128x128 blocks transpose with their scales), dY and
+    dH quantised 1x128 along their reduction axis as the forward's activations are; dW2 = dY^T A and
+    dW13 = dH^T X by ``grouped_wgrad(fp8=True)``, which quantises the transposed operands along the rows.
+    ``need``: (dx, dw13, dw2) wanted; the weight gradients come in ``w_dtype`` (the master weights')."""
+    E = w13.shape[0]
+    h13 = _gemm(x, offsets, w13, w13_scale, out_dtype=torch.bfloat16)
+    gy = grad_out.to(torch.bfloat16).contiguous()
+    dx = dw13 = dw2 = None
+    if need[2]:
+        a = reference.swiglu(h13).to(torch.bfloat16)  # the down projection's input (the forward's, before e4m3)
+        dw2 = grouped_wgrad(gy, a, offsets, E, out_dtype=w_dtype, fp8=True)
+        del a
+    if need[0] or need[1]:
+        da = _gemm(gy, offsets, w2.transpose(1, 2), w2_scale.transpose(1, 2), out_dtype=torch.bfloat16)
+        dh = _swiglu_grad(h13, da).to(torch.bfloat16)
+        del h13, da
+        if need[0]:
+            dx = _gemm(dh, offsets, w13.transpose(1, 2), w13_scale.transpose(1, 2), out_dtype=x.dtype)
+        if need[1]:
+            dw13 = grouped_wgrad(dh, x, offsets, E, out_dtype=w_dtype, fp8=True)
+    return dx, dw13, dw2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -661,11 +724,43 @@ def _expert_mlp_fp8_ste_setup(ctx, inputs, output):
 
 def _expert_mlp_fp8_ste_backward(ctx, grad_out):
     x, offsets, w13, w13_scale, w2, w2_scale = ctx.saved_tensors
-    dx = _expert_mlp_fp8_input_grad(x, offsets, w13, w13_scale, w2, w2_scale, grad_out)
-    return dx.to(x.dtype), None, None, None, None, None
+    dx, _, _ = _expert_mlp_fp8_backward(x, offsets, w13, w13_scale, w2, w2_scale, grad_out, (True, False, False))
+    return dx, None, None, None, None, None
 
 
 _expert_mlp_fp8_ste_op.register_autograd(_expert_mlp_fp8_ste_backward, setup_context=_expert_mlp_fp8_ste_setup)
+
+
+@torch.library.custom_op("moe_kernels::expert_mlp_fp8_train", mutates_args=())
+def _expert_mlp_fp8_train_op(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w13_q: torch.Tensor,
+                             w13_scale: torch.Tensor, w2: torch.Tensor, w2_q: torch.Tensor,
+                             w2_scale: torch.Tensor) -> torch.Tensor:
+    # the master weights w13 / w2 are inputs for their gradients only: the GEMMs read their e4m3 copies
+    return _expert_mlp_fp8_ste_op(x, offsets, w13_q, w13_scale, w2_q, w2_scale)
+
+
+@_expert_mlp_fp8_train_op.register_fake
+def _(x, offsets, w13, w13_q, w13_scale, w2, w2_q, w2_scale):
+    return x.new_empty(x.shape[0], w2.shape[1], dtype=torch.bfloat16)
+
+
+def _expert_mlp_fp8_train_setup(ctx, inputs, output):
+    x, offsets, w13, w13_q, w13_scale, w2, w2_q, w2_scale = inputs
+    ctx.w_dtype = w13.dtype
+    # the rows (bf16, for dW13's own quantisation along rows) and the e4m3 weights; no activation of the forward
+    ctx.save_for_backward(x, offsets, w13_q, w13_scale, w2_q, w2_scale)
+
+
+def _expert_mlp_fp8_train_backward(ctx, grad_out):
+    x, offsets, w13_q, w13_scale, w2_q, w2_scale = ctx.saved_tensors
+    need = [ctx.needs_input_grad[i] for i in (0, 2, 5)]
+    dx, dw13, dw2 = _expert_mlp_fp8_backward(x, offsets, w13_q, w13_scale, w2_q, w2_scale, grad_out, need,
+                                             w_dtype=ctx.w_dtype)
+    return dx, None, dw13, None, None, dw2, None, None
+
+
+_expert_mlp_fp8_train_op.register_autograd(_expert_mlp_fp8_train_backward,
+                                           setup_context=_expert_mlp_fp8_train_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -798,6 +893,12 @@ def expert_mlp_fp8_ste(x, offsets, w13, w13_scale, w2, w2_scale) -> torch.Tensor
     """The FP8 expert MLP on bf16/fp16/fp32 rows x [M, H] (quantised 1x128 inside), differentiable in x with the
     quantisations taken as identities (straight-through): the gradient an FP8-trained layer sees. The e4m3 weights
     (buffers) get none. Returns bf16 [M, H]."""
+    _check_fp8_rows_and_weights(x, offsets, w13, w13_scale, w2, w2_scale)
+    return _expert_mlp_fp8_ste_op(x, offsets, w13, w13_scale, w2, w2_scale)
+
+
+def _check_fp8_rows_and_weights(x, offsets, w13, w13_scale, w2, w2_scale) -> None:
+    """The checks of the FP8 MLP on unquantised rows: x bf16/fp16/fp32 [M, H], e4m3 weights with their scales."""
     check_tensor("x", x, dtype=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
     check_multiple("x.shape[1] (hidden size)", x.shape[1], SCALE_BLOCK)
     # the FP8 path's own checks, on an empty e4m3 stand-in for the quantised rows
@@ -810,4 +911,21 @@ def expert_mlp_fp8_ste(x, offsets, w13, w13_scale, w2, w2_scale) -> torch.Tensor
                  device=x.device)
     check_tensor("offsets", offsets, dtype=torch.int32, device=x.device)
     _check_offsets(offsets, E, x.shape[0], x.device)
-    return _expert_mlp_fp8_ste_op(x, offsets, w13, w13_scale, w2, w2_scale)
+
+
+def expert_mlp_fp8_train(x, offsets, w13, w2, w13_fp8, w2_fp8) -> torch.Tensor:
+    """The FP8 expert MLP that trains its weights (DeepSeek-V3's FP8 training): master weights w13 [E, 2I, H] and
+    w2 [E, H, I] (bf16 or fp32, they get the gradients) with their e4m3 copies ``w13_fp8`` = (e4m3 [E, 2I, H],
+    fp32 [E, 2I/128, H/128]) and ``w2_fp8`` = (e4m3 [E, H, I], fp32 [E, H/128, I/128]) from
+    ``quantize_weight_fp8`` of the masters (the caller quantises once per optimiser step). x [M, H] bf16/fp16/fp32
+    rows grouped by ``offsets`` (int32 [E+1]) is quantised 1x128 inside. Forward, dgrad and wgrad GEMMs run in
+    e4m3 with fp32 accumulation (see ``_expert_mlp_fp8_backward``); the quantisations are taken as identities.
+    Saved for the backward: x and the e4m3 weights only (h13 is recomputed). Returns bf16 [M, H]."""
+    check_tensor("w13", w13, dtype=(torch.bfloat16, torch.float32), ndim=3, device=x.device)
+    check_tensor("w2", w2, dtype=w13.dtype, shape=(w13.shape[0], w13.shape[2], w13.shape[1] // 2), device=x.device)
+    for name, pair, master in (("w13_fp8", w13_fp8, w13), ("w2_fp8", w2_fp8, w2)):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"{name} must be a pair (e4m3 weights, fp32 scales), got {type(pair).__name__}")
+        check_tensor(f"{name}[0]", pair[0], shape=tuple(master.shape))
+    _check_fp8_rows_and_weights(x, offsets, w13_fp8[0], w13_fp8[1], w2_fp8[0], w2_fp8[1])
+    return _expert_mlp_fp8_train_op(x, offsets, w13, w13_fp8[0], w13_fp8[1], w2, w2_fp8[0], w2_fp8[1])
