@@ -189,3 +189,31 @@ def test_refused_families_report_why(family):
     assert report == 0 and len(report.skipped) == 2, str(report)
     assert all(s.kind == kind and why in s.reason for s in report.skipped), str(report)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "llama4"])
+def test_family_block_fp8(family):
+    """The FamilyMoELayer variants with FP8 experts (weights quantised on load; 128-multiple sizes): within FP8's
+    error of HF's block (measured ~3-6e-2 on the toy layers; a broken path is O(1))."""
+    over = dict(moe_intermediate_size=128, shared_expert_intermediate_size=256) if family == "qwen2_moe" else \
+        dict(intermediate_size=128, num_experts_per_tok=2)
+    model = build(FAMILIES, family, std=0.05, **over)
+    block = model.model.layers[0].mlp if family == "qwen2_moe" else model.model.layers[0].feed_forward
+    layer = mk.MoELayer.from_hf(block, precision="fp8")
+    assert layer.experts.w13.dtype == torch.float8_e4m3fn
+    x = torch.randn(2, 5, 128)
+    with torch.no_grad():
+        ref = block(x)
+        ref = ref[0] if isinstance(ref, tuple) else ref
+        err = assert_close_rel(layer(x).reshape(ref.shape), ref, 0.1, f"{family} block, fp8")
+    print(f"{family} block fp8: relative error {err:.2e}")
+
+
+def test_deepseek_v2_lite_attention_without_q_lora():
+    """DeepSeek-V2-Lite's MLA has no q LoRA (q_proj): the patched model's logits are HF's."""
+    model = build(FAMILIES, "deepseek_v2", q_lora_rank=None)
+    patched = copy.deepcopy(model)
+    assert mk.patch_model(patched, precision=None) == 3
+    ids = torch.randint(0, V, (2, 7))
+    with torch.no_grad():
+        assert_close_rel(patched(ids).logits, model(ids).logits, 1e-5, "DeepSeek-V2-Lite logits")

@@ -56,7 +56,7 @@ class FamilyMoELayer(MoELayer):
         T, k = ids.shape
         H = self.hidden_size
         rows = (x2.unsqueeze(1) * weights.to(x2.dtype).unsqueeze(-1)).reshape(T * k, H)  # k scaled copies a token
-        grad = torch.is_grad_enabled() and rows.requires_grad
+        grad = torch.is_grad_enabled() and (rows.requires_grad or getattr(self.experts, "fp8_master", False))
         p = ops.permute(rows, ids.reshape(T * k, 1), self.num_experts, fp8=self.precision == "fp8" and not grad)
         y = self.experts(p.x, p.offsets, p.scale)
         ones = torch.ones(T * k, 1, dtype=torch.float32, device=x2.device)
