@@ -47,6 +47,26 @@ void check_arg(const Tensor& t, const char* name, c10::ScalarType dtype, int64_t
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+p2p::LLLayout ll_layout(int64_t num_ranks, const std::vector<int64_t>& layout) {
+  TORCH_CHECK(layout.size() == 8, "layout must have 8 entries, got ", layout.size());
+  TORCH_CHECK(num_ranks >= 1 && num_ranks <= p2p::kLLMaxRanks, "low-latency mode: at most ", p2p::kLLMaxRanks,
+              " ranks, got ", num_ranks);
+  p2p::LLLayout l{};
+  l.num_ranks = static_cast<int>(num_ranks);
+  l.max_local = static_cast<int>(layout[0]);
+  l.max_tokens = static_cast<int>(layout[1]);
+  l.k = static_cast<int>(layout[2]);
+  l.row_bytes = layout[3];
+  l.scale_bytes = layout[4];
+  l.hidden = layout[5];
+  TORCH_CHECK(l.max_local >= 1 && l.max_tokens >= 1 && l.k >= 1 && l.k <= 32 && l.hidden >= 8 && l.hidden % 8 == 0,
+              "bad low-latency layout (max_local, max_tokens >= 1; 1 <= k <= 32; hidden a multiple of 8)");
+  TORCH_CHECK(l.row_bytes > 0 && l.row_bytes % 16 == 0 && l.scale_bytes >= 0 && l.scale_bytes % 16 == 0,
+              "row and scale bytes must be multiples of 16");
+  l.record_bytes = l.row_bytes + l.scale_bytes + 16;
+  return l;
+}
+
 class P2PBuffer : public torch::CustomClassHolder {
  public:
   // One rank's buffer: signals + a dispatch region + a combine region (both multiples of 16 bytes), zeroed.
@@ -223,12 +243,132 @@ class P2PBuffer : public torch::CustomClassHolder {
     P2P_CUDA_CHECK(p2p::launch_combine(a, wire, out_dtype, at::cuda::getCurrentCUDAStream()));
   }
 
+  // ---- low-latency mode (kernels/p2p_ll.cu) ----------------------------------------------------------------
+  // `layout` = [max_local, max_tokens, k, row_bytes, scale_bytes, hidden, num_experts, num_local] (see p2p.h).
+
+  // rows uint8 [T, row_bytes]; scales fp32 [T, num_scales] (numel 0: none); ids int32 [T, k];
+  // expert_rank, expert_local int32 [num_experts].
+  void ll_dispatch_send(Tensor rows, Tensor scales, Tensor ids, Tensor expert_rank, Tensor expert_local,
+                        std::vector<int64_t> layout, int64_t timeout_ns) {
+    p2p::LLArgs a = ll_args(layout, timeout_ns);
+    check_arg(rows, "rows", torch::kUInt8, 2, device_);
+    TORCH_CHECK(rows.size(1) == a.lay.row_bytes, "rows must have ", a.lay.row_bytes, " bytes per row");
+    const int64_t T = rows.size(0);
+    TORCH_CHECK(T <= a.lay.max_tokens, "low-latency dispatch: ", T, " tokens exceed max_tokens ", a.lay.max_tokens);
+    check_arg(ids, "ids", torch::kInt32, 2, device_);
+    TORCH_CHECK(ids.size(0) == T && ids.size(1) == a.lay.k, "ids must have shape [", T, ", ", a.lay.k, "]");
+    a.num_scales = ll_scales(scales, T, a);
+    check_arg(expert_rank, "expert_rank", torch::kInt32, 1, device_);
+    check_arg(expert_local, "expert_local", torch::kInt32, 1, device_);
+    TORCH_CHECK(expert_rank.size(0) == a.num_experts && expert_local.size(0) == a.num_experts,
+                "expert_rank / expert_local must have ", a.num_experts, " entries");
+    a.rows = rows.data_ptr<uint8_t>();
+    a.scales = a.num_scales ? scales.data_ptr<float>() : nullptr;
+    a.ids = ids.data_ptr<int32_t>();
+    a.num_tokens = T;
+    a.expert_rank = expert_rank.data_ptr<int32_t>();
+    a.expert_local = expert_local.data_ptr<int32_t>();
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+    P2P_CUDA_CHECK(p2p::launch_ll_dispatch_send(a, at::cuda::getCurrentCUDAStream()));
+  }
+
+  // out_rows uint8 [num_local, R * N, row_bytes]; out_scale fp32 [num_local, R * N, num_scales] (numel 0: none);
+  // out_count int32 [num_local]; out_src int32 [num_local, R * N, 2].
+  void ll_dispatch_recv(Tensor out_rows, Tensor out_scale, Tensor out_count, Tensor out_src,
+                        std::vector<int64_t> layout, int64_t timeout_ns) {
+    p2p::LLArgs a = ll_args(layout, timeout_ns);
+    const int64_t rows = num_ranks_ * a.lay.max_tokens;
+    check_arg(out_rows, "out_rows", torch::kUInt8, 3, device_);
+    TORCH_CHECK(out_rows.size(0) == a.num_local && out_rows.size(1) == rows && out_rows.size(2) == a.lay.row_bytes,
+                "out_rows must have shape [", a.num_local, ", ", rows, ", ", a.lay.row_bytes, "]");
+    a.num_scales = ll_scales(out_scale.numel() ? out_scale.view({-1, out_scale.size(-1)}) : out_scale,
+                             a.num_local * rows, a);
+    ll_sources(out_count, out_src, a);
+    a.out_rows = out_rows.data_ptr<uint8_t>();
+    a.out_scale = a.num_scales ? out_scale.data_ptr<float>() : nullptr;
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+    P2P_CUDA_CHECK(p2p::launch_ll_dispatch_recv(a, at::cuda::getCurrentCUDAStream()));
+  }
+
+  // y bf16 [num_local, R * N, hidden]; out_count, out_src: what ll_dispatch_recv wrote.
+  void ll_combine_send(Tensor y, Tensor out_count, Tensor out_src, std::vector<int64_t> layout, int64_t timeout_ns) {
+    p2p::LLArgs a = ll_args(layout, timeout_ns);
+    const int64_t rows = num_ranks_ * a.lay.max_tokens;
+    check_arg(y, "y", torch::kBFloat16, 3, device_);
+    TORCH_CHECK(y.size(0) == a.num_local && y.size(1) == rows && y.size(2) == a.lay.hidden, "y must have shape [",
+                a.num_local, ", ", rows, ", ", a.lay.hidden, "]");
+    ll_sources(out_count, out_src, a);
+    a.y = y.data_ptr();
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+    P2P_CUDA_CHECK(p2p::launch_ll_combine_send(a, at::cuda::getCurrentCUDAStream()));
+  }
+
+  // weights fp32 [T, k]; ids int32 [T, k]; out bf16 [T, hidden].
+  void ll_combine_recv(Tensor weights, Tensor ids, Tensor out, std::vector<int64_t> layout, int64_t timeout_ns) {
+    p2p::LLArgs a = ll_args(layout, timeout_ns);
+    check_arg(out, "out", torch::kBFloat16, 2, device_);
+    const int64_t T = out.size(0);
+    TORCH_CHECK(T <= a.lay.max_tokens && out.size(1) == a.lay.hidden, "out must have shape [T <= ",
+                a.lay.max_tokens, ", ", a.lay.hidden, "]");
+    check_arg(weights, "weights", torch::kFloat32, 2, device_);
+    check_arg(ids, "ids", torch::kInt32, 2, device_);
+    TORCH_CHECK(weights.size(0) == T && weights.size(1) == a.lay.k && ids.sizes() == weights.sizes(),
+                "weights and ids must have shape [", T, ", ", a.lay.k, "]");
+    a.weights = weights.data_ptr<float>();
+    a.ids = ids.data_ptr<int32_t>();
+    a.num_tokens = T;
+    a.out = out.data_ptr();
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+    P2P_CUDA_CHECK(p2p::launch_ll_combine_recv(a, at::cuda::getCurrentCUDAStream()));
+  }
+
   // Unmap the peers and free this rank's memory. The caller makes sure no kernel of any rank still uses them
   // (buffer.py synchronises and barriers first); the destructor calls it too.
   void close() { release(); }
 
  private:
   void check_open() const { TORCH_CHECK(base_ != nullptr, "the P2P buffer was closed"); }
+
+  p2p::LLArgs ll_args(const std::vector<int64_t>& layout, int64_t timeout_ns) const {
+    check_ready(1);
+    p2p::LLArgs a{};
+    a.lay = ll_layout(num_ranks_, layout);
+    TORCH_CHECK(a.lay.dispatch_bytes() <= dispatch_bytes_ && a.lay.combine_bytes() <= combine_bytes_,
+                "low-latency layout needs ", a.lay.dispatch_bytes(), " + ", a.lay.combine_bytes(),
+                " bytes; the buffer has ", dispatch_bytes_, " + ", combine_bytes_);
+    a.peers = peers_dev_;
+    a.self_base = base_;
+    a.rank = static_cast<int>(rank_);
+    a.timeout_ns = static_cast<uint64_t>(timeout_ns);
+    a.dispatch_offset = dispatch_offset();
+    a.combine_offset = combine_offset();
+    a.num_experts = static_cast<int>(layout[6]);
+    a.num_local = static_cast<int>(layout[7]);
+    TORCH_CHECK(a.num_local >= 0 && a.num_local <= a.lay.max_local, "num_local out of range");
+    a.error = error_dev_;
+    return a;
+  }
+
+  // Check out_count int32 [num_local] and out_src int32 [num_local, R * N, 2] and point `a` at them.
+  void ll_sources(const Tensor& out_count, const Tensor& out_src, p2p::LLArgs& a) const {
+    const int64_t rows = num_ranks_ * a.lay.max_tokens;
+    check_arg(out_count, "out_count", torch::kInt32, 1, device_);
+    TORCH_CHECK(out_count.size(0) == a.num_local, "out_count must have ", a.num_local, " entries");
+    check_arg(out_src, "out_src", torch::kInt32, 3, device_);
+    TORCH_CHECK(out_src.size(0) == a.num_local && out_src.size(1) == rows && out_src.size(2) == 2,
+                "out_src must have shape [", a.num_local, ", ", rows, ", 2]");
+    a.out_count = out_count.data_ptr<int32_t>();
+    a.out_src = out_src.data_ptr<int32_t>();
+  }
+
+  // num_scales of an optional fp32 [rows, num_scales] tensor (numel 0: none), checked against the layout.
+  int ll_scales(const Tensor& scales, int64_t rows, const p2p::LLArgs& a) const {
+    if (scales.numel() == 0) return 0;
+    check_arg(scales, "scales", torch::kFloat32, 2, device_);
+    TORCH_CHECK(scales.size(0) == rows, "scales must have ", rows, " rows");
+    TORCH_CHECK(4 * scales.size(1) <= a.lay.scale_bytes, "scales do not fit the layout's scale bytes");
+    return static_cast<int>(scales.size(1));
+  }
 
   void check_ready(int64_t epoch) const {
     check_open();
@@ -263,7 +403,18 @@ class P2PBuffer : public torch::CustomClassHolder {
 
 }  // namespace
 
+namespace {
+
+// [dispatch region bytes, combine region bytes] of a low-latency layout.
+std::vector<int64_t> p2p_ll_bytes(int64_t num_ranks, std::vector<int64_t> layout) {
+  const p2p::LLLayout l = ll_layout(num_ranks, layout);
+  return {l.dispatch_bytes(), l.combine_bytes()};
+}
+
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(moe_kernels_C, m) {
+  m.def("p2p_ll_bytes", &p2p_ll_bytes);
   m.class_<P2PBuffer>("P2PBuffer")
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t>())
       .def("ipc_handle", &P2PBuffer::ipc_handle)
@@ -278,5 +429,9 @@ TORCH_LIBRARY_FRAGMENT(moe_kernels_C, m) {
       .def("clear_error", &P2PBuffer::clear_error)
       .def("dispatch", &P2PBuffer::dispatch)
       .def("combine", &P2PBuffer::combine)
+      .def("ll_dispatch_send", &P2PBuffer::ll_dispatch_send)
+      .def("ll_dispatch_recv", &P2PBuffer::ll_dispatch_recv)
+      .def("ll_combine_send", &P2PBuffer::ll_combine_send)
+      .def("ll_combine_recv", &P2PBuffer::ll_combine_recv)
       .def("close", &P2PBuffer::close);
 }

@@ -20,6 +20,11 @@ Model (per GPU, per MoE layer; ``docs/planner.md`` has the derivation and its li
     step      = dense_layers x (MLA + dense MLP) + moe_layers x t;   tokens/s = G T / step
     MFU       = forward FLOPs per token x tokens/s / (G x dense peak of the precision used)
 
+Expert tensor parallelism (``expert_tp`` = P): the above over one EP group of G/P GPUs (g/P per node), expert
+FLOPs / P, a fp32 ring all-reduce of [T, H] over NVLink added to M, tokens/s = (G/P) T / step. The low-latency
+mode (``ep_mode="low_latency"``): k records per token (one per pair) of e4m3 row + scales + 16 bytes out and a
+bf16 row back, an assumed 5 us per phase. ``docs/planner.md`` says what neither has measured.
+
 Every rate is looked up at the size the kernel runs at (tokens or rows per expert of one micro-batch) in the
 benchmark JSON files under ``bench/results`` (grouped GEMM / expert-MLP TFLOP/s, route / permute / unpermute
 GB/s, the MLA down-projection TFLOP/s, the copy bandwidth), interpolated in log(size) between measured points and
@@ -124,6 +129,8 @@ class Deployment:
     gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB
     load_imbalance: float | None = None  # max/mean GPU load; None: from place_experts (1.0 without it)
     expert_load: tuple | None = None  # expected per-expert load (relative counts, E entries) for place_experts
+    expert_tp: int = 1  # expert tensor parallelism: each expert's width split over this many GPUs of a node
+    ep_mode: str = "normal"  # "normal" (ExpertParallel) or "low_latency" (LowLatencyEP: per-pair records)
 
     def validate(self) -> None:
         ints = ("gpus", "gpus_per_node", "num_experts", "top_k", "tokens_per_gpu", "hidden", "intermediate",
@@ -161,6 +168,20 @@ class Deployment:
             raise ValueError(f"gpu_memory_gb must be a positive number, got {self.gpu_memory_gb!r}")
         if self.load_imbalance is not None and (_num(self.load_imbalance) is None or self.load_imbalance < 1):
             raise ValueError(f"load_imbalance (max/mean GPU load) must be >= 1, got {self.load_imbalance!r}")
+        tp = self.expert_tp
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"expert_tp must be an int >= 1, got {tp!r}")
+        if tp > 1:
+            if min(g, G) % tp:
+                raise ValueError(f"expert_tp ({tp}) must divide the GPUs of a node ({min(g, G)}): TP stays in a node")
+            if self.intermediate % tp or (self.precision == "fp8" and (self.intermediate // tp) % 128):
+                raise ValueError(f"expert_tp ({tp}) must split intermediate ({self.intermediate}) into slices of "
+                                 f"whole 128-blocks with fp8 (a multiple of tp otherwise)")
+            if E > G // tp and E % (G // tp):
+                raise ValueError(f"num_experts ({E}) must be a multiple of the EP group size gpus / expert_tp "
+                                 f"({G // tp}) when larger")
+        if self.ep_mode not in ("normal", "low_latency"):
+            raise ValueError(f"ep_mode must be 'normal' or 'low_latency', got {self.ep_mode!r}")
         if self.expert_load is not None:
             load = list(self.expert_load)
             if len(load) != E:
@@ -512,6 +533,27 @@ def _record_bytes(H: int, k: int, fp8: bool, combine_dtype: str) -> tuple[int, i
     return dispatch, H * (4 if combine_dtype == "fp32" else 2)
 
 
+def _ep_gpus(dep: Deployment) -> tuple[int, int]:
+    """(G_ep, g_ep): the GPUs of one EP group and those of it in one node. With expert TP of degree P, an EP group
+    is the G / P GPUs holding the same slice (P per node share a node's NVLink)."""
+    return dep.gpus // dep.expert_tp, max(1, min(dep.gpus_per_node, dep.gpus) // dep.expert_tp)
+
+
+LL_LATENCY_US = 5.0  # assumed fixed cost of one low-latency phase (a launch and a flag round trip): not measured
+
+
+def _wire(dep: Deployment, D: float) -> tuple[float, int, int]:
+    """(records per token, dispatch bytes per record, combine bytes per record) of the EP mode. Normal: one record
+    per (token, destination GPU); low-latency: one per (token, expert) pair, e4m3 row + 1x128 scales + 16 bytes
+    out (bf16 row + 16 without fp8), a bf16 row back."""
+    H, k, fp8 = dep.hidden, dep.top_k, dep.precision == "fp8"
+    if dep.ep_mode == "low_latency":
+        scales = -(-(4 * (H // 128)) // 16) * 16 if fp8 else 0
+        return float(k), (H if fp8 else 2 * H) + scales + 16, 2 * H
+    disp, comb = _record_bytes(H, k, fp8, dep.combine_dtype)
+    return D, disp, comb
+
+
 def _route_bytes(T, H, E, k):  # what bench/bench_routing.py counts for its GB/s (bf16 activations)
     return T * H * 2 + E * H * 2 + T * k * 8 + E * 4
 
@@ -562,7 +604,8 @@ def tile_padding(mean_rows: float, block_m: int) -> float:
 
 def _moe_compute(dep: Deployment, r: Rates, use: _Use, T: float, imb: float, D: float) -> dict:
     """ms of the compute of one MoE layer for T tokens on one GPU (one micro-batch), without MLA."""
-    H, I, E, k, fp8, G = dep.hidden, dep.intermediate, dep.num_experts, dep.top_k, dep.precision == "fp8", dep.gpus
+    H, I, E, k, fp8 = dep.hidden, dep.intermediate, dep.num_experts, dep.top_k, dep.precision == "fp8"
+    G, tp = _ep_gpus(dep)[0], dep.expert_tp  # with expert TP: the EP group's GPUs, each expert's 1/tp slice
     copies = E / G if E >= G else 1.0  # expert copies per GPU (E <= G: one, spare GPUs hold replicas)
     rows_per_expert = T * k / copies
     mem = lambda nbytes, gbps: nbytes / (gbps * 1e9) * 1e3  # noqa: E731
@@ -577,7 +620,7 @@ def _moe_compute(dep: Deployment, r: Rates, use: _Use, T: float, imb: float, D: 
         "routing": mem(_route_bytes(T, H, E, k), use(f"route GB/s at T={T:g}, k={k}", rb, "GB/s")),
         "permute": mem(_permute_bytes(T, H, k, fp8), use(f"permute {dep.precision} GB/s at T={T:g}, k={k}", pb,
                                                          "GB/s")),
-        "experts": flop(T * k * imb * pad * 6 * H * I,
+        "experts": flop(T * k * imb * pad * 6 * H * I / tp,
                         use(f"expert MLP {dep.precision} at {rows_per_expert:g} rows/expert",
                             r.mlp_tflops(dep.precision, rows_per_expert), "TFLOP/s")),
         "shared_experts": 0.0,
@@ -589,9 +632,9 @@ def _moe_compute(dep: Deployment, r: Rates, use: _Use, T: float, imb: float, D: 
                                      use(f"shared expert MLP {dep.precision} at {T:g} rows",
                                          r.mlp_tflops(dep.precision, T), "TFLOP/s"))
     if G > 1:  # records written by the sender and read by the receiver, both ways
-        disp, comb = _record_bytes(H, k, fp8, dep.combine_dtype)
+        recs, disp, comb = _wire(dep, D)
         cb = r.curves["copy"].at(1) if "copy" in r.curves else (r.mem_gbps, r.source["mem_gbps"])
-        out["ep_copies"] = mem(2 * T * D * imb * (disp + comb), use("copy GB/s (EP records)", cb, "GB/s"))
+        out["ep_copies"] = mem(2 * T * recs * imb * (disp + comb), use("copy GB/s (EP records)", cb, "GB/s"))
     return out
 
 
@@ -611,7 +654,7 @@ def _mla_ms(dep: Deployment, r: Rates, use: _Use, T: float) -> tuple[float, floa
 
 def _placement(dep: Deployment, r: Rates, notes: list) -> dict | None:
     """moe_kernels.dist.place_experts' plan for the deployment, when that function exists and succeeds."""
-    if dep.gpus == 1:
+    if _ep_gpus(dep)[0] == 1:
         return None
     try:
         from . import dist as _dist
@@ -624,7 +667,7 @@ def _placement(dep: Deployment, r: Rates, notes: list) -> dict | None:
     if place_experts is None:
         notes.append(f"placement: {why}; assumed balanced (max/mean GPU load 1.0)")
         return None
-    G, E, k, T = dep.gpus, dep.num_experts, dep.top_k, dep.tokens_per_gpu
+    (G, g), E, k, T = _ep_gpus(dep), dep.num_experts, dep.top_k, dep.tokens_per_gpu  # one EP group
     pairs = G * T * k  # (token, expert) pairs per step over the deployment
     if dep.expert_load is not None:
         s = float(sum(dep.expert_load))
@@ -633,7 +676,7 @@ def _placement(dep: Deployment, r: Rates, notes: list) -> dict | None:
         load, what = [pairs / E] * E, "uniform expected load"
     disp, _ = _record_bytes(dep.hidden, k, dep.precision == "fp8", dep.combine_dtype)
     try:
-        p = place_experts(E, G, min(dep.gpus_per_node, G), load=load, top_k=k,
+        p = place_experts(E, G, min(g, G), load=load, top_k=k,
                           link_bandwidth=(r.nvlink_gbps, r.ib_gbps), bytes_per_token=disp)
         rep = p.report() if hasattr(p, "report") else dict(getattr(p, "stats", None) or {})
     except Exception as e:  # a planner bug or an unsupported shape must not stop the prediction
@@ -660,15 +703,15 @@ def _placement(dep: Deployment, r: Rates, notes: list) -> dict | None:
 
 
 def _memory_gb(dep: Deployment, D: float, imb: float) -> dict:
-    H, I, E, G, k = dep.hidden, dep.intermediate, dep.num_experts, dep.gpus, dep.top_k
+    H, I, E, G, k = dep.hidden, dep.intermediate, dep.num_experts, _ep_gpus(dep)[0], dep.top_k
     wb = 1 + 4 / (128 * 128) if dep.precision == "fp8" else 2  # bytes per weight (fp8: + 128x128 block scales)
     ab = 1 + 4 / 128 if dep.precision == "fp8" else 2
     moe = dep.layers - dep.dense_layers
-    copies = max(1.0, E / G)
+    copies = max(1.0, E / G) / dep.expert_tp  # expert TP: each GPU holds a 1/tp slice of its copies
     nh = dep.num_heads
     mla = (H * (dep.q_lora_rank + dep.kv_lora_rank + dep.qk_rope) + dep.q_lora_rank * nh * (dep.qk_nope + dep.qk_rope)
            + dep.kv_lora_rank * nh * (dep.qk_nope + dep.v_head) + nh * dep.v_head * H)
-    disp, comb = _record_bytes(H, k, dep.precision == "fp8", dep.combine_dtype)
+    recs, disp, comb = _wire(dep, D)
     T = dep.tokens_per_gpu
     parts = {
         "routed experts": moe * copies * 3 * H * I * wb,
@@ -678,8 +721,11 @@ def _memory_gb(dep: Deployment, D: float, imb: float) -> dict:
         "routers": moe * E * H * 2,
         "embedding + head (bf16)": 2 * dep.vocab * H * 2,
         "latent KV cache (bf16)": dep.layers * T * (dep.kv_lora_rank + dep.qk_rope) * 2,
-        "activations of one MoE layer": T * k * imb * H * (ab + 2) + T * D * imb * (disp + comb),
+        "activations of one MoE layer": T * k * imb * H * (ab + 2) + T * recs * imb * (disp + comb),
     }
+    if dep.ep_mode == "low_latency" and G > 1:  # fixed slots: [local experts][G][T/m] records (2 buffers) + combine
+        N = -(-T // max(1, dep.micro_batches))
+        parts["low-latency buffers"] = 2 * (max(1.0, E / G) * G * N * disp + N * k * comb)
     return {name: v / 1e9 for name, v in parts.items()}
 
 
@@ -689,10 +735,10 @@ def predict(dep: Deployment, rates: Rates | None = None, place: bool = True) -> 
     dep.validate()
     r = rates if rates is not None else Rates()
     use, notes = _Use(), list(r.notes)
-    G, g, E, k, H = dep.gpus, min(dep.gpus_per_node, dep.gpus), dep.num_experts, dep.top_k, dep.hidden
-    fp8 = dep.precision == "fp8"
-    m = dep.micro_batches if G > 1 else 1
-    if G == 1 and dep.micro_batches > 1:
+    (G, g), E, k, H = _ep_gpus(dep), dep.num_experts, dep.top_k, dep.hidden  # one EP group (all GPUs at tp=1)
+    tp, fp8 = dep.expert_tp, dep.precision == "fp8"
+    m = dep.micro_batches if G * tp > 1 else 1
+    if G * tp == 1 and dep.micro_batches > 1:
         notes.append("one GPU: no communication to hide, micro-batching off")
 
     placement = _placement(dep, r, notes) if place else None
@@ -713,8 +759,8 @@ def predict(dep: Deployment, rates: Rates | None = None, place: bool = True) -> 
 
     # communication of one MoE layer
     T = dep.tokens_per_gpu
-    disp_rec, comb_rec = _record_bytes(H, k, fp8, dep.combine_dtype)
-    nvl_dest, ib_dest = D * (g - 1) / G, D * (G - g) / G
+    recs, disp_rec, comb_rec = _wire(dep, D)  # records per token: D (normal) or k (low-latency)
+    nvl_dest, ib_dest = recs * (g - 1) / G, recs * (G - g) / G
     nvl_b = use("NVLink GB/s (each way)", (r.nvlink_gbps, r.source["nvlink_gbps"]), "GB/s")
     ib_b = use("InfiniBand GB/s per GPU (each way)", (r.ib_gbps, r.source["ib_gbps"]), "GB/s") if ib_dest else 0
     traffic = {}
@@ -725,15 +771,27 @@ def predict(dep: Deployment, rates: Rates | None = None, place: bool = True) -> 
         if G == 1:
             return 0.0
         wire = max(nvl / (nvl_b * 1e9), ib / (ib_b * 1e9) if ib else 0.0) * 1e3
-        lat = m * use("all-to-all latency per phase", (r.latency_us, r.source["latency_us"]), "us") / 1e3
+        if dep.ep_mode == "low_latency":
+            lat = m * use("low-latency phase latency", (LL_LATENCY_US, f"assumed: {LL_LATENCY_US:g} us per phase "
+                                                        "and micro-batch (not measured)"), "us") / 1e3
+        else:
+            lat = m * use("all-to-all latency per phase", (r.latency_us, r.source["latency_us"]), "us") / 1e3
         return wire + lat
 
     layer["dispatch"] = phase("dispatch", disp_rec)
     layer["combine"] = phase("combine", comb_rec)
-    C = sum(v for name, v in layer.items() if name not in ("dispatch", "combine"))
-    M = layer["dispatch"] + layer["combine"]
+    comm = ("dispatch", "combine")
+    if tp > 1:  # the slices' partial outputs added: a ring all-reduce of fp32 [T, H] over the node's NVLink
+        comm += ("tp_allreduce",)
+        nbytes = 2 * (tp - 1) / tp * T * H * 4
+        traffic["tp_allreduce"] = {"nvlink_MB": nbytes / 1e6, "infiniband_MB": 0.0}
+        layer["tp_allreduce"] = nbytes / (nvl_b * 1e9) * 1e3 + m * use(
+            "all-to-all latency per phase", (r.latency_us, r.source["latency_us"]), "us") / 1e3
+    C = sum(v for name, v in layer.items() if name not in comm)
+    M = sum(layer[name] for name in comm)
     pipelined = C + M if m <= 1 else max(C, M) + min(C, M) / m
-    order = ("routing", "permute", "dispatch", "experts", "shared_experts", "combine", "unpermute", "ep_copies", "mla")
+    order = ("routing", "permute", "dispatch", "experts", "shared_experts", "combine") + \
+        (("tp_allreduce",) if tp > 1 else ()) + ("unpermute", "ep_copies", "mla")
     per_layer = {name: layer[name] for name in order}
     per_layer.update(compute=C, communication=M, overlap=C + M - pipelined, layer=pipelined)
 
@@ -744,13 +802,13 @@ def predict(dep: Deployment, rates: Rates | None = None, place: bool = True) -> 
     dense = mla_T + dense_mlp if dep.dense_layers else 0.0
     moe_layers = dep.layers - dep.dense_layers
     step = dep.dense_layers * dense + moe_layers * pipelined
-    tokens_per_s = G * T / step * 1e3
+    tokens_per_s = G * T / step * 1e3  # the tp GPUs of a TP group hold the same tokens
     mla_per_token = mla_flops_T / T
     flops_per_token = (dep.layers * mla_per_token + dep.dense_layers * 6 * H * dep.dense_intermediate
                        + moe_layers * ((k + dep.n_shared_experts) * 6 * H * dep.intermediate + 2 * H * E))
     peak = use(f"{dep.precision} dense peak", ((r.peak_tflops_fp8 if fp8 else r.peak_tflops_bf16),
                                                 r.source["peak_tflops"]), "TFLOP/s")
-    mfu = flops_per_token * tokens_per_s / G / (peak * 1e12)
+    mfu = flops_per_token * tokens_per_s / (G * tp) / (peak * 1e12)
     memory = _memory_gb(dep, D, imb)
     total_mem = sum(memory.values())
     if total_mem > dep.gpu_memory_gb:
@@ -770,7 +828,7 @@ def predict(dep: Deployment, rates: Rates | None = None, place: bool = True) -> 
         "traffic_per_gpu_per_layer": traffic,
         "step_ms": step,
         "tokens_per_s": tokens_per_s,
-        "tokens_per_s_per_gpu": tokens_per_s / G,
+        "tokens_per_s_per_gpu": tokens_per_s / (G * tp),
         "flops_per_token": flops_per_token,
         "peak_tflops": peak,
         "mfu": mfu,
@@ -794,6 +852,7 @@ _LAYER_LABELS = {
     "shared_experts": "shared experts", "combine": "combine (all-to-all)", "unpermute": "unpermute (weighted sum)",
     "ep_copies": "EP record copies", "mla": "MLA attention", "compute": "compute C",
     "communication": "communication M", "overlap": "overlap hidden", "layer": "MoE layer (pipelined)",
+    "tp_allreduce": "expert TP all-reduce (fp32)",
 }
 
 

@@ -833,12 +833,159 @@ def gpu_check_soak(rank, world):
         print(f"[soak] world {world}: {iters} calls, memory_allocated {base} -> peak {peak} bytes", flush=True)
 
 
+def _p2p_ll_available() -> bool:
+    """The extension has the low-latency kernels (an older build may not)."""
+    try:
+        torch.ops.moe_kernels_C.p2p_ll_bytes  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _ll(E, k, fp8=True, max_tokens=64, hidden=2 * H, **kw):
+    from moe_kernels.dist import LowLatencyEP
+
+    return LowLatencyEP(None, E, max_tokens, hidden, k, fp8=fp8, allow_shared_device=True, timeout=GPU_TIMEOUT, **kw)
+
+
+def _ll_identity(d):
+    """Identity experts on the masked layout: the received rows (dequantised) as bf16 outputs."""
+    if d.scale is None:
+        return d.x.clone()
+    L, RN, Hh = d.x.shape
+    return (d.x.float().view(L, RN, Hh // 128, 128) * d.scale[..., None]).view(L, RN, Hh).bfloat16()
+
+
+def _ll_expected(x, ids, w, fp8):
+    """What an identity-expert round trip returns: sum_j w_j bf16(row_t) over valid slots (fp32, then bf16), the
+    row quantised as the sender does (ops.quantize_fp8) and dequantised as ``_ll_identity`` does."""
+    import moe_kernels as mk
+
+    if fp8:
+        q, sc = mk.ops.quantize_fp8(x)
+        y = (q.float().view(x.shape[0], -1, 128) * sc[..., None]).view(x.shape).bfloat16()
+    else:
+        y = x
+    return ((w * (ids >= 0)).sum(1, keepdim=True) * y.float()).bfloat16()
+
+
+def gpu_check_ll_round_trip(rank, world):
+    """Low-latency mode, fp8 and bf16 rows, k = 1/2/4, E < G, E = G, E > G, two micro-batches in flight: the masked
+    layout holds exactly the rows the normal mode delivers (same order, bitwise; counts on the device), and the
+    combine equals the normal mode's (top-1 with identity experts: bitwise x's quantisation round trip)."""
+    for E in expert_counts(world):
+        for k in sorted({1, min(2, E), min(4, E)}):
+            for fp8 in (True, False):
+                ll_round_trip_case(rank, world, E, k, fp8)
+
+
+def ll_round_trip_case(rank, world, E, k, fp8, seed=0):
+    """One LowLatencyEP, two micro-batches in flight (rank 0 sends nothing in the second), checked as
+    ``gpu_check_ll_round_trip`` says (also run under compute-sanitizer by tests/_sanitize_ops.py)."""
+    import moe_kernels as mk
+
+    dev = _gpu()
+    ll = _ll(E, k, fp8, hidden=H)
+    ctx = f"E={E} k={k} fp8={fp8}"
+    makes = [lambda s, mb=mb: tokens(s, 0 if (mb == 1 and s == 0) else 20 + 9 * s + 5 * mb, E, k,
+                                     torch.bfloat16, seed=31 * mb + E + k + seed) for mb in range(2)]
+    data = [[t.to(dev) for t in make(rank)] for make in makes]
+    pend = [ll.dispatch(x, ids) for x, ids, _ in data]  # both micro-batches in flight
+    got = [p.recv() for p in pend]
+    outs = [ll.combine(_ll_identity(d), d, w, ids) for d, (x, ids, w) in zip(got, data)]
+    outs = [o.wait() for o in outs]
+    ll.check()
+    for mb, (d, out, make, (x, ids, w)) in enumerate(zip(got, outs, makes, data)):
+        want_x, _, counts = expected_rows(rank, world, ll.placement, make)
+        expect(d.count.tolist() == counts, f"{ctx} mb {mb}: counts {d.count.tolist()} != {counts}")
+        rows = torch.cat([d.x[j, :c] for j, c in enumerate(counts)]) if counts else d.x[:0, 0]
+        if fp8 and want_x.shape[0]:
+            q, sc = mk.ops.quantize_fp8(want_x.to(dev))
+            got_sc = torch.cat([d.scale[j, :c] for j, c in enumerate(counts)])
+            expect(torch.equal(bits(rows), bits(q)) and torch.equal(got_sc, sc), f"{ctx} mb {mb}: rows differ")
+        elif want_x.shape[0]:
+            expect(torch.equal(bits(rows), bits(want_x.to(dev))), f"{ctx} mb {mb}: rows differ")
+        if x.shape[0]:
+            want = _ll_expected(x, ids, w, fp8)
+            ok = torch.equal(out, want) if k == 1 else _rel(out, want) < 8e-3
+            expect(ok, f"{ctx} mb {mb}: combine error {_rel(out, want):.2e}")
+    ll.close()
+
+
+def gpu_check_ll_graph(rank, world):
+    """One decoding step (dispatch, identity experts, combine) captured in a CUDA graph once and replayed 100 times
+    with new tokens and routing copied into its inputs: every replay's output right."""
+    dev = _gpu()
+    E, k, T = 2 * world, 2, 24
+    ll = _ll(E, k, max_tokens=32)
+    x_s = torch.zeros(T, 2 * H, dtype=torch.bfloat16, device=dev)
+    ids_s = torch.zeros(T, k, dtype=torch.int32, device=dev)
+    w_s = torch.zeros(T, k, dtype=torch.float32, device=dev)
+
+    def step():
+        d = ll.dispatch(x_s, ids_s).recv()
+        return ll.combine(_ll_identity(d), d, w_s, ids_s).wait()
+
+    def load(i):
+        x, ids, w = tokens(rank, T, E, k, torch.bfloat16, seed=7000 + i)
+        x = torch.cat([x, x], 1)  # hidden 2H
+        if i % 3 == 1:
+            ids[::4, 1] = -1  # some unused slots too
+        x_s.copy_(x.to(dev))
+        ids_s.copy_(ids.to(dev))
+        w_s.copy_(w.to(dev))
+        return x, ids, w
+
+    load(-1)
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):  # warm-up (compiles the quantisation kernel) outside the graph
+        step()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_s = step()
+    worst = 0.0
+    for i in range(100):
+        x, ids, w = load(i)
+        graph.replay()
+        want = _ll_expected(x.to(dev), ids.to(dev), w.to(dev), True)
+        worst = max(worst, _rel(out_s, want))
+    ll.check()
+    expect(worst < 8e-3, f"graph replays: worst relative error {worst:.2e}")
+    ll.close()
+
+
+def gpu_check_ll_overflow(rank, world):
+    """More tokens than max_tokens_per_rank raises ValueError on the calling rank before anything is sent; the
+    object stays usable (the next call on every rank is right)."""
+    dev = _gpu()
+    E, k = 2 * world, 2
+    ll = _ll(E, k, max_tokens=16)
+    x, ids, w = (t.to(dev) for t in tokens(rank, 17, E, k, torch.bfloat16))
+    x = torch.cat([x, x], 1)
+    try:
+        ll.dispatch(x, ids)
+        expect(False, "17 tokens with max_tokens_per_rank=16 did not raise")
+    except ValueError as e:
+        expect("max_tokens_per_rank=16" in str(e) and "nothing was sent" in str(e), str(e))
+    x, ids, w = x[:16], ids[:16], w[:16]
+    d = ll.dispatch(x, ids).recv()
+    out = ll.combine(_ll_identity(d), d, w, ids).wait()
+    ll.check()
+    expect(_rel(out, _ll_expected(x, ids, w, True)) < 8e-3, "the call after a refused one is wrong")
+    ll.close()
+
+
 GPU_CHECKS = {
     "round_trip": gpu_check_round_trip,
     "stale": gpu_check_stale,
     "layer": gpu_check_layer,
     "layer_gradients": gpu_check_layer_gradients,
     "soak": gpu_check_soak,
+    "ll_round_trip": gpu_check_ll_round_trip,
+    "ll_graph": gpu_check_ll_graph,
+    "ll_overflow": gpu_check_ll_overflow,
     "timeout": gpu_check_timeout,  # last: it leaves every rank's buffers unusable
 }
 

@@ -283,7 +283,8 @@ NAMES = ["route", "route_grouped", "permute", "permute_fp8", "unpermute", "quant
 def p2p_rank(rank: int, world: int, port: int, timeout: float) -> int:
     """One rank of the P2P dispatch/combine under the sanitizer: ``world`` processes on GPU 0 (gloo on
     127.0.0.1:port, ``allow_shared_device``), bf16 and fp8 rows, k = 1 and 2, E < G and E > G, a rank without
-    tokens, three calls per buffer; every result compared as in tests/test_ep_shared_device.py."""
+    tokens, three calls per buffer; then the low-latency kernels (two micro-batches in flight); every result
+    compared as in tests/test_ep_shared_device.py."""
     import os
 
     import torch
@@ -298,7 +299,7 @@ def p2p_rank(rank: int, world: int, port: int, timeout: float) -> int:
     torch.cuda.set_device(0)
     W.GPU_TIMEOUT = timeout  # instrumented kernels are slow, and the ranks time-share the GPU
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    failed = 0
+    failed, cases = 0, 2
     try:
         for E, k in ((max(1, world // 2), 1), (2 * world, 2)):
             t0 = time.perf_counter()
@@ -315,16 +316,28 @@ def p2p_rank(rank: int, world: int, port: int, timeout: float) -> int:
             ep.check()
             torch.cuda.synchronize()
             ep.close()
-            name = f"p2p_E{E}_k{k}"
-            if W._problems:
-                failed += 1
-                print(f"  FAIL {name} (rank {rank}): {'; '.join(W._problems)}", flush=True)
-            else:
-                print(f"  ok   {name} (rank {rank}, {time.perf_counter() - t0:.2f} s)", flush=True)
+            failed += _p2p_report(W, f"p2p_E{E}_k{k}", rank, t0)
+        if W._p2p_ll_available():
+            for E, k, fp8 in ((2 * world, 2, True), (max(1, world // 2), 1, False)):  # the low-latency kernels
+                t0 = time.perf_counter()
+                W._problems.clear()
+                W.ll_round_trip_case(rank, world, E, k, fp8)
+                torch.cuda.synchronize()
+                failed += _p2p_report(W, f"ll_E{E}_k{k}_{'fp8' if fp8 else 'bf16'}", rank, t0)
+                cases += 1
     finally:
         dist.destroy_process_group()
-    print(f"_sanitize_ops: rank {rank}/{world}: {2 - failed}/2 p2p cases ok")
+    print(f"_sanitize_ops: rank {rank}/{world}: {cases - failed}/{cases} p2p cases ok")
     return 1 if failed else 0
+
+
+def _p2p_report(W, name: str, rank: int, t0: float) -> int:
+    """Print one P2P case's line; 1 if it failed."""
+    if W._problems:
+        print(f"  FAIL {name} (rank {rank}): {'; '.join(W._problems)}", flush=True)
+        return 1
+    print(f"  ok   {name} (rank {rank}, {time.perf_counter() - t0:.2f} s)", flush=True)
+    return 0
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,8 @@ from .place import Topology, evaluate, place_experts, routing_stats
 from .placement import Placement, default_placement, replica_rank
 
 __all__ = ["dispatch_layout", "place_experts", "evaluate", "routing_stats", "Topology", "Placement",
-           "default_placement", "replica_rank", "ExpertParallel", "ExpertTensorParallel", "load_full_experts"]
+           "default_placement", "replica_rank", "ExpertParallel", "ExpertTensorParallel", "load_full_experts",
+           "LowLatencyEP"]
 
 
 def __getattr__(name):  # ExpertParallel imports torch.distributed machinery: load it on first use
@@ -12,6 +13,10 @@ def __getattr__(name):  # ExpertParallel imports torch.distributed machinery: lo
         from .ep import ExpertParallel
 
         return ExpertParallel
+    if name == "LowLatencyEP":
+        from .low_latency import LowLatencyEP
+
+        return LowLatencyEP
     if name in ("ExpertTensorParallel", "load_full_experts"):
         from . import tp
 

@@ -23,6 +23,9 @@ _ERRORS = {
     2: ("dispatch", "never delivered its records"),
     3: ("combine", "never released its region from the previous combine"),
     4: ("combine", "never delivered its partial sums"),
+    5: ("low-latency dispatch", "never sent its tokens"),
+    6: ("low-latency combine", "never sent its expert outputs"),
+    7: ("low-latency dispatch", "sent more rows to one expert than max_tokens_per_rank (duplicate expert ids?)"),
 }
 
 
