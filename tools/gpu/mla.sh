@@ -62,10 +62,11 @@ echo "[$(el) s] bench"
 LEFT=$(( ${MLA_TOTAL:-330} - $(el) )); [ $LEFT -lt 90 ] && LEFT=90
 ARGS="--budget $(( LEFT - 70 ))"
 [ "${MLA_QUICK:-0}" = 1 ] && ARGS="--quick --no-sweep"
+touch /tmp/mla_bench_start
 MLA_BENCH_GLUON=$GLUON_OK timeout $LEFT "$PY" bench/bench_mla.py $ARGS > "$OUT/mla_bench.log" 2>&1
 echo "bench rc=$?" >> "$OUT/mla_bench.log"
-cp bench/results/mla-*.json "$OUT/" 2>/dev/null
-cp bench/results/mla_*.json "$OUT/" 2>/dev/null
+NEW_JSON=$(find bench/results -maxdepth 1 -name 'mla*.json' -newer /tmp/mla_bench_start)  # this run's only
+for f in $NEW_JSON; do cp "$f" "$OUT/"; done
 
 # 4. compact summary
 {
@@ -76,9 +77,9 @@ cp bench/results/mla_*.json "$OUT/" 2>/dev/null
     echo "--- build:"; grep -E "build rc|FAILED|flash_mla" "$OUT/mla_build.log" | tail -3
     echo "--- bench:"; grep -E "flash_mla:|decode kernel:|bench rc|budget|Error|error:" "$OUT/mla_bench.log" | head -12
     sed -n '/^| cache/,/^$/p' "$OUT/mla_bench.log" | head -30
-    "$PY" - <<'EOF'
-import glob, json
-for p in sorted(glob.glob("bench/results/mla-*.json")):
+    NEW_JSON="$NEW_JSON" "$PY" - <<'EOF'
+import json, os
+for p in sorted(p for p in os.environ["NEW_JSON"].split() if os.path.basename(p).startswith("mla-")):
     s = json.load(open(p)).get("summary", {})
     keys = ["flash_mla", "decode_vs_flashmla_min", "decode_vs_flashmla_min_graph", "decode_vs_flashmla_max",
             "gluon_vs_flashmla_min",
