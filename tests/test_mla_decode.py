@@ -196,7 +196,8 @@ def test_module_fp8_cache_kernels_match_reference(static, device):
     res = {}
     for use in (False, True):
         m.use_kernels = use
-        cache = mk.MLACache(2, 12, page_size=4 if static else None) if static else mk.MLACache()
+        # the kernels on a static paged cache (static) against the reference on a growable contiguous one
+        cache = mk.MLACache(2, 12, page_size=4) if static and use else mk.MLACache()
         res[use] = (run_steps(m, xs, cache, 5), cache)
     (ref, rc), (out, kc) = res[False], res[True]
     assert kc.fp8 and kc.kv.dtype == torch.uint8 and kc.length == rc.length == 8
