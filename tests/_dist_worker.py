@@ -977,6 +977,42 @@ def gpu_check_ll_overflow(rank, world):
     ll.close()
 
 
+def gpu_check_ll_layer(rank, world):
+    """The EP MoELayer with the low-latency mode enabled (FP8 experts, inference: dispatch, masked FP8 expert MLP,
+    combine) equals the single-GPU layer (E > G and E < G); then one forward captured in a CUDA graph and replayed
+    with new tokens (routing changes with them) stays equal."""
+    from moe_kernels.dist import enable_low_latency
+
+    dev = _gpu()
+    for E in (2 * world, max(1, world // 2)):
+        ref, layer = _gpu_pair(E, min(2, E), "fp8")
+        enable_low_latency(layer, max_tokens_per_rank=96)
+        make_x = lambda s, salt=0: torch.randn(40 + 11 * s, 2 * H, generator=_gen(s + salt)).bfloat16().to(dev)  # noqa: E731
+        with torch.no_grad():
+            out, want = layer(make_x(rank)), _reference_out(ref, make_x, rank, world)
+        err = _rel(out, want)
+        expect(bool(torch.isfinite(out.float()).all()) and err < 3e-2, f"E={E}: relative error {err:.2e}")
+        if E == 2 * world:
+            x_s = make_x(rank).clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.no_grad():
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    layer(x_s)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                with torch.cuda.graph(graph):
+                    out_s = layer(x_s)
+                worst = 0.0
+                for i in range(10):
+                    x_s.copy_(make_x(rank, 100 * (i + 1)))
+                    graph.replay()
+                    want = _reference_out(ref, lambda s, i=i: make_x(s, 100 * (i + 1)), rank, world)
+                    worst = max(worst, _rel(out_s, want))
+            expect(worst < 3e-2, f"E={E}: CUDA-graph replays, worst relative error {worst:.2e}")
+        layer._ep.close()
+
+
 GPU_CHECKS = {
     "round_trip": gpu_check_round_trip,
     "stale": gpu_check_stale,
@@ -986,6 +1022,7 @@ GPU_CHECKS = {
     "ll_round_trip": gpu_check_ll_round_trip,
     "ll_graph": gpu_check_ll_graph,
     "ll_overflow": gpu_check_ll_overflow,
+    "ll_layer": gpu_check_ll_layer,
     "timeout": gpu_check_timeout,  # last: it leaves every rank's buffers unusable
 }
 

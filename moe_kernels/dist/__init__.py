@@ -5,7 +5,7 @@ from .placement import Placement, default_placement, replica_rank
 
 __all__ = ["dispatch_layout", "place_experts", "evaluate", "routing_stats", "Topology", "Placement",
            "default_placement", "replica_rank", "ExpertParallel", "ExpertTensorParallel", "load_full_experts",
-           "LowLatencyEP"]
+           "LowLatencyEP", "enable_low_latency"]
 
 
 def __getattr__(name):  # ExpertParallel imports torch.distributed machinery: load it on first use
@@ -13,10 +13,10 @@ def __getattr__(name):  # ExpertParallel imports torch.distributed machinery: lo
         from .ep import ExpertParallel
 
         return ExpertParallel
-    if name == "LowLatencyEP":
-        from .low_latency import LowLatencyEP
+    if name in ("LowLatencyEP", "enable_low_latency"):
+        from . import low_latency
 
-        return LowLatencyEP
+        return getattr(low_latency, name)
     if name in ("ExpertTensorParallel", "load_full_experts"):
         from . import tp
 

@@ -201,6 +201,7 @@ class ExpertParallel:
         self._rank_major = torch.argsort(self._e2r_cpu * S + torch.arange(S), stable=True)
         self._device_tables: dict = {}
         self._p2p = None
+        self._ll = None  # LowLatencyEP once enable_low_latency() ran
         self._closed = False
         self._expert_precision = None  # what shard_experts saw (ranks without experts still need it)
         self._experts_trainable = False
@@ -320,7 +321,26 @@ class ExpertParallel:
             anchor = () if (x.requires_grad or topk_weights.requires_grad or params) else \
                 (torch.empty(0, device=x.device, requires_grad=True),)
             return _ExpertParallelFn.apply(self, experts, fp8, x, topk_weights, topk_ids, *params, *anchor)
+        if self._ll is not None:  # inference with the low-latency mode enabled
+            return self._ll.forward(x, topk_weights, topk_ids, experts)
         return self._pipelined(x, topk_weights, topk_ids, experts, fp8)[0]
+
+    def enable_low_latency(self, max_tokens_per_rank: int, top_k: int, num_buffers: int = 2) -> None:
+        """Collective: build a ``LowLatencyEP`` on this group (same placement, timeout, allow_shared_device) that
+        ``forward`` uses from now on when no gradient is needed (see ``low_latency.enable_low_latency``). Needs
+        hidden_size at construction, FP8 experts (seen by ``shard_experts``) and no replicas."""
+        from .low_latency import LowLatencyEP  # noqa: PLC0415
+
+        if self.hidden_size is None:
+            raise ValueError("enable_low_latency needs the ExpertParallel built with hidden_size")
+        if self._expert_precision != "fp8":
+            raise ValueError(f"the low-latency mode runs FP8 experts, got {self._expert_precision!r} (shard_experts "
+                             f"records the precision)")
+        if self._ll is not None:
+            self._ll.close()
+        self._ll = LowLatencyEP(self.group, self.num_experts, max_tokens_per_rank, self.hidden_size, top_k,
+                                placement=self.placement, fp8=True, timeout=self.timeout,
+                                allow_shared_device=self.allow_shared_device, num_buffers=num_buffers)
 
     def _pipelined(self, x, topk_weights, topk_ids, experts, fp8):
         """The forward: (out, [(chunk, Dispatched, expert outputs)] for the backward)."""
@@ -343,6 +363,9 @@ class ExpertParallel:
         if self._p2p is not None:
             self._p2p.close()
             self._p2p = None
+        if self._ll is not None:
+            self._ll.close()
+            self._ll = None
         self._closed = True
 
     def check(self) -> None:

@@ -28,7 +28,7 @@ from .. import ops
 from .._checks import check_int, check_tensor, value_checks_enabled
 from .buffer import SymmetricBuffer
 
-__all__ = ["LowLatencyEP", "LLDispatched"]
+__all__ = ["LowLatencyEP", "LLDispatched", "masked_expert_mlp", "enable_low_latency"]
 
 @dataclass(eq=False)
 class LLDispatched:
@@ -195,6 +195,16 @@ class LowLatencyEP:
 
         return _Pending(finish)
 
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts) -> torch.Tensor:
+        """Inference of the routed experts in the low-latency mode: dispatch -> this rank's FP8 experts on the
+        masked layout (``ops.grouped_gemm_fp8_masked`` for w13, SwiGLU + 1x128 quantisation, w2) -> combine.
+        x [T, H] (sent as bf16), topk_weights fp32 [T, k], topk_ids [T, k]; ``experts``: this rank's
+        ``GroupedExperts`` (FP8; ``shard_experts``), or None on a rank holding none. Returns [T, H] in x's dtype.
+        No host sync (capturable) once the kernels are compiled; no autograd."""
+        d = self.dispatch(x.to(torch.bfloat16), topk_ids).recv()
+        y = masked_expert_mlp(experts, d, self.hidden_size)
+        return self.combine(y, d, topk_weights.float(), topk_ids).wait().to(x.dtype)
+
     # ---- housekeeping ------------------------------------------------------------------------------------------
 
     def check(self) -> None:
@@ -218,3 +228,37 @@ class LowLatencyEP:
     def __repr__(self) -> str:
         return (f"LowLatencyEP(rank={self.rank}/{self.world_size}, num_experts={self.num_experts}, "
                 f"max_tokens_per_rank={self.max_tokens}, fp8={self.fp8})")
+
+
+def masked_expert_mlp(experts, d: LLDispatched, hidden_size: int) -> torch.Tensor:
+    """The SwiGLU MLPs of this rank's FP8 experts over the masked layout of ``d``: bf16 [L, R * N, H] (rows past
+    ``d.count[e]`` unspecified). The SwiGLU takes the bf16 output of the w13 GEMM (the fused kernel of the normal
+    path takes its fp32 accumulators: the two differ by that rounding)."""
+    L, RN = d.x.shape[0], d.x.shape[1]
+    if experts is None or L == 0:
+        return torch.zeros(L, RN, hidden_size, dtype=torch.bfloat16, device=d.x.device)
+    if experts.num_experts != L:
+        raise ValueError(f"experts holds {experts.num_experts} experts; this rank has {L} local ones (shard_experts)")
+    if d.scale is None or experts.precision != "fp8":
+        raise NotImplementedError("the low-latency expert MLP runs FP8 experts on FP8 rows only")
+    if getattr(experts, "fp8_master", False):  # trainable FP8 experts: their cached e4m3 copies
+        (w13, w13_scale), (w2, w2_scale) = experts.fp8_weights()
+    else:
+        w13, w13_scale, w2, w2_scale = experts.w13, experts.w13_scale, experts.w2, experts.w2_scale
+    I = w2.shape[-1]
+    h = ops.grouped_gemm_fp8_masked(d.x, d.scale, w13, w13_scale, d.count)  # [L, RN, 2I] bf16
+    a = torch.nn.functional.silu(h[..., :I].float()) * h[..., I:].float()
+    q, s = ops.quantize_fp8(a.reshape(L * RN, I))
+    return ops.grouped_gemm_fp8_masked(q.view(L, RN, I), s.view(L, RN, I // 128), w2, w2_scale, d.count)
+
+
+def enable_low_latency(layer, max_tokens_per_rank: int, num_buffers: int = 2) -> None:
+    """Collective (every rank of the layer's ep_group): from now on the expert-parallel ``MoELayer`` runs its
+    routed experts through the low-latency mode whenever autograd is not needed (inference, decoding); training
+    keeps the normal mode. FP8 experts only. Every rank must then stay within ``max_tokens_per_rank`` tokens per
+    forward: a rank over it raises ValueError before sending, and its peers time out naming it (the bound is
+    not exchanged: that would cost the host sync the mode avoids)."""
+    ep = getattr(layer, "_ep", None)
+    if ep is None:
+        raise ValueError("enable_low_latency needs an MoELayer built with ep_group")
+    ep.enable_low_latency(max_tokens_per_rank, layer.top_k, num_buffers=num_buffers)
