@@ -486,36 +486,76 @@ def _gemm(a, offsets, w, w_scale=None, out_dtype=torch.float32):
     return out
 
 
-def _swiglu_grad(h13, da):
-    """fp32 [M, 2I]: the gradient of silu(gate) * up for h13 = [gate | up], given the product's gradient da."""
-    gate, up = h13.float().chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    return torch.cat([da * up * sig * (1.0 + gate * (1.0 - sig)), da * gate * sig], dim=1)
+@triton.jit
+def _swiglu_backward_kernel(h_ptr, g_ptr, M, I, stride_h, stride_g, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
+    """In place, per element: h = [gate | up] [M, 2I] becomes dH = [dgate | dup] and g = dA [M, I] becomes
+    A = silu(gate) * up (what the down projection read, for its weight gradient); fp32 inside. Each program reads
+    its tiles before writing the same tiles: no other program touches them."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (rows < M)[:, None] & (cols < I)[None, :]
+    gate_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
+    g_ptrs = g_ptr + rows[:, None] * stride_g + cols[None, :]
+    gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_ptrs + I, mask=mask, other=0.0).to(tl.float32)
+    da = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-gate))
+    silu = gate * sig
+    tl.store(gate_ptrs, (da * up * sig * (1.0 + gate * (1.0 - sig))).to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(gate_ptrs + I, (da * silu).to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(g_ptrs, (silu * up).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def _swiglu_backward_(h13, da):
+    """(A, dH), overwriting h13 [M, 2I] with dH (the gradient of silu(gate) * up for h13 = [gate | up]) and da
+    [M, I] (the product's gradient) with A = silu(gate) * up: one pass, no fp32 temporaries (the kernel computes
+    in fp32 registers). Both contiguous, of one float dtype. Off the kernel path: the same in torch ops (fp32)."""
+    M, two_i = h13.shape
+    I = two_i // 2
+    if not use_triton(h13):
+        gate, up = h13.float().chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        d = da.float()
+        h13.copy_(torch.cat([d * up * sig * (1.0 + gate * (1.0 - sig)), d * gate * sig], dim=1))
+        da.copy_(gate * sig * up)
+        return da, h13
+    if M and I:
+        BM, BI = (16, 64) if interpret_mode() else (32, 128)
+        _swiglu_backward_kernel[(triton.cdiv(M, BM), triton.cdiv(I, BI))](
+            h13, da, M, I, h13.stride(0), da.stride(0), BLOCK_M=BM, BLOCK_I=BI, num_warps=4)
+    return da, h13
 
 
 def _expert_mlp_backward_kernels(x, offsets, w13, w2, topk_weight, grad_out, need):
     """(dx, dw13, dw2, dtopk_weight) of ``expert_mlp`` on bf16/fp16/fp32 operands with the package's kernels:
-    h13 again (grouped GEMM), SwiGLU's derivative elementwise in fp32, dA = dY W2 and dX = dH W13 through
-    transposed views of the weights (no copy), the weight gradients through ``grouped_wgrad``."""
+    h13 again (grouped GEMM), dA = dY W2 through W2's transposed view (no copy), SwiGLU's derivative and the
+    down projection's input A in one in-place pass over h13 and dA, dX = dH W13, the weight gradients through
+    ``grouped_wgrad``. Every activation-sized temporary is in x's dtype: h13 [M, 2I] and dA [M, I] at the peak."""
     E = w13.shape[0]
-    h13 = _gemm(x, offsets, w13, out_dtype=x.dtype)
-    a = reference.swiglu(h13).to(x.dtype)  # what the forward fed the down projection (rounded to x's dtype)
-    g = grad_out.float()
+    dt = x.dtype
+    h13 = _gemm(x, offsets, w13, out_dtype=dt)
     dtw = None
     if topk_weight is not None:
-        if need[3]:
-            dtw = (g * _gemm(a, offsets, w2)).sum(-1).to(topk_weight.dtype)
-        g = g * topk_weight.float()[:, None]
-    gy = g.to(x.dtype)
+        if need[3]:  # d(out)/d(tw) = the unweighted MLP output: A W2^T again
+            a = reference.swiglu(h13).to(dt)
+            dtw = (grad_out.float() * _gemm(a, offsets, w2)).sum(-1).to(topk_weight.dtype)
+            del a
+        gy = (grad_out.float() * topk_weight.float()[:, None]).to(dt)
+    else:
+        gy = grad_out.to(dt).contiguous()
     dx = dw13 = dw2 = None
+    if not (need[0] or need[1]):
+        if need[2]:
+            dw2 = grouped_wgrad(gy, reference.swiglu(h13).to(dt), offsets, E, out_dtype=w2.dtype)
+        return dx, dw13, dw2, dtw
+    a, dh = _swiglu_backward_(h13, _gemm(gy, offsets, w2.transpose(1, 2), out_dtype=dt))  # dA = dY @ W2[e]
     if need[2]:
         dw2 = grouped_wgrad(gy, a, offsets, E, out_dtype=w2.dtype)
-    if need[0] or need[1]:
-        dh = _swiglu_grad(h13, _gemm(gy, offsets, w2.transpose(1, 2))).to(x.dtype)  # dA = dY @ W2[e]
-        if need[0]:
-            dx = _gemm(dh, offsets, w13.transpose(1, 2), out_dtype=x.dtype)  # dX = dH @ W13[e]
-        if need[1]:
-            dw13 = grouped_wgrad(dh, x, offsets, E, out_dtype=w13.dtype)
+    del a
+    if need[0]:
+        dx = _gemm(dh, offsets, w13.transpose(1, 2), out_dtype=dt)  # dX = dH @ W13[e]
+    if need[1]:
+        dw13 = grouped_wgrad(dh, x, offsets, E, out_dtype=w13.dtype)
     return dx, dw13, dw2, dtw
 
 
@@ -523,25 +563,24 @@ def _expert_mlp_fp8_backward(x, offsets, w13, w13_scale, w2, w2_scale, grad_out,
     """(dx, dw13, dw2) of the FP8 expert MLP (DeepSeek-V3's recipe: every GEMM in FP8), its quantisations taken
     as identities (straight-through). h13 again from the quantised x (bf16, [M, 2I]); dA = dY W2 and dX = dH W13
     as FP8 GEMMs on transposed views of the e4m3 weights (their 128x128 blocks transpose with their scales), dY and
-    dH quantised 1x128 along their reduction axis as the forward's activations are; dW2 = dY^T A and
-    dW13 = dH^T X by ``grouped_wgrad(fp8=True)``, which quantises the transposed operands along the rows.
-    ``need``: (dx, dw13, dw2) wanted; the weight gradients come in ``w_dtype`` (the master weights')."""
+    dH quantised 1x128 along their reduction axis as the forward's activations are; SwiGLU's derivative and A in
+    one in-place pass; dW2 = dY^T A and dW13 = dH^T X by ``grouped_wgrad(fp8=True)``, which quantises the
+    transposed operands along the rows. ``need``: (dx, dw13, dw2) wanted; the weight gradients come in
+    ``w_dtype`` (the master weights')."""
     E = w13.shape[0]
-    h13 = _gemm(x, offsets, w13, w13_scale, out_dtype=torch.bfloat16)
-    gy = grad_out.to(torch.bfloat16).contiguous()
+    bf = torch.bfloat16
+    h13 = _gemm(x, offsets, w13, w13_scale, out_dtype=bf)
+    gy = grad_out.to(bf).contiguous()
+    da = _gemm(gy, offsets, w2.transpose(1, 2), w2_scale.transpose(1, 2), out_dtype=bf)
+    a, dh = _swiglu_backward_(h13, da)
     dx = dw13 = dw2 = None
     if need[2]:
-        a = reference.swiglu(h13).to(torch.bfloat16)  # the down projection's input (the forward's, before e4m3)
         dw2 = grouped_wgrad(gy, a, offsets, E, out_dtype=w_dtype, fp8=True)
-        del a
-    if need[0] or need[1]:
-        da = _gemm(gy, offsets, w2.transpose(1, 2), w2_scale.transpose(1, 2), out_dtype=torch.bfloat16)
-        dh = _swiglu_grad(h13, da).to(torch.bfloat16)
-        del h13, da
-        if need[0]:
-            dx = _gemm(dh, offsets, w13.transpose(1, 2), w13_scale.transpose(1, 2), out_dtype=x.dtype)
-        if need[1]:
-            dw13 = grouped_wgrad(dh, x, offsets, E, out_dtype=w_dtype, fp8=True)
+    del a, da
+    if need[0]:
+        dx = _gemm(dh, offsets, w13.transpose(1, 2), w13_scale.transpose(1, 2), out_dtype=x.dtype)
+    if need[1]:
+        dw13 = grouped_wgrad(dh, x, offsets, E, out_dtype=w_dtype, fp8=True)
     return dx, dw13, dw2
 
 
