@@ -217,3 +217,73 @@ def test_deepseek_v2_lite_attention_without_q_lora():
     ids = torch.randint(0, V, (2, 7))
     with torch.no_grad():
         assert_close_rel(patched(ids).logits, model(ids).logits, 1e-5, "DeepSeek-V2-Lite logits")
+
+
+CLONE_MODULES = {
+    "Dots1MoE": "dots1", "KimiLinearMoE": "kimi_linear", "Glm4MoeLiteMoE": "glm4_moe_lite",
+    "Glm4vMoeTextMoE": "glm4v_moe", "DeepseekV32MoE": "deepseek_v32", "GlmMoeDsaMoE": "glm_moe_dsa",
+    "SolarOpenMoE": "solar_open", "DeepseekOcr2TextMoe": "deepseek_ocr2", "UnlimitedOcrTextMoe": "unlimited_ocr",
+    "FlexOlmoSparseMoeBlock": "flex_olmo", "MellumSparseMoeBlock": "mellum", "MiniMaxSparseMoeBlock": "minimax",
+    "Qwen3NextSparseMoeBlock": "qwen3_next", "Qwen4ExpTextSparseMoeBlock": "qwen4_exp",
+}
+# every name the families' configs use for these sizes (a config keeps what it does not know as an attribute)
+_CLONE_CFG = dict(hidden_size=128, intermediate_size=192, moe_intermediate_size=64, n_routed_experts=8, num_experts=8,
+                  num_local_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                  shared_expert_intermediate_size=96, routed_scaling_factor=1.5, norm_topk_prob=True,
+                  hidden_act="silu", topk_method="greedy", num_attention_heads=4, num_key_value_heads=4)
+
+
+def _clone_block(kind):
+    """A randomly initialised block of the clone family (built from whichever of its config classes takes the
+    tiny sizes), or skip."""
+    import importlib
+    import inspect
+
+    mod = CLONE_MODULES[kind]
+    try:
+        modeling = importlib.import_module(f"transformers.models.{mod}.modeling_{mod}")
+        configuration = importlib.import_module(f"transformers.models.{mod}.configuration_{mod}")
+    except ImportError:
+        pytest.skip(f"transformers {transformers.__version__} has no {mod}")
+    block_cls = getattr(modeling, kind, None)
+    if block_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {kind}")
+    errors = []
+    for name, cfg_cls in inspect.getmembers(configuration, inspect.isclass):
+        if not name.endswith("Config") or cfg_cls.__module__ != configuration.__name__:
+            continue
+        try:
+            block = block_cls(cfg_cls(**_CLONE_CFG))
+        except Exception as e:  # noqa: BLE001 (the family's other config classes)
+            errors.append(f"{name}: {e}")
+            continue
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in block.parameters():
+                p.normal_(std=0.1)
+            for n, b in block.named_buffers():
+                if "e_score_correction_bias" in n:
+                    b.normal_(std=0.01)
+        return block.eval()
+    pytest.fail(f"no config of {mod} builds {kind}: {errors}")
+
+
+@pytest.mark.parametrize("kind", list(CLONE_MODULES))
+def test_clone_family_blocks(kind, monkeypatch):
+    """Blocks whose code is a supported family's (up to class names; moe_kernels.integrations.hf.CLONES): the
+    block's output in fp32 within 1e-5 of HF's, and patch_model takes them. What differs from the family's own test
+    is the conversion (routing arguments, weights), so the ops run their references here (fast); the kernels run
+    in the families' tests above."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors: the reference ops
+    assert set(CLONE_MODULES) == set(mk.integrations.hf.CLONES)
+    block = _clone_block(kind)
+    x = torch.randn(2, 7, 128)
+    with torch.no_grad():
+        ref = block(x)
+        ref = ref[0] if isinstance(ref, tuple) else ref
+        out = mk.MoELayer.from_hf(block)(x)
+    assert_close_rel(out.reshape(ref.shape), ref, 1e-5, f"{kind} block")
+    holder = torch.nn.Sequential()
+    holder.add_module("mlp", block)
+    report = mk.patch_model(holder, precision=None)
+    assert report == 1 and report.swapped[0].kind == kind, str(report)

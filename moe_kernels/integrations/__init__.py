@@ -1,3 +1,3 @@
-from .hf import mla_from_hf, moe_from_hf, patch_model
+from .hf import PatchReport, UnsupportedModule, mla_from_hf, moe_from_hf, patch_model
 
-__all__ = ["mla_from_hf", "moe_from_hf", "patch_model"]
+__all__ = ["PatchReport", "UnsupportedModule", "mla_from_hf", "moe_from_hf", "patch_model"]

@@ -14,7 +14,9 @@ Qwen2-MoE           Qwen2MoeSparseMoeBlock      softmax top-k; shared expert gat
 Llama 4             Llama4TextMoe               sigmoid of the top-k logits applied to the experts' input; shared
 ==================  ==========================  =====================================================================
 
-and MLA attention: DeepseekV3Attention, DeepseekV2Attention. Refused with a reason (``REFUSED_MOE``): GPT-OSS
+and the blocks whose code is one of these up to class names (``CLONES``: Dots1, Kimi-Linear, GLM-4.5 Lite / GLM-4.5V
+/ GLM-MoE-DSA, DeepSeek-V3.2, Solar-Open, DeepSeek-OCR2, Unlimited-OCR, FlexOlmo, Mellum, MiniMax, Qwen3-Next,
+Qwen4-Exp); MLA attention: DeepseekV3Attention, DeepseekV2Attention. Refused with a reason (``REFUSED_MOE``): GPT-OSS
 (biased, clamped SwiGLU), PhiMoE (sparsemixer routing); DeepSeek-V2's ``group_limited_greedy`` (groups scored by
 their best expert); any expert activation other than SiLU (the kernels compute SwiGLU = silu(gate) * up). Any
 other module with ``experts`` and a router is reported as not supported.
@@ -53,6 +55,18 @@ SUPPORTED_MOE = {
     "MixtralSparseMoeBlock": "Mixtral", "Qwen3MoeSparseMoeBlock": "Qwen3-MoE", "OlmoeSparseMoeBlock": "OLMoE",
     "Qwen2MoeSparseMoeBlock": "Qwen2-MoE", "Llama4TextMoe": "Llama 4",
 }
+# blocks whose code (block, router, experts, shared expert) is, up to class names, that of a supported one: found by
+# comparing transformers 5.25's sources (the model files copy it through transformers' modular system)
+CLONES = {
+    "Dots1MoE": "DeepseekV3MoE", "KimiLinearMoE": "DeepseekV3MoE",
+    "Glm4MoeLiteMoE": "Glm4MoeMoE", "Glm4vMoeTextMoE": "Glm4MoeMoE", "DeepseekV32MoE": "Glm4MoeMoE",
+    "GlmMoeDsaMoE": "Glm4MoeMoE", "SolarOpenMoE": "Glm4MoeMoE",
+    "DeepseekOcr2TextMoe": "DeepseekV2Moe", "UnlimitedOcrTextMoe": "DeepseekV2Moe",
+    "FlexOlmoSparseMoeBlock": "OlmoeSparseMoeBlock", "MellumSparseMoeBlock": "Qwen3MoeSparseMoeBlock",
+    "MiniMaxSparseMoeBlock": "MixtralSparseMoeBlock",
+    "Qwen3NextSparseMoeBlock": "Qwen2MoeSparseMoeBlock", "Qwen4ExpTextSparseMoeBlock": "Qwen2MoeSparseMoeBlock",
+}
+SUPPORTED_MOE.update({clone: f"{SUPPORTED_MOE[base]}-like ({clone})" for clone, base in CLONES.items()})
 SUPPORTED_ATTENTION = {"DeepseekV3Attention": "DeepSeek-V3 MLA", "DeepseekV2Attention": "DeepSeek-V2 MLA"}
 REFUSED_MOE = {
     "GptOssMLP": "GPT-OSS experts are not a plain SwiGLU: biased projections, interleaved gate/up columns, "
@@ -199,7 +213,7 @@ def _attr(objs, *names, default=None):
 
 def _routing(module: nn.Module, gate: nn.Module) -> dict:
     """The routing keyword arguments of MoELayer (and FamilyMoELayer's weights_on_input) for one HF block."""
-    kind = type(module).__name__
+    kind = CLONES.get(type(module).__name__, type(module).__name__)
     src = (gate, module, getattr(module, "config", None))
     top_k = _attr(src, "top_k", "num_experts_per_tok")
     if kind in _SIGMOID_GROUPED:
@@ -257,7 +271,7 @@ def moe_from_hf(module: nn.Module, precision: str | None = None) -> MoELayer:
     _check_activation(module)
     router_w = gate.weight.detach()
     E, H = router_w.shape
-    w13, w2, s13, s2 = _expert_weights(module.experts, transposed=kind == "Llama4TextMoe")
+    w13, w2, s13, s2 = _expert_weights(module.experts, transposed=CLONES.get(kind, kind) == "Llama4TextMoe")
     I = w2.shape[-1]
     precision = _pick_precision(precision, w13)
     shared, shared_gate = _shared(module)
@@ -480,7 +494,8 @@ def _convert(mod: nn.Module, kind: str, precision: str | None) -> nn.Module:
     if kind in SUPPORTED_ATTENTION:
         return HFMLAAttention(mla_from_hf(mod), mod.layer_idx)
     name, router = _router(mod)
-    return HFMoEBlock(moe_from_hf(mod, precision), type(router), name, returns_logits=kind == "Llama4TextMoe")
+    return HFMoEBlock(moe_from_hf(mod, precision), type(router), name,
+                      returns_logits=CLONES.get(kind, kind) == "Llama4TextMoe")
 
 
 def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool = True,
