@@ -20,6 +20,8 @@ class MoELayer(nn.Module):
     ``n_shared_experts * intermediate_size`` applied to every token. ``ep_group`` shards the experts over a
     torch.distributed group (see ``moe_kernels.dist``); ``placement`` (a ``moe_kernels.dist.Placement``,
     e.g. from ``place_experts``, replicas included) says which rank holds which expert (None: contiguous blocks).
+    ``tp_group`` splits every expert's intermediate dimension over a group whose ranks hold the same tokens
+    (``moe_kernels.dist.tp``; with ``ep_group``, an EP x TP grid: the EP group of the ranks with the same slice).
 
     ``trainable=True`` with ``precision="fp8"``: the experts keep bf16 master weights that train, with FP8 forward,
     dgrad and wgrad GEMMs (see ``GroupedExperts``); otherwise FP8 expert weights are frozen e4m3 buffers.
@@ -42,6 +44,7 @@ class MoELayer(nn.Module):
         precision: str = "fp8",
         balance: str | None = None,
         ep_group=None,
+        tp_group=None,
         placement=None,
         device=None,
         dtype: torch.dtype | None = None,
@@ -66,6 +69,12 @@ class MoELayer(nn.Module):
             else None
         )
         self.ep_group = ep_group
+        self.tp_group, self._tp = tp_group, None
+        if tp_group is not None:  # expert tensor parallelism: this rank's slice of every expert's intermediate dim
+            from ..dist.tp import ExpertTensorParallel  # noqa: PLC0415
+
+            self._tp = ExpertTensorParallel(tp_group, intermediate_size, precision)
+            self.experts = self._tp.slice_experts(self.experts)
         self._ep = None
         if placement is not None and ep_group is None:
             raise ValueError("placement needs ep_group: it places experts over an expert-parallel group")
@@ -90,15 +99,20 @@ class MoELayer(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)
         weights, ids, _ = self.gate(x2)
+        xr = x2  # the routed path's tokens
+        if self._tp is not None:  # expert TP: the routed path's inputs, their gradients summed over tp_group
+            xr, weights = self._tp.region_input(x2, weights)
         if self._ep is not None:
-            out = self._ep.forward(x2, weights, ids, self.experts)
+            out = self._ep.forward(xr, weights, ids, self.experts)
         else:
             # rows that need a gradient stay bf16 through permute: the FP8 experts then quantise them inside a
             # differentiable op (straight-through); otherwise permute quantises them in its single pass
             grad = torch.is_grad_enabled() and (x2.requires_grad or self.experts.fp8_master)
-            p = ops.permute(x2, ids, self.num_experts, fp8=self.precision == "fp8" and not grad)
+            p = ops.permute(xr, ids, self.num_experts, fp8=self.precision == "fp8" and not grad)
             y = self.experts(p.x, p.offsets, p.scale)
             out = ops.unpermute(y, p, weights)
+        if self._tp is not None:  # the slices' partial outputs added (fp32)
+            out = self._tp.reduce_output(out)
         if self.shared_experts is not None:
             offsets = torch.arange(2, dtype=torch.int32, device=x.device) * x2.shape[0]  # [0, T], no host copy
             out = out.float() + self.shared_experts(x2, offsets).float()
