@@ -28,6 +28,11 @@ import triton.language as tl
 
 from .quant import AMAX_FLOOR, E4M3_MAX, to_e4m3_rne
 
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
+
 __all__ = ["launch", "block_t_for", "split_k_for", "DECODE_MAX_ROWS"]
 
 _SB = tl.constexpr(128)  # the K (and weight N) extent of one FP8 scale block
@@ -90,15 +95,15 @@ def _epilogue(acc, acc_u, offs_t, t_mask, offs_n, n_mask, tile_n, row_weight_ptr
 
 @triton.jit
 def _grouped_gemm_decode_kernel(
-    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, offsets_ptr, masked_m_ptr, row_weight_ptr, out_ptr, out_scale_ptr,
-    ws_ptr, sem_ptr,
-    M, N, K, E, max_m, up_row, slots,
+    a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, offsets_ptr, masked_m_ptr, row_weight_ptr, out_ptr,
+    out_scale_ptr, ws_ptr, sem_ptr,
+    M, N, K, E, max_m, w_rows, up_row, slots,
     stride_am, stride_asm, stride_ask, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
     stride_om, stride_osm,
     FP8: tl.constexpr, SWIGLU: tl.constexpr, QUANT_OUT: tl.constexpr, ROW_WEIGHT: tl.constexpr,
     MASKED: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # SPLIT_K > 1: SPLIT_K programs share a (column tile, expert), each streaming one slice of K; each stores its
     # fp32 partials in the workspace ws [SPLIT_K, rows, 2N or N] and counts itself in the pair's semaphore; the
@@ -126,6 +131,7 @@ def _grouped_gemm_decode_kernel(
         gs_base = w_scale_ptr + expert64 * stride_wse + (tile_n * BLOCK_N // _SB) * stride_wsn
         us_base = w_scale_ptr + expert64 * stride_wse + ((tile_n * BLOCK_N + up_row) // _SB) * stride_wsn
     WN: tl.constexpr = 2 if SWIGLU else 1  # workspace columns per output column
+    g_row = expert * w_rows + tile_n * BLOCK_N  # TMA: the tile's first row in W viewed as [E * w_rows, K]
 
     for t0 in range(0, count, BLOCK_T):
         offs_t = row_start + t0 + tl.arange(0, BLOCK_T)  # rows of A (tokens) = the MMA's N side
@@ -136,7 +142,13 @@ def _grouped_gemm_decode_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)  # the up half; unused without SWIGLU
         for kb in range(kb_lo, kb_hi):
-            if EVEN_K:
+            if USE_TMA:
+                # whole tiles through TMA: rows past the expert's (another expert's, or zero fill) are never stored
+                g = w_desc.load([g_row, kb * BLOCK_K])
+                if SWIGLU:
+                    u = w_desc.load([g_row + up_row, kb * BLOCK_K])
+                a = a_desc.load([row_start + t0, kb * BLOCK_K]).T
+            elif EVEN_K:
                 a = tl.load(a_ptrs, mask=t_mask[None, :], other=0.0)
                 g = tl.load(g_ptrs, mask=n_mask[:, None], other=0.0)
                 if SWIGLU:
@@ -221,6 +233,16 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
     split = int(cfg.get("SPLIT_K", 0)) or split_k_for(tiles * slots, k_steps, a.device)
     split = triton.cdiv(k_steps, triton.cdiv(k_steps, max(1, min(split, k_steps))))  # no empty slice
     dummy = offsets if offsets is not None else masked_m
+    # TMA on Hopper for contiguous operands (the pointer path holds a [BLOCK_N, BLOCK_K] tile of 64-bit addresses
+    # per operand in registers and Triton does not pipeline it); the interpreter and other GPUs take pointers
+    w2d = w.view(E * w_rows, K) if w.is_contiguous() else None
+    use_tma = (not interpret and TensorDescriptor is not None and a.is_cuda and w2d is not None
+               and torch.cuda.get_device_capability(a.device)[0] >= 9 and _aligned(a) and _aligned(w2d))
+    if use_tma:
+        a_desc = TensorDescriptor(a, list(a.shape), [a.stride(0), 1], [BT, BK])
+        w_desc = TensorDescriptor(w2d, [E * w_rows, K], [K, 1], [BN, BK])
+    else:
+        a_desc, w_desc = a, w
     if split > 1:  # fp32 partials per slice, and one arrival counter per (column tile, slot)
         rows = a.shape[0]
         ws = torch.empty(split * rows * (2 if swiglu else 1) * N, dtype=torch.float32, device=a.device)
@@ -229,10 +251,10 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
         ws, sem = out, dummy  # unused
     grid = (tiles * split, slots)
     return _grouped_gemm_decode_kernel[grid](
-        a, a_scale if fp8 else dummy, w, w_scale if fp8 else dummy,
+        a, a_desc, a_scale if fp8 else dummy, w, w_desc, w_scale if fp8 else dummy,
         offsets if offsets is not None else dummy, masked_m if masked else dummy,
         row_weight if row_weight is not None else dummy, out, out_scale if out_scale is not None else dummy,
-        ws, sem, a.shape[0], N, K, E, max_m, N, slots,
+        ws, sem, a.shape[0], N, K, E, max_m, w_rows, N, slots,
         a.stride(0), a_scale.stride(0) if fp8 else 0, a_scale.stride(1) if fp8 else 0,
         w.stride(0), w.stride(1), w.stride(2),
         w_scale.stride(0) if fp8 else 0, w_scale.stride(1) if fp8 else 0, w_scale.stride(2) if fp8 else 0,
@@ -240,9 +262,15 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
         FP8=fp8, SWIGLU=swiglu, QUANT_OUT=out_scale is not None, ROW_WEIGHT=row_weight is not None,
         MASKED=masked, EVEN_K=K % BK == 0, IEEE=a.dtype == torch.float32 or interpret,
         UPCAST=interpret and not fp8, BLOCK_N=BN, BLOCK_T=BT, BLOCK_K=BK,
-        E_PAD=max(16, triton.next_power_of_2(E)), SPLIT_K=split,
-        num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 4)),
+        E_PAD=max(16, triton.next_power_of_2(E)), SPLIT_K=split, USE_TMA=use_tma,
+        # two warpgroups from BLOCK_T = 32 on: the two [BLOCK_N, BLOCK_T] fp32 accumulators fit without spills
+        num_warps=max(int(cfg.get("num_warps", 4)), 8 if BT > 16 else 4), num_stages=int(cfg.get("num_stages", 4)),
     )
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """TMA's rules: a 16-byte aligned base and row stride, unit stride along K."""
+    return t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
 
 
 def split_k_for(programs: int, k_steps: int, device: torch.device) -> int:
