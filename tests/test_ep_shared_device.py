@@ -101,3 +101,21 @@ def test_allow_shared_device_option(tmp_path):
             assert ep.backend == "nccl"
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_low_latency_layout_bytes():
+    """The extension's low-latency layout (csrc/kernels/p2p.h) against its closed form: counts [L][R] and flags
+    [R][20] (uint64), the epoch word, 16-byte alignment, then L x R x N records of row + scales + 16 bytes; the
+    combine region N x k x H bf16. Bad layouts raise."""
+    from moe_kernels._ext import has_extension
+
+    if not has_extension() or not hasattr(torch.ops.moe_kernels_C, "p2p_ll_bytes"):
+        pytest.skip("the extension (with the low-latency kernels) is not built")
+    R, L, N, k, row, sc, H = 4, 3, 50, 8, 7168, 224, 7168
+    head = -(-(8 * L * R + 8 * R * 20 + 8) // 16) * 16
+    got = torch.ops.moe_kernels_C.p2p_ll_bytes(R, [L, N, k, row, sc, H, 12, 3])
+    assert list(got) == [head + L * R * N * (row + sc + 16), 2 * N * k * H]
+    for bad in ([L, N, 33, row, sc, H, 12, 3], [L, N, k, row + 8, sc, H, 12, 3], [0, N, k, row, sc, H, 12, 3]):
+        with pytest.raises(RuntimeError):
+            torch.ops.moe_kernels_C.p2p_ll_bytes(R, bad)
