@@ -39,10 +39,12 @@ skip() {
 }
 
 SAN="$(command -v compute-sanitizer || true)"
-for d in "${CUDA_HOME:-}" /usr/local/cuda; do
-  if [ -z "$SAN" ] && [ -n "$d" ] && [ -x "$d/bin/compute-sanitizer" ]; then SAN="$d/bin/compute-sanitizer"; fi
+for d in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-*; do
+  for f in "$d/bin/compute-sanitizer" "$d/compute-sanitizer/compute-sanitizer"; do
+    if [ -z "$SAN" ] && [ -n "$d" ] && [ -x "$f" ]; then SAN="$f"; fi
+  done
 done
-[ -n "$SAN" ] || skip "compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin)"
+[ -n "$SAN" ] || skip "compute-sanitizer not found (PATH, \$CUDA_HOME, /usr/local/cuda*: bin/ or compute-sanitizer/)"
 "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null ||
   skip "no CUDA device visible to $PY"
 
