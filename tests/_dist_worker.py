@@ -979,19 +979,21 @@ def gpu_check_ll_overflow(rank, world):
 
 def gpu_check_ll_layer(rank, world):
     """The EP MoELayer with the low-latency mode enabled (FP8 experts, inference: dispatch, masked FP8 expert MLP,
-    combine) equals the single-GPU layer (E > G and E < G); then one forward captured in a CUDA graph and replayed
-    with new tokens (routing changes with them) stays equal."""
+    combine) equals the single-GPU layer and the normal mode (E > G and E < G); then one forward captured in a CUDA
+    graph and replayed with new tokens (routing changes with them) stays equal."""
     from moe_kernels.dist import enable_low_latency
 
     dev = _gpu()
     for E in (2 * world, max(1, world // 2)):
         ref, layer = _gpu_pair(E, min(2, E), "fp8")
-        enable_low_latency(layer, max_tokens_per_rank=96)
         make_x = lambda s, salt=0: torch.randn(40 + 11 * s, 2 * H, generator=_gen(s + salt)).bfloat16().to(dev)  # noqa: E731
         with torch.no_grad():
+            normal = layer(make_x(rank))  # the normal mode, before the switch
+            enable_low_latency(layer, max_tokens_per_rank=96)
             out, want = layer(make_x(rank)), _reference_out(ref, make_x, rank, world)
         err = _rel(out, want)
         expect(bool(torch.isfinite(out.float()).all()) and err < 3e-2, f"E={E}: relative error {err:.2e}")
+        expect(_rel(out, normal) < 3e-2, f"E={E}: low-latency vs normal mode: {_rel(out, normal):.2e}")
         if E == 2 * world:
             x_s = make_x(rank).clone()
             graph = torch.cuda.CUDAGraph()
