@@ -18,7 +18,8 @@ gradients are set to None before each step, so every step allocates them as a tr
     ``torch._grouped_mm``, ``index_add_``) on the same weights, differentiated by autograd: the baseline of every
     row (torch has no FP8 grouped GEMM with a backward).
 Peak memory: ``torch.cuda.max_memory_allocated`` during one step minus what was allocated before it (weights and
-x), ours and the composition's, in the same run. Gradient errors (mixtral-like, ``--err-tokens`` tokens): relative
+x), ours and the composition's, in the same run; it includes the weight gradients (the same size on both sides).
+The fp8 rows' e4m3 weight copies stay resident between steps: ``fp8_weight_copies_mb``, not in the step's peak. Gradient errors (mixtral-like, ``--err-tokens`` tokens): relative
 (Frobenius) against a float64 formulation (softmax routing on our choice of experts, per-expert MLPs) of x's, the
 gate's and the expert weights' gradients; the deepseek case's float64 weights would not fit beside the layer.
 ``--profile-tokens``: a torch.profiler table of the backward alone (per CUDA kernel) for each case and precision,
@@ -127,8 +128,28 @@ def profile_backward(layer, x, g, label):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         out.backward(g)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70)
-    return f"## backward: {label}\n{table}\n"
+    events = prof.key_averages()
+    table = events.table(sort_by="device_time_total", row_limit=20, max_name_column_width=70)
+    groups = {}
+    for ev in events:
+        t = getattr(ev, "device_time_total", 0.0)
+        if t > 0:
+            name = next((g for key, g in KERNEL_GROUPS if key in ev.key), "other (torch ops)")
+            groups[name] = groups.get(name, 0.0) + t / 1e3
+    total = sum(groups.values()) or float("nan")
+    lines = [f"  {ms:8.3f} ms  {100 * ms / total:5.1f}%  {name}" for name, ms in
+             sorted(groups.items(), key=lambda kv: -kv[1])]
+    return f"## backward: {label}: {total:.3f} ms of kernels\n" + "\n".join(lines) + f"\n{table}\n"
+
+
+# kernel name fragment -> what the backward spends it on (the first match wins)
+KERNEL_GROUPS = [("_grouped_wgrad_kernel", "weight gradients (grouped_wgrad)"),
+                 ("_swiglu_backward_kernel", "SwiGLU derivative (fused, in place)"),
+                 ("_grouped_gemm_kernel", "grouped GEMM: h13 again, dA, dX (Triton)"),
+                 ("wgmma", "grouped GEMM (Gluon wgmma)"), ("quantize", "FP8 quantisation of activations"),
+                 ("grouped_mm", "torch grouped GEMM"), ("Cijk", "torch grouped GEMM"),
+                 ("gemm", "dense GEMMs (router)"), ("index", "gather / scatter (permute, unpermute)"),
+                 ("scatter", "gather / scatter (permute, unpermute)"), ("gather", "gather / scatter")]
 
 
 def run_case(case, tokens, device="cuda", precisions=("bf16",), fp32=False, err_tokens=64, profile_tokens=0):
@@ -180,9 +201,11 @@ def run_case(case, tokens, device="cuda", precisions=("bf16",), fp32=False, err_
         except Exception as e:  # a torch build without the grouped GEMM's backward (or in fp32)
             print(f"  composition failed ({prec}): {type(e).__name__}: {str(e)[:200]}")
             t_comp = mem_comp = float("nan")
-        quant_ms = float("nan")
+        quant_ms = copies_mb = float("nan")
         if layer.experts.fp8_master:  # one quantisation of the master weights (once per optimiser step)
             quant_ms = bench_ms(lambda: layer.experts.fp8_weights(force=True), warmup=2, rep=20)
+            # resident between steps (beside the masters), so not in the step's peak: reported on their own
+            copies_mb = sum(t.numel() * t.element_size() for pair in layer.experts.fp8_weights() for t in pair) / 2**20
         for p in ours_params + cparams:
             p.grad = None
         x.grad = None
@@ -190,7 +213,7 @@ def run_case(case, tokens, device="cuda", precisions=("bf16",), fp32=False, err_
                    ours_tflops=flops / t_ours / 1e9, composition_tflops=flops / t_comp / 1e9,
                    vs_composition=t_comp / t_ours, weight_quant_ms=quant_ms,
                    vs_composition_with_quant=t_comp / (t_ours + quant_ms) if quant_ms == quant_ms else t_comp / t_ours,
-                   ours_peak_mb=mem_ours, composition_peak_mb=mem_comp,
+                   ours_peak_mb=mem_ours, composition_peak_mb=mem_comp, fp8_weight_copies_mb=copies_mb,
                    peak_mem_ratio=mem_ours / mem_comp if mem_comp == mem_comp and mem_comp > 0 else float("nan"),
                    **errs.get(prec, {}))
         rows.append(row)
