@@ -87,8 +87,10 @@ DECODE_SWEEP = {
 }
 
 
-if os.environ.get("MLA_BENCH_GLUON", "1") == "1":  # tools/gpu/mla.sh sets 0 when the Gluon kernel's test failed
-    DECODE_SWEEP["decode"].insert(0, dict(dec_cfg(64, 64, 8, 2), GLUON=1))  # mla_decode_sm90 (its own fixed tiles)
+# the Gluon sm_90 kernel (mla_decode_sm90, its own fixed tiles): GLUON=1 serial schedule, 2 the PIPE schedule.
+# MLA_BENCH_GLUON: which of them to time ("1,2" default; tools/gpu/mla.sh passes those whose GPU test passed)
+GLUON_VARIANTS = [int(v) for v in os.environ.get("MLA_BENCH_GLUON", "1,2").split(",") if v.strip() in ("1", "2")]
+DECODE_SWEEP["decode"][:0] = [dict(dec_cfg(64, 64, 8, 2), GLUON=v) for v in GLUON_VARIANTS]
 
 
 def graph_ms(fn):
@@ -424,16 +426,17 @@ def bench_decode_shape(B, S, fm, chosen, log, sweep, graphs=True):
                     row["x_flashmla_graph"] = row["flashmla_graph_us"] / row["ours_graph_us"]
             if "torch_us" in row:
                 row["speedup"] = row["torch_us"] / row["ours_us"]
-            gl_cfg = next((c for c in DECODE_SWEEP["decode"] if c.get("GLUON")), None)
-            if kind.startswith("bf16") and gl_cfg is not None and not (cfg or {}).get("GLUON"):
-                try:  # the Gluon kernel's own numbers, also when a Triton config won
+            for gl_cfg in (c for c in DECODE_SWEEP["decode"] if kind.startswith("bf16") and c.get("GLUON")):
+                tag = f"gluon{gl_cfg['GLUON']}"
+                try:  # each Gluon schedule's own numbers, whichever config won
                     gfn = ours_fn(d, kind, gl_cfg, 0)
-                    row["gluon_rel_err_vs_fp32"] = rel(gfn()[:2].cpu(), ref)
-                    row["gluon_us"] = bench_ms(gfn) * 1e3
+                    row[f"{tag}_rel_err_vs_fp32"] = rel(gfn()[:2].cpu(), ref)
+                    row[f"{tag}_us"] = bench_ms(gfn) * 1e3
+                    row["gluon_us"] = min(row.get("gluon_us", math.inf), row[f"{tag}_us"])
                     if "flashmla_us" in row:
                         row["x_flashmla_gluon"] = row["flashmla_us"] / row["gluon_us"]
                 except Exception as e:  # noqa: BLE001
-                    row["gluon_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    row[f"{tag}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             traceback.print_exc()
@@ -529,10 +532,7 @@ def summarize(rows, copy_bw, fm_err, t0):
         "decode_vs_flashmla_min_graph": min((r["x_flashmla_graph"] for r in bf if r.get("x_flashmla_graph")),
                                             default=None),
         "decode_vs_flashmla_max": max((r["x_flashmla"] for r in bf), default=None),
-        "gluon_vs_flashmla_min": min((r["x_flashmla"] if (r.get("best_cfg") or {}).get("GLUON") else
-                                      r["x_flashmla_gluon"] for r in bf
-                                      if (r.get("best_cfg") or {}).get("GLUON") or "x_flashmla_gluon" in r),
-                                     default=None),
+        "gluon_vs_flashmla_min": min((r["x_flashmla_gluon"] for r in bf if "x_flashmla_gluon" in r), default=None),
         "decode_fp8_vs_flashmla_B128_S4096": pick("fp8", 128, 4096, "x_flashmla"),
         "decode_fp8_paged_vs_flashmla_B128_S4096": pick("fp8_paged", 128, 4096, "x_flashmla"),
         "decode_B128_S4096_GBps": pick("bf16", 128, 4096, "GBps"),
@@ -600,7 +600,7 @@ def main():
 
     dec = sorted([r for r in rows if r.get("cache")], key=lambda r: (r["cache"], r["B"], r["S"]))
     print(markdown(dec, ["cache", "B", "S", "ours_us", "flashmla_us", "x_flashmla", "ours_graph_us",
-                         "flashmla_graph_us", "x_flashmla_graph", "gluon_us", "x_flashmla_gluon", "GBps", "TFLOPS",
+                         "flashmla_graph_us", "x_flashmla_graph", "gluon1_us", "gluon2_us", "x_flashmla_gluon", "GBps", "TFLOPS",
                          "torch_us", "config", "splits",
                          "rel_err_vs_fp32", "rel_err_vs_flashmla"]))
     down = [r for r in rows if r["op"] == "down_proj"]

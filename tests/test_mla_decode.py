@@ -257,9 +257,10 @@ def test_decode_deepseek_sizes_gpu(fp8, s_q, paged):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gluon", [1, 2], ids=["serial", "pipe"])
 @pytest.mark.parametrize("s_q", [1, 2])
 @pytest.mark.parametrize("paged", [False, True], ids=["contig", "paged"])
-def test_gluon_sm90_kernel_gpu(s_q, paged):
+def test_gluon_sm90_kernel_gpu(s_q, paged, gluon):
     """The Gluon sm_90 kernel (config GLUON=1) against the float32 reference: the issue's lengths, a long row, one
     split and several, 2 query tokens, a paged cache with a shuffled table; NaN-filled outputs; garbage (NaN) in
     the cache past every row's length must not leak in."""
@@ -275,7 +276,7 @@ def test_gluon_sm90_kernel_gpu(s_q, paged):
         for b, L in enumerate(lens):
             cache[b, L:] = float("nan")
     assert ops_mla.mla_decode_sm90.supports(q, cache, table)
-    cfg = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2, GLUON=1)
+    cfg = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2, GLUON=gluon)
     for splits in (1, 3, 0):
         out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
         ops_mla._decode_launch(q, qr, cache, lens_t, table, scale, splits, out, cfg=cfg)

@@ -79,7 +79,8 @@ DEFAULTS = {
     # accumulator every tile, 1: only when a row's max grew, 2: only when it grew by more than 8 in log2 units)
     # and V_BLOCKS (1, or 2: each program accumulates half the value columns) are the variants of the sweep.
     "decode": dict(BLOCK_H=64, BLOCK_N=64, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2),
-    # GLUON=1: the Gluon sm_90 kernel (mla_decode_sm90: bf16 cache, R = 64, C <= 512, page 64) where it applies;
+    # GLUON=1 (2: its PIPE schedule): the Gluon sm_90 kernel (mla_decode_sm90: bf16 cache, R = 64, C <= 512,
+    # page 64) where it applies;
     # BLOCK_H / BLOCK_N are then 64 / 64 (its tiles) for the split heuristic. Opt-in until measured (configs).
     # FP8 cache: the e4m3 tile is widened to bf16 in registers and staged in shared memory again for the wgmmas
     "decode_fp8": dict(BLOCK_H=64, BLOCK_N=32, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2),
@@ -604,7 +605,7 @@ def _decode_launch(q_latent, q_rope, kv_cache, cache_seqlens, block_table, softm
     if cfg.get("GLUON", 0) and mla_decode_sm90 is not None and mla_decode_sm90.supports(q_latent, kv_cache,
                                                                                            block_table):
         mla_decode_sm90.launch(q2, qr2, kv_cache, cache_seqlens, block_table, softmax_scale * LOG2E, num_splits, h,
-                               s_q, o_stage, lse, lse_strides)
+                               s_q, o_stage, lse, lse_strides, pipe=int(cfg["GLUON"]) == 2)
     else:
         _triton_decode(q2, qr2, kc, kr, ks, kr_div, ks_div, fp8, cache_seqlens, block_table, paged, page,
                        softmax_scale, num_splits, rows_n, h, s_q, o_stage, lse, lse_strides, C, R, BLOCK_C, BH, BN,

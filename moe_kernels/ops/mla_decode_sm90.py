@@ -47,9 +47,13 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or getattr(gl, "barrier")
 
 @gluon.jit
 def _issue_tile(t, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc, kc_bufs, kr_bufs, ready,
-                C: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr):
-    """TMA copies of key tile t (keys start + 64 t ...) into its stage, when t < n_tiles."""
-    pred = t < n_tiles
+                C: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr, ALWAYS: gl.constexpr = False):
+    """TMA copies of key tile t (keys start + 64 t ...) into its stage, when t < n_tiles (or ALWAYS: a tile past
+    the keys is harmless, TMA fills rows outside the cache with zeros)."""
+    if ALWAYS:
+        pred = t >= 0
+    else:
+        pred = t < n_tiles
     n0 = start + t * _BN
     if PAGED:
         blk = gl.load(block_table_ptr + b * stride_btb + n0 // _BN, mask=pred, other=0)
@@ -67,13 +71,59 @@ def _issue_tile(t, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_des
 
 
 @gluon.jit
+def _scores(t, q_smem, qr_smem, kc_bufs, kr_bufs, ready, s_zero, STAGES: gl.constexpr):
+    """Wait for tile t's stage and start S = q K^T on it (async): the latent columns, then the rope columns."""
+    st = t % STAGES
+    mbarrier.wait(ready.index(st), (t // STAGES) & 1)
+    s = warpgroup_mma(q_smem, kc_bufs.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    return warpgroup_mma(qr_smem, kr_bufs.index(st).permute((1, 0)), s, is_async=True)
+
+
+@gluon.jit
+def _softmax(s, t, start, end, keys, lim, m_i, l_i, acc, qk_scale, MULTI_Q: gl.constexpr, o_layout: gl.constexpr):
+    """Online softmax step of tile t (base 2, keys past the split's end or a query's causal limit masked): the
+    weights p [64, 64], the running max / sum, and the accumulator rescaled."""
+    offs_n = start + t * _BN + keys
+    if MULTI_Q:
+        s = gl.where(offs_n[None, :] < lim[:, None], s * qk_scale, float("-inf"))
+    else:
+        s = gl.where((offs_n < end)[None, :], s * qk_scale, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees no key yet: no -inf - -inf
+    alpha = gl.exp2(m_i - m_use)
+    p = gl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    return p, m_new, l_i, acc
+
+
+@gluon.jit
+def _stage_p(p, kc, t, start, end, p_smem, C: gl.constexpr):
+    """P -> shared memory for P V. On a tile that runs past the split's end, the rows of V past it are zeroed first
+    (they may hold any bits, NaN included, and 0 x NaN is NaN). Then every warp's stores are made visible to the
+    tensor cores (fence + CTA barrier)."""
+    if start + (t + 1) * _BN > end:
+        zl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+        z_rows = start + t * _BN + gl.arange(0, _BN, layout=gl.SliceLayout(1, zl))
+        for j in gl.static_range(C // _CH):
+            part = kc.slice(j * _CH, _CH, dim=1)
+            v = part.load(zl)
+            part.store(gl.where((z_rows < end)[:, None], v, gl.zeros_like(v)))
+    p_smem.store(p.to(gl.bfloat16))
+    fence_async_shared()
+    _cta_barrier()
+
+
+@gluon.jit
 def _mla_decode_sm90_kernel(
     q_ptr, qr_ptr, kc_desc, kr_desc, seqlens_ptr, block_table_ptr, o_ptr, lse_ptr,
     num_rows, num_heads, s_q, num_splits, qk_scale, S_cap,
     stride_qb, stride_qh, stride_qrb, stride_qrh, stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     C: gl.constexpr, R: gl.constexpr, PAGED: gl.constexpr, SPLIT: gl.constexpr, MULTI_Q: gl.constexpr,
-    STAGES: gl.constexpr, num_warps: gl.constexpr,
+    STAGES: gl.constexpr, PIPE: gl.constexpr, num_warps: gl.constexpr,
 ):
+    """PIPE = 0: per tile S, wait, softmax, P V, wait. PIPE = 1: S of the next tile is issued right behind this
+    tile's P V (one wait for both), so the tensor cores run them back to back; the last tile is peeled."""
     gl.static_assert(num_warps == 8, "two warpgroups")
     pid_h = gl.program_id(0)
     split = gl.program_id(1)
@@ -112,57 +162,48 @@ def _mla_decode_sm90_kernel(
     start = split * per_split
     end = gl.minimum(start + per_split, seqlen)
     n_tiles = gl.maximum(gl.cdiv(end - start, _BN), 0)
-    for i in gl.static_range(STAGES):
+    for i in gl.static_range(STAGES):  # PIPE: tile 0 always (its S is computed before the loop, used or not)
         _issue_tile(i, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc, kc_bufs, kr_bufs,
-                    ready, C, PAGED, STAGES)
+                    ready, C, PAGED, STAGES, PIPE and i == 0)
 
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     rows_s = pid_h * _BH + gl.arange(0, _BH, layout=row_s)
     keys = gl.arange(0, _BN, layout=gl.SliceLayout(0, s_layout))
-    if MULTI_Q:
-        lim = seqlen - (s_q - 1 - rows_s // num_heads)
+    lim = seqlen - (s_q - 1 - rows_s // num_heads)  # the keys each query row sees (MULTI_Q)
     m_i = gl.full([_BH], float("-inf"), gl.float32, layout=row_s)
     l_i = gl.zeros([_BH], gl.float32, layout=row_s)
     acc = gl.zeros([_BH, C], gl.float32, layout=o_layout)
     s_zero = gl.zeros([_BH, _BN], gl.float32, layout=s_layout)
-    for t in range(n_tiles):
-        st = t % STAGES
-        mbarrier.wait(ready.index(st), (t // STAGES) & 1)
-        kc = kc_bufs.index(st)
-        s = warpgroup_mma(q_smem, kc.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma(qr_smem, kr_bufs.index(st).permute((1, 0)), s, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s,))
-        # tile t - 1 is done (its P V was waited for last iteration): its stage takes tile t - 1 + STAGES
-        if t > 0:
-            _issue_tile(t - 1 + STAGES, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc,
+    if PIPE:
+        s = warpgroup_mma_wait(0, deps=(_scores(0, q_smem, qr_smem, kc_bufs, kr_bufs, ready, s_zero, STAGES),))
+        for t in range(n_tiles - 1):  # not the last tile: no tail to zero, and a next tile to start
+            kc = kc_bufs.index(t % STAGES)
+            p, m_i, l_i, acc = _softmax(s, t, start, end, keys, lim, m_i, l_i, acc, qk_scale, MULTI_Q, o_layout)
+            p_smem.store(p.to(gl.bfloat16))
+            fence_async_shared()
+            _cta_barrier()
+            pv = warpgroup_mma(p_smem, kc, acc, is_async=True)
+            nxt = _scores(t + 1, q_smem, qr_smem, kc_bufs, kr_bufs, ready, s_zero, STAGES)
+            acc, s = warpgroup_mma_wait(0, deps=(pv, nxt))
+            _cta_barrier()  # every warpgroup is past P V of tile t: its stage and P are free
+            _issue_tile(t + STAGES, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc,
                         kc_bufs, kr_bufs, ready, C, PAGED, STAGES)
-
-        offs_n = start + t * _BN + keys
-        if MULTI_Q:
-            s = gl.where(offs_n[None, :] < lim[:, None], s * qk_scale, float("-inf"))
-        else:
-            s = gl.where((offs_n < end)[None, :], s * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees no key yet: no -inf - -inf
-        alpha = gl.exp2(m_i - m_use)
-        p = gl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-
-        if start + (t + 1) * _BN > end:  # the split's last tile runs past its keys: zero those rows of V
-            zl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
-            z_rows = start + t * _BN + gl.arange(0, _BN, layout=gl.SliceLayout(1, zl))
-            for j in gl.static_range(C // _CH):
-                part = kc.slice(j * _CH, _CH, dim=1)
-                v = part.load(zl)
-                part.store(gl.where((z_rows < end)[:, None], v, gl.zeros_like(v)))
-        p_smem.store(p.to(gl.bfloat16))
-        fence_async_shared()
-        _cta_barrier()
-        acc = warpgroup_mma(p_smem, kc, acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-        _cta_barrier()  # every warp is past its P V before P is written again
+        if n_tiles > 0:  # the last tile
+            t = n_tiles - 1
+            kc = kc_bufs.index(t % STAGES)
+            p, m_i, l_i, acc = _softmax(s, t, start, end, keys, lim, m_i, l_i, acc, qk_scale, MULTI_Q, o_layout)
+            _stage_p(p, kc, t, start, end, p_smem, C)
+            acc = warpgroup_mma_wait(0, deps=(warpgroup_mma(p_smem, kc, acc, is_async=True),))
+    else:
+        for t in range(n_tiles):
+            kc = kc_bufs.index(t % STAGES)
+            s = warpgroup_mma_wait(0, deps=(_scores(t, q_smem, qr_smem, kc_bufs, kr_bufs, ready, s_zero, STAGES),))
+            p, m_i, l_i, acc = _softmax(s, t, start, end, keys, lim, m_i, l_i, acc, qk_scale, MULTI_Q, o_layout)
+            _stage_p(p, kc, t, start, end, p_smem, C)
+            acc = warpgroup_mma_wait(0, deps=(warpgroup_mma(p_smem, kc, acc, is_async=True),))
+            _cta_barrier()  # every warpgroup is past P V of tile t: its stage and P are free
+            _issue_tile(t + STAGES, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc,
+                        kc_bufs, kr_bufs, ready, C, PAGED, STAGES)
 
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
@@ -199,7 +240,7 @@ def supports(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor 
 
 
 def launch(q2, qr2, kv_cache, cache_seqlens, block_table, qk_scale, num_splits, num_heads, s_q, o_stage, lse,
-           lse_strides, stages: int = 2):
+           lse_strides, stages: int = 2, pipe: int = 0):
     """q2 [B, rows, C], qr2 [B, rows, 64] bf16 (rows = s_q x heads), o_stage [B, rows, splits, C] (fp32 partials,
     or the bf16 output as [B, rows, 1, C] with one split); qk_scale includes log2(e)."""
     B, rows, C = q2.shape
@@ -215,5 +256,5 @@ def launch(q2, qr2, kv_cache, cache_seqlens, block_table, qk_scale, num_splits, 
         rows, num_heads, s_q, num_splits, qk_scale, 0 if paged else kv_cache.shape[1],
         q2.stride(0), q2.stride(1), qr2.stride(0), qr2.stride(1), block_table.stride(0) if paged else 0,
         o_stage.stride(0), o_stage.stride(1), o_stage.stride(2), *lse_strides,
-        C=C, R=R, PAGED=paged, SPLIT=num_splits > 1, MULTI_Q=s_q > 1, STAGES=stages, num_warps=8,
+        C=C, R=R, PAGED=paged, SPLIT=num_splits > 1, MULTI_Q=s_q > 1, STAGES=stages, PIPE=bool(pipe), num_warps=8,
     )
