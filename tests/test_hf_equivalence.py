@@ -401,6 +401,11 @@ def test_patch_report_int_lists_log_and_strict(caplog):
     assert any(lv == logging.INFO and "swapped model.layers.0.mlp" in m for lv, m in logged), logged
     assert any(lv == logging.WARNING and "model.layers.1.mlp" in m and "GELU" in m for lv, m in logged), logged
     assert_close_rel(out, ref, 1e-5, "Mixtral with one block patched")
+    again = mk.patch_model(model, precision=None)  # our own modules are neither swapped again nor reported
+    assert again == 0 and [s.name for s in again.skipped] == ["model.layers.1.mlp"], str(again)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(report)).swapped == report.swapped
 
 
 def test_modules_import_no_integration():

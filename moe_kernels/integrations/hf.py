@@ -470,6 +470,9 @@ class PatchReport(int):
         obj.swapped, obj.skipped = list(swapped), list(skipped)
         return obj
 
+    def __reduce__(self):  # copy / pickle
+        return (PatchReport, (self.swapped, self.skipped))
+
     def __repr__(self) -> str:
         return f"PatchReport(swapped={len(self.swapped)}, skipped={len(self.skipped)})"
 
@@ -517,6 +520,9 @@ def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool
         if any(name.startswith(t + ".") for t in taken):
             continue
         kind = type(mod).__name__
+        if isinstance(mod, (HFMoEBlock, HFMLAAttention, MoELayer, MultiHeadLatentAttention)):
+            taken.append(name)  # ours already (a model patched before): nothing to do
+            continue
         is_attn = kind in SUPPORTED_ATTENTION or _looks_like_mla(mod)
         if not (kind in SUPPORTED_MOE or kind in REFUSED_MOE or _looks_like_moe(mod) or is_attn):
             continue
