@@ -55,8 +55,8 @@ def _issue_tile(t, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_des
     else:
         pred = t < n_tiles
     n0 = start + t * _BN
-    if PAGED:
-        blk = gl.load(block_table_ptr + b * stride_btb + n0 // _BN, mask=pred, other=0)
+    if PAGED:  # past the keys the table is not read (it may end there): block 0 stands in
+        blk = gl.load(block_table_ptr + b * stride_btb + n0 // _BN, mask=t < n_tiles, other=0)
         row = blk * _BN
     else:
         row = b * S_cap + n0
