@@ -62,6 +62,11 @@ def cmd_info(_args) -> int:
     else:
         rows.append(("GPU", "none: ops run their PyTorch references (or Triton's interpreter with TRITON_INTERPRET=1)"))
     rows.append(("FP8 grouped GEMM kernel", _grouped_gemm_kernel()))
+    from .ops.grouped_gemm_configs import DECODE_MAX_ROWS  # noqa: PLC0415
+    rows.append(("decode grouped GEMM", f"Triton weight-streaming kernel (grouped_gemm_decode, split-K) at <= "
+                                        f"{DECODE_MAX_ROWS} rows per expert on CUDA, unless a tuned table says"))
+    from .ops.mla import decode_kernel_name  # noqa: PLC0415
+    rows.append(("MLA decode kernel", decode_kernel_name()))
     rows.append(("extension moe_kernels._C", "built" if has_extension() else f"not built ({extension_error()})"))
     rows.append(("NVSHMEM", _nvshmem()))
     rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0")))

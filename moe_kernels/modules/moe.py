@@ -75,6 +75,7 @@ class MoELayer(nn.Module):
 
             self._tp = ExpertTensorParallel(tp_group, intermediate_size, precision)
             self.experts = self._tp.slice_experts(self.experts)
+        self._side_streams = {}  # device -> the CUDA stream the shared experts run on (inference)
         self._ep = None
         if placement is not None and ep_group is None:
             raise ValueError("placement needs ep_group: it places experts over an expert-parallel group")
@@ -98,6 +99,7 @@ class MoELayer(nn.Module):
             raise TypeError(f"x is on {x.device} but the layer's weights are on {self.gate.weight.device}")
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)
+        shared = self._start_shared(x2)  # on a second CUDA stream where it can overlap the routed experts
         weights, ids, _ = self.gate(x2)
         xr = x2  # the routed path's tokens
         if self._tp is not None:  # expert TP: the routed path's inputs, their gradients summed over tp_group
@@ -113,10 +115,35 @@ class MoELayer(nn.Module):
             out = ops.unpermute(y, p, weights)
         if self._tp is not None:  # the slices' partial outputs added (fp32)
             out = self._tp.reduce_output(out)
-        if self.shared_experts is not None:
-            offsets = torch.arange(2, dtype=torch.int32, device=x.device) * x2.shape[0]  # [0, T], no host copy
-            out = out.float() + self.shared_experts(x2, offsets).float()
+        if shared is not None:
+            if isinstance(shared, tuple):  # joined: the main stream waits for the side stream's work
+                torch.cuda.current_stream(x.device).wait_stream(shared[1])
+                shared = shared[0]
+            # one add when the dtypes agree (computed in fp32 and rounded once, as the fp32 sum below)
+            out = out + shared if out.dtype == shared.dtype else out.float() + shared.float()
         return out.to(x.dtype).reshape(shape)
+
+    def __getstate__(self):  # copies and pickles start without CUDA streams (they are made again on use)
+        return dict(super().__getstate__(), _side_streams={})
+
+    def _start_shared(self, x2: torch.Tensor):
+        """The shared experts' output, or on CUDA without autograd (inference, CUDA-graph capture) a pair (output,
+        side stream) still running: the routed experts launched meanwhile share the GPU with it, which at decode
+        sizes fills SMs the routed GEMMs leave idle. Memory: x2 and the output are used on both streams only
+        between the fork (side waits for main) and the join (main waits for side) of this call, so neither block
+        can be handed out again before both streams are done with it."""
+        if self.shared_experts is None:
+            return None
+        offsets = torch.arange(2, dtype=torch.int32, device=x2.device) * x2.shape[0]  # [0, T], no host copy
+        if not x2.is_cuda or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.shared_experts(x2, offsets)
+        side = self._side_streams.get(x2.device)
+        if side is None:
+            side = self._side_streams[x2.device] = torch.cuda.Stream(x2.device)
+        side.wait_stream(torch.cuda.current_stream(x2.device))
+        with torch.cuda.stream(side):
+            y = self.shared_experts(x2, offsets)
+        return y, side
 
     @classmethod
     def from_hf(cls, module: nn.Module, precision: str | None = None) -> "MoELayer":

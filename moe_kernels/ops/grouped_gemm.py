@@ -42,7 +42,7 @@ from .._checks import FP8_DTYPE, check_multiple, check_tensor, value_checks_enab
 from ._common import interpret_mode, use_triton
 from . import grouped_gemm_decode
 from .grouped_gemm_configs import get_config
-from .quant import AMAX_FLOOR, E4M3_MAX, quantize_fp8, to_e4m3_rne
+from .quant import AMAX_FLOOR, E4M3_MAX, group_amax, quantize_fp8, to_e4m3_rne
 
 try:  # host-side TMA descriptors (Triton >= 3.4): kernel arguments lowered to CUtensorMap
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -228,7 +228,7 @@ def _grouped_gemm_kernel(
         tl.store(out_ptrs + BLOCK_N, acc_u.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & u_mask[None, :])
     if QUANT_OUT:
         # BLOCK_N == 128: the tile's columns are exactly one 1x128 scale group of each row
-        amax = tl.maximum(tl.max(tl.abs(tl.where(mask, acc, 0.0)), axis=1), AMAX_FLOOR)
+        amax = group_amax(tl.where(mask, acc, 0.0), 1)  # NaN in the group: a NaN scale (as the reference)
         scale = amax / E4M3_MAX
         q = to_e4m3_rne(acc / scale[:, None])
         tl.store(out_ptrs, q.to(out_ptr.dtype.element_ty), mask=mask)
@@ -381,25 +381,38 @@ def _quantize_columns(v):
 
 
 @triton.jit
-def _grouped_wgrad_kernel(dy_ptr, x_ptr, offsets_ptr, dw_ptr, N, K, stride_dy, stride_x, stride_we, stride_wn,
-                          FP8: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grouped_wgrad_kernel(dy_ptr, dy_desc, x_ptr, x_desc, offsets_ptr, dw_ptr, N, K, stride_dy, stride_x, stride_we,
+                          stride_wn, FP8: tl.constexpr, USE_TMA: tl.constexpr, IEEE: tl.constexpr,
+                          UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
     """dW[e] [N, K] = dY[rows of e, :N]^T @ X[rows of e, :K]: a program owns one [BLOCK_N, BLOCK_K] tile of one
     expert and walks that expert's rows (an expert without rows writes zeros).
 
+    USE_TMA (bf16 / fp16 on Hopper): the expert's full BLOCK_M-row steps come through TMA descriptors of the whole
+    dY and X (pipelined, num_stages deep; a full step holds no other expert's row), the last partial step through
+    masked pointer loads.
     FP8 (DeepSeek-V3's wgrad): the reduction runs over rows, so both operands are quantised along rows: each
     BLOCK_M = 128 rows of the expert (counted from its first row) are one 1x128 group of every column of dY^T and
     of X^T, quantised here in registers (e4m3, scale = amax / 448); each group's e4m3 product is promoted to fp32
     with the two column scales. Nothing transposed is written to memory."""
     e = tl.program_id(1)
     num_k = tl.cdiv(K, BLOCK_K)
-    offs_n = (tl.program_id(0) // num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = (tl.program_id(0) % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n0 = (tl.program_id(0) // num_k) * BLOCK_N
+    k0 = (tl.program_id(0) % num_k) * BLOCK_K
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
     n_mask, k_mask = offs_n < N, offs_k < K
     lo = tl.load(offsets_ptr + e)
     hi = tl.load(offsets_ptr + e + 1)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(lo, hi, BLOCK_M):
+    tail = lo
+    if USE_TMA:
+        n_full = (hi - lo) // BLOCK_M
+        for it in range(0, n_full):
+            m0 = lo + it * BLOCK_M
+            acc = tl.dot(dy_desc.load([m0, n0]).T, x_desc.load([m0, k0]), acc)
+        tail = lo + n_full * BLOCK_M
+    for m0 in range(tail, hi, BLOCK_M):
         rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         r_mask = rows < hi
         dy = tl.load(dy_ptr + rows[:, None] * stride_dy + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :],
@@ -458,15 +471,21 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, num_
         return torch.stack([dy[lo:hi].float().t() @ x[lo:hi].float() for lo, hi in zip(o, o[1:])]).to(dw.dtype)
     dy, x = dy.contiguous(), x.contiguous()
     small = interpret_mode()
+    tma = not fp8 and x.dtype != torch.float32 and _tma_usable(dy, x)
     if fp8:  # a row step is one 1x128 group
         BM, BN, BK = (SCALE_BLOCK, 64, 64) if small else (SCALE_BLOCK, 128, 128)
     else:
-        BM, BN, BK = (16, 32, 32) if small else (32, 64, 64) if x.dtype == torch.float32 else (64, 128, 64)
+        BM, BN, BK = (16, 32, 32) if small else (32, 64, 64) if x.dtype == torch.float32 else (64, 128, 128 if tma else 64)
+    stages = 1 if small else 2 if fp8 else 4 if tma else 3
+    dy_desc, x_desc = dy, x
+    if tma:
+        dy_desc = TensorDescriptor(dy, [M, N], [dy.stride(0), 1], [BM, BN])
+        x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [BM, BK])
     grid = (triton.cdiv(N, BN) * triton.cdiv(K, BK), num_experts)
-    _grouped_wgrad_kernel[grid](dy, x, offsets.contiguous(), dw, N, K, dy.stride(0), x.stride(0), dw.stride(0),
-                                dw.stride(1), FP8=fp8, IEEE=x.dtype == torch.float32 or small, UPCAST=small,
-                                BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=4 if small else 8,
-                                num_stages=1 if small else (2 if fp8 else 3))
+    _grouped_wgrad_kernel[grid](dy, dy_desc, x, x_desc, offsets.contiguous(), dw, N, K, dy.stride(0), x.stride(0),
+                                dw.stride(0), dw.stride(1), FP8=fp8, USE_TMA=tma,
+                                IEEE=x.dtype == torch.float32 or small, UPCAST=small, BLOCK_M=BM, BLOCK_N=BN,
+                                BLOCK_K=BK, num_warps=4 if small else 8, num_stages=stages)
     return dw
 
 

@@ -39,7 +39,7 @@ __all__ = ["CONFIG_DIR", "KINDS", "DEFAULTS", "ARCH_DEFAULTS", "SMEM_LIMIT", "co
 CONFIG_DIR = Path(__file__).parent / "configs"  # shipped as package data: moe_kernels/ops/configs/*.json
 KINDS = ("fp8", "fp8_swiglu", "bf16", "bf16_swiglu", "fp32", "fp32_swiglu")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "USE_TMA", "PAIR_N", "WGMMA",
-               "UNROLL", "WS", "PERSISTENT")
+               "UNROLL", "WS", "PERSISTENT", "DECODE", "BLOCK_T")
 
 # Defaults for a GPU or shape without a file. FP8: the Gluon kernel's config that the H200 sweep picked at 256-4096
 # rows per expert for all three kinds (bench/results/grouped_gemm_tune_wgmma-NVIDIA_H200.json); off Hopper the same
@@ -51,6 +51,11 @@ DEFAULTS = {
     "bf16": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, USE_TMA=1),
     "bf16_swiglu": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, USE_TMA=1),
 }
+# The decode kernel (``grouped_gemm_decode``: weight rows on the MMA's M side, tokens on N) for at most
+# DECODE_MAX_ROWS rows per expert on average, where a table has no bucket that small. BLOCK_T is set by the launcher
+# from the row count; BLOCK_N = 128 is one FP8 scale block (and the SwiGLU re-quantisation's group).
+DECODE_MAX_ROWS = 16
+DECODE_DEFAULT = dict(DECODE=1, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
 # fp32 (sm_90, and sm_80's 163 KiB): products on CUDA cores (IEEE), so a smaller K step, and a tile that keeps the
 # accumulator's epilogue conversion within shared memory (the bf16 tiles asked 278,584 bytes of sm_90's 232,448).
 DEFAULTS.update(
@@ -169,6 +174,9 @@ def _table_for(kind: str, N: int, K: int, device: str) -> dict[int, dict] | None
 @functools.lru_cache(maxsize=4096)
 def _cuda_config(kind: str, N: int, K: int, rows: int, index: int) -> dict:
     table = _table_for(kind, N, K, device_name(index))
+    small = {m: cfg for m, cfg in (table or {}).items() if m <= DECODE_MAX_ROWS}
+    if rows <= DECODE_MAX_ROWS and not small:
+        return dict(DECODE_DEFAULT)  # no tuned decode bucket: the decode kernel's default
     cap, limit = _device_smem(index)
     default = default_config(kind, cap)
     if not table:

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant import AMAX_FLOOR, E4M3_MAX, to_e4m3_rne
+from .quant import E4M3_MAX, group_amax, to_e4m3_rne
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -84,7 +84,7 @@ def _epilogue(acc, acc_u, offs_t, t_mask, offs_n, n_mask, tile_n, row_weight_ptr
     mask = n_mask[:, None] & t_mask[None, :]
     if QUANT_OUT:
         # BLOCK_N == 128: a column of this tile is one row's 1x128 scale group
-        amax = tl.maximum(tl.max(tl.abs(tl.where(mask, acc, 0.0)), axis=0), AMAX_FLOOR)
+        amax = group_amax(tl.where(mask, acc, 0.0), 0)  # NaN in the group: a NaN scale (as the reference)
         scale = amax / E4M3_MAX
         q = to_e4m3_rne(acc / scale[None, :])
         tl.store(out_ptrs, q.to(out_ptr.dtype.element_ty), mask=mask)
