@@ -220,11 +220,12 @@ def test_bf16_experts_take_fp32_tokens():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_grouped_wgrad_kernel(dtype, tol, device):
-    """dW[e] = dY_e^T X_e: odd sizes, an empty expert (its gradient is zeros, written), one single-row expert."""
+    """dW[e] = dY_e^T X_e: odd sizes, an empty expert (its gradient is zeros, written), one single-row expert;
+    experts of 133 and 70 rows: full row steps (TMA on Hopper) then a partial one (pointer loads)."""
     from _helpers import skip_unless_cuda
 
     skip_unless_cuda(device)
-    counts = [7, 0, 33, 1, 20]
+    counts = [7, 0, 133, 1, 70]
     E, N, K = len(counts), 48, 80
     offsets = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32, device=device)
     dy = torch.randn(sum(counts), N, device=device).to(dtype)
