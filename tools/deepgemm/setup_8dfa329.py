@@ -68,6 +68,10 @@ def main(argv):
     shutil.rmtree(dest, ignore_errors=True)
     pkg = os.path.join(dest, "src", "deep_gemm")
     shutil.copytree(src, pkg)
+    for d, _, files in os.walk(pkg):  # the anchors copy may be read-only; this one gets links and a patch
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
     for name in ("cute", "cutlass"):
         os.symlink(os.path.join(cut, name), os.path.join(pkg, "include", name))
     try:
