@@ -369,3 +369,22 @@ def test_fp8_master_weights_are_quantised_once_per_update(monkeypatch):
     want_q, want_s = ops.quantize_weight_fp8(ex.w13.detach())
     assert torch.equal(q13.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s13_new, want_s)
     assert_close_rel(s13_new, 0.5 * s13, 1e-6, "scales of the halved weights")
+
+
+def test_tma_dgrad_kernel_against_float64():
+    """The backward's dA / dX kernel (W read as stored, [E, K, N], B tiles through TMA descriptors; on sm_90 for
+    bf16): odd row counts, an empty expert, a partial column tile; NaN-filled output rows are all written. In the
+    interpreter (fp32 tiles, small config): the kernel's indexing, not its speed."""
+    if gg.TensorDescriptor is None:
+        pytest.skip("this Triton has no host tensor descriptors")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's run of the kernel (on CUDA the gradient tests cover it)")
+    counts = [37, 0, 5, 90]
+    E, K, N = len(counts), 128, 96
+    offsets = _offsets(counts)
+    a = torch.randn(sum(counts), K)
+    w = torch.randn(E, K, N)
+    out = torch.full((sum(counts), N), float("nan"))
+    gg._dgrad_launch(a, offsets, w, out, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, num_warps=4,
+                                              num_stages=1))
+    assert_close_rel(out, R.grouped_gemm(a.double(), w.transpose(1, 2).double(), offsets), 1e-5, "dgrad")

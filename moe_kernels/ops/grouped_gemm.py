@@ -489,6 +489,68 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, num_
     return dw
 
 
+@triton.jit
+def _grouped_dgrad_kernel(a_desc, w_desc, offsets_ptr, out_ptr, M, N, K, E, stride_om, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, E_PAD: tl.constexpr):
+    """out[r, :N] = A[r, :K] @ W[e] for the rows r of expert e, W [E, K, N] row-major: the input gradient of a
+    forward ``X_e @ W_e^T``, W as the forward stored it (its rows are the reduction here, its contiguous columns
+    the output's). The B tile [BLOCK_K, BLOCK_N] comes through TMA as it lies (N-major for wgmma): no transposed
+    copy. A and W through TMA descriptors, pipelined num_stages deep; K % BLOCK_K == 0, so no K step reads another
+    expert's rows of W. The forward kernel's schedule (``_tile_schedule``); rows past the expert's end are
+    computed and never stored."""
+    expert, row_start, row_end, tile_n = _tile_schedule(tl.program_id(0), M, N, E, 0, offsets_ptr, offsets_ptr, False,
+                                                        BLOCK_M, BLOCK_N, GROUP_M, E_PAD)
+    if row_start >= row_end:
+        return
+    a_row = row_start.to(tl.int32)
+    w_row = expert * K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, K // BLOCK_K):
+        acc = tl.dot(a_desc.load([a_row, kb * BLOCK_K]), w_desc.load([w_row + kb * BLOCK_K, tile_n * BLOCK_N]), acc)
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < row_end)[:, None] & (offs_n < N)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+DGRAD_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+
+
+def _dgrad_tma(a, offsets, wt, out) -> bool:
+    """out = a_e @ wt[e] by ``_grouped_dgrad_kernel`` when it applies (bf16/fp16 on sm_90, TMA-able operands,
+    K a multiple of BLOCK_K); False when it does not (the caller runs the general kernel). A failure to build or
+    launch it is said once and falls back the same way."""
+    E, K, N = wt.shape
+    if a.dtype not in (torch.bfloat16, torch.float16) or not a.is_cuda or interpret_mode() or _DGRAD_FAILED or \
+            not _is_sm90(a.device.index if a.device.index is not None else torch.cuda.current_device()) or \
+            K % DGRAD_CONFIG["BLOCK_K"] or not wt.is_contiguous() or not _tma_usable(a, wt.view(E * K, N)):
+        return False
+    try:
+        _dgrad_launch(a, offsets, wt, out, DGRAD_CONFIG)
+    except Exception as e:  # noqa: BLE001 - a Triton without this lowering: the general kernel, said once
+        _DGRAD_FAILED.append(repr(e))
+        _say_once(f"moe_kernels: the TMA dgrad kernel failed ({type(e).__name__}: {str(e)[:200]}); the backward's "
+                  f"dA / dX run the general grouped GEMM kernel")
+        return False
+    return True
+
+
+def _dgrad_launch(a, offsets, wt, out, cfg) -> None:
+    """Launch ``_grouped_dgrad_kernel``: a [M, K], wt [E, K, N] contiguous, out [M, N] with unit column stride."""
+    cfg = dict(cfg)
+    E, K, N = wt.shape
+    M = a.shape[0]
+    BM, BN, BK = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [BM, BK])
+    w_desc = TensorDescriptor(wt.view(E * K, N), [E * K, N], [N, 1], [BK, BN])
+    grid = ((triton.cdiv(M, BM) + E) * triton.cdiv(N, BN),)
+    _grouped_dgrad_kernel[grid](a_desc, w_desc, offsets, out, M, N, K, E, out.stride(0), BLOCK_M=BM, BLOCK_N=BN,
+                                BLOCK_K=BK, E_PAD=max(16, triton.next_power_of_2(E)), **cfg)
+
+
+_DGRAD_FAILED: list[str] = []  # set once if the TMA dgrad kernel cannot run on this Triton (see _dgrad_tma)
+
+
 def _gemm(a, offsets, w, w_scale=None, out_dtype=torch.float32):
     """out [M, N] = a_e @ W[e]^T per expert, W [E, N, K] with any strides (a transposed view takes the Triton
     kernel's pointer loads). With ``w_scale`` W is e4m3 with 128x128 scales (which transpose with their blocks) and
@@ -501,6 +563,10 @@ def _gemm(a, offsets, w, w_scale=None, out_dtype=torch.float32):
             return reference.grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out_dtype=out_dtype)
         return reference.grouped_gemm(a, w, offsets, out_dtype=out_dtype)
     out = torch.empty(a.shape[0], w.shape[1], dtype=out_dtype, device=a.device)
+    # a transposed view of a contiguous weight (the backward's dA, dX): the TMA dgrad kernel reads it as it lies
+    if w_scale is None and out_dtype == a.dtype and a.shape[0] and _dgrad_tma(a.contiguous(), offsets.contiguous(),
+                                                                              w.transpose(1, 2), out):
+        return out
     _launch(a, a_scale, w, w_scale, out, offsets=offsets)
     return out
 
