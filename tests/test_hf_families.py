@@ -108,8 +108,9 @@ def _shared_grad(ref: dict, name: str):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_training_step_gradients(family):
-    """One training step (cross-entropy on random labels, fp32): every parameter's gradient equals HF's, the
-    routers, routed experts and shared experts included (Llama 4's experts through its transposed layout)."""
+    """One training step (cross-entropy on random labels, plus the load-balancing loss where the family has one;
+    fp32): every parameter's gradient equals HF's, the routers, routed experts and shared experts included (Llama
+    4's experts through its transposed layout), and transformers records the same router logits."""
     model = build(FAMILIES, family)
     router = FAMILIES[family][4]
     patched = copy.deepcopy(model)
@@ -117,10 +118,18 @@ def test_family_training_step_gradients(family):
     ids, labels = torch.randint(0, V, (2, 9)), torch.randint(0, V, (2, 9))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MLA says once that it runs its reference path under autograd
+        outs = []
         for m in (model, patched):
             m.train()
             m.zero_grad()
-            m(ids, labels=labels).loss.backward()
+            outs.append(m(ids, labels=labels, output_router_logits=True))
+            outs[-1].loss.backward()
+    hf_out, our_out = outs
+    assert len(our_out.router_logits) == len(hf_out.router_logits) > 0
+    for a, b in zip(our_out.router_logits, hf_out.router_logits):
+        assert_close_rel(a.detach(), b.detach(), 1e-5, f"{family} router logits")
+    if getattr(hf_out, "aux_loss", None) is not None:
+        assert_close_rel(our_out.aux_loss.detach(), hf_out.aux_loss.detach(), 1e-5, f"{family} aux loss")
     ref = dict(model.named_parameters())
     kinds = set()
     for name, p in patched.named_parameters():
