@@ -388,3 +388,20 @@ def test_tma_dgrad_kernel_against_float64():
     gg._dgrad_launch(a, offsets, w, out, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, num_warps=4,
                                               num_stages=1))
     assert_close_rel(out, R.grouped_gemm(a.double(), w.transpose(1, 2).double(), offsets), 1e-5, "dgrad")
+
+
+def test_fp8_trainable_experts_infer_as_they_train():
+    """Under no_grad the trainable FP8 experts run the inference kernels on the same cached e4m3 copies: the
+    output equals the training forward's. Bad arguments name themselves."""
+    ex = mk.GroupedExperts(2, 128, 128, precision="fp8", trainable=True, master_dtype=torch.float32)
+    assert ex.w13.dtype == torch.float32 and ex.w13_scale is None
+    x = torch.randn(5, 128)
+    offsets = _offsets([3, 2])
+    with torch.no_grad():
+        y_infer = ex(x, offsets)
+    y_train = ex(x.clone().requires_grad_(), offsets)
+    assert y_train.requires_grad and torch.equal(y_infer, y_train.detach())
+    with pytest.raises(TypeError, match="trainable"):
+        mk.GroupedExperts(2, 128, 128, precision="fp8", trainable=1)
+    with pytest.raises(TypeError, match="master_dtype"):
+        mk.GroupedExperts(2, 128, 128, precision="fp8", trainable=True, master_dtype=torch.float16)

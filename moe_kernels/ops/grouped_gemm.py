@@ -807,7 +807,8 @@ def _expert_mlp_backward(ctx, grad_out):
     if ctx.fp8:
         if any(ctx.needs_input_grad[i] for i in (0, 3, 5)):
             raise RuntimeError("expert_mlp has no backward on the FP8 path (e4m3 activations and weights): train "
-                               "with precision='bf16', or run inference under torch.no_grad()")
+                               "FP8 experts with MoELayer(precision='fp8', trainable=True) (ops.expert_mlp_fp8_train"
+                               "), or with precision='bf16', or run inference under torch.no_grad()")
         gtw = None
         if ctx.needs_input_grad[7]:
             y = reference.expert_mlp(x, offsets, w13, w2, x_scale, w13_scale, w2_scale, out_dtype=torch.float32)
