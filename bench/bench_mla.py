@@ -89,8 +89,11 @@ DECODE_SWEEP = {
 
 # the Gluon sm_90 kernel (mla_decode_sm90, its own fixed tiles): GLUON=1 serial schedule, 2 the PIPE schedule.
 # MLA_BENCH_GLUON: which of them to time ("1,2" default; tools/gpu/mla.sh passes those whose GPU test passed)
-GLUON_VARIANTS = [int(v) for v in os.environ.get("MLA_BENCH_GLUON", "1,2").split(",") if v.strip() in ("1", "2")]
-DECODE_SWEEP["decode"][:0] = [dict(dec_cfg(64, 64, 8, 2), GLUON=v) for v in GLUON_VARIANTS]
+# ("fp8": the FP8 cache through it, serial schedule)
+_GLUON = [v.strip() for v in os.environ.get("MLA_BENCH_GLUON", "1,2,fp8").split(",")]
+DECODE_SWEEP["decode"][:0] = [dict(dec_cfg(64, 64, 8, 2), GLUON=int(v)) for v in _GLUON if v in ("1", "2")]
+if "fp8" in _GLUON:
+    DECODE_SWEEP["decode_fp8"].insert(0, dict(dec_cfg(64, 64, 8, 2), GLUON=1))
 
 
 def graph_ms(fn):
@@ -304,7 +307,8 @@ def decode_data(B, S, seed=0):
     packed_paged[perm] = packed.view(B * nblk, PAGE, ROW_FP8)
     lens = torch.full((B,), S, dtype=torch.int32, device=DEV)
     q_full = torch.cat([q_lat, q_pe], -1).contiguous()
-    kv = {"bf16": (cache, None), "bf16_paged": (paged, table), "fp8": (packed, None), "fp8_paged": (packed_paged, table)}
+    kv = {"bf16": (cache, None), "bf16_paged": (paged, table), "fp8": (packed, None),
+          "fp8_paged": (packed_paged, table)}
     return dict(B=B, S=S, kv=kv, lens=lens, q_lat=q_lat, q_pe=q_pe, q_full=q_full, table=table,
                 q_fm=q_full.view(B, 1, HEADS, C + ROPE), k_fm=paged.view(B * nblk, PAGE, 1, C + ROPE))
 
@@ -426,7 +430,7 @@ def bench_decode_shape(B, S, fm, chosen, log, sweep, graphs=True):
                     row["x_flashmla_graph"] = row["flashmla_graph_us"] / row["ours_graph_us"]
             if "torch_us" in row:
                 row["speedup"] = row["torch_us"] / row["ours_us"]
-            for gl_cfg in (c for c in DECODE_SWEEP["decode"] if kind.startswith("bf16") and c.get("GLUON")):
+            for gl_cfg in (c for c in DECODE_SWEEP[cfg_kind(kind)] if c.get("GLUON")):
                 tag = f"gluon{gl_cfg['GLUON']}"
                 try:  # each Gluon schedule's own numbers, whichever config won
                     gfn = ours_fn(d, kind, gl_cfg, 0)
@@ -533,6 +537,7 @@ def summarize(rows, copy_bw, fm_err, t0):
                                             default=None),
         "decode_vs_flashmla_max": max((r["x_flashmla"] for r in bf), default=None),
         "gluon_vs_flashmla_min": min((r["x_flashmla_gluon"] for r in bf if "x_flashmla_gluon" in r), default=None),
+        "gluon_fp8_vs_flashmla_B128_S4096": pick("fp8", 128, 4096, "x_flashmla_gluon"),
         "decode_fp8_vs_flashmla_B128_S4096": pick("fp8", 128, 4096, "x_flashmla"),
         "decode_fp8_paged_vs_flashmla_B128_S4096": pick("fp8_paged", 128, 4096, "x_flashmla"),
         "decode_B128_S4096_GBps": pick("bf16", 128, 4096, "GBps"),
@@ -600,8 +605,8 @@ def main():
 
     dec = sorted([r for r in rows if r.get("cache")], key=lambda r: (r["cache"], r["B"], r["S"]))
     print(markdown(dec, ["cache", "B", "S", "ours_us", "flashmla_us", "x_flashmla", "ours_graph_us",
-                         "flashmla_graph_us", "x_flashmla_graph", "gluon1_us", "gluon2_us", "x_flashmla_gluon", "GBps", "TFLOPS",
-                         "torch_us", "config", "splits",
+                         "flashmla_graph_us", "x_flashmla_graph", "gluon1_us", "gluon2_us", "x_flashmla_gluon",
+                         "GBps", "TFLOPS", "torch_us", "config", "splits",
                          "rel_err_vs_fp32", "rel_err_vs_flashmla"]))
     down = [r for r in rows if r["op"] == "down_proj"]
     if down:

@@ -257,7 +257,7 @@ def test_decode_deepseek_sizes_gpu(fp8, s_q, paged):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gluon", [1, 2], ids=["serial", "pipe"])
+@pytest.mark.parametrize("gluon", [1, 2, "fp8"], ids=["serial", "pipe", "fp8"])
 @pytest.mark.parametrize("s_q", [1, 2])
 @pytest.mark.parametrize("paged", [False, True], ids=["contig", "paged"])
 def test_gluon_sm90_kernel_gpu(s_q, paged, gluon):
@@ -268,15 +268,16 @@ def test_gluon_sm90_kernel_gpu(s_q, paged, gluon):
         pytest.skip("needs an sm_90 GPU")
     if ops_mla.mla_decode_sm90 is None:
         pytest.skip("this Triton has no Gluon")
+    fp8 = gluon == "fp8"
     lens = ISSUE_LENGTHS + [2000, 777, 128]
     q, qr, cache, lens_t, table, scale, ref = make_case(len(lens), s_q if s_q > 1 else None, 128, 512, 64, lens,
-                                                        torch.bfloat16, False, 64 if paged else None, "cuda",
+                                                        torch.bfloat16, fp8, 64 if paged else None, "cuda",
                                                         q_std=0.3)
-    if not paged:  # NaN past each row's length (contiguous cache rows nobody wrote)
+    if not paged:  # NaN past each row's length (contiguous cache rows nobody wrote; FP8: 0xFF is an e4m3 NaN)
         for b, L in enumerate(lens):
-            cache[b, L:] = float("nan")
+            cache[b, L:] = 255 if fp8 else float("nan")
     assert ops_mla.mla_decode_sm90.supports(q, cache, table)
-    cfg = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2, GLUON=gluon)
+    cfg = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2, GLUON=1 if fp8 else gluon)
     for splits in (1, 3, 0):
         out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
         ops_mla._decode_launch(q, qr, cache, lens_t, table, scale, splits, out, cfg=cfg)

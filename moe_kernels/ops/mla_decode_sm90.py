@@ -46,36 +46,64 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or getattr(gl, "barrier")
 
 
 @gluon.jit
-def _issue_tile(t, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc, kc_bufs, kr_bufs, ready,
-                C: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr, ALWAYS: gl.constexpr = False):
-    """TMA copies of key tile t (keys start + 64 t ...) into its stage, when t < n_tiles (or ALWAYS: a tile past
-    the keys is harmless, TMA fills rows outside the cache with zeros)."""
-    if ALWAYS:
-        pred = t >= 0
-    else:
-        pred = t < n_tiles
+def _tile_row(t, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, PAGED: gl.constexpr):
+    """The cache row (of the 2-D view the descriptors address) where key tile t starts. Paged: past the keys the
+    table is not read (it may end there): block 0 stands in."""
     n0 = start + t * _BN
-    if PAGED:  # past the keys the table is not read (it may end there): block 0 stands in
+    if PAGED:
         blk = gl.load(block_table_ptr + b * stride_btb + n0 // _BN, mask=t < n_tiles, other=0)
         row = blk * _BN
     else:
         row = b * S_cap + n0
-    row = row.to(gl.int32)
+    return row.to(gl.int32)
+
+
+@gluon.jit
+def _issue_tile(t, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc, kc_bufs, kr_bufs, ready,
+                C: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr, ALWAYS: gl.constexpr = False,
+                FP8: gl.constexpr = False):
+    """TMA copies of key tile t (keys start + 64 t ...) into its stage, when t < n_tiles (or ALWAYS: a tile past
+    the keys is harmless, TMA fills rows outside the cache with zeros). 128-byte column blocks: 64 bf16 columns a
+    copy, or 128 e4m3 ones (FP8)."""
+    if ALWAYS:
+        pred = t >= 0
+    else:
+        pred = t < n_tiles
+    row = _tile_row(t, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, PAGED)
+    KCH: gl.constexpr = 2 * _CH if FP8 else _CH
     st = t % STAGES
     bar = ready.index(st)
-    mbarrier.expect(bar, kc_desc.block_type.nbytes * (C // _CH) + kr_desc.block_type.nbytes, pred=pred)
+    mbarrier.expect(bar, kc_desc.block_type.nbytes * (C // KCH) + kr_desc.block_type.nbytes, pred=pred)
     kc = kc_bufs.index(st)
-    for j in gl.static_range(C // _CH):
-        tma.async_copy_global_to_shared(kc_desc, [row, j * _CH], bar, kc.slice(j * _CH, _CH, dim=1), pred)
+    for j in gl.static_range(C // KCH):
+        tma.async_copy_global_to_shared(kc_desc, [row, j * KCH], bar, kc.slice(j * KCH, KCH, dim=1), pred)
     tma.async_copy_global_to_shared(kr_desc, [row, 0], bar, kr_bufs.index(st), pred)
 
 
 @gluon.jit
-def _scores(t, q_smem, qr_smem, kc_bufs, kr_bufs, ready, s_zero, STAGES: gl.constexpr):
-    """Wait for tile t's stage and start S = q K^T on it (async): the latent columns, then the rope columns."""
+def _widen_fp8(kc8, kcb, row, t, start, end, ks_ptr, stride_ks, C: gl.constexpr):
+    """FP8 cache: the e4m3 tile times each key's scale -> the bf16 tile the wgmmas read (keys past the split's end
+    -> 0), then made visible to the tensor cores. 128 columns at a time (32 values a thread)."""
+    cl: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [8, 1], [1, 0])
+    kk = gl.arange(0, _BN, layout=gl.SliceLayout(1, cl))
+    valid = start + t * _BN + kk < end
+    sc = gl.load(ks_ptr + (row + kk).to(gl.int64) * stride_ks, mask=valid, other=0.0)
+    for j in gl.static_range(C // (2 * _CH)):
+        v = kc8.slice(j * 2 * _CH, 2 * _CH, dim=1).load(cl).to(gl.float32) * sc[:, None]
+        v = gl.where(valid[:, None], v, 0.0)
+        kcb.slice(j * 2 * _CH, 2 * _CH, dim=1).store(v.to(gl.bfloat16))
+    fence_async_shared()
+    _cta_barrier()
+
+
+@gluon.jit
+def _scores(t, q_smem, qr_smem, kc, kr_bufs, ready, s_zero, STAGES: gl.constexpr, WAIT: gl.constexpr = True):
+    """Wait for tile t's stage (WAIT) and start S = q K^T on it (async): the latent columns kc, then the rope
+    columns of the stage."""
     st = t % STAGES
-    mbarrier.wait(ready.index(st), (t // STAGES) & 1)
-    s = warpgroup_mma(q_smem, kc_bufs.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    if WAIT:
+        mbarrier.wait(ready.index(st), (t // STAGES) & 1)
+    s = warpgroup_mma(q_smem, kc.permute((1, 0)), s_zero, use_acc=False, is_async=True)
     return warpgroup_mma(qr_smem, kr_bufs.index(st).permute((1, 0)), s, is_async=True)
 
 
@@ -116,15 +144,19 @@ def _stage_p(p, kc, t, start, end, p_smem, C: gl.constexpr):
 
 @gluon.jit
 def _mla_decode_sm90_kernel(
-    q_ptr, qr_ptr, kc_desc, kr_desc, seqlens_ptr, block_table_ptr, o_ptr, lse_ptr,
+    q_ptr, qr_ptr, kc_desc, kr_desc, ks_ptr, seqlens_ptr, block_table_ptr, o_ptr, lse_ptr,
     num_rows, num_heads, s_q, num_splits, qk_scale, S_cap,
-    stride_qb, stride_qh, stride_qrb, stride_qrh, stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    stride_qb, stride_qh, stride_qrb, stride_qrh, stride_ks, stride_btb, stride_ob, stride_oh, stride_os, stride_lb,
+    stride_lh,
     C: gl.constexpr, R: gl.constexpr, PAGED: gl.constexpr, SPLIT: gl.constexpr, MULTI_Q: gl.constexpr,
-    STAGES: gl.constexpr, PIPE: gl.constexpr, num_warps: gl.constexpr,
+    STAGES: gl.constexpr, PIPE: gl.constexpr, FP8: gl.constexpr, num_warps: gl.constexpr,
 ):
     """PIPE = 0: per tile S, wait, softmax, P V, wait. PIPE = 1: S of the next tile is issued right behind this
-    tile's P V (one wait for both), so the tensor cores run them back to back; the last tile is peeled."""
+    tile's P V (one wait for both), so the tensor cores run them back to back; the last tile is peeled.
+    FP8: the stages hold e4m3 tiles (half the bytes), widened with their scales into one bf16 tile per step
+    (ks_ptr: the fp32 scale of cache row r at r * stride_ks); serial schedule only."""
     gl.static_assert(num_warps == 8, "two warpgroups")
+    gl.static_assert(not (FP8 and PIPE), "FP8: one widened tile, serial schedule")
     pid_h = gl.program_id(0)
     split = gl.program_id(1)
     b = gl.program_id(2).to(gl.int64)
@@ -147,7 +179,11 @@ def _mla_decode_sm90_kernel(
     q_smem.store(q)
     qr_smem.store(qr)
 
-    kc_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _BN, C], smem_layout)
+    if FP8:
+        kc_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, _BN, C], kc_desc.layout)
+        kcb = gl.allocate_shared_memory(gl.bfloat16, [_BN, C], smem_layout)
+    else:
+        kc_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _BN, C], smem_layout)
     kr_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _BN, R], smem_layout)
     p_smem = gl.allocate_shared_memory(gl.bfloat16, [_BH, _BN], smem_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -164,7 +200,7 @@ def _mla_decode_sm90_kernel(
     n_tiles = gl.maximum(gl.cdiv(end - start, _BN), 0)
     for i in gl.static_range(STAGES):  # PIPE: tile 0 always (its S is computed before the loop, used or not)
         _issue_tile(i, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc, kc_bufs, kr_bufs,
-                    ready, C, PAGED, STAGES, PIPE and i == 0)
+                    ready, C, PAGED, STAGES, PIPE and i == 0, FP8)
 
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     rows_s = pid_h * _BH + gl.arange(0, _BH, layout=row_s)
@@ -175,7 +211,8 @@ def _mla_decode_sm90_kernel(
     acc = gl.zeros([_BH, C], gl.float32, layout=o_layout)
     s_zero = gl.zeros([_BH, _BN], gl.float32, layout=s_layout)
     if PIPE:
-        s = warpgroup_mma_wait(0, deps=(_scores(0, q_smem, qr_smem, kc_bufs, kr_bufs, ready, s_zero, STAGES),))
+        s = warpgroup_mma_wait(0, deps=(_scores(0, q_smem, qr_smem, kc_bufs.index(0), kr_bufs, ready, s_zero,
+                                                STAGES),))
         for t in range(n_tiles - 1):  # not the last tile: no tail to zero, and a next tile to start
             kc = kc_bufs.index(t % STAGES)
             p, m_i, l_i, acc = _softmax(s, t, start, end, keys, lim, m_i, l_i, acc, qk_scale, MULTI_Q, o_layout)
@@ -183,7 +220,7 @@ def _mla_decode_sm90_kernel(
             fence_async_shared()
             _cta_barrier()
             pv = warpgroup_mma(p_smem, kc, acc, is_async=True)
-            nxt = _scores(t + 1, q_smem, qr_smem, kc_bufs, kr_bufs, ready, s_zero, STAGES)
+            nxt = _scores(t + 1, q_smem, qr_smem, kc_bufs.index((t + 1) % STAGES), kr_bufs, ready, s_zero, STAGES)
             acc, s = warpgroup_mma_wait(0, deps=(pv, nxt))
             _cta_barrier()  # every warpgroup is past P V of tile t: its stage and P are free
             _issue_tile(t + STAGES, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc,
@@ -196,14 +233,27 @@ def _mla_decode_sm90_kernel(
             acc = warpgroup_mma_wait(0, deps=(warpgroup_mma(p_smem, kc, acc, is_async=True),))
     else:
         for t in range(n_tiles):
-            kc = kc_bufs.index(t % STAGES)
-            s = warpgroup_mma_wait(0, deps=(_scores(t, q_smem, qr_smem, kc_bufs, kr_bufs, ready, s_zero, STAGES),))
+            if FP8:  # widen the stage's e4m3 tile into kcb (tail rows zeroed there): S and P V read kcb
+                mbarrier.wait(ready.index(t % STAGES), (t // STAGES) & 1)
+                _widen_fp8(kc_bufs.index(t % STAGES), kcb, _tile_row(t, n_tiles, start, b, S_cap, block_table_ptr,
+                                                                     stride_btb, PAGED),
+                           t, start, end, ks_ptr, stride_ks, C)
+                kc = kcb
+            else:
+                kc = kc_bufs.index(t % STAGES)
+            s = warpgroup_mma_wait(0, deps=(_scores(t, q_smem, qr_smem, kc, kr_bufs, ready, s_zero, STAGES,
+                                                    not FP8),))
             p, m_i, l_i, acc = _softmax(s, t, start, end, keys, lim, m_i, l_i, acc, qk_scale, MULTI_Q, o_layout)
-            _stage_p(p, kc, t, start, end, p_smem, C)
+            if FP8:
+                p_smem.store(p.to(gl.bfloat16))
+                fence_async_shared()
+                _cta_barrier()
+            else:
+                _stage_p(p, kc, t, start, end, p_smem, C)
             acc = warpgroup_mma_wait(0, deps=(warpgroup_mma(p_smem, kc, acc, is_async=True),))
             _cta_barrier()  # every warpgroup is past P V of tile t: its stage and P are free
             _issue_tile(t + STAGES, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc,
-                        kc_bufs, kr_bufs, ready, C, PAGED, STAGES)
+                        kc_bufs, kr_bufs, ready, C, PAGED, STAGES, False, FP8)
 
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
@@ -221,40 +271,62 @@ def _mla_decode_sm90_kernel(
         gl.store(lse_ptr + b * stride_lb + rows_s * stride_lh + split, lse, mask=rows_s < num_rows)
 
 
+def _fp8_width(C: int) -> int:
+    """Bytes of an FP8 cache row (reference.mla_decode.fp8_row_bytes with R = 64)."""
+    return -(-(C + 2 * 64 + 4) // 16) * 16
+
+
 def supports(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor | None) -> bool:
-    """Whether this kernel takes a call: sm_90, bf16, C a multiple of 64 up to 512, R = 64, page 64, rows of the
-    cache contiguous and 16-byte aligned."""
+    """Whether this kernel takes a call: sm_90, bf16 queries, C a multiple of 64 (FP8 cache: 128) up to 512, R = 64,
+    a bf16 or FP8 cache with contiguous 16-byte aligned rows, page 64."""
     if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return False
-    if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
         return False
     C = q.shape[-1]
     D = kv_cache.shape[2]
-    if C % CHUNK or C > 512 or D - C != 64:
+    if q.dtype != torch.bfloat16 or C > 512:
+        return False
+    if kv_cache.dtype == torch.uint8:
+        if C % (2 * CHUNK) or D != _fp8_width(C):
+            return False
+    elif kv_cache.dtype != torch.bfloat16 or C % CHUNK or D - C != 64:
         return False
     if block_table is not None and kv_cache.shape[1] != BLOCK_N:
         return False
     if kv_cache.stride(2) != 1 or kv_cache.stride(1) != D or kv_cache.stride(0) != kv_cache.shape[1] * D:
         return False
-    return kv_cache.data_ptr() % 16 == 0 and (D * 2) % 16 == 0
+    return kv_cache.data_ptr() % 16 == 0 and (D * kv_cache.element_size()) % 16 == 0
 
 
 def launch(q2, qr2, kv_cache, cache_seqlens, block_table, qk_scale, num_splits, num_heads, s_q, o_stage, lse,
            lse_strides, stages: int = 2, pipe: int = 0):
     """q2 [B, rows, C], qr2 [B, rows, 64] bf16 (rows = s_q x heads), o_stage [B, rows, splits, C] (fp32 partials,
-    or the bf16 output as [B, rows, 1, C] with one split); qk_scale includes log2(e)."""
+    or the bf16 output as [B, rows, 1, C] with one split); qk_scale includes log2(e). The cache: bf16 rows
+    [.., .., C + 64] or the FP8 cache's uint8 rows (then the serial schedule, whatever ``pipe`` says)."""
     B, rows, C = q2.shape
     D = kv_cache.shape[2]
-    R = D - C
     kv2d = kv_cache.view(-1, D)
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    kc_desc = TensorDescriptor(kv2d, [kv2d.shape[0], C], [D, 1], [BLOCK_N, CHUNK], layout)
-    kr_desc = TensorDescriptor(kv2d[:, C:], [kv2d.shape[0], R], [D, 1], [BLOCK_N, R], layout)
+    n = kv2d.shape[0]
+    R = 64
+    l16 = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    fp8 = kv_cache.dtype == torch.uint8
+    if fp8:
+        l8 = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        kc_desc = TensorDescriptor(kv2d[:, :C].view(torch.float8_e4m3fn), [n, C], [D, 1], [BLOCK_N, 2 * CHUNK], l8)
+        kr_desc = TensorDescriptor(kv2d[:, C : C + 2 * R].view(torch.bfloat16), [n, R], [D // 2, 1], [BLOCK_N, R],
+                                   l16)
+        ks = kv2d[:, C + 2 * R : C + 2 * R + 4].view(torch.float32)
+        stride_ks = D // 4
+        pipe = 0
+    else:
+        kc_desc = TensorDescriptor(kv2d, [n, C], [D, 1], [BLOCK_N, CHUNK], l16)
+        kr_desc = TensorDescriptor(kv2d[:, C:], [n, R], [D, 1], [BLOCK_N, R], l16)
+        ks, stride_ks = cache_seqlens, 0  # unused
     paged = block_table is not None
     _mla_decode_sm90_kernel[(triton.cdiv(rows, BLOCK_H), num_splits, B)](
-        q2, qr2, kc_desc, kr_desc, cache_seqlens, block_table if paged else cache_seqlens, o_stage, lse,
+        q2, qr2, kc_desc, kr_desc, ks, cache_seqlens, block_table if paged else cache_seqlens, o_stage, lse,
         rows, num_heads, s_q, num_splits, qk_scale, 0 if paged else kv_cache.shape[1],
-        q2.stride(0), q2.stride(1), qr2.stride(0), qr2.stride(1), block_table.stride(0) if paged else 0,
+        q2.stride(0), q2.stride(1), qr2.stride(0), qr2.stride(1), stride_ks, block_table.stride(0) if paged else 0,
         o_stage.stride(0), o_stage.stride(1), o_stage.stride(2), *lse_strides,
-        C=C, R=R, PAGED=paged, SPLIT=num_splits > 1, MULTI_Q=s_q > 1, STAGES=stages, PIPE=bool(pipe), num_warps=8,
+        C=C, R=R, PAGED=paged, SPLIT=num_splits > 1, MULTI_Q=s_q > 1, STAGES=stages, PIPE=bool(pipe), FP8=fp8,
+        num_warps=8,
     )

@@ -41,12 +41,14 @@ fi
 echo "[$(el) s] GPU tests: Gluon kernel"
 : > "$OUT/mla_tests.log"
 GLUON_OK=""
-for v in serial pipe; do
-    timeout 80 "$PY" -m pytest -q -m gpu tests/test_mla_decode.py -k "gluon and $v" -p no:cacheprovider \
+for v in serial pipe fp8; do
+    timeout 70 "$PY" -m pytest -q -m gpu tests/test_mla_decode.py -k "gluon and $v" -p no:cacheprovider \
         >> "$OUT/mla_tests.log" 2>&1
     rc=$?
     echo "gluon $v tests rc=$rc" >> "$OUT/mla_tests.log"
-    if [ $rc = 0 ]; then [ $v = serial ] && GLUON_OK="$GLUON_OK,1"; [ $v = pipe ] && GLUON_OK="$GLUON_OK,2"; fi
+    if [ $rc = 0 ]; then
+        case $v in serial) GLUON_OK="$GLUON_OK,1" ;; pipe) GLUON_OK="$GLUON_OK,2" ;; fp8) GLUON_OK="$GLUON_OK,fp8" ;; esac
+    fi
 done
 GLUON_OK=${GLUON_OK#,}
 [ -z "$GLUON_OK" ] && GLUON_OK=none
@@ -89,7 +91,7 @@ import json, os
 for p in sorted(p for p in os.environ["NEW_JSON"].split() if os.path.basename(p).startswith("mla-")):
     s = json.load(open(p)).get("summary", {})
     keys = ["flash_mla", "decode_vs_flashmla_min", "decode_vs_flashmla_min_graph", "decode_vs_flashmla_max",
-            "gluon_vs_flashmla_min",
+            "gluon_vs_flashmla_min", "gluon_fp8_vs_flashmla_B128_S4096",
             "decode_fp8_vs_flashmla_B128_S4096", "decode_fp8_paged_vs_flashmla_B128_S4096", "paged_vs_contig_max",
             "decode_B128_S4096_GBps", "copy_GBps", "rel_err_vs_fp32_max_bf16", "rel_err_vs_fp32_max_fp8",
             "decode_kernel", "seconds"]
