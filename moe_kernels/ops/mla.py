@@ -126,12 +126,13 @@ def decode_kernel_name(device: torch.device | None = None) -> str:
     if device.type != "cuda":
         return ("Triton kernel on the interpreter (TRITON_INTERPRET=1)" if interpret_mode()
                 else "PyTorch reference (CPU)")
-    triton_name = "Triton flash-decoding kernel (_mla_decode_kernel + split merge)"
-    gluon = (mla_decode_sm90 is not None and torch.cuda.get_device_capability(device) == (9, 0)
-             and get_mla_config("decode", 128, device).get("GLUON", 0))
-    if gluon:
-        return f"Gluon sm_90 kernel (mla_decode_sm90) for bf16 caches; {triton_name} for the FP8 cache"
-    return f"{triton_name}, bf16 and FP8 caches"
+    hopper = mla_decode_sm90 is not None and torch.cuda.get_device_capability(device) == (9, 0)
+    names = []
+    for kind, what in (("decode", "bf16 cache"), ("decode_fp8", "FP8 cache")):
+        gluon = hopper and get_mla_config(kind, 128, device).get("GLUON", 0)
+        names.append(f"{what}: " + ("Gluon sm_90 kernel (mla_decode_sm90)" if gluon
+                                    else "Triton flash-decoding kernel (_mla_decode_kernel)"))
+    return "; ".join(names)
 
 
 def config_filename(device_name: str) -> str:

@@ -1,8 +1,8 @@
 """Hopper (sm_90) MLA decode over a bf16 latent cache, in Gluon: TMA tiles through a stage ring, wgmma from shared
 memory, exact online softmax, split-KV (merged by ``mla._mla_decode_reduce_kernel``), contiguous or paged cache.
 
-Contract: that of ``mla._mla_decode_kernel`` (the Triton kernel) for a bf16 cache with C a multiple of 64 up to 512
-latent columns and R = 64 rope columns: program (head block of 64 query rows, split, batch row); rows are the
+Contract: that of ``mla._mla_decode_kernel`` (the Triton kernel) for bf16 queries over a bf16 or FP8 cache with C a
+multiple of 64 (FP8: 128) up to 512 latent columns and R = 64 rope columns: program (head block of 64 query rows, split, batch row); rows are the
 s_q x h queries of the batch row (row r is token r // h, which sees keys 0 .. seqlen - s_q + r // h). With one split
 it writes the normalised output in bf16, else the fp32 partial output and its log-sum-exp (base 2).
 
@@ -18,6 +18,11 @@ Schedule of one program (8 warps = two warpgroups; 64 query rows; key tiles of 6
     across the two.
   * a tile that runs past the split's end (the last one) has the cache rows past it zeroed in shared memory
     before P V (they may hold any bits, NaN included; their weights are 0).
+
+FP8 cache (uint8 rows of reference.mla_decode's layout): the stages hold the e4m3 tiles (C/128 copies of 64 x 128
+bytes, half the bytes of bf16) and the bf16 rope; each step widens its e4m3 tile times the per-token scales into one
+bf16 tile [64, C] in shared memory (rows past the split's end zeroed there), which S and P V then read. So q is
+never quantised and the products are bf16 x bf16, as with the bf16 cache (serial schedule only: one widened tile).
 
 Not (yet) FlashMLA's "seesaw" schedule (the two warpgroups alternating two tiles so that one's softmax runs under
 the other's wgmma): here the tensor cores wait during each tile's softmax. The Triton kernel stays for other GPUs,
