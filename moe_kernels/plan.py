@@ -823,7 +823,7 @@ def predict(dep: Deployment, rates: Rates | None = None, place: bool = True) -> 
         "per_moe_layer_ms": per_layer,
         "dense_layer_ms": dense,
         "distinct_gpus_per_token": D,
-        "destinations_per_token": {"own": recs / G, "nvlink": nvl_dest, "infiniband": ib_dest},  # records per token
+        "destinations_per_token": {"own": recs / G, "nvlink": nvl_dest, "infiniband": ib_dest},  # records/token
         "record_bytes": {"dispatch": disp_rec, "combine": comb_rec},
         "traffic_per_gpu_per_layer": traffic,
         "step_ms": step,

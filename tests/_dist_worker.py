@@ -986,7 +986,8 @@ def gpu_check_ll_layer(rank, world):
     dev = _gpu()
     for E in (2 * world, max(1, world // 2)):
         ref, layer = _gpu_pair(E, min(2, E), "fp8")
-        make_x = lambda s, salt=0: torch.randn(40 + 11 * s, 2 * H, generator=_gen(s + salt)).bfloat16().to(dev)  # noqa: E731
+        def make_x(s, salt=0):
+            return torch.randn(40 + 11 * s, 2 * H, generator=_gen(s + salt)).bfloat16().to(dev)
         with torch.no_grad():
             normal = layer(make_x(rank))  # the normal mode, before the switch
             enable_low_latency(layer, max_tokens_per_rank=96)
