@@ -212,3 +212,15 @@ def test_multigpu_p2p_timeout():
             ep.check()
     dist.barrier()
     ep.close()
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("check", ["ll_round_trip", "ll_graph", "ll_overflow", "ll_layer"])
+def test_multigpu_low_latency(check):
+    """The low-latency checks of the one-GPU suite (tests/test_ep_shared_device.py) on distinct GPUs."""
+    import torch.distributed as dist
+
+    _torchrun_group()
+    _dist_worker._problems.clear()
+    _dist_worker.GPU_CHECKS[check](dist.get_rank(), dist.get_world_size())
+    assert not _dist_worker._problems, "\n".join(_dist_worker._problems)
