@@ -595,16 +595,18 @@ def _decode_launch(q_latent, q_rope, kv_cache, cache_seqlens, block_table, softm
     paged = block_table is not None
     page = kv_cache.shape[1] if paged else 1
     max_len = block_table.shape[1] * page if paged else kv_cache.shape[1]
-    if num_splits <= 0:
-        num_splits = mla_decode_num_splits(B, rows_n, max_len, BH, q_latent.device, v_blocks)
+    gluon = bool(cfg.get("GLUON", 0)) and mla_decode_sm90 is not None and mla_decode_sm90.supports(
+        q_latent, kv_cache, block_table)
+    if num_splits <= 0:  # the Gluon kernel: 64-row head blocks, all value columns
+        num_splits = mla_decode_num_splits(B, rows_n, max_len, 64 if gluon else BH, q_latent.device,
+                                           1 if gluon else v_blocks)
     if num_splits > 1:
         o_part = torch.empty(B, rows_n, num_splits, C, dtype=torch.float32, device=q_latent.device)
         lse = torch.empty(B, rows_n, num_splits, dtype=torch.float32, device=q_latent.device)
         o_stage, lse_strides = o_part, (lse.stride(0), lse.stride(1))
     else:
         o_stage, lse, lse_strides = o2.unsqueeze(2), o2, (0, 0)
-    if cfg.get("GLUON", 0) and mla_decode_sm90 is not None and mla_decode_sm90.supports(q_latent, kv_cache,
-                                                                                           block_table):
+    if gluon:
         mla_decode_sm90.launch(q2, qr2, kv_cache, cache_seqlens, block_table, softmax_scale * LOG2E, num_splits, h,
                                s_q, o_stage, lse, lse_strides, pipe=int(cfg["GLUON"]) == 2)
     else:
