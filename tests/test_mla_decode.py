@@ -74,6 +74,18 @@ def test_launcher_fills_every_output(device):
     assert_close_rel(out.cpu(), ref, 1e-5, "launcher")
 
 
+def test_gluon_config_runs_the_triton_kernel_where_gluon_does_not_apply(device):
+    """A GLUON config off sm_90 (or on shapes the Gluon kernel does not take: fp32, C=64) runs the Triton kernel."""
+    q, qr, cache, lens_t, table, scale, ref = make_case(3, None, 8, 64, 16, [40, 1, 0], torch.float32, True, 16,
+                                                        device)
+    if ops_mla.mla_decode_sm90 is not None:
+        assert not ops_mla.mla_decode_sm90.supports(q, cache, table)
+    out = torch.full(q.shape, float("nan"), device=device)
+    cfg = dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1, GLUON=2)
+    ops_mla._decode_launch(q, qr, cache, lens_t, table.contiguous(), scale, 2, out, cfg=cfg)
+    assert_close_rel(out.cpu(), ref, 1e-5, "GLUON config, Triton kernel")
+
+
 def test_pack_fp8_matches_reference(device):
     kv = (torch.randn(37, 80) * 3).bfloat16()
     kv[5] = 0  # an all-zero row: the floor scale, zeros back
