@@ -9,9 +9,11 @@
 #   GEMM_SKIP_261=1                        # no 2.6.1 build / diagnosis (8dfa329 + the bench only, ~2 min)
 #
 # What it does, each step in its own process so that a segfault ends that step only:
-#  t=0    2.6.1 C++ module rebuilt in the background (nice 19) in two variants: B0 = the anchors' build
+#  t=0    2.6.1 C++ module rebuilt in the background (nice 19) in three variants: B0 = the anchors' build
 #         (torch's C++ standard, as DeepGEMM's setup.py: c++17 on torch 2.11), B1 = -std=c++20 and
-#         DG_JIT_USE_RUNTIME_API (kernels loaded through cudart's cudaLibrary* instead of a dlopen'ed libcuda)
+#         DG_JIT_USE_RUNTIME_API (kernels loaded through cudart's cudaLibrary* instead of a dlopen'ed libcuda),
+#         B2 = B0 with libstdc++ linked first (its std::filesystem etc. instead of the copies libtorch_cpu exports:
+#         tools/deepgemm/build261.py says why)
 #  then   DeepGEMM 8dfa329 (mid-2025, pure-Python JIT, no C++ build) laid out in /tmp, tried on a small grouped
 #         GEMM with the installed cuda-python (13.x on torch 2.11), else with the cuda-bindings 12.9 wheel shipped
 #         in .anchors/wheels; the one that works precompiles the bench's kernels (4 processes), then
@@ -19,7 +21,7 @@
 #  last   2.6.1 step by step (import, scale-layout transform, small grouped GEMM) per variant: B0 plain (with
 #         DG_JIT_DEBUG=1 and a native backtrace on a crash: tools/deepgemm/segv_bt.c), B0 with torch's cuBLASLt
 #         handle and no static CUDA workspace tensor (DG_USE_PYTORCH_CUBLASLT_HANDLE=1
-#         DG_USE_TEMP_CUBLASLT_WORKSPACE=1), B0 with NVRTC instead of nvcc (DG_JIT_USE_NVRTC=1), B1; stops at the
+#         DG_USE_TEMP_CUBLASLT_WORKSPACE=1), B2, B0 with NVRTC instead of nvcc (DG_JIT_USE_NVRTC=1), B1; stops at the
 #         first that passes and then times it at (8, 4096), contiguous and masked. A step that printed its result
 #         and crashed only while the process exited counts as passed ("crashed at exit" in the log).
 # $OUT gets 6 files: gemm_summary.txt (read this first), gemm_bench.log, grouped_gemm-<GPU>.json / .md (the
@@ -84,10 +86,12 @@ cat "$W/env.txt" >> "$SUM"; cat "$W/env.txt" >> "$BLOG"
 # --- t=0: the 2.6.1 builds in the background (CPU only; nice so the bench's host side is not starved)
 gcc -shared -fPIC -O1 -o "$W/segv_bt.so" tools/deepgemm/segv_bt.c >> "$BLOG" 2>&1 || say "segv_bt.so did not build"
 SEGV=""; [ -f "$W/segv_bt.so" ] && SEGV="$W/segv_bt.so"
-build261() {  # build261 NAME ENV... : a copy of 2.6.1 in $W/NAME, built with ENV
-    local name=$1; shift
+build261() {  # build261 NAME [--libstdcxx-first] ENV... : a copy of 2.6.1 in $W/NAME, built with ENV
+    local name=$1 opt=""; shift
+    [ "${1:-}" = --libstdcxx-first ] && { opt=$1; shift; }
     cp -a "$A/src/DeepGEMM" "$W/$name" && chmod -R u+w "$W/$name" && rm -rf "$W/$name/build" "$W/$name"/deep_gemm/_C*.so
-    env "$@" MAX_JOBS=4 nice -n 19 timeout 300 "$PY" "$A/tools/build_deepgemm.py" "$W/$name" > "$W/build_$name.log" 2>&1
+    env "$@" MAX_JOBS=4 nice -n 19 timeout 300 "$PY" tools/deepgemm/build261.py "$A" "$W/$name" $opt \
+        > "$W/build_$name.log" 2>&1
     echo "build rc=$?" >> "$W/build_$name.log"
 }
 PIDS=""
@@ -95,7 +99,8 @@ DO261=0; [ -d "$A/src/DeepGEMM" ] && [ "${GEMM_SKIP_261:-0}" != 1 ] && DO261=1
 if [ "$DO261" = 1 ]; then
     build261 B0 ANCHORS_DG_NOOP=1 & PIDS="$PIDS $!"
     build261 B1 ANCHORS_DG_CXX_STD=c++20 DG_JIT_USE_RUNTIME_API=1 & PIDS="$PIDS $!"
-    say "2.6.1 builds started in the background (B0: anchors flags; B1: c++20 + DG_JIT_USE_RUNTIME_API)"
+    build261 B2 --libstdcxx-first ANCHORS_DG_NOOP=1 & PIDS="$PIDS $!"
+    say "2.6.1 builds started in the background (B0: anchors flags; B1: c++20 + DG_JIT_USE_RUNTIME_API; B2: B0 with libstdc++ linked first)"
 fi
 
 # --- DeepGEMM 8dfa329: lay out, try with the installed cuda-python, then with the shipped 12.9 wheels
@@ -130,6 +135,7 @@ fi
 # --- the bench: ours, torch's, DeepGEMM 8dfa329 in one process
 BARGS="--quick"; [ "${GEMM_FULL:-0}" = 1 ] && BARGS="--no-mlp"
 if [ -n "$DG_PP" ]; then PPB="$DG_PP:$ROOT"; DGARG="--deepgemm auto"; else PPB="$ROOT"; DGARG="--deepgemm off"; fi
+export DG_ANCHOR_COMMIT="8dfa329 ($(basename "${DG_PP%%/src*}"))"  # 8dfa329 has no __version__: the bench reports this
 say "bench: bench/bench_grouped_gemm.py $BARGS $DGARG"
 PYTHONPATH="$PPB${PYTHONPATH:+:$PYTHONPATH}" timeout 400 "$PY" -X faulthandler bench/bench_grouped_gemm.py $BARGS $DGARG \
     --out "$W/bench" > "$OUT/gemm_bench.log" 2>&1
@@ -159,13 +165,26 @@ sed -n '/^### Grouped GEMM, CUDA-graph/,/^### Expert/p' "$OUT/gemm_bench.log" | 
 
 # --- DeepGEMM 2.6.1: wait for the builds, then step by step per variant until one passes or the deadline
 for p in $PIDS; do wait "$p"; done
-for b in B0 B1; do
+for b in B0 B1 B2; do
     [ -f "$W/build_$b.log" ] || continue
     { echo "=== build $b"; grep -E "compiling|^\[1/1\]|c\+\+ .*python_api|error|Error|build rc|built in" "$W/build_$b.log" | cut -c1-2000 | tail -12; } >> "$BLOG"
     so=$(ls "$W/$b"/deep_gemm/_C*.so 2>/dev/null | head -1)
     if [ -n "$so" ]; then
-        { echo "--- $b: ldd / undefined symbols of interest"; ldd "$so" 2>&1 | grep -E "cuda|nvrtc|cublas|torch|c10|stdc" ;
-          nm -DC --undefined-only "$so" 2>/dev/null | grep -E "fmt::|pybind11::|cublasLt" | head -20; } >> "$BLOG"
+        { echo "--- $b: NEEDED order, ldd, undefined symbols of interest"; readelf -d "$so" | grep NEEDED | head -12
+          ldd "$so" 2>&1 | grep -E "cuda|nvrtc|cublas|torch|c10|stdc"
+          nm -DC --undefined-only "$so" 2>/dev/null | grep -E "fmt::|pybind11::|cublasLt" | head -20
+          # where the module's libstdc++ references bind at import (libtorch's exported copies or libstdc++ itself)
+          rm -f "$W"/ldb.*
+          PYTHONPATH="$W/$b" LD_DEBUG=bindings LD_DEBUG_OUTPUT="$W/ldb" timeout 60 "$PY" -c "import torch, deep_gemm" > /dev/null 2>&1
+          echo "std:: symbols of $b's module bound to (count, library):"
+          cat "$W"/ldb.* 2>/dev/null | grep "binding file [^ ]*deep_gemm/_C" | grep "symbol \`_ZN[KS]*t\|symbol \`_ZNSt\|symbol \`_ZNKSt" \
+              | sed -E 's/.* to ([^ ]+) .*/\1/' | sort | uniq -c | sort -rn | head -8
+          echo "its std::filesystem references bound to torch's libraries (count, then the first few):"
+          cat "$W"/ldb.* 2>/dev/null | grep "binding file [^ ]*deep_gemm/_C" | grep "filesystem" \
+              | grep " to [^ ]*lib\(torch\|c10\)[a-z_]*\.so " > "$W/fs_bind.txt"
+          wc -l < "$W/fs_bind.txt"
+          sed -E 's/.* to ([^ ]+) .* symbol .([^`]+).$/    \1 \2/' "$W/fs_bind.txt" | head -4
+          rm -f "$W"/ldb.*; } >> "$BLOG" 2>&1
     fi
     say "2.6.1 build $b: $(tail -1 "$W/build_$b.log") $(ls "$W/$b"/deep_gemm/_C*.so 2>/dev/null | wc -l) module(s)"
 done
@@ -202,6 +221,7 @@ try261() {  # try261 LABEL BUILD ENV...
 if [ "$DO261" = 1 ]; then
     try261 B0-plain B0 DG_JIT_DEBUG=1
     try261 B0-torch-cublaslt B0 DG_USE_PYTORCH_CUBLASLT_HANDLE=1 DG_USE_TEMP_CUBLASLT_WORKSPACE=1 DG_JIT_DEBUG=1
+    try261 B2-libstdc++-first B2 DG_JIT_DEBUG=1
     try261 B0-nvrtc B0 DG_JIT_USE_NVRTC=1 DG_JIT_DEBUG=1
     try261 B1-c++20-runtime-api B1 DG_JIT_DEBUG=1
     if [ -n "$PASSED" ] && [ "$(el)" -ge $((DEADLINE + 30)) ]; then
