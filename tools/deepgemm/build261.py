@@ -18,17 +18,19 @@ import sys
 
 
 def main(argv):
-    first = "--libstdcxx-first" in argv
-    argv = [a for a in argv if a != "--libstdcxx-first"]
-    if len(argv) != 3:
-        print(__doc__)
-        return 2
-    tools = os.path.join(os.path.abspath(argv[1]), "tools")
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("anchors")
+    ap.add_argument("deepgemm_dir")
+    ap.add_argument("--libstdcxx-first", action="store_true")
+    args = ap.parse_args(argv[1:])
+    tools = os.path.join(os.path.abspath(args.anchors), "tools")
     sys.path.insert(0, tools)
     import build_deepgemm
     import extbuild
 
-    if first:
+    if args.libstdcxx_first:
         plain = extbuild.build_extension
 
         def with_libstdcxx_first(*args, libraries=(), **kwargs):
@@ -36,7 +38,7 @@ def main(argv):
 
         extbuild.build_extension = with_libstdcxx_first  # build_deepgemm imports it from extbuild at call time
         print("build261: libstdc++ linked first")
-    return build_deepgemm.main([os.path.join(tools, "build_deepgemm.py"), argv[2]])
+    return build_deepgemm.main([os.path.join(tools, "build_deepgemm.py"), args.deepgemm_dir])
 
 
 if __name__ == "__main__":
