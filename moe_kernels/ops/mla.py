@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -100,6 +101,7 @@ INTERPRETER = {
     "decode": dict(BLOCK_H=16, BLOCK_N=16, LAZY=0, V_BLOCKS=1, num_warps=4, num_stages=1),
     "decode_fp8": dict(BLOCK_H=16, BLOCK_N=16, LAZY=0, V_BLOCKS=1, num_warps=4, num_stages=1),
 }
+_GLUON_WARNED: set = set()  # the reasons already given for not taking the Gluon kernel
 # LAZY -> the growth of a row max (log2 units) that moves m_i and rescales the accumulator
 LAZY_TAU = {1: 0.0, 2: 8.0}
 
@@ -595,8 +597,13 @@ def _decode_launch(q_latent, q_rope, kv_cache, cache_seqlens, block_table, softm
     paged = block_table is not None
     page = kv_cache.shape[1] if paged else 1
     max_len = block_table.shape[1] * page if paged else kv_cache.shape[1]
-    gluon = bool(cfg.get("GLUON", 0)) and mla_decode_sm90 is not None and mla_decode_sm90.supports(
-        q_latent, kv_cache, block_table)
+    gluon = bool(cfg.get("GLUON", 0)) and mla_decode_sm90 is not None
+    if gluon:
+        why = mla_decode_sm90.unsupported(q_latent, kv_cache, block_table)
+        gluon = why is None
+        if why is not None and q_latent.is_cuda and why not in _GLUON_WARNED:  # say once why the fast path is off
+            _GLUON_WARNED.add(why)
+            warnings.warn(f"mla_decode: the Gluon sm_90 kernel does not apply ({why}); the Triton kernel runs")
     if num_splits <= 0:  # the Gluon kernel: 64-row head blocks, all value columns
         num_splits = mla_decode_num_splits(B, rows_n, max_len, 64 if gluon else BH, q_latent.device,
                                            1 if gluon else v_blocks)

@@ -281,25 +281,32 @@ def _fp8_width(C: int) -> int:
     return -(-(C + 2 * 64 + 4) // 16) * 16
 
 
-def supports(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor | None) -> bool:
-    """Whether this kernel takes a call: sm_90, bf16 queries, C a multiple of 64 (FP8 cache: 128) up to 512, R = 64,
-    a bf16 or FP8 cache with contiguous 16-byte aligned rows, page 64."""
+def unsupported(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor | None) -> str | None:
+    """Why this kernel does not take a call (None: it does). It takes: sm_90, bf16 queries, C a multiple of 64
+    (FP8 cache: 128) up to 512, R = 64, a bf16 or FP8 cache with contiguous 16-byte aligned rows, page 64."""
     if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return False
+        return "not an sm_90 GPU"
     C = q.shape[-1]
     D = kv_cache.shape[2]
     if q.dtype != torch.bfloat16 or C > 512:
-        return False
+        return f"needs bf16 queries with C <= 512 (got {q.dtype}, C={C})"
     if kv_cache.dtype == torch.uint8:
         if C % (2 * CHUNK) or D != _fp8_width(C):
-            return False
+            return f"the FP8 cache needs C a multiple of 128 and rope 64 (C={C}, row of {D} bytes)"
     elif kv_cache.dtype != torch.bfloat16 or C % CHUNK or D - C != 64:
-        return False
+        return f"needs a bf16 cache with C a multiple of 64 and rope 64 (got {kv_cache.dtype}, C={C}, R={D - C})"
     if block_table is not None and kv_cache.shape[1] != BLOCK_N:
-        return False
+        return f"needs pages of {BLOCK_N} tokens (got {kv_cache.shape[1]})"
     if kv_cache.stride(2) != 1 or kv_cache.stride(1) != D or kv_cache.stride(0) != kv_cache.shape[1] * D:
-        return False
-    return kv_cache.data_ptr() % 16 == 0 and (D * kv_cache.element_size()) % 16 == 0
+        return "needs a contiguous cache"
+    if kv_cache.data_ptr() % 16 or (D * kv_cache.element_size()) % 16:
+        return "needs 16-byte aligned cache rows"
+    return None
+
+
+def supports(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor | None) -> bool:
+    """Whether this kernel takes a call (see ``unsupported``)."""
+    return unsupported(q, kv_cache, block_table) is None
 
 
 def launch(q2, qr2, kv_cache, cache_seqlens, block_table, qk_scale, num_splits, num_heads, s_q, o_stage, lse,
