@@ -312,9 +312,10 @@ def test_fp8_wgrad_quantises_the_transposed_operands_along_rows(dtype, device):
     assert_close_rel(dw[0, :, :], exact[0], 8e-2, "fp8 wgrad vs float64, expert 0")
 
 
-def _fp8_trainable_layer_check(T, H, I, E, top_k, device, tol):
+def _fp8_trainable_layer_check(T, H, I, E, top_k, device, tol, transposed_copies=True):
     m = mk.MoELayer(hidden_size=H, intermediate_size=I, num_experts=E, top_k=top_k, precision="fp8",
                     trainable=True, device=device)
+    m.experts.fp8_transposed_copies = transposed_copies
     assert isinstance(m.experts.w13, torch.nn.Parameter) and m.experts.w13.dtype == torch.bfloat16
     x = torch.randn(T, H, requires_grad=True, device=device)
     out = m(x)
@@ -335,10 +336,13 @@ def _fp8_trainable_layer_check(T, H, I, E, top_k, device, tol):
     return m
 
 
-def test_fp8_trainable_layer_gradients_match_float64():
+@pytest.mark.parametrize("transposed_copies", [True, False])
+def test_fp8_trainable_layer_gradients_match_float64(transposed_copies):
     """MoELayer(precision="fp8", trainable=True): bf16 master weights get gradients from FP8 forward / dgrad /
-    wgrad GEMMs, within FP8 error of float64 on the masters (interpreter, small sizes)."""
-    _fp8_trainable_layer_check(T=6, H=128, I=128, E=4, top_k=2, device="cpu", tol=0.1)
+    wgrad GEMMs, within FP8 error of float64 on the masters (interpreter, small sizes); dA / dX from the
+    transposed e4m3 copies or from transposed views of the copies."""
+    _fp8_trainable_layer_check(T=6, H=128, I=128, E=4, top_k=2, device="cpu", tol=0.1,
+                               transposed_copies=transposed_copies)
 
 
 @pytest.mark.gpu
@@ -366,9 +370,19 @@ def test_fp8_master_weights_are_quantised_once_per_update(monkeypatch):
     torch.optim.SGD(ex.parameters(), lr=0.5).step()  # w13 halves in place; w2 is written too (by zero)
     (q13, s13_new), _ = ex.fp8_weights()
     assert len(calls) == 4
-    want_q, want_s = ops.quantize_weight_fp8(ex.w13.detach())
+    want_q, want_s = quantize(ex.w13.detach())
     assert torch.equal(q13.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s13_new, want_s)
     assert_close_rel(s13_new, 0.5 * s13, 1e-6, "scales of the halved weights")
+    # the transposes for the backward: the same quantisation of W^T (blocks transposed with their scales)
+    (t13, ts13), _ = ex.fp8_weights_t()
+    want_q, want_s = quantize(ex.w13.detach().transpose(1, 2))
+    assert torch.equal(t13.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(ts13, want_s)
+    assert ex.fp8_weights_t()[0][0] is t13 and len(calls) == 4  # no quantisation: a transpose of the copies
+    with torch.no_grad():
+        ex.w13.mul_(-1.0)
+    (t13b, _), _ = ex.fp8_weights_t()  # made again (in the same buffer) from the new copies
+    want_q, _ = quantize(ex.w13.detach().transpose(1, 2))
+    assert torch.equal(t13b.view(torch.uint8), want_q.view(torch.uint8))
 
 
 def test_tma_dgrad_kernel_against_float64():

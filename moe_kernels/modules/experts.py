@@ -71,7 +71,10 @@ class GroupedExperts(nn.Module):
             raise TypeError(f"master_dtype must be torch.bfloat16 or torch.float32, got {master_dtype}")
         # bf16 / fp32 weights are parameters anyway; the flag changes the FP8 path only
         self.trainable = trainable or precision != "fp8"
-        self._fp8_cache: dict[str, tuple] = {}  # name -> ((version, data_ptr), e4m3, scales)
+        self._fp8_cache: dict[str, tuple] = {}  # name (+ "_t": transposed) -> ((version, data_ptr), e4m3, scales)
+        # trainable FP8: keep transposed e4m3 copies too (K-major tiles for the backward's dA / dX GEMMs; as much
+        # memory again as the e4m3 copies); False: the backward reads transposed views (slower kernels)
+        self.fp8_transposed_copies = True
         E, H, I = num_experts, hidden_size, intermediate_size
         if precision == "fp8" and trainable:
             self.w13 = nn.Parameter(torch.randn(E, 2 * I, H, dtype=master_dtype, device=device) * H**-0.5)
@@ -120,7 +123,7 @@ class GroupedExperts(nn.Module):
             w = getattr(self, name)
             key = (w._version, w.data_ptr(), w.device)
             hit = self._fp8_cache.get(name)
-            if hit is None or hit[0] != key or force:
+            if hit is None or hit[0][:3] != key or force:
                 if hit is not None and hit[1].shape == w.shape and hit[1].device == w.device:
                     q, s = hit[1], hit[2]  # reuse the buffers
                 else:
@@ -128,7 +131,29 @@ class GroupedExperts(nn.Module):
                     s = torch.empty(*w.shape[:-2], -(-w.shape[-2] // 128), w.shape[-1] // 128, device=w.device)
                 for lo in range(0, w.shape[0], chunk):
                     q[lo : lo + chunk], s[lo : lo + chunk] = ops.quantize_weight_fp8(w[lo : lo + chunk])
-                hit = self._fp8_cache[name] = (key, q, s)
+                self._fp8_serial = getattr(self, "_fp8_serial", 0) + 1  # tells the transposes they are stale
+                hit = self._fp8_cache[name] = (key + (self._fp8_serial,), q, s)
+            out.append((hit[1], hit[2]))
+        return out[0], out[1]
+
+    @torch.no_grad()
+    def fp8_weights_t(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """The contiguous transposes of ``fp8_weights()``: ((e4m3 [E, H, 2I], scales [E, H/128, 2I/128]),
+        (e4m3 [E, I, H], scales [E, I/128, H/128])): each 128x128 block transposed with its scale, i.e. the same
+        quantisation of W^T. Made again when the masters change, like the copies they transpose."""
+        pairs = self.fp8_weights()
+        out = []
+        for name, (q, s) in zip(("w13", "w2"), pairs):
+            key = self._fp8_cache[name][0]
+            hit = self._fp8_cache.get(name + "_t")
+            if hit is None or hit[0] != key:
+                if hit is not None and hit[1].shape == q.transpose(1, 2).shape:
+                    hit[1].copy_(q.transpose(1, 2))
+                    hit[2].copy_(s.transpose(1, 2))
+                    hit = (key, hit[1], hit[2])
+                else:
+                    hit = (key, q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous())
+                self._fp8_cache[name + "_t"] = hit
             out.append((hit[1], hit[2]))
         return out[0], out[1]
 
@@ -193,7 +218,8 @@ class GroupedExperts(nn.Module):
         if self.fp8_master:
             w13_fp8, w2_fp8 = self.fp8_weights()
             if torch.is_grad_enabled() and x.dtype != FP8_DTYPE:
-                return ops.expert_mlp_fp8_train(x, offsets, self.w13, self.w2, w13_fp8, w2_fp8)
+                t13, t2 = self.fp8_weights_t() if self.fp8_transposed_copies else (None, None)
+                return ops.expert_mlp_fp8_train(x, offsets, self.w13, self.w2, w13_fp8, w2_fp8, t13, t2)
             if x.dtype != FP8_DTYPE:
                 x, x_scale = ops.quantize_fp8(x)
             return ops.expert_mlp(x, x_scale, offsets, w13_fp8[0], w13_fp8[1], w2_fp8[0], w2_fp8[1])

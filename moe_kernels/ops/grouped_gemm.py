@@ -644,26 +644,31 @@ def _expert_mlp_backward_kernels(x, offsets, w13, w2, topk_weight, grad_out, nee
     return dx, dw13, dw2, dtw
 
 
-def _expert_mlp_fp8_backward(x, offsets, w13, w13_scale, w2, w2_scale, grad_out, need, w_dtype=None):
+def _expert_mlp_fp8_backward(x, offsets, w13, w13_scale, w2, w2_scale, grad_out, need, w_dtype=None, w13_t=None,
+                             w2_t=None):
     """(dx, dw13, dw2) of the FP8 expert MLP (DeepSeek-V3's recipe: every GEMM in FP8), its quantisations taken
     as identities (straight-through). h13 again from the quantised x (bf16, [M, 2I]); dA = dY W2 and dX = dH W13
     as FP8 GEMMs on transposed views of the e4m3 weights (their 128x128 blocks transpose with their scales), dY and
     dH quantised 1x128 along their reduction axis as the forward's activations are; SwiGLU's derivative and A in
     one in-place pass; dW2 = dY^T A and dW13 = dH^T X by ``grouped_wgrad(fp8=True)``, which quantises the
     transposed operands along the rows. ``need``: (dx, dw13, dw2) wanted; the weight gradients come in
-    ``w_dtype`` (the master weights')."""
+    ``w_dtype`` (the master weights'). ``w13_t`` / ``w2_t``: optional contiguous transposed copies (e4m3
+    [E, H, 2I] with scales [E, H/128, 2I/128]; [E, I, H] with [E, I/128, H/128]), made once per optimiser step:
+    with them dA and dX are plain K-major FP8 GEMMs (the Hopper wgmma kernel) instead of strided views."""
     E = w13.shape[0]
     bf = torch.bfloat16
     h13 = _gemm(x, offsets, w13, w13_scale, out_dtype=bf)
     gy = grad_out.to(bf).contiguous()
-    da = _gemm(gy, offsets, w2.transpose(1, 2), w2_scale.transpose(1, 2), out_dtype=bf)
+    w2_t = w2_t or (w2.transpose(1, 2), w2_scale.transpose(1, 2))
+    w13_t = w13_t or (w13.transpose(1, 2), w13_scale.transpose(1, 2))
+    da = _gemm(gy, offsets, w2_t[0], w2_t[1], out_dtype=bf)
     a, dh = _swiglu_backward_(h13, da)
     dx = dw13 = dw2 = None
     if need[2]:
         dw2 = grouped_wgrad(gy, a, offsets, E, out_dtype=w_dtype, fp8=True)
     del a, da
     if need[0]:
-        dx = _gemm(dh, offsets, w13.transpose(1, 2), w13_scale.transpose(1, 2), out_dtype=x.dtype)
+        dx = _gemm(dh, offsets, w13_t[0], w13_t[1], out_dtype=x.dtype)
     if need[1]:
         dw13 = grouped_wgrad(dh, x, offsets, E, out_dtype=w_dtype, fp8=True)
     return dx, dw13, dw2
@@ -858,30 +863,32 @@ _expert_mlp_fp8_ste_op.register_autograd(_expert_mlp_fp8_ste_backward, setup_con
 
 @torch.library.custom_op("moe_kernels::expert_mlp_fp8_train", mutates_args=())
 def _expert_mlp_fp8_train_op(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w13_q: torch.Tensor,
-                             w13_scale: torch.Tensor, w2: torch.Tensor, w2_q: torch.Tensor,
-                             w2_scale: torch.Tensor) -> torch.Tensor:
+                             w13_scale: torch.Tensor, w2: torch.Tensor, w2_q: torch.Tensor, w2_scale: torch.Tensor,
+                             w13_tq: torch.Tensor | None, w13_ts: torch.Tensor | None, w2_tq: torch.Tensor | None,
+                             w2_ts: torch.Tensor | None) -> torch.Tensor:
     # the master weights w13 / w2 are inputs for their gradients only: the GEMMs read their e4m3 copies
     return _expert_mlp_fp8_ste_op(x, offsets, w13_q, w13_scale, w2_q, w2_scale)
 
 
 @_expert_mlp_fp8_train_op.register_fake
-def _(x, offsets, w13, w13_q, w13_scale, w2, w2_q, w2_scale):
+def _(x, offsets, w13, w13_q, w13_scale, w2, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts):
     return x.new_empty(x.shape[0], w2.shape[1], dtype=torch.bfloat16)
 
 
 def _expert_mlp_fp8_train_setup(ctx, inputs, output):
-    x, offsets, w13, w13_q, w13_scale, w2, w2_q, w2_scale = inputs
+    x, offsets, w13, w13_q, w13_scale, w2, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts = inputs
     ctx.w_dtype = w13.dtype
     # the rows (bf16, for dW13's own quantisation along rows) and the e4m3 weights; no activation of the forward
-    ctx.save_for_backward(x, offsets, w13_q, w13_scale, w2_q, w2_scale)
+    ctx.save_for_backward(x, offsets, w13_q, w13_scale, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts)
 
 
 def _expert_mlp_fp8_train_backward(ctx, grad_out):
-    x, offsets, w13_q, w13_scale, w2_q, w2_scale = ctx.saved_tensors
+    x, offsets, w13_q, w13_scale, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts = ctx.saved_tensors
     need = [ctx.needs_input_grad[i] for i in (0, 2, 5)]
-    dx, dw13, dw2 = _expert_mlp_fp8_backward(x, offsets, w13_q, w13_scale, w2_q, w2_scale, grad_out, need,
-                                             w_dtype=ctx.w_dtype)
-    return dx, None, dw13, None, None, dw2, None, None
+    dx, dw13, dw2 = _expert_mlp_fp8_backward(
+        x, offsets, w13_q, w13_scale, w2_q, w2_scale, grad_out, need, w_dtype=ctx.w_dtype,
+        w13_t=(w13_tq, w13_ts) if w13_tq is not None else None, w2_t=(w2_tq, w2_ts) if w2_tq is not None else None)
+    return dx, None, dw13, None, None, dw2, None, None, None, None, None, None
 
 
 _expert_mlp_fp8_train_op.register_autograd(_expert_mlp_fp8_train_backward,
@@ -1038,19 +1045,33 @@ def _check_fp8_rows_and_weights(x, offsets, w13, w13_scale, w2, w2_scale) -> Non
     _check_offsets(offsets, E, x.shape[0], x.device)
 
 
-def expert_mlp_fp8_train(x, offsets, w13, w2, w13_fp8, w2_fp8) -> torch.Tensor:
+def expert_mlp_fp8_train(x, offsets, w13, w2, w13_fp8, w2_fp8, w13_fp8_t=None, w2_fp8_t=None) -> torch.Tensor:
     """The FP8 expert MLP that trains its weights (DeepSeek-V3's FP8 training): master weights w13 [E, 2I, H] and
     w2 [E, H, I] (bf16 or fp32, they get the gradients) with their e4m3 copies ``w13_fp8`` = (e4m3 [E, 2I, H],
     fp32 [E, 2I/128, H/128]) and ``w2_fp8`` = (e4m3 [E, H, I], fp32 [E, H/128, I/128]) from
-    ``quantize_weight_fp8`` of the masters (the caller quantises once per optimiser step). x [M, H] bf16/fp16/fp32
-    rows grouped by ``offsets`` (int32 [E+1]) is quantised 1x128 inside. Forward, dgrad and wgrad GEMMs run in
-    e4m3 with fp32 accumulation (see ``_expert_mlp_fp8_backward``); the quantisations are taken as identities.
-    Saved for the backward: x and the e4m3 weights only (h13 is recomputed). Returns bf16 [M, H]."""
+    ``quantize_weight_fp8`` of the masters (the caller quantises once per optimiser step), and optionally their
+    contiguous transposes ``w13_fp8_t`` (e4m3 [E, H, 2I], fp32 [E, H/128, 2I/128]) and ``w2_fp8_t`` (e4m3
+    [E, I, H], fp32 [E, I/128, H/128]) for the backward's dA and dX (the 128x128 blocks transpose with their
+    scales: the same quantisation of W^T). x [M, H] bf16/fp16/fp32 rows grouped by ``offsets`` (int32 [E+1]) is
+    quantised 1x128 inside. Forward, dgrad and wgrad GEMMs run in e4m3 with fp32 accumulation (see
+    ``_expert_mlp_fp8_backward``); the quantisations are taken as identities. Saved for the backward: x and the
+    e4m3 weights only (h13 is recomputed). Returns bf16 [M, H]."""
     check_tensor("w13", w13, dtype=(torch.bfloat16, torch.float32), ndim=3, device=x.device)
     check_tensor("w2", w2, dtype=w13.dtype, shape=(w13.shape[0], w13.shape[2], w13.shape[1] // 2), device=x.device)
-    for name, pair, master in (("w13_fp8", w13_fp8, w13), ("w2_fp8", w2_fp8, w2)):
+    pairs = (("w13_fp8", w13_fp8, tuple(w13.shape)), ("w2_fp8", w2_fp8, tuple(w2.shape)),
+             ("w13_fp8_t", w13_fp8_t, (w13.shape[0], w13.shape[2], w13.shape[1])),
+             ("w2_fp8_t", w2_fp8_t, (w2.shape[0], w2.shape[2], w2.shape[1])))
+    for name, pair, shape in pairs:
+        if pair is None and name.endswith("_t"):
+            continue
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise TypeError(f"{name} must be a pair (e4m3 weights, fp32 scales), got {type(pair).__name__}")
-        check_tensor(f"{name}[0]", pair[0], shape=tuple(master.shape))
+        check_tensor(f"{name}[0]", pair[0], dtype=FP8_DTYPE, shape=shape, device=x.device)
+        check_tensor(f"{name}[1]", pair[1], dtype=torch.float32, shape=(shape[0], -(-shape[1] // SCALE_BLOCK),
+                                                                         shape[2] // SCALE_BLOCK), device=x.device)
+        if name.endswith("_t") and not (pair[0].is_contiguous() and pair[1].is_contiguous()):
+            raise ValueError(f"{name} must be contiguous (its point is K-major e4m3 tiles for the backward)")
     _check_fp8_rows_and_weights(x, offsets, w13_fp8[0], w13_fp8[1], w2_fp8[0], w2_fp8[1])
-    return _expert_mlp_fp8_train_op(x, offsets, w13, w13_fp8[0], w13_fp8[1], w2, w2_fp8[0], w2_fp8[1])
+    t13 = w13_fp8_t or (None, None)
+    t2 = w2_fp8_t or (None, None)
+    return _expert_mlp_fp8_train_op(x, offsets, w13, w13_fp8[0], w13_fp8[1], w2, w2_fp8[0], w2_fp8[1], *t13, *t2)
