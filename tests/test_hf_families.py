@@ -301,3 +301,27 @@ def test_clone_family_blocks(kind, monkeypatch):
     holder.add_module("mlp", block)
     report = mk.patch_model(holder, precision=None)
     assert report == 1 and report.swapped[0].kind == kind, str(report)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_bf16_on_cuda(family):
+    """On the GPU (the kernels themselves), bf16: the patched model's logits against the fp32 model's are within
+    1.5x (+2e-3) of HF's own bf16 error, and FP8 experts (where the sizes allow) within FP8's error."""
+    over = {"qwen2_moe": dict(moe_intermediate_size=128, shared_expert_intermediate_size=256),
+            "llama4": dict(intermediate_size=128)}.get(family, dict(moe_intermediate_size=128))
+    if family == "olmoe":
+        over = dict(intermediate_size=128)
+    model = build(FAMILIES, family, **over).cuda()
+    ids = torch.randint(0, V, (2, 16), device="cuda")
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        hf = copy.deepcopy(model).to(torch.bfloat16)
+        hf_err = assert_close_rel(hf(ids).logits.float(), ref, 0.1, f"{family} HF bf16")
+        ours = copy.deepcopy(hf)
+        assert mk.patch_model(ours, precision=None) == FAMILIES[family][3]
+        err = assert_close_rel(ours(ids).logits.float(), ref, 1.5 * hf_err + 2e-3, f"{family} patched bf16")
+        fp8 = copy.deepcopy(hf)
+        mk.patch_model(fp8, precision="fp8")
+        err8 = assert_close_rel(fp8(ids).logits.float(), ref, 0.15, f"{family} patched fp8")
+    print(f"{family} on CUDA vs fp32: HF bf16 {hf_err:.2e}, ours bf16 {err:.2e}, ours fp8 {err8:.2e}")
