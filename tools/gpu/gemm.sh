@@ -5,7 +5,7 @@
 #
 #   bash tools/gpu/gemm.sh                 # bench --quick (8 x 4096, both projections, + its MLP row)
 #   GEMM_FULL=1 bash tools/gpu/gemm.sh     # all 10 shapes, no MLP rows (~2-3 min more)
-#   GEMM_DEADLINE=170                      # seconds after which the DeepGEMM 2.6.1 diagnosis stops trying
+#   GEMM_DEADLINE=200                      # seconds after which a working 2.6.1 is not timed any more
 #   GEMM_SKIP_261=1                        # no 2.6.1 build / diagnosis (8dfa329 + the bench only, ~2 min)
 #
 # What it does, each step in its own process so that a segfault ends that step only:
@@ -23,7 +23,8 @@
 #         handle and no static CUDA workspace tensor (DG_USE_PYTORCH_CUBLASLT_HANDLE=1
 #         DG_USE_TEMP_CUBLASLT_WORKSPACE=1), B2, B0 with NVRTC instead of nvcc (DG_JIT_USE_NVRTC=1), B1; stops at the
 #         first that passes and then times it at (8, 4096), contiguous and masked. A step that printed its result
-#         and crashed only while the process exited counts as passed ("crashed at exit" in the log).
+#         and crashed only while the process exited counts as passed ("crashed at exit" in the log). The five
+#         variants run side by side after the bench (small shapes); the timing only before GEMM_DEADLINE.
 # $OUT gets 6 files: gemm_summary.txt (read this first), gemm_bench.log, grouped_gemm-<GPU>.json / .md (the
 # bench's results), gemm_diag.log (every DeepGEMM step: 8dfa329 and 2.6.1), gemm_build.log (2.6.1 builds, env).
 set -u
@@ -33,7 +34,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 A=${ANCHORS:-$ROOT/.anchors}
 W=/tmp/gemm_work
-DEADLINE=${GEMM_DEADLINE:-170}
+DEADLINE=${GEMM_DEADLINE:-200}
 rm -rf "$W"; mkdir -p "$W"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 T0=$(date +%s)
@@ -172,7 +173,7 @@ for b in B0 B1 B2; do
     if [ -n "$so" ]; then
         { echo "--- $b: NEEDED order, ldd, undefined symbols of interest"; readelf -d "$so" | grep NEEDED | head -12
           ldd "$so" 2>&1 | grep -E "cuda|nvrtc|cublas|torch|c10|stdc"
-          nm -DC --undefined-only "$so" 2>/dev/null | grep -E "fmt::|pybind11::|cublasLt" | head -20
+          nm -DC --undefined-only "$so" 2>/dev/null | grep -E "fmt::|pybind11::|cublasLt" | head -6
           # where the module's libstdc++ references bind at import (libtorch's exported copies or libstdc++ itself)
           rm -f "$W"/ldb.*
           PYTHONPATH="$W/$b" LD_DEBUG=bindings LD_DEBUG_OUTPUT="$W/ldb" timeout 60 "$PY" -c "import torch, deep_gemm" > /dev/null 2>&1
@@ -189,20 +190,22 @@ for b in B0 B1 B2; do
     say "2.6.1 build $b: $(tail -1 "$W/build_$b.log") $(ls "$W/$b"/deep_gemm/_C*.so 2>/dev/null | wc -l) module(s)"
 done
 PASSED=""
-try261() {  # try261 LABEL BUILD ENV...
+run261() {  # run261 LABEL BUILD ENV... : the steps in the background; exit code to $W/rc_LABEL
     local label=$1 b=$2; shift 2
-    [ -n "$PASSED" ] && return 0
-    if [ "$(el)" -ge "$DEADLINE" ]; then say "2.6.1 $label: skipped (deadline ${DEADLINE} s)"; return 0; fi
-    ls "$W/$b"/deep_gemm/_C*.so > /dev/null 2>&1 || { say "2.6.1 $label: no module built"; return 0; }
-    env "$@" PYTHONPATH="$W/$b:$ROOT" DG_JIT_CACHE_DIR=/tmp/dg_jit_261 LD_PRELOAD="$SEGV" timeout 150 \
+    ls "$W/$b"/deep_gemm/_C*.so > /dev/null 2>&1 || { echo "no module built" > "$W/diag_$label.log"; echo none > "$W/rc_$label"; return 0; }
+    ( env "$@" PYTHONPATH="$W/$b:$ROOT" DG_JIT_CACHE_DIR="/tmp/dg_jit_261_$label" LD_PRELOAD="$SEGV" timeout 150 \
         "$PY" tools/deepgemm/dg_diag.py --steps import,sf_layout,contiguous --shapes small --stop-on-fail \
-        --label "2.6.1 $label" --timeout 60 > "$W/diag_$label.log" 2>&1
-    local rc=$?
+        --label "2.6.1 $label" --timeout 70 > "$W/diag_$label.log" 2>&1
+      echo $? > "$W/rc_$label" ) &
+    PIDS261="$PIDS261 $!"
+}
+report261() {  # report261 LABEL BUILD: summary lines; a crash: the native backtrace, its module frames named
+    local label=$1 b=$2 rc
+    rc=$(cat "$W/rc_$label" 2>/dev/null || echo "?")
     cat "$W/diag_$label.log" >> "$DIAG"
     say "2.6.1 $label: $(tail -1 "$W/diag_$label.log") (rc $rc)"
-    # a crash: name the module's frames of the native backtrace (the build has -g)
-    local so; so=$(ls "$W/$b"/deep_gemm/_C*.so | head -1)
-    if grep -q "segv_bt\] signal" "$W/diag_$label.log"; then
+    local so; so=$(ls "$W/$b"/deep_gemm/_C*.so 2>/dev/null | head -1)
+    if [ -n "$so" ] && grep -q "segv_bt\] signal" "$W/diag_$label.log"; then
         grep -A3 "segv_bt\] signal" "$W/diag_$label.log" | head -4 | sed 's/^ *| /    /' >> "$SUM"
         if command -v addr2line > /dev/null; then
             grep -o "_C[^ ]*\.so(+0x[0-9a-f]*)" "$W/diag_$label.log" | sort -u | head -12 | while read -r fr; do
@@ -210,22 +213,31 @@ try261() {  # try261 LABEL BUILD ENV...
                 echo "    $fr -> $(addr2line -Cfie "$so" "$off" 2>&1 | paste -sd' ' | cut -c1-300)"
             done | tee -a "$DIAG" >> "$SUM"
         fi
-        grep -h "_C[^ ]*\.so(\|lib[a-z0-9_]*\.so[.0-9]*(" "$W/diag_$label.log" | grep -v segv_bt | head -14 \
+        grep -h "_C[^ ]*\.so(\|lib[a-z0-9_+]*\.so[.0-9]*(" "$W/diag_$label.log" | grep -v segv_bt | head -14 \
             | sed 's/^ *| /    /' >> "$SUM"
         grep -h "Running NVCC\|Loading CUBIN\|Launch kernel\|Compiling JIT\|Generated kernel" "$W/diag_$label.log" \
             | tail -4 | cut -c1-300 | sed 's/^ *| /    last JIT debug line: /' >> "$SUM"
     fi
-    [ "$rc" = 0 ] && PASSED="$label:$b"
+    [ -z "$PASSED" ] && [ "$rc" = 0 ] && PASSED="$label:$b"
     return 0
 }
 if [ "$DO261" = 1 ]; then
-    try261 B0-plain B0 DG_JIT_DEBUG=1
-    try261 B0-torch-cublaslt B0 DG_USE_PYTORCH_CUBLASLT_HANDLE=1 DG_USE_TEMP_CUBLASLT_WORKSPACE=1 DG_JIT_DEBUG=1
-    try261 B2-libstdc++-first B2 DG_JIT_DEBUG=1
-    try261 B0-nvrtc B0 DG_JIT_USE_NVRTC=1 DG_JIT_DEBUG=1
-    try261 B1-c++20-runtime-api B1 DG_JIT_DEBUG=1
-    if [ -n "$PASSED" ] && [ "$(el)" -ge $((DEADLINE + 30)) ]; then
-        say "2.6.1 works as ${PASSED%%:*}, but no time is left to time it (deadline ${DEADLINE} s + 30)"
+    # the five variants side by side (small shapes, separate JIT caches), reported in this order of preference
+    PIDS261=""
+    VARIANTS="B0-plain:B0:DG_JIT_DEBUG=1
+B0-torch-cublaslt:B0:DG_USE_PYTORCH_CUBLASLT_HANDLE=1 DG_USE_TEMP_CUBLASLT_WORKSPACE=1 DG_JIT_DEBUG=1
+B2-libstdc++-first:B2:DG_JIT_DEBUG=1
+B0-nvrtc:B0:DG_JIT_USE_NVRTC=1 DG_JIT_DEBUG=1
+B1-c++20-runtime-api:B1:DG_JIT_DEBUG=1"
+    say "2.6.1: $(echo "$VARIANTS" | wc -l) variants side by side"
+    while IFS=: read -r label b envs; do
+        # shellcheck disable=SC2086
+        run261 "$label" "$b" $envs
+    done <<< "$VARIANTS"
+    for p in $PIDS261; do wait "$p"; done
+    while IFS=: read -r label b envs; do report261 "$label" "$b"; done <<< "$VARIANTS"
+    if [ -n "$PASSED" ] && [ "$(el)" -ge "$DEADLINE" ]; then
+        say "2.6.1 works as ${PASSED%%:*}, but no time is left to time it (GEMM_DEADLINE ${DEADLINE} s)"
     elif [ -n "$PASSED" ]; then
         label=${PASSED%%:*}; b=${PASSED#*:}
         case "$label" in
@@ -234,7 +246,7 @@ if [ "$DO261" = 1 ]; then
             *) VENV="DG_NOOP=1" ;;
         esac
         say "2.6.1 works as $label: timing it at (8, 4096) ($(el) s)"
-        env $VENV PYTHONPATH="$W/$b:$ROOT" DG_JIT_CACHE_DIR=/tmp/dg_jit_261 timeout 150 "$PY" tools/deepgemm/dg_diag.py \
+        env $VENV PYTHONPATH="$W/$b:$ROOT" DG_JIT_CACHE_DIR="/tmp/dg_jit_261_$label" timeout 150 "$PY" tools/deepgemm/dg_diag.py \
             --steps contiguous,masked --shapes quick --jobs 4 --time --label "2.6.1 $label timing" --timeout 140 \
             > "$W/diag_261_timing.log" 2>&1
         cat "$W/diag_261_timing.log" >> "$DIAG"
