@@ -239,15 +239,18 @@ CLONE_MODULES = {
     "SolarOpenMoE": "solar_open", "DeepseekOcr2TextMoe": "deepseek_ocr2", "UnlimitedOcrTextMoe": "unlimited_ocr",
     "FlexOlmoSparseMoeBlock": "flex_olmo", "MellumSparseMoeBlock": "mellum", "MiniMaxSparseMoeBlock": "minimax",
     "Qwen3NextSparseMoeBlock": "qwen3_next", "Qwen4ExpTextSparseMoeBlock": "qwen4_exp",
+    "Qwen3OmniMoeThinkerTextSparseMoeBlock": "qwen3_omni_moe", "Qwen3OmniMoeTalkerTextSparseMoeBlock": "qwen3_omni_moe",
+    "Qwen3_5MoeSparseMoeBlock": "qwen3_5_moe", "Qwen3VLMoeTextSparseMoeBlock": "qwen3_vl_moe",
+    "MiniMaxM2SparseMoeBlock": "minimax_m2",
 }
 # every name the families' configs use for these sizes (a config keeps what it does not know as an attribute)
 _CLONE_CFG = dict(hidden_size=128, intermediate_size=192, moe_intermediate_size=64, n_routed_experts=8, num_experts=8,
                   num_local_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
-                  shared_expert_intermediate_size=96, routed_scaling_factor=1.5, norm_topk_prob=True,
+                  shared_expert_intermediate_size=96, routed_scaling_factor=1.5,
                   hidden_act="silu", topk_method="greedy", num_attention_heads=4, num_key_value_heads=4)
 
 
-def _clone_block(kind):
+def _clone_block(kind, norm):
     """A randomly initialised block of the clone family (built from whichever of its config classes takes the
     tiny sizes), or skip."""
     import importlib
@@ -267,7 +270,7 @@ def _clone_block(kind):
         if not name.endswith("Config") or cfg_cls.__module__ != configuration.__name__:
             continue
         try:
-            block = block_cls(cfg_cls(**_CLONE_CFG))
+            block = block_cls(cfg_cls(**_CLONE_CFG, norm_topk_prob=norm))
         except Exception as e:  # noqa: BLE001 (the family's other config classes)
             errors.append(f"{name}: {e}")
             continue
@@ -277,20 +280,22 @@ def _clone_block(kind):
                 p.normal_(std=0.1)
             for n, b in block.named_buffers():
                 if "e_score_correction_bias" in n:
-                    b.normal_(std=0.01)
+                    b.normal_(std=0.1)  # large enough to change the selection
         return block.eval()
     pytest.fail(f"no config of {mod} builds {kind}: {errors}")
 
 
+@pytest.mark.parametrize("norm", [False, True], ids=["config_norm0", "config_norm1"])
 @pytest.mark.parametrize("kind", list(CLONE_MODULES))
-def test_clone_family_blocks(kind, monkeypatch):
-    """Blocks whose code is a supported family's (up to class names; moe_kernels.integrations.hf.CLONES): the
-    block's output in fp32 within 1e-5 of HF's, and patch_model takes them. What differs from the family's own test
+def test_clone_family_blocks(kind, norm, monkeypatch):
+    """Blocks whose code is a supported family's (up to class names and routing constants;
+    moe_kernels.integrations.hf.CLONES), and MiniMax-M2: the block's output in fp32 within 1e-5 of HF's with the
+    config's norm_topk_prob either way (some routers ignore it), and patch_model takes them. What differs from the family's own test
     is the conversion (routing arguments, weights), so the ops run their references here (fast); the kernels run
     in the families' tests above."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors: the reference ops
-    assert set(CLONE_MODULES) == set(mk.integrations.hf.CLONES)
-    block = _clone_block(kind)
+    assert set(CLONE_MODULES) == set(mk.integrations.hf.CLONES) | {"MiniMaxM2SparseMoeBlock"}
+    block = _clone_block(kind, norm)
     x = torch.randn(2, 7, 128)
     with torch.no_grad():
         ref = block(x)

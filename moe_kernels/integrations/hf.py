@@ -16,7 +16,8 @@ Llama 4             Llama4TextMoe               sigmoid of the top-k logits appl
 
 and the blocks whose code is one of these up to class names (``CLONES``: Dots1, Kimi-Linear, GLM-4.5 Lite / GLM-4.5V
 / GLM-MoE-DSA, DeepSeek-V3.2, Solar-Open, DeepSeek-OCR2, Unlimited-OCR, FlexOlmo, Mellum, MiniMax, Qwen3-Next,
-Qwen4-Exp); MLA attention: DeepseekV3Attention, DeepseekV2Attention. Refused with a reason (``REFUSED_MOE``): GPT-OSS
+Qwen4-Exp, Qwen3-Omni's thinker and talker; Qwen3.5-MoE and Qwen3-VL-MoE, whose routers always renormalise), MiniMax-M2
+(sigmoid, selection biased by the block's correction bias, renormalised); MLA attention: DeepseekV3Attention, DeepseekV2Attention. Refused with a reason (``REFUSED_MOE``): GPT-OSS
 (biased, clamped SwiGLU), PhiMoE (sparsemixer routing); DeepSeek-V2's ``group_limited_greedy`` (groups scored by
 their best expert); any expert activation other than SiLU (the kernels compute SwiGLU = silu(gate) * up). Any
 other module with ``experts`` and a router is reported as not supported.
@@ -65,8 +66,16 @@ CLONES = {
     "FlexOlmoSparseMoeBlock": "OlmoeSparseMoeBlock", "MellumSparseMoeBlock": "Qwen3MoeSparseMoeBlock",
     "MiniMaxSparseMoeBlock": "MixtralSparseMoeBlock",
     "Qwen3NextSparseMoeBlock": "Qwen2MoeSparseMoeBlock", "Qwen4ExpTextSparseMoeBlock": "Qwen2MoeSparseMoeBlock",
+    "Qwen3OmniMoeThinkerTextSparseMoeBlock": "Qwen3MoeSparseMoeBlock",
+    "Qwen3OmniMoeTalkerTextSparseMoeBlock": "Qwen2MoeSparseMoeBlock",
+    # the same but for a routing constant (_ROUTING_OVERRIDES)
+    "Qwen3_5MoeSparseMoeBlock": "Qwen2MoeSparseMoeBlock", "Qwen3VLMoeTextSparseMoeBlock": "Qwen3MoeSparseMoeBlock",
 }
+# routers that always renormalise their top-k weights (no norm_topk_prob flag)
+_ROUTING_OVERRIDES = {"Qwen3_5MoeSparseMoeBlock": dict(norm_topk_prob=True),
+                      "Qwen3VLMoeTextSparseMoeBlock": dict(norm_topk_prob=True)}
 SUPPORTED_MOE.update({clone: f"{SUPPORTED_MOE[base]}-like ({clone})" for clone, base in CLONES.items()})
+SUPPORTED_MOE["MiniMaxM2SparseMoeBlock"] = "MiniMax-M2"
 SUPPORTED_ATTENTION = {"DeepseekV3Attention": "DeepSeek-V3 MLA", "DeepseekV2Attention": "DeepSeek-V2 MLA"}
 REFUSED_MOE = {
     "GptOssMLP": "GPT-OSS experts are not a plain SwiGLU: biased projections, interleaved gate/up columns, "
@@ -213,6 +222,12 @@ def _attr(objs, *names, default=None):
 
 def _routing(module: nn.Module, gate: nn.Module) -> dict:
     """The routing keyword arguments of MoELayer (and FamilyMoELayer's weights_on_input) for one HF block."""
+    kw = _base_routing(module, gate)
+    kw.update(_ROUTING_OVERRIDES.get(type(module).__name__, {}))
+    return kw
+
+
+def _base_routing(module: nn.Module, gate: nn.Module) -> dict:
     kind = CLONES.get(type(module).__name__, type(module).__name__)
     src = (gate, module, getattr(module, "config", None))
     top_k = _attr(src, "top_k", "num_experts_per_tok")
@@ -236,6 +251,8 @@ def _routing(module: nn.Module, gate: nn.Module) -> dict:
     if kind in _SOFTMAX_TOPK:
         norm = True if kind == "MixtralSparseMoeBlock" else bool(_attr(src, "norm_topk_prob", default=False))
         return dict(top_k=top_k, scoring="softmax", norm_topk_prob=norm)
+    if kind == "MiniMaxM2SparseMoeBlock":  # sigmoid, selection biased by the block's correction bias, renormalised
+        return dict(top_k=top_k, scoring="sigmoid", norm_topk_prob=True)
     if kind == "Llama4TextMoe":  # top-k of the logits = top-k of their sigmoid; weights sigmoid(logit), unnormalised
         return dict(top_k=top_k, scoring="sigmoid", norm_topk_prob=False, weights_on_input=True)
     if kind in REFUSED_MOE:
@@ -290,6 +307,8 @@ def moe_from_hf(module: nn.Module, precision: str | None = None) -> MoELayer:
         shared_dst = layer.shared_experts
     layer.gate.weight.copy_(router_w)
     bias = getattr(gate, "e_score_correction_bias", None)
+    if bias is None:  # MiniMax-M2 keeps it on the block
+        bias = getattr(module, "e_score_correction_bias", None)
     if bias is not None:
         layer.gate.e_score_correction_bias.copy_(bias.float())
     layer.experts.load_weights(w13, w2, s13, s2)
