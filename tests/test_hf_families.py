@@ -241,11 +241,14 @@ CLONE_MODULES = {
     "Qwen3NextSparseMoeBlock": "qwen3_next", "Qwen4ExpTextSparseMoeBlock": "qwen4_exp",
     "Qwen3OmniMoeThinkerTextSparseMoeBlock": "qwen3_omni_moe", "Qwen3OmniMoeTalkerTextSparseMoeBlock": "qwen3_omni_moe",
     "Qwen3_5MoeSparseMoeBlock": "qwen3_5_moe", "Qwen3VLMoeTextSparseMoeBlock": "qwen3_vl_moe",
-    "MiniMaxM2SparseMoeBlock": "minimax_m2",
+    "ExaoneMoeSparseMoEBlock": "exaone_moe", "MiniCPM5MoeMoE": "minicpm5_moe", "Dots3NoteTextMoE": "dots3_note",
+    "MiniMaxM2SparseMoeBlock": "minimax_m2", "Mistral4MoE": "mistral4", "MistralLarge4TextMoE": "mistral_large4",
 }
+_OWN_ROUTING = {"MiniMaxM2SparseMoeBlock", "Mistral4MoE", "MistralLarge4TextMoE"}  # not clones: their own rule
 # every name the families' configs use for these sizes (a config keeps what it does not know as an attribute)
 _CLONE_CFG = dict(hidden_size=128, intermediate_size=192, moe_intermediate_size=64, n_routed_experts=8, num_experts=8,
                   num_local_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                  num_shared_experts=1, shared_experts_intermediate_size=64,
                   shared_expert_intermediate_size=96, routed_scaling_factor=1.5,
                   hidden_act="silu", topk_method="greedy", num_attention_heads=4, num_key_value_heads=4)
 
@@ -289,12 +292,12 @@ def _clone_block(kind, norm):
 @pytest.mark.parametrize("kind", list(CLONE_MODULES))
 def test_clone_family_blocks(kind, norm, monkeypatch):
     """Blocks whose code is a supported family's (up to class names and routing constants;
-    moe_kernels.integrations.hf.CLONES), and MiniMax-M2: the block's output in fp32 within 1e-5 of HF's with the
+    moe_kernels.integrations.hf.CLONES), MiniMax-M2 and Mistral 4 / Large 4: the block's output in fp32 within 1e-5 of HF's with the
     config's norm_topk_prob either way (some routers ignore it), and patch_model takes them. What differs from the family's own test
     is the conversion (routing arguments, weights), so the ops run their references here (fast); the kernels run
     in the families' tests above."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors: the reference ops
-    assert set(CLONE_MODULES) == set(mk.integrations.hf.CLONES) | {"MiniMaxM2SparseMoeBlock"}
+    assert set(CLONE_MODULES) == set(mk.integrations.hf.CLONES) | _OWN_ROUTING
     block = _clone_block(kind, norm)
     x = torch.randn(2, 7, 128)
     with torch.no_grad():

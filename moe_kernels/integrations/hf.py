@@ -14,10 +14,11 @@ Qwen2-MoE           Qwen2MoeSparseMoeBlock      softmax top-k; shared expert gat
 Llama 4             Llama4TextMoe               sigmoid of the top-k logits applied to the experts' input; shared
 ==================  ==========================  =====================================================================
 
-and the blocks whose code is one of these up to class names (``CLONES``: Dots1, Kimi-Linear, GLM-4.5 Lite / GLM-4.5V
+and the blocks whose code is one of these up to class names (``CLONES``: Dots1, Kimi-Linear, Exaone-MoE, MiniCPM5-MoE, Dots3-Note, GLM-4.5 Lite / GLM-4.5V
 / GLM-MoE-DSA, DeepSeek-V3.2, Solar-Open, DeepSeek-OCR2, Unlimited-OCR, FlexOlmo, Mellum, MiniMax, Qwen3-Next,
 Qwen4-Exp, Qwen3-Omni's thinker and talker; Qwen3.5-MoE and Qwen3-VL-MoE, whose routers always renormalise), MiniMax-M2
-(sigmoid, selection biased by the block's correction bias, renormalised); MLA attention: DeepseekV3Attention, DeepseekV2Attention. Refused with a reason (``REFUSED_MOE``): GPT-OSS
+(sigmoid, selection biased by the block's correction bias, renormalised), Mistral 4 / Mistral Large 4 (DeepSeek-V3's
+block with softmax scores under the group rule); MLA attention: DeepseekV3Attention, DeepseekV2Attention. Refused with a reason (``REFUSED_MOE``): GPT-OSS
 (biased, clamped SwiGLU), PhiMoE (sparsemixer routing); DeepSeek-V2's ``group_limited_greedy`` (groups scored by
 their best expert); any expert activation other than SiLU (the kernels compute SwiGLU = silu(gate) * up). Any
 other module with ``experts`` and a router is reported as not supported.
@@ -59,7 +60,8 @@ SUPPORTED_MOE = {
 # blocks whose code (block, router, experts, shared expert) is, up to class names, that of a supported one: found by
 # comparing transformers 5.25's sources (the model files copy it through transformers' modular system)
 CLONES = {
-    "Dots1MoE": "DeepseekV3MoE", "KimiLinearMoE": "DeepseekV3MoE",
+    "Dots1MoE": "DeepseekV3MoE", "KimiLinearMoE": "DeepseekV3MoE", "ExaoneMoeSparseMoEBlock": "DeepseekV3MoE",
+    "MiniCPM5MoeMoE": "DeepseekV3MoE", "Dots3NoteTextMoE": "Glm4MoeMoE",
     "Glm4MoeLiteMoE": "Glm4MoeMoE", "Glm4vMoeTextMoE": "Glm4MoeMoE", "DeepseekV32MoE": "Glm4MoeMoE",
     "GlmMoeDsaMoE": "Glm4MoeMoE", "SolarOpenMoE": "Glm4MoeMoE",
     "DeepseekOcr2TextMoe": "DeepseekV2Moe", "UnlimitedOcrTextMoe": "DeepseekV2Moe",
@@ -73,9 +75,12 @@ CLONES = {
 }
 # routers that always renormalise their top-k weights (no norm_topk_prob flag)
 _ROUTING_OVERRIDES = {"Qwen3_5MoeSparseMoeBlock": dict(norm_topk_prob=True),
-                      "Qwen3VLMoeTextSparseMoeBlock": dict(norm_topk_prob=True)}
+                      "Qwen3VLMoeTextSparseMoeBlock": dict(norm_topk_prob=True),
+                      "MistralLarge4TextMoE": dict(norm_topk_prob=True)}
 SUPPORTED_MOE.update({clone: f"{SUPPORTED_MOE[base]}-like ({clone})" for clone, base in CLONES.items()})
-SUPPORTED_MOE["MiniMaxM2SparseMoeBlock"] = "MiniMax-M2"
+SUPPORTED_MOE.update({"MiniMaxM2SparseMoeBlock": "MiniMax-M2", "Mistral4MoE": "Mistral 4",
+                      "MistralLarge4TextMoE": "Mistral Large 4"})
+_SOFTMAX_GROUPED = ("Mistral4MoE", "MistralLarge4TextMoE")
 SUPPORTED_ATTENTION = {"DeepseekV3Attention": "DeepSeek-V3 MLA", "DeepseekV2Attention": "DeepSeek-V2 MLA"}
 REFUSED_MOE = {
     "GptOssMLP": "GPT-OSS experts are not a plain SwiGLU: biased projections, interleaved gate/up columns, "
@@ -231,10 +236,11 @@ def _base_routing(module: nn.Module, gate: nn.Module) -> dict:
     kind = CLONES.get(type(module).__name__, type(module).__name__)
     src = (gate, module, getattr(module, "config", None))
     top_k = _attr(src, "top_k", "num_experts_per_tok")
-    if kind in _SIGMOID_GROUPED:
+    if kind in _SIGMOID_GROUPED or kind in _SOFTMAX_GROUPED:  # DeepSeek-V3's group rule (best-two sums)
         if getattr(gate, "bias", None) is not None:
             raise UnsupportedModule(f"{kind}'s router has a bias term")
-        return dict(top_k=top_k, scoring="sigmoid", n_group=_attr(src, "num_group", "n_group", default=1),
+        return dict(top_k=top_k, scoring="sigmoid" if kind in _SIGMOID_GROUPED else "softmax",
+                    n_group=_attr(src, "num_group", "n_group", default=1),
                     topk_group=_attr(src, "topk_group", default=1),
                     norm_topk_prob=bool(_attr(src, "norm_topk_prob", default=True)),
                     routed_scaling_factor=float(_attr(src, "routed_scaling_factor", default=1.0)))
