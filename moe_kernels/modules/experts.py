@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops.grouped_gemm import quantize_master_fp8
 from .._checks import FP8_DTYPE, check_choice, check_int, check_tensor
 from ._keep_dtype import apply_keeping_dtype
 
@@ -112,29 +113,40 @@ class GroupedExperts(nn.Module):
         return self.precision == "fp8" and self.trainable
 
     @torch.no_grad()
-    def fp8_weights(self, chunk: int = 8, force: bool = False) -> tuple[tuple[torch.Tensor, torch.Tensor],
-                                                                         tuple[torch.Tensor, torch.Tensor]]:
-        """((w13 e4m3, w13 scales), (w2 e4m3, w2 scales)) of the master weights, quantised 128x128 a few experts
-        at a time (bounded fp32 temporaries) when a master has changed since the last call (its version counter
-        moves with every in-place update: optimiser steps, ``load_weights``, ``copy_``) or ``force``; else the
-        cached copies."""
+    def fp8_weights(self, force: bool = False) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                        tuple[torch.Tensor, torch.Tensor]]:
+        """((w13 e4m3, w13 scales), (w2 e4m3, w2 scales)) of the master weights: made again (in place, one pass
+        over each master by ``quantize_master_fp8``, the transposed copies of ``fp8_weights_t`` with them) when a
+        master has changed since the last call (its version counter moves with every in-place update: optimiser
+        steps, ``load_weights``, ``copy_``) or ``force``; else the cached copies."""
         out = []
         for name in ("w13", "w2"):
             w = getattr(self, name)
             key = (w._version, w.data_ptr(), w.device)
             hit = self._fp8_cache.get(name)
             if hit is None or hit[0][:3] != key or force:
-                if hit is not None and hit[1].shape == w.shape and hit[1].device == w.device:
-                    q, s = hit[1], hit[2]  # reuse the buffers
-                else:
-                    q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
-                    s = torch.empty(*w.shape[:-2], -(-w.shape[-2] // 128), w.shape[-1] // 128, device=w.device)
-                for lo in range(0, w.shape[0], chunk):
-                    q[lo : lo + chunk], s[lo : lo + chunk] = ops.quantize_weight_fp8(w[lo : lo + chunk])
-                self._fp8_serial = getattr(self, "_fp8_serial", 0) + 1  # tells the transposes they are stale
+                E, N, K = w.shape
+                q, s = self._fp8_buffers(name, (E, N, K))
+                qt = st = None
+                if self.fp8_transposed_copies:
+                    qt, st = self._fp8_buffers(name + "_t", (E, K, N))
+                quantize_master_fp8(w.detach(), q, s, qt, st)
+                self._fp8_serial = getattr(self, "_fp8_serial", 0) + 1  # tells stale transposes apart
                 hit = self._fp8_cache[name] = (key + (self._fp8_serial,), q, s)
+                if qt is not None:
+                    self._fp8_cache[name + "_t"] = (hit[0], qt, st)
             out.append((hit[1], hit[2]))
         return out[0], out[1]
+
+    def _fp8_buffers(self, name: str, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached (e4m3, scales) buffers of ``name`` when they fit ``shape`` [E, N, K], else new ones."""
+        hit = self._fp8_cache.get(name)
+        dev = self.w13.device
+        if hit is not None and tuple(hit[1].shape) == shape and hit[1].device == dev:
+            return hit[1], hit[2]
+        E, N, K = shape
+        return (torch.empty(shape, dtype=FP8_DTYPE, device=dev),
+                torch.empty(E, -(-N // 128), -(-K // 128), dtype=torch.float32, device=dev))
 
     @torch.no_grad()
     def fp8_weights_t(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:

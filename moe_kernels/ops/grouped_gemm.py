@@ -679,6 +679,52 @@ def _expert_mlp_fp8_backward(x, offsets, w13, w13_scale, w2, w2_scale, grad_out,
     return dx, dw13, dw2
 
 
+@triton.jit
+def _quantize_master_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, NB, KB, TRANSPOSED: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    """One 128x128 block of one expert's master weight w [N, K] -> e4m3 q [N, K] with its fp32 scale
+    s [NB, KB] (amax / 448, IEEE divisions: the reference's rounding), and with TRANSPOSED the same block
+    transposed into qt [K, N] / st [KB, NB]: one read of the master, both copies written."""
+    e = tl.program_id(1).to(tl.int64)
+    nb = tl.program_id(0) // KB
+    kb = tl.program_id(0) % KB
+    offs_n = nb * BLOCK + tl.arange(0, BLOCK)
+    offs_k = kb * BLOCK + tl.arange(0, BLOCK)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    w = tl.load(w_ptr + e * N * K + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), AMAX_FLOOR)
+    scale = tl.fdiv(amax, E4M3_MAX, ieee_rounding=True)
+    q = to_e4m3_rne(tl.fdiv(w, tl.full(w.shape, 1.0, tl.float32) * scale, ieee_rounding=True)).to(tl.float8e4nv)
+    tl.store(q_ptr + e * N * K + offs_n[:, None] * K + offs_k[None, :], q, mask=mask)
+    tl.store(s_ptr + e * NB * KB + nb * KB + kb, scale)
+    if TRANSPOSED:
+        tl.store(qt_ptr + e * N * K + offs_k[None, :] * N + offs_n[:, None], q, mask=mask)
+        tl.store(st_ptr + e * NB * KB + kb * NB + nb, scale)
+
+
+def quantize_master_fp8(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, qt: torch.Tensor | None = None,
+                        st: torch.Tensor | None = None) -> None:
+    """FP8 training's once-per-step weight quantisation, into given buffers: w [E, N, K] bf16/fp32 (K and N
+    multiples of 128 with ``qt``) -> q e4m3 [E, N, K], s fp32 [E, ceil(N/128), K/128] (``quantize_weight_fp8``'s
+    values, bit for bit) and optionally qt e4m3 [E, K, N], st fp32 [E, K/128, ceil(N/128)]: the transposed copy,
+    each block transposed with its scale. One pass over the master (a kernel per 128x128 block); the reference
+    (chunked torch ops) off the kernel path."""
+    E, N, K = w.shape
+    if not use_triton(w):
+        for lo in range(0, E, 8):  # bounded fp32 temporaries
+            q[lo : lo + 8], s[lo : lo + 8] = reference.quantize_weight_fp8(w[lo : lo + 8])
+        if qt is not None:
+            qt.copy_(q.transpose(1, 2))
+            st.copy_(s.transpose(1, 2))
+        return
+    if E == 0 or N == 0 or K == 0:
+        return
+    NB, KB = triton.cdiv(N, SCALE_BLOCK), triton.cdiv(K, SCALE_BLOCK)
+    t = qt is not None
+    _quantize_master_kernel[(NB * KB, E)](w.contiguous(), q, s, qt if t else q, st if t else s, N, K, NB, KB,
+                                          TRANSPOSED=t, BLOCK=SCALE_BLOCK, num_warps=8)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # custom ops (CUDA / interpreter: Triton; CPU: the reference)
 
