@@ -241,7 +241,7 @@ CLONE_MODULES = {
     "Qwen3NextSparseMoeBlock": "qwen3_next", "Qwen4ExpTextSparseMoeBlock": "qwen4_exp",
     "Qwen3OmniMoeThinkerTextSparseMoeBlock": "qwen3_omni_moe", "Qwen3OmniMoeTalkerTextSparseMoeBlock": "qwen3_omni_moe",
     "Qwen3_5MoeSparseMoeBlock": "qwen3_5_moe", "Qwen3VLMoeTextSparseMoeBlock": "qwen3_vl_moe",
-    "ExaoneMoeSparseMoEBlock": "exaone_moe", "MiniCPM5MoeMoE": "minicpm5_moe", "Dots3NoteTextMoE": "dots3_note",
+    "MiMoV2FlashMoE": "mimo_v2_flash", "ExaoneMoeSparseMoEBlock": "exaone_moe", "MiniCPM5MoeMoE": "minicpm5_moe", "Dots3NoteTextMoE": "dots3_note",
     "MiniMaxM2SparseMoeBlock": "minimax_m2", "Mistral4MoE": "mistral4", "MistralLarge4TextMoE": "mistral_large4",
 }
 _OWN_ROUTING = {"MiniMaxM2SparseMoeBlock", "Mistral4MoE", "MistralLarge4TextMoE"}  # not clones: their own rule

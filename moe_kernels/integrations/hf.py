@@ -14,7 +14,7 @@ Qwen2-MoE           Qwen2MoeSparseMoeBlock      softmax top-k; shared expert gat
 Llama 4             Llama4TextMoe               sigmoid of the top-k logits applied to the experts' input; shared
 ==================  ==========================  =====================================================================
 
-and the blocks whose code is one of these up to class names (``CLONES``: Dots1, Kimi-Linear, Exaone-MoE, MiniCPM5-MoE, Dots3-Note, GLM-4.5 Lite / GLM-4.5V
+and the blocks whose code is one of these up to class names (``CLONES``: Dots1, Kimi-Linear, Exaone-MoE, MiniCPM5-MoE, MiMo-V2-Flash (no shared expert), Dots3-Note, GLM-4.5 Lite / GLM-4.5V
 / GLM-MoE-DSA, DeepSeek-V3.2, Solar-Open, DeepSeek-OCR2, Unlimited-OCR, FlexOlmo, Mellum, MiniMax, Qwen3-Next,
 Qwen4-Exp, Qwen3-Omni's thinker and talker; Qwen3.5-MoE and Qwen3-VL-MoE, whose routers always renormalise), MiniMax-M2
 (sigmoid, selection biased by the block's correction bias, renormalised), Mistral 4 / Mistral Large 4 (DeepSeek-V3's
@@ -62,6 +62,7 @@ SUPPORTED_MOE = {
 CLONES = {
     "Dots1MoE": "DeepseekV3MoE", "KimiLinearMoE": "DeepseekV3MoE", "ExaoneMoeSparseMoEBlock": "DeepseekV3MoE",
     "MiniCPM5MoeMoE": "DeepseekV3MoE", "Dots3NoteTextMoE": "Glm4MoeMoE",
+    "MiMoV2FlashMoE": "DeepseekV3MoE",  # its router and experts; no shared expert
     "Glm4MoeLiteMoE": "Glm4MoeMoE", "Glm4vMoeTextMoE": "Glm4MoeMoE", "DeepseekV32MoE": "Glm4MoeMoE",
     "GlmMoeDsaMoE": "Glm4MoeMoE", "SolarOpenMoE": "Glm4MoeMoE",
     "DeepseekOcr2TextMoe": "DeepseekV2Moe", "UnlimitedOcrTextMoe": "DeepseekV2Moe",
