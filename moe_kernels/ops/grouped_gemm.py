@@ -475,7 +475,7 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, num_
         return torch.stack([dy[lo:hi].float().t() @ x[lo:hi].float() for lo, hi in zip(o, o[1:])]).to(dw.dtype)
     dy, x = dy.contiguous(), x.contiguous()
     small = interpret_mode()
-    tma = x.dtype != torch.float32 and _tma_usable(dy, x)
+    tma = x.dtype != torch.float32 and not _WGRAD_TMA_FAILED and _tma_usable(dy, x)
     if fp8:  # a row step is one 1x128 group
         # (with TMA: 128 x 128 x 64, 3 stages; offline sm_90 compile: 241 registers, no spill, 123 KB smem)
         BM, BN, BK = (SCALE_BLOCK, 64, 64) if small else (SCALE_BLOCK, 128, 64 if tma else 128)
@@ -487,11 +487,22 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, num_
         dy_desc = TensorDescriptor(dy, [M, N], [dy.stride(0), 1], [BM, BN])
         x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [BM, BK])
     grid = (triton.cdiv(N, BN) * triton.cdiv(K, BK), num_experts)
-    _grouped_wgrad_kernel[grid](dy, dy_desc, x, x_desc, offsets.contiguous(), dw, N, K, dy.stride(0), x.stride(0),
-                                dw.stride(0), dw.stride(1), FP8=fp8, USE_TMA=tma,
-                                IEEE=x.dtype == torch.float32 or small, UPCAST=small, BLOCK_M=BM, BLOCK_N=BN,
-                                BLOCK_K=BK, num_warps=4 if small else 8, num_stages=stages)
+    try:
+        _grouped_wgrad_kernel[grid](dy, dy_desc, x, x_desc, offsets.contiguous(), dw, N, K, dy.stride(0),
+                                    x.stride(0), dw.stride(0), dw.stride(1), FP8=fp8, USE_TMA=tma,
+                                    IEEE=x.dtype == torch.float32 or small, UPCAST=small, BLOCK_M=BM, BLOCK_N=BN,
+                                    BLOCK_K=BK, num_warps=4 if small else 8, num_stages=stages)
+    except Exception as e:  # noqa: BLE001 - a Triton that cannot build or encode these descriptors: pointer loads
+        if not tma:
+            raise
+        _WGRAD_TMA_FAILED.append(repr(e))
+        _say_once(f"moe_kernels: grouped_wgrad's TMA form failed ({type(e).__name__}: {str(e)[:200]}); it runs "
+                  f"with pointer loads")
+        return grouped_wgrad(dy, x, offsets, num_experts, out_dtype, fp8)
     return dw
+
+
+_WGRAD_TMA_FAILED: list[str] = []  # set once if grouped_wgrad's TMA form cannot run on this Triton
 
 
 @triton.jit
