@@ -26,6 +26,7 @@ timeout 600 python -m pytest -q -m gpu tests/test_autograd.py -rfE 2>&1 | tail -
 echo "=== 2. bench_training" >> "$OUT/log.txt"
 timeout 420 python bench/bench_training.py > "$OUT/bench_training.log" 2>&1
 echo "bench rc=$?" >> "$OUT/log.txt"
+grep -E "^\{'min_vs|^  [a-z-]+ (bf16|fp8|fp32) T=|^## backward|^ +[0-9.]+ ms +[0-9.]+%|Error|error" "$OUT/bench_training.log" >> "$OUT/log.txt"
 cp bench/results/training-*.json bench/results/training_profile-*.txt "$OUT/" 2>/dev/null
 
 echo "=== 3. train_compare" >> "$OUT/log.txt"
