@@ -36,6 +36,12 @@ FAMILIES = {
                  dict(hidden_size=128, intermediate_size=192, moe_intermediate_size=64, n_routed_experts=8,
                       num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
                       num_key_value_heads=2, head_dim=32, routed_scaling_factor=1.5, **_ATTN), 1, "gate"),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM",
+                      dict(hidden_size=128, intermediate_size=192, moe_intermediate_size=64, n_routed_experts=8,
+                           num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                           first_k_dense_replace=1, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=32,
+                           qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=1.5, **_ATTN),
+                      3, "gate"),
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
                dict(hidden_size=128, intermediate_size=64, intermediate_size_mlp=192, num_local_experts=4,
                     num_experts_per_tok=1, num_key_value_heads=2, head_dim=32, **_ATTN), 2, "router"),
@@ -221,6 +227,19 @@ def test_family_block_fp8(family):
         ref = ref[0] if isinstance(ref, tuple) else ref
         err = assert_close_rel(layer(x).reshape(ref.shape), ref, 0.1, f"{family} block, fp8")
     print(f"{family} block fp8: relative error {err:.2e}")
+
+
+def test_youtu_mla_attention():
+    """Youtu (a dense model whose attention is DeepseekV3Attention's code): its MLA swapped, logits HF's."""
+    model = build({"youtu": ("YoutuConfig", "YoutuForCausalLM", dict(
+        hidden_size=128, intermediate_size=192, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, **_ATTN))}, "youtu")
+    patched = copy.deepcopy(model)
+    report = mk.patch_model(patched, precision=None)
+    assert report == 2 and {s.kind for s in report.swapped} == {"YoutuAttention"}, str(report)
+    ids = torch.randint(0, V, (2, 7))
+    with torch.no_grad():
+        assert_close_rel(patched(ids).logits, model(ids).logits, 1e-5, "Youtu logits")
 
 
 def test_deepseek_v2_lite_attention_without_q_lora():

@@ -18,7 +18,8 @@ and the blocks whose code is one of these up to class names (``CLONES``: Dots1, 
 / GLM-MoE-DSA, DeepSeek-V3.2, Solar-Open, DeepSeek-OCR2, Unlimited-OCR, FlexOlmo, Mellum, MiniMax, Qwen3-Next,
 Qwen4-Exp, Qwen3-Omni's thinker and talker; Qwen3.5-MoE and Qwen3-VL-MoE, whose routers always renormalise), MiniMax-M2
 (sigmoid, selection biased by the block's correction bias, renormalised), Mistral 4 / Mistral Large 4 (DeepSeek-V3's
-block with softmax scores under the group rule); MLA attention: DeepseekV3Attention, DeepseekV2Attention. Refused with a reason (``REFUSED_MOE``): GPT-OSS
+block with softmax scores under the group rule); MLA attention: DeepseekV3Attention, DeepseekV2Attention, and
+DeepseekV3Attention's clones Glm4MoeLiteAttention, YoutuAttention. Refused with a reason (``REFUSED_MOE``): GPT-OSS
 (biased, clamped SwiGLU), PhiMoE (sparsemixer routing); DeepSeek-V2's ``group_limited_greedy`` (groups scored by
 their best expert); any expert activation other than SiLU (the kernels compute SwiGLU = silu(gate) * up). Any
 other module with ``experts`` and a router is reported as not supported.
@@ -82,7 +83,9 @@ SUPPORTED_MOE.update({clone: f"{SUPPORTED_MOE[base]}-like ({clone})" for clone, 
 SUPPORTED_MOE.update({"MiniMaxM2SparseMoeBlock": "MiniMax-M2", "Mistral4MoE": "Mistral 4",
                       "MistralLarge4TextMoE": "Mistral Large 4"})
 _SOFTMAX_GROUPED = ("Mistral4MoE", "MistralLarge4TextMoE")
-SUPPORTED_ATTENTION = {"DeepseekV3Attention": "DeepSeek-V3 MLA", "DeepseekV2Attention": "DeepSeek-V2 MLA"}
+SUPPORTED_ATTENTION = {"DeepseekV3Attention": "DeepSeek-V3 MLA", "DeepseekV2Attention": "DeepSeek-V2 MLA",
+                       # DeepseekV3Attention's code under other names
+                       "Glm4MoeLiteAttention": "DeepSeek-V3 MLA (GLM-4.5 Lite)", "YoutuAttention": "DeepSeek-V3 MLA (Youtu)"}
 REFUSED_MOE = {
     "GptOssMLP": "GPT-OSS experts are not a plain SwiGLU: biased projections, interleaved gate/up columns, "
                  "gate and up clamped to swiglu_limit, gate * sigmoid(alpha * gate) * (up + 1); the kernels compute "
