@@ -431,3 +431,17 @@ def test_modules_import_no_integration():
     assert converters.get_converter(Sub, "hf") is mk.integrations.hf.moe_from_hf  # inherited through the MRO
     with pytest.raises(LookupError, match="no 'nope' converter is registered for MoELayer"):
         converters.get_converter(mk.MoELayer, "nope")
+
+
+def test_patched_mixtral_keeps_router_jitter_in_training():
+    """Mixtral's router_jitter_noise scales the block's input by U(1-j, 1+j) in training: the adapter does too
+    (its own draw), and nothing in eval."""
+    model = randomize(hf_mx.MixtralForCausalLM(mixtral_config(router_jitter_noise=0.2)))
+    mk.patch_model(model, precision=None)
+    block = model.model.layers[0].mlp
+    assert block.jitter_noise == pytest.approx(0.2)
+    x = torch.randn(2, 5, 256)
+    with torch.no_grad():
+        ref = block.moe(x)
+        assert torch.equal(block.eval()(x), ref)
+        assert rel_err(block.train()(x), ref) > 1e-3

@@ -456,15 +456,19 @@ class HFMoEBlock(nn.Module):
     """
 
     def __init__(self, moe: MoELayer, router_cls: type | None = None, router_name: str = "gate",
-                 returns_logits: bool = False):
+                 returns_logits: bool = False, jitter_noise: float = 0.0):
         super().__init__()
         self.moe = moe
         self.router_name = router_name
         self.returns_logits = returns_logits
+        self.jitter_noise = float(jitter_noise)  # Mixtral-style: x *= U(1 - j, 1 + j) in training
         router = _router_logits_module(router_cls, moe.gate) if router_cls is not None else None
         setattr(self, router_name, router)
 
     def forward(self, hidden_states):
+        if self.training and self.jitter_noise > 0:  # as HF's block does in training (its own random draw)
+            j = self.jitter_noise
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - j, 1.0 + j)
         router = getattr(self, self.router_name)
         logits = None
         if router is not None and (router._forward_hooks or self.returns_logits):
@@ -527,7 +531,8 @@ def _convert(mod: nn.Module, kind: str, precision: str | None) -> nn.Module:
         return HFMLAAttention(mla_from_hf(mod), mod.layer_idx)
     name, router = _router(mod)
     return HFMoEBlock(moe_from_hf(mod, precision), type(router), name,
-                      returns_logits=CLONES.get(kind, kind) == "Llama4TextMoe")
+                      returns_logits=CLONES.get(kind, kind) == "Llama4TextMoe",
+                      jitter_noise=getattr(mod, "jitter_noise", 0.0) or 0.0)
 
 
 def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool = True,
