@@ -446,3 +446,41 @@ def test_fp8_trainable_experts_infer_as_they_train():
         mk.GroupedExperts(2, 128, 128, precision="fp8", trainable=1)
     with pytest.raises(TypeError, match="master_dtype"):
         mk.GroupedExperts(2, 128, 128, precision="fp8", trainable=True, master_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_expert_mlp_train_keeps_h13(dtype, tol, device, monkeypatch):
+    """ops.expert_mlp_train (what bf16 / fp32 experts run when a gradient is wanted): float64 gradients; the
+    backward runs two grouped GEMMs (dA, dX), not a third for h13; a second backward (retain_graph) gives the same
+    gradients, so the saved h13 survives the first."""
+    from _helpers import skip_unless_cuda
+
+    skip_unless_cuda(device)
+    counts = [5, 0, 17, 1]
+    E, H, I = len(counts), 128, 64
+    offsets = _offsets(counts, device)
+    x = torch.randn(sum(counts), H, device=device).to(dtype).requires_grad_()
+    w13 = (torch.randn(E, 2 * I, H, device=device) * H**-0.5).to(dtype).requires_grad_()
+    w2 = (torch.randn(E, H, I, device=device) * I**-0.5).to(dtype).requires_grad_()
+    out = ops.expert_mlp_train(x, offsets, w13, w2)
+    g = torch.randn_like(out)
+    calls = []
+    gemm = gg._gemm
+    monkeypatch.setattr(gg, "_gemm", lambda *a, **k: calls.append(1) or gemm(*a, **k))
+    out.backward(g, retain_graph=True)
+    assert len(calls) == 2
+    first = [t.grad.clone() for t in (x, w13, w2)]
+    for t in (x, w13, w2):
+        t.grad = None
+    out.backward(g)
+    for a, b in zip(first, (x.grad, w13.grad, w2.grad)):
+        assert torch.equal(a, b)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w13, w2)]
+    x64, w13_64, w2_64 = leaves
+    expert = torch.repeat_interleave(torch.arange(E, device=device), torch.tensor(counts, device=device))
+    h = torch.einsum("mh,mih->mi", x64, w13_64[expert])
+    y = torch.einsum("mi,mhi->mh", F.silu(h[:, :I]) * h[:, I:], w2_64[expert])
+    y.backward(g.double())
+    assert_close_rel(out.detach().float(), y.detach(), tol, "forward")
+    for name, got, want in zip(("x", "w13", "w2"), first, leaves):
+        assert_close_rel(got.float(), want.grad, tol, f"grad {name}")

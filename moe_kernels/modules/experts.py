@@ -27,9 +27,9 @@ class GroupedExperts(nn.Module):
     ``forward(x, offsets, x_scale=None) -> y [M, H]`` where rows offsets[e]:offsets[e+1] of x belong to expert e;
     y is bf16 with FP8 weights, else in the weights' dtype (x is cast to it).
 
-    Gradients (bf16 / fp32 weights, which are parameters): forward and backward run the grouped GEMM kernels (the
-    backward: h13 again, dA and dX through transposed weight views, the weight gradients through
-    ``ops.grouped_wgrad``); on CPU tensors without the interpreter the reference. FP8 weights are buffers (no
+    Gradients (bf16 / fp32 weights, which are parameters): forward and backward run the grouped GEMM kernels
+    (``ops.expert_mlp_train`` when a gradient is wanted: h13 kept from the forward, dA and dX on the weights as
+    stored, SwiGLU's derivative in one pass, the weight gradients through ``ops.grouped_wgrad``); on CPU tensors without the interpreter the reference. FP8 weights are buffers (no
     gradient); bf16/fp32 rows that require a gradient get the straight-through one (``ops.expert_mlp_fp8_ste``:
     the quantisations taken as identities, dA and dX as FP8 GEMMs on the transposed e4m3 weights). e4m3 rows have
     none.
@@ -239,6 +239,9 @@ class GroupedExperts(nn.Module):
             if torch.is_grad_enabled() and x.requires_grad:  # straight-through gradient for the rows
                 return ops.expert_mlp_fp8_ste(x, offsets, self.w13, self.w13_scale, self.w2, self.w2_scale)
             x, x_scale = ops.quantize_fp8(x)
-        elif self.precision != "fp8" and x.dtype != self.w13.dtype:
-            x = x.to(self.w13.dtype)  # bf16 / fp32 experts compute in their weights' dtype
+        elif self.precision != "fp8":
+            if x.dtype != self.w13.dtype:
+                x = x.to(self.w13.dtype)  # bf16 / fp32 experts compute in their weights' dtype
+            if torch.is_grad_enabled() and (x.requires_grad or self.w13.requires_grad or self.w2.requires_grad):
+                return ops.expert_mlp_train(x, offsets, self.w13, self.w2)  # h13 kept for the backward
         return ops.expert_mlp(x, x_scale, offsets, self.w13, self.w13_scale, self.w2, self.w2_scale)

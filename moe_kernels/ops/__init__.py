@@ -4,8 +4,8 @@ CUDA tensors run the Triton kernels; CPU tensors run ``moe_kernels.reference`` u
 which case the Triton kernels run on the CPU through the interpreter.
 """
 from ..reference.permute import Permuted
-from .grouped_gemm import (expert_mlp, expert_mlp_fp8_ste, expert_mlp_fp8_train, grouped_gemm_bf16, grouped_gemm_fp8,
-                           grouped_gemm_fp8_masked, grouped_wgrad)
+from .grouped_gemm import (expert_mlp, expert_mlp_fp8_ste, expert_mlp_fp8_train, expert_mlp_train, grouped_gemm_bf16,
+                           grouped_gemm_fp8, grouped_gemm_fp8_masked, grouped_wgrad)
 from .mla import mla_decode, mla_latent_proj
 from .permute import permute, unpermute
 from .quant import quantize_fp8, quantize_weight_fp8
@@ -24,6 +24,7 @@ __all__ = [
     "expert_mlp",
     "expert_mlp_fp8_ste",
     "expert_mlp_fp8_train",
+    "expert_mlp_train",
     "grouped_wgrad",
     "mla_latent_proj",
     "mla_decode",

@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - Triton without Gluon: every config run
     grouped_gemm_wgmma = None
 
 __all__ = ["grouped_gemm_fp8", "grouped_gemm_bf16", "grouped_gemm_fp8_masked", "expert_mlp", "expert_mlp_fp8_ste",
-           "expert_mlp_fp8_train", "grouped_wgrad"]
+           "expert_mlp_fp8_train", "expert_mlp_train", "grouped_wgrad"]
 
 SCALE_BLOCK = 128  # the K (and weight N) extent of one FP8 scale
 _SB = tl.constexpr(SCALE_BLOCK)  # the same, for the kernel
@@ -588,10 +588,13 @@ def _gemm(a, offsets, w, w_scale=None, out_dtype=torch.float32):
 
 
 @triton.jit
-def _swiglu_backward_kernel(h_ptr, g_ptr, M, I, stride_h, stride_g, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
-    """In place, per element: h = [gate | up] [M, 2I] becomes dH = [dgate | dup] and g = dA [M, I] becomes
-    A = silu(gate) * up (what the down projection read, for its weight gradient); fp32 inside. Each program reads
-    its tiles before writing the same tiles: no other program touches them."""
+def _swiglu_kernel(h_ptr, g_ptr, d_ptr, M, I, stride_h, stride_g, stride_d, BACKWARD: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
+    """SwiGLU per element of h = [gate | up] [M, 2I], fp32 inside.
+    Forward: g [M, I] = silu(gate) * up.
+    BACKWARD: g = dA [M, I] (the product's gradient) becomes A = silu(gate) * up (what the down projection read,
+    for its weight gradient) and d [M, 2I] gets dH = [dgate | dup]; d may be h itself (in place: each program
+    reads its tiles before writing the same tiles, which no other program touches)."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask = (rows < M)[:, None] & (cols < I)[None, :]
@@ -599,42 +602,64 @@ def _swiglu_backward_kernel(h_ptr, g_ptr, M, I, stride_h, stride_g, BLOCK_M: tl.
     g_ptrs = g_ptr + rows[:, None] * stride_g + cols[None, :]
     gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_ptrs + I, mask=mask, other=0.0).to(tl.float32)
-    da = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     sig = 1.0 / (1.0 + tl.exp(-gate))
     silu = gate * sig
-    tl.store(gate_ptrs, (da * up * sig * (1.0 + gate * (1.0 - sig))).to(h_ptr.dtype.element_ty), mask=mask)
-    tl.store(gate_ptrs + I, (da * silu).to(h_ptr.dtype.element_ty), mask=mask)
+    if BACKWARD:
+        da = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        d_ptrs = d_ptr + rows[:, None] * stride_d + cols[None, :]
+        tl.store(d_ptrs, (da * up * sig * (1.0 + gate * (1.0 - sig))).to(d_ptr.dtype.element_ty), mask=mask)
+        tl.store(d_ptrs + I, (da * silu).to(d_ptr.dtype.element_ty), mask=mask)
     tl.store(g_ptrs, (silu * up).to(g_ptr.dtype.element_ty), mask=mask)
 
 
-def _swiglu_backward_(h13, da):
-    """(A, dH), overwriting h13 [M, 2I] with dH (the gradient of silu(gate) * up for h13 = [gate | up]) and da
-    [M, I] (the product's gradient) with A = silu(gate) * up: one pass, no fp32 temporaries (the kernel computes
-    in fp32 registers). Both contiguous, of one float dtype. Off the kernel path: the same in torch ops (fp32)."""
+def _swiglu_launch(h13, g, dh=None) -> None:
     M, two_i = h13.shape
     I = two_i // 2
+    if M and I:
+        BM, BI = (16, 64) if interpret_mode() else (32, 128)
+        d = h13 if dh is None else dh
+        _swiglu_kernel[(triton.cdiv(M, BM), triton.cdiv(I, BI))](
+            h13, g, d, M, I, h13.stride(0), g.stride(0), d.stride(0), BACKWARD=dh is not None, BLOCK_M=BM, BLOCK_I=BI,
+            num_warps=4)
+
+
+def _swiglu(h13):
+    """silu(gate) * up [M, I] in h13's dtype for h13 = [gate | up] [M, 2I] contiguous (fp32 inside)."""
+    if not use_triton(h13):
+        return reference.swiglu(h13).to(h13.dtype)
+    a = torch.empty(h13.shape[0], h13.shape[1] // 2, dtype=h13.dtype, device=h13.device)
+    _swiglu_launch(h13, a)
+    return a
+
+
+def _swiglu_backward_(h13, da, in_place=True):
+    """(A, dH): da [M, I] (the product's gradient) is overwritten with A = silu(gate) * up, and dH [M, 2I] (the
+    gradient of silu(gate) * up for h13 = [gate | up]) overwrites h13 (``in_place``) or comes new. One pass, no
+    fp32 temporaries (the kernel computes in fp32 registers). Both contiguous, of one float dtype. Off the kernel
+    path: the same in torch ops (fp32)."""
+    dh = h13 if in_place else torch.empty_like(h13)
     if not use_triton(h13):
         gate, up = h13.float().chunk(2, dim=-1)
         sig = torch.sigmoid(gate)
         d = da.float()
-        h13.copy_(torch.cat([d * up * sig * (1.0 + gate * (1.0 - sig)), d * gate * sig], dim=1))
+        dh.copy_(torch.cat([d * up * sig * (1.0 + gate * (1.0 - sig)), d * gate * sig], dim=1))
         da.copy_(gate * sig * up)
-        return da, h13
-    if M and I:
-        BM, BI = (16, 64) if interpret_mode() else (32, 128)
-        _swiglu_backward_kernel[(triton.cdiv(M, BM), triton.cdiv(I, BI))](
-            h13, da, M, I, h13.stride(0), da.stride(0), BLOCK_M=BM, BLOCK_I=BI, num_warps=4)
-    return da, h13
+        return da, dh
+    _swiglu_launch(h13, da, dh)
+    return da, dh
 
 
-def _expert_mlp_backward_kernels(x, offsets, w13, w2, topk_weight, grad_out, need):
+def _expert_mlp_backward_kernels(x, offsets, w13, w2, topk_weight, grad_out, need, h13=None):
     """(dx, dw13, dw2, dtopk_weight) of ``expert_mlp`` on bf16/fp16/fp32 operands with the package's kernels:
     h13 again (grouped GEMM), dA = dY W2 through W2's transposed view (no copy), SwiGLU's derivative and the
     down projection's input A in one in-place pass over h13 and dA, dX = dH W13, the weight gradients through
-    ``grouped_wgrad``. Every activation-sized temporary is in x's dtype: h13 [M, 2I] and dA [M, I] at the peak."""
+    ``grouped_wgrad``. Every activation-sized temporary is in x's dtype: h13 [M, 2I] and dA [M, I] at the peak.
+    ``h13``: the forward's (saved, left as it is; dH then comes in a buffer of its own), else computed again."""
     E = w13.shape[0]
     dt = x.dtype
-    h13 = _gemm(x, offsets, w13, out_dtype=dt)
+    saved = h13 is not None
+    if not saved:
+        h13 = _gemm(x, offsets, w13, out_dtype=dt)
     dtw = None
     if topk_weight is not None:
         if need[3]:  # d(out)/d(tw) = the unweighted MLP output: A W2^T again
@@ -649,7 +674,9 @@ def _expert_mlp_backward_kernels(x, offsets, w13, w2, topk_weight, grad_out, nee
         if need[2]:
             dw2 = grouped_wgrad(gy, reference.swiglu(h13).to(dt), offsets, E, out_dtype=w2.dtype)
         return dx, dw13, dw2, dtw
-    a, dh = _swiglu_backward_(h13, _gemm(gy, offsets, w2.transpose(1, 2), out_dtype=dt))  # dA = dY @ W2[e]
+    a, dh = _swiglu_backward_(h13, _gemm(gy, offsets, w2.transpose(1, 2), out_dtype=dt),  # dA = dY @ W2[e]
+                              in_place=not saved)
+    del h13
     if need[2]:
         dw2 = grouped_wgrad(gy, a, offsets, E, out_dtype=w2.dtype)
     del a
@@ -898,6 +925,34 @@ def _expert_mlp_backward(ctx, grad_out):
 _expert_mlp_op.register_autograd(_expert_mlp_backward, setup_context=_expert_mlp_setup)
 
 
+@torch.library.custom_op("moe_kernels::expert_mlp_train", mutates_args=())
+def _expert_mlp_train_op(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor,
+                         w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h13 = _gemm(x, offsets, w13, out_dtype=x.dtype)
+    return _gemm(_swiglu(h13), offsets, w2, out_dtype=x.dtype), h13
+
+
+@_expert_mlp_train_op.register_fake
+def _(x, offsets, w13, w2):
+    return x.new_empty(x.shape[0], w2.shape[1]), x.new_empty(x.shape[0], w13.shape[1])
+
+
+def _expert_mlp_train_setup(ctx, inputs, output):
+    x, offsets, w13, w2 = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, offsets, w13, w2, output[1])  # h13: the backward does not compute it again
+
+
+def _expert_mlp_train_backward(ctx, grad_out, _grad_h13):
+    x, offsets, w13, w2, h13 = ctx.saved_tensors
+    need = [ctx.needs_input_grad[i] for i in (0, 2, 3)] + [False]
+    gx, g13, g2, _ = _expert_mlp_backward_kernels(x, offsets, w13, w2, None, grad_out, need, h13=h13)
+    return gx, None, g13, g2
+
+
+_expert_mlp_train_op.register_autograd(_expert_mlp_train_backward, setup_context=_expert_mlp_train_setup)
+
+
 @torch.library.custom_op("moe_kernels::expert_mlp_fp8_ste", mutates_args=())
 def _expert_mlp_fp8_ste_op(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
                            w2: torch.Tensor, w2_scale: torch.Tensor) -> torch.Tensor:
@@ -1137,3 +1192,18 @@ def expert_mlp_fp8_train(x, offsets, w13, w2, w13_fp8, w2_fp8, w13_fp8_t=None, w
     t13 = w13_fp8_t or (None, None)
     t2 = w2_fp8_t or (None, None)
     return _expert_mlp_fp8_train_op(x, offsets, w13, w13_fp8[0], w13_fp8[1], w2, w2_fp8[0], w2_fp8[1], *t13, *t2)
+
+
+def expert_mlp_train(x, offsets, w13, w2) -> torch.Tensor:
+    """The bf16 / fp16 / fp32 expert MLP for training: ``expert_mlp``'s result ([M, H] in x's dtype) from a plain
+    grouped GEMM into h13 [M, 2I], SwiGLU, the down projection, with h13 saved for the backward (the kernels'
+    backward without computing h13 again: 1/4 of its GEMM work; h13 in x's dtype is the activation the torch
+    composition keeps too). x [M, H], w13 [E, 2I, H], w2 [E, H, I] of one dtype, offsets int32 [E+1]."""
+    check_tensor("x", x, dtype=(torch.bfloat16, torch.float16, torch.float32), ndim=2)
+    check_tensor("w13", w13, dtype=x.dtype, ndim=3, device=x.device)
+    E, two_i, H = w13.shape
+    check_tensor("w2", w2, dtype=x.dtype, shape=(E, H, two_i // 2), device=x.device)
+    check_tensor("x", x, shape=(None, H))
+    check_tensor("offsets", offsets, dtype=torch.int32, device=x.device)
+    _check_offsets(offsets, E, x.shape[0], x.device)
+    return _expert_mlp_train_op(x, offsets, w13, w2)[0]
