@@ -29,10 +29,10 @@ class GroupedExperts(nn.Module):
 
     Gradients (bf16 / fp32 weights, which are parameters): forward and backward run the grouped GEMM kernels
     (``ops.expert_mlp_train`` when a gradient is wanted: h13 kept from the forward, dA and dX on the weights as
-    stored, SwiGLU's derivative in one pass, the weight gradients through ``ops.grouped_wgrad``); on CPU tensors without the interpreter the reference. FP8 weights are buffers (no
-    gradient); bf16/fp32 rows that require a gradient get the straight-through one (``ops.expert_mlp_fp8_ste``:
-    the quantisations taken as identities, dA and dX as FP8 GEMMs on the transposed e4m3 weights). e4m3 rows have
-    none.
+    stored, SwiGLU's derivative in one pass, the weight gradients through ``ops.grouped_wgrad``); on CPU tensors
+    without the interpreter the reference. FP8 weights (``trainable=False``) are buffers (no gradient); bf16/fp32
+    rows that require a gradient get the straight-through one (``ops.expert_mlp_fp8_ste``: the quantisations
+    taken as identities, dA and dX as FP8 GEMMs on the transposed e4m3 weights). e4m3 rows have none.
 
     ``trainable=True`` with ``precision="fp8"`` trains the expert weights the DeepSeek-V3 way: ``w13`` / ``w2`` are
     master weights, parameters in ``master_dtype`` (bf16 or fp32); each forward in training reads their e4m3 copies
