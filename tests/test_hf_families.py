@@ -260,7 +260,8 @@ CLONE_MODULES = {
     "Qwen3NextSparseMoeBlock": "qwen3_next", "Qwen4ExpTextSparseMoeBlock": "qwen4_exp",
     "Qwen3OmniMoeThinkerTextSparseMoeBlock": "qwen3_omni_moe", "Qwen3OmniMoeTalkerTextSparseMoeBlock": "qwen3_omni_moe",
     "Qwen3_5MoeSparseMoeBlock": "qwen3_5_moe", "Qwen3VLMoeTextSparseMoeBlock": "qwen3_vl_moe",
-    "MiMoV2FlashMoE": "mimo_v2_flash", "ExaoneMoeSparseMoEBlock": "exaone_moe", "MiniCPM5MoeMoE": "minicpm5_moe", "Dots3NoteTextMoE": "dots3_note",
+    "MiMoV2FlashMoE": "mimo_v2_flash", "ExaoneMoeSparseMoEBlock": "exaone_moe", "MiniCPM5MoeMoE": "minicpm5_moe",
+    "Dots3NoteTextMoE": "dots3_note",
     "MiniMaxM2SparseMoeBlock": "minimax_m2", "Mistral4MoE": "mistral4", "MistralLarge4TextMoE": "mistral_large4",
 }
 _OWN_ROUTING = {"MiniMaxM2SparseMoeBlock", "Mistral4MoE", "MistralLarge4TextMoE"}  # not clones: their own rule
@@ -311,10 +312,10 @@ def _clone_block(kind, norm):
 @pytest.mark.parametrize("kind", list(CLONE_MODULES))
 def test_clone_family_blocks(kind, norm, monkeypatch):
     """Blocks whose code is a supported family's (up to class names and routing constants;
-    moe_kernels.integrations.hf.CLONES), MiniMax-M2 and Mistral 4 / Large 4: the block's output in fp32 within 1e-5 of HF's with the
-    config's norm_topk_prob either way (some routers ignore it), and patch_model takes them. What differs from the family's own test
-    is the conversion (routing arguments, weights), so the ops run their references here (fast); the kernels run
-    in the families' tests above."""
+    moe_kernels.integrations.hf.CLONES), MiniMax-M2 and Mistral 4 / Large 4: the block's output in fp32 within 1e-5
+    of HF's with the config's norm_topk_prob either way (some routers ignore it), and patch_model takes them. What
+    differs from the family's own test is the conversion (routing arguments, weights), so the ops run their
+    references here (fast); the kernels run in the families' tests above."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors: the reference ops
     assert set(CLONE_MODULES) == set(mk.integrations.hf.CLONES) | _OWN_ROUTING
     block = _clone_block(kind, norm)

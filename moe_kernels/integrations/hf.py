@@ -6,23 +6,26 @@ Supported MoE blocks (``SUPPORTED_MOE``; each checked against the unpatched mode
 family              HF block                    routing -> our layer
 ==================  ==========================  =====================================================================
 DeepSeek-V3 / R1    DeepseekV3MoE               sigmoid, group-limited (best-two sum), bias, norm, scale; shared
-Kimi-K2, GLM-4.5    Glm4MoeMoE                  as DeepSeek-V3
+(and Kimi-K2)
+GLM-4.5 / 4.6       Glm4MoeMoE                  as DeepSeek-V3
 DeepSeek-V2         DeepseekV2Moe               softmax, greedy (no norm), scale; shared experts
+Mistral 4 / Large 4 Mistral4MoE, MistralLarge4  softmax under DeepSeek-V3's group rule, norm, scale; shared
 Mixtral             MixtralSparseMoeBlock       softmax top-k, renormalised
 Qwen3-MoE / OLMoE   Qwen3Moe / Olmoe...Block    softmax top-k, norm_topk_prob as configured
 Qwen2-MoE           Qwen2MoeSparseMoeBlock      softmax top-k; shared expert gated by sigmoid(x . g) (FamilyMoELayer)
+MiniMax-M2          MiniMaxM2SparseMoeBlock     sigmoid, selection biased by the block's correction bias, norm
 Llama 4             Llama4TextMoe               sigmoid of the top-k logits applied to the experts' input; shared
 ==================  ==========================  =====================================================================
 
-and the blocks whose code is one of these up to class names (``CLONES``: Dots1, Kimi-Linear, Exaone-MoE, MiniCPM5-MoE, MiMo-V2-Flash (no shared expert), Dots3-Note, GLM-4.5 Lite / GLM-4.5V
-/ GLM-MoE-DSA, DeepSeek-V3.2, Solar-Open, DeepSeek-OCR2, Unlimited-OCR, FlexOlmo, Mellum, MiniMax, Qwen3-Next,
-Qwen4-Exp, Qwen3-Omni's thinker and talker; Qwen3.5-MoE and Qwen3-VL-MoE, whose routers always renormalise), MiniMax-M2
-(sigmoid, selection biased by the block's correction bias, renormalised), Mistral 4 / Mistral Large 4 (DeepSeek-V3's
-block with softmax scores under the group rule); MLA attention: DeepseekV3Attention, DeepseekV2Attention, and
-DeepseekV3Attention's clones Glm4MoeLiteAttention, YoutuAttention. Refused with a reason (``REFUSED_MOE``): GPT-OSS
-(biased, clamped SwiGLU), PhiMoE (sparsemixer routing); DeepSeek-V2's ``group_limited_greedy`` (groups scored by
-their best expert); any expert activation other than SiLU (the kernels compute SwiGLU = silu(gate) * up). Any
-other module with ``experts`` and a router is reported as not supported.
+and the blocks whose code is one of these up to class names (``CLONES``: Dots1, Kimi-Linear, Exaone-MoE,
+MiniCPM5-MoE, MiMo-V2-Flash (no shared expert), Dots3-Note, GLM-4.5 Lite / GLM-4.5V / GLM-MoE-DSA, DeepSeek-V3.2,
+Solar-Open, DeepSeek-OCR2, Unlimited-OCR, FlexOlmo, Mellum, MiniMax, Qwen3-Next, Qwen4-Exp, Qwen3-Omni's thinker
+and talker; Qwen3.5-MoE and Qwen3-VL-MoE, whose routers always renormalise). MLA attention: DeepseekV3Attention,
+DeepseekV2Attention, and DeepseekV3Attention's clones Glm4MoeLiteAttention, YoutuAttention. Refused with a reason
+(``REFUSED_MOE``): GPT-OSS (biased, clamped SwiGLU), PhiMoE (sparsemixer routing); DeepSeek-V2's
+``group_limited_greedy`` (groups scored by their best expert); any expert activation other than SiLU (the kernels
+compute SwiGLU = silu(gate) * up); expert biases. Any other module with ``experts`` and a router (or MLA-like
+projections) is reported as not supported.
 
 Weights are read in the layouts of transformers 5 (fused ``gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I];
 Llama 4's transposed [E, H, 2I] / [E, I, H]) and of earlier releases (a ModuleList of per-expert MLPs with
@@ -85,7 +88,8 @@ SUPPORTED_MOE.update({"MiniMaxM2SparseMoeBlock": "MiniMax-M2", "Mistral4MoE": "M
 _SOFTMAX_GROUPED = ("Mistral4MoE", "MistralLarge4TextMoE")
 SUPPORTED_ATTENTION = {"DeepseekV3Attention": "DeepSeek-V3 MLA", "DeepseekV2Attention": "DeepSeek-V2 MLA",
                        # DeepseekV3Attention's code under other names
-                       "Glm4MoeLiteAttention": "DeepSeek-V3 MLA (GLM-4.5 Lite)", "YoutuAttention": "DeepSeek-V3 MLA (Youtu)"}
+                       "Glm4MoeLiteAttention": "DeepSeek-V3 MLA (GLM-4.5 Lite)",
+                       "YoutuAttention": "DeepSeek-V3 MLA (Youtu)"}
 REFUSED_MOE = {
     "GptOssMLP": "GPT-OSS experts are not a plain SwiGLU: biased projections, interleaved gate/up columns, "
                  "gate and up clamped to swiglu_limit, gate * sigmoid(alpha * gate) * (up + 1); the kernels compute "
@@ -361,7 +365,8 @@ def mla_from_hf(module: nn.Module) -> MultiHeadLatentAttention:
         hidden_size=cfg.hidden_size, num_heads=module.num_heads, q_lora_rank=module.q_lora_rank,
         kv_lora_rank=module.kv_lora_rank, qk_nope_head_dim=module.qk_nope_head_dim,
         qk_rope_head_dim=module.qk_rope_head_dim, v_head_dim=module.v_head_dim,
-        rope_interleave=bool(getattr(cfg, "rope_interleave", True)), rms_norm_eps=module.kv_a_layernorm.variance_epsilon,
+        rope_interleave=bool(getattr(cfg, "rope_interleave", True)),
+        rms_norm_eps=module.kv_a_layernorm.variance_epsilon,
         softmax_scale=module.scaling, device=ref.device, dtype=ref.dtype,
     )
     names = ["kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"]
