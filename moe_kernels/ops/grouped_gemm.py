@@ -529,7 +529,9 @@ def _grouped_dgrad_kernel(a_desc, w_desc, offsets_ptr, out_ptr, M, N, K, E, stri
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-DGRAD_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+# 128 x 256 x 64, 8 warps, 3 stages (the forward's bf16 tile): offline sm_90 compiles give 167 (Triton 3.8) / 222
+# (3.6) registers, no spill, 147 KB smem; 128 x 128 with 8 warps spills 248 bytes on 3.6
+DGRAD_CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def _dgrad_tma(a, offsets, wt, out) -> bool:
