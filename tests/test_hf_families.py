@@ -42,6 +42,9 @@ FAMILIES = {
                            first_k_dense_replace=1, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=32,
                            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=1.5, **_ATTN),
                       3, "gate"),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM",
+                       dict(hidden_size=128, intermediate_size=192, moe_intermediate_size=64, num_experts=8, moe_topk=2,
+                            num_key_value_heads=4, head_dim=32, **_ATTN), 2, "gate.wg"),
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
                dict(hidden_size=128, intermediate_size=64, intermediate_size_mlp=192, num_local_experts=4,
                     num_experts_per_tok=1, num_key_value_heads=2, head_dim=32, **_ATTN), 2, "router"),
@@ -105,9 +108,11 @@ def _hf_name(name: str, router: str) -> str:
 
 def _shared_grad(ref: dict, name: str):
     """HF's shared-expert gradients as our fused [1, 2I, H] / [1, H, I] layout, or None if name is not one."""
-    for ours, theirs in ((".moe.shared_experts.", ".shared_experts."), (".moe.shared_expert.", ".shared_expert.")):
+    for ours in (".moe.shared_experts.", ".moe.shared_expert."):
         if ours in name:
-            base = name[: name.index(ours)] + theirs
+            prefix = name[: name.index(ours)]
+            base = next(prefix + t for t in (".shared_experts.", ".shared_expert.", ".shared_mlp.")
+                        if prefix + t + "down_proj.weight" in ref)
             if name.endswith("w13"):
                 return torch.cat([ref[base + "gate_proj.weight"].grad, ref[base + "up_proj.weight"].grad]).unsqueeze(0)
             return ref[base + "down_proj.weight"].grad.unsqueeze(0)
@@ -263,11 +268,13 @@ CLONE_MODULES = {
     "MiMoV2FlashMoE": "mimo_v2_flash", "ExaoneMoeSparseMoEBlock": "exaone_moe", "MiniCPM5MoeMoE": "minicpm5_moe",
     "Dots3NoteTextMoE": "dots3_note",
     "MiniMaxM2SparseMoeBlock": "minimax_m2", "Mistral4MoE": "mistral4", "MistralLarge4TextMoE": "mistral_large4",
+    "HunYuanMoEV1Moe": "hunyuan_v1_moe",
 }
-_OWN_ROUTING = {"MiniMaxM2SparseMoeBlock", "Mistral4MoE", "MistralLarge4TextMoE"}  # not clones: their own rule
+# not clones: their own routing rule
+_OWN_ROUTING = {"MiniMaxM2SparseMoeBlock", "Mistral4MoE", "MistralLarge4TextMoE", "HunYuanMoEV1Moe"}
 # every name the families' configs use for these sizes (a config keeps what it does not know as an attribute)
 _CLONE_CFG = dict(hidden_size=128, intermediate_size=192, moe_intermediate_size=64, n_routed_experts=8, num_experts=8,
-                  num_local_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                  num_local_experts=8, num_experts_per_tok=2, moe_topk=2, n_group=2, topk_group=1, n_shared_experts=1,
                   num_shared_experts=1, shared_experts_intermediate_size=64,
                   shared_expert_intermediate_size=96, routed_scaling_factor=1.5,
                   hidden_act="silu", topk_method="greedy", num_attention_heads=4, num_key_value_heads=4)
@@ -312,7 +319,7 @@ def _clone_block(kind, norm):
 @pytest.mark.parametrize("kind", list(CLONE_MODULES))
 def test_clone_family_blocks(kind, norm, monkeypatch):
     """Blocks whose code is a supported family's (up to class names and routing constants;
-    moe_kernels.integrations.hf.CLONES), MiniMax-M2 and Mistral 4 / Large 4: the block's output in fp32 within 1e-5
+    moe_kernels.integrations.hf.CLONES), MiniMax-M2, Mistral 4 / Large 4, Hunyuan: the block's output in fp32 within 1e-5
     of HF's with the config's norm_topk_prob either way (some routers ignore it), and patch_model takes them. What
     differs from the family's own test is the conversion (routing arguments, weights), so the ops run their
     references here (fast); the kernels run in the families' tests above."""
@@ -337,7 +344,9 @@ def test_family_bf16_on_cuda(family):
     """On the GPU (the kernels themselves), bf16: the patched model's logits against the fp32 model's are within
     1.5x (+2e-3) of HF's own bf16 error, and FP8 experts (where the sizes allow) within FP8's error."""
     over = {"qwen2_moe": dict(moe_intermediate_size=128, shared_expert_intermediate_size=256),
-            "llama4": dict(intermediate_size=128)}.get(family, dict(moe_intermediate_size=128))
+            "llama4": dict(intermediate_size=128),
+            "hunyuan_v1_moe": dict(moe_intermediate_size=128, intermediate_size=256)}.get(
+                family, dict(moe_intermediate_size=128))
     if family == "olmoe":
         over = dict(intermediate_size=128)
     model = build(FAMILIES, family, **over).cuda()
@@ -350,6 +359,6 @@ def test_family_bf16_on_cuda(family):
         assert mk.patch_model(ours, precision=None) == FAMILIES[family][3]
         err = assert_close_rel(ours(ids).logits.float(), ref, 1.5 * hf_err + 2e-3, f"{family} patched bf16")
         fp8 = copy.deepcopy(hf)
-        mk.patch_model(fp8, precision="fp8")
+        assert mk.patch_model(fp8, precision="fp8") == FAMILIES[family][3]
         err8 = assert_close_rel(fp8(ids).logits.float(), ref, 0.15, f"{family} patched fp8")
     print(f"{family} on CUDA vs fp32: HF bf16 {hf_err:.2e}, ours bf16 {err:.2e}, ours fp8 {err8:.2e}")

@@ -14,6 +14,7 @@ Mixtral             MixtralSparseMoeBlock       softmax top-k, renormalised
 Qwen3-MoE / OLMoE   Qwen3Moe / Olmoe...Block    softmax top-k, norm_topk_prob as configured
 Qwen2-MoE           Qwen2MoeSparseMoeBlock      softmax top-k; shared expert gated by sigmoid(x . g) (FamilyMoELayer)
 MiniMax-M2          MiniMaxM2SparseMoeBlock     sigmoid, selection biased by the block's correction bias, norm
+Hunyuan-A13B        HunYuanMoEV1Moe             softmax top-k, renormalised (router gate.wg); shared_mlp
 Llama 4             Llama4TextMoe               sigmoid of the top-k logits applied to the experts' input; shared
 ==================  ==========================  =====================================================================
 
@@ -84,7 +85,7 @@ _ROUTING_OVERRIDES = {"Qwen3_5MoeSparseMoeBlock": dict(norm_topk_prob=True),
                       "MistralLarge4TextMoE": dict(norm_topk_prob=True)}
 SUPPORTED_MOE.update({clone: f"{SUPPORTED_MOE[base]}-like ({clone})" for clone, base in CLONES.items()})
 SUPPORTED_MOE.update({"MiniMaxM2SparseMoeBlock": "MiniMax-M2", "Mistral4MoE": "Mistral 4",
-                      "MistralLarge4TextMoE": "Mistral Large 4"})
+                      "MistralLarge4TextMoE": "Mistral Large 4", "HunYuanMoEV1Moe": "Hunyuan-A13B (HunYuan-MoE-V1)"})
 _SOFTMAX_GROUPED = ("Mistral4MoE", "MistralLarge4TextMoE")
 SUPPORTED_ATTENTION = {"DeepseekV3Attention": "DeepSeek-V3 MLA", "DeepseekV2Attention": "DeepSeek-V2 MLA",
                        # DeepseekV3Attention's code under other names
@@ -98,7 +99,8 @@ REFUSED_MOE = {
                             "a jitter threshold of its maximum, Gumbel-sampled experts in training), which the "
                             "kernels' softmax / sigmoid top-k cannot reproduce",
 }
-_SOFTMAX_TOPK = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock")
+_SOFTMAX_TOPK = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock",
+                 "HunYuanMoEV1Moe")
 _SIGMOID_GROUPED = ("DeepseekV3MoE", "Glm4MoeMoE")
 
 
@@ -164,7 +166,7 @@ def _is_silu(act) -> bool:
 def _activations(module: nn.Module):
     """(where, activation callable) of every expert MLP in an HF MoE block."""
     found = []
-    for where in ("experts", "shared_experts", "shared_expert"):
+    for where in ("experts", "shared_experts", "shared_expert", "shared_mlp"):
         sub = getattr(module, where, None)
         if sub is None:
             continue
@@ -218,9 +220,19 @@ def _pick_precision(precision: str | None, w: torch.Tensor) -> str:
 def _router(module: nn.Module) -> tuple[str, nn.Module]:
     for name in ("gate", "router"):
         r = getattr(module, name, None)
-        if isinstance(r, nn.Module) and getattr(r, "weight", None) is not None:
+        if isinstance(r, nn.Module) and _router_weight(r) is not None:
             return name, r
     raise UnsupportedModule(f"{type(module).__name__} has no router (gate / router with a weight)")
+
+
+def _router_weight(r: nn.Module) -> torch.Tensor | None:
+    """The [E, H] router matrix: the router's ``weight``, or its ``wg`` Linear's (HunYuan)."""
+    w = getattr(r, "weight", None)
+    if w is None and isinstance(getattr(r, "wg", None), nn.Linear):
+        if r.wg.bias is not None:
+            raise UnsupportedModule(f"{type(r).__name__}.wg has a bias")
+        w = r.wg.weight
+    return w
 
 
 def _attr(objs, *names, default=None):
@@ -243,7 +255,7 @@ def _routing(module: nn.Module, gate: nn.Module) -> dict:
 def _base_routing(module: nn.Module, gate: nn.Module) -> dict:
     kind = CLONES.get(type(module).__name__, type(module).__name__)
     src = (gate, module, getattr(module, "config", None))
-    top_k = _attr(src, "top_k", "num_experts_per_tok")
+    top_k = _attr(src, "top_k", "num_experts_per_tok", "moe_topk")
     if kind in _SIGMOID_GROUPED or kind in _SOFTMAX_GROUPED:  # DeepSeek-V3's group rule (best-two sums)
         if getattr(gate, "bias", None) is not None:
             raise UnsupportedModule(f"{kind}'s router has a bias term")
@@ -263,7 +275,8 @@ def _base_routing(module: nn.Module, gate: nn.Module) -> dict:
         return dict(top_k=top_k, scoring="softmax", norm_topk_prob=False,
                     routed_scaling_factor=float(_attr(src, "routed_scaling_factor", default=1.0)))
     if kind in _SOFTMAX_TOPK:
-        norm = True if kind == "MixtralSparseMoeBlock" else bool(_attr(src, "norm_topk_prob", default=False))
+        always = ("MixtralSparseMoeBlock", "HunYuanMoEV1Moe")
+        norm = True if kind in always else bool(_attr(src, "norm_topk_prob", default=False))
         return dict(top_k=top_k, scoring="softmax", norm_topk_prob=norm)
     if kind == "MiniMaxM2SparseMoeBlock":  # sigmoid, selection biased by the block's correction bias, renormalised
         return dict(top_k=top_k, scoring="sigmoid", norm_topk_prob=True)
@@ -276,9 +289,9 @@ def _base_routing(module: nn.Module, gate: nn.Module) -> dict:
 
 def _shared(module: nn.Module):
     """(shared MLP module or None, its sigmoid gate Linear or None)."""
-    shared = getattr(module, "shared_experts", None)
-    if shared is None:
-        shared = getattr(module, "shared_expert", None)
+    shared = None
+    for name in ("shared_experts", "shared_expert", "shared_mlp"):  # DeepSeek / Qwen2 / HunYuan
+        shared = getattr(module, name, None) if shared is None else shared
     gate = getattr(module, "shared_expert_gate", None)
     if gate is not None and (getattr(gate, "bias", None) is not None or gate.weight.shape[0] != 1):
         raise UnsupportedModule("shared_expert_gate must be a Linear(H, 1) without bias")
@@ -300,7 +313,7 @@ def moe_from_hf(module: nn.Module, precision: str | None = None) -> MoELayer:
     _, gate = _router(module)
     kw = _routing(module, gate)
     _check_activation(module)
-    router_w = gate.weight.detach()
+    router_w = _router_weight(gate).detach()
     E, H = router_w.shape
     w13, w2, s13, s2 = _expert_weights(module.experts, transposed=CLONES.get(kind, kind) == "Llama4TextMoe")
     I = w2.shape[-1]
