@@ -432,8 +432,9 @@ def test_tma_dgrad_kernel_against_float64():
 
 
 def test_fp8_trainable_experts_infer_as_they_train():
-    """Under no_grad the trainable FP8 experts run the inference kernels on the same cached e4m3 copies: the
-    output equals the training forward's. Bad arguments name themselves."""
+    """Under no_grad the trainable FP8 experts run the inference kernels (fused SwiGLU + e4m3 re-quantisation) on
+    the same cached e4m3 copies; the training forward (unfused, h13 rounded to bf16 before SwiGLU) agrees within
+    an e4m3 rounding step of A. Bad arguments name themselves."""
     ex = mk.GroupedExperts(2, 128, 128, precision="fp8", trainable=True, master_dtype=torch.float32)
     assert ex.w13.dtype == torch.float32 and ex.w13_scale is None
     x = torch.randn(5, 128)
@@ -441,7 +442,8 @@ def test_fp8_trainable_experts_infer_as_they_train():
     with torch.no_grad():
         y_infer = ex(x, offsets)
     y_train = ex(x.clone().requires_grad_(), offsets)
-    assert y_train.requires_grad and torch.equal(y_infer, y_train.detach())
+    assert y_train.requires_grad
+    assert_close_rel(y_train.detach().float(), y_infer.float(), 0.05, "training vs inference forward")
     with pytest.raises(TypeError, match="trainable"):
         mk.GroupedExperts(2, 128, 128, precision="fp8", trainable=1)
     with pytest.raises(TypeError, match="master_dtype"):

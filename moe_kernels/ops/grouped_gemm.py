@@ -690,7 +690,7 @@ def _expert_mlp_backward_kernels(x, offsets, w13, w2, topk_weight, grad_out, nee
 
 
 def _expert_mlp_fp8_backward(x, offsets, w13, w13_scale, w2, w2_scale, grad_out, need, w_dtype=None, w13_t=None,
-                             w2_t=None):
+                             w2_t=None, h13=None):
     """(dx, dw13, dw2) of the FP8 expert MLP (DeepSeek-V3's recipe: every GEMM in FP8), its quantisations taken
     as identities (straight-through). h13 again from the quantised x (bf16, [M, 2I]); dA = dY W2 and dX = dH W13
     as FP8 GEMMs on transposed views of the e4m3 weights (their 128x128 blocks transpose with their scales), dY and
@@ -699,15 +699,19 @@ def _expert_mlp_fp8_backward(x, offsets, w13, w13_scale, w2, w2_scale, grad_out,
     transposed operands along the rows. ``need``: (dx, dw13, dw2) wanted; the weight gradients come in
     ``w_dtype`` (the master weights'). ``w13_t`` / ``w2_t``: optional contiguous transposed copies (e4m3
     [E, H, 2I] with scales [E, H/128, 2I/128]; [E, I, H] with [E, I/128, H/128]), made once per optimiser step:
-    with them dA and dX are plain K-major FP8 GEMMs (the Hopper wgmma kernel) instead of strided views."""
+    with them dA and dX are plain K-major FP8 GEMMs (the Hopper wgmma kernel) instead of strided views.
+    ``h13``: the forward's (bf16, saved; left as it is), else computed again."""
     E = w13.shape[0]
     bf = torch.bfloat16
-    h13 = _gemm(x, offsets, w13, w13_scale, out_dtype=bf)
+    saved = h13 is not None
+    if not saved:
+        h13 = _gemm(x, offsets, w13, w13_scale, out_dtype=bf)
     gy = grad_out.to(bf).contiguous()
     w2_t = w2_t or (w2.transpose(1, 2), w2_scale.transpose(1, 2))
     w13_t = w13_t or (w13.transpose(1, 2), w13_scale.transpose(1, 2))
     da = _gemm(gy, offsets, w2_t[0], w2_t[1], out_dtype=bf)
-    a, dh = _swiglu_backward_(h13, da)
+    a, dh = _swiglu_backward_(h13, da, in_place=not saved)
+    del h13
     dx = dw13 = dw2 = None
     if need[2]:
         dw2 = grouped_wgrad(gy, a, offsets, E, out_dtype=w_dtype, fp8=True)
@@ -984,29 +988,34 @@ _expert_mlp_fp8_ste_op.register_autograd(_expert_mlp_fp8_ste_backward, setup_con
 def _expert_mlp_fp8_train_op(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w13_q: torch.Tensor,
                              w13_scale: torch.Tensor, w2: torch.Tensor, w2_q: torch.Tensor, w2_scale: torch.Tensor,
                              w13_tq: torch.Tensor | None, w13_ts: torch.Tensor | None, w2_tq: torch.Tensor | None,
-                             w2_ts: torch.Tensor | None) -> torch.Tensor:
-    # the master weights w13 / w2 are inputs for their gradients only: the GEMMs read their e4m3 copies
-    return _expert_mlp_fp8_ste_op(x, offsets, w13_q, w13_scale, w2_q, w2_scale)
+                             w2_ts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    # the master weights w13 / w2 are inputs for their gradients only: the GEMMs read their e4m3 copies. Unfused,
+    # so that h13 (bf16) is kept for the backward: x and A = SwiGLU(h13) quantised 1x128 by _gemm
+    h13 = _gemm(x, offsets, w13_q, w13_scale, out_dtype=torch.bfloat16)
+    return _gemm(_swiglu(h13), offsets, w2_q, w2_scale, out_dtype=torch.bfloat16), h13
 
 
 @_expert_mlp_fp8_train_op.register_fake
 def _(x, offsets, w13, w13_q, w13_scale, w2, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts):
-    return x.new_empty(x.shape[0], w2.shape[1], dtype=torch.bfloat16)
+    return (x.new_empty(x.shape[0], w2.shape[1], dtype=torch.bfloat16),
+            x.new_empty(x.shape[0], w13.shape[1], dtype=torch.bfloat16))
 
 
 def _expert_mlp_fp8_train_setup(ctx, inputs, output):
     x, offsets, w13, w13_q, w13_scale, w2, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts = inputs
     ctx.w_dtype = w13.dtype
-    # the rows (bf16, for dW13's own quantisation along rows) and the e4m3 weights; no activation of the forward
-    ctx.save_for_backward(x, offsets, w13_q, w13_scale, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts)
+    ctx.mark_non_differentiable(output[1])
+    # the rows (bf16, for dW13's own quantisation along rows), h13 (bf16) and the e4m3 weights
+    ctx.save_for_backward(x, offsets, w13_q, w13_scale, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts, output[1])
 
 
-def _expert_mlp_fp8_train_backward(ctx, grad_out):
-    x, offsets, w13_q, w13_scale, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts = ctx.saved_tensors
+def _expert_mlp_fp8_train_backward(ctx, grad_out, _grad_h13):
+    x, offsets, w13_q, w13_scale, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts, h13 = ctx.saved_tensors
     need = [ctx.needs_input_grad[i] for i in (0, 2, 5)]
     dx, dw13, dw2 = _expert_mlp_fp8_backward(
         x, offsets, w13_q, w13_scale, w2_q, w2_scale, grad_out, need, w_dtype=ctx.w_dtype,
-        w13_t=(w13_tq, w13_ts) if w13_tq is not None else None, w2_t=(w2_tq, w2_ts) if w2_tq is not None else None)
+        w13_t=(w13_tq, w13_ts) if w13_tq is not None else None, w2_t=(w2_tq, w2_ts) if w2_tq is not None else None,
+        h13=h13)
     return dx, None, dw13, None, None, dw2, None, None, None, None, None, None
 
 
@@ -1173,8 +1182,9 @@ def expert_mlp_fp8_train(x, offsets, w13, w2, w13_fp8, w2_fp8, w13_fp8_t=None, w
     [E, I, H], fp32 [E, I/128, H/128]) for the backward's dA and dX (the 128x128 blocks transpose with their
     scales: the same quantisation of W^T). x [M, H] bf16/fp16/fp32 rows grouped by ``offsets`` (int32 [E+1]) is
     quantised 1x128 inside. Forward, dgrad and wgrad GEMMs run in e4m3 with fp32 accumulation (see
-    ``_expert_mlp_fp8_backward``); the quantisations are taken as identities. Saved for the backward: x and the
-    e4m3 weights only (h13 is recomputed). Returns bf16 [M, H]."""
+    ``_expert_mlp_fp8_backward``); the quantisations are taken as identities. The forward runs unfused (the w13
+    GEMM into bf16 h13, SwiGLU, the w2 GEMM on A quantised 1x128) to keep h13 for the backward; saved: x, h13 and
+    the e4m3 weights. Returns bf16 [M, H]."""
     check_tensor("w13", w13, dtype=(torch.bfloat16, torch.float32), ndim=3, device=x.device)
     check_tensor("w2", w2, dtype=w13.dtype, shape=(w13.shape[0], w13.shape[2], w13.shape[1] // 2), device=x.device)
     pairs = (("w13_fp8", w13_fp8, tuple(w13.shape)), ("w2_fp8", w2_fp8, tuple(w2.shape)),
@@ -1193,7 +1203,7 @@ def expert_mlp_fp8_train(x, offsets, w13, w2, w13_fp8, w2_fp8, w13_fp8_t=None, w
     _check_fp8_rows_and_weights(x, offsets, w13_fp8[0], w13_fp8[1], w2_fp8[0], w2_fp8[1])
     t13 = w13_fp8_t or (None, None)
     t2 = w2_fp8_t or (None, None)
-    return _expert_mlp_fp8_train_op(x, offsets, w13, w13_fp8[0], w13_fp8[1], w2, w2_fp8[0], w2_fp8[1], *t13, *t2)
+    return _expert_mlp_fp8_train_op(x, offsets, w13, w13_fp8[0], w13_fp8[1], w2, w2_fp8[0], w2_fp8[1], *t13, *t2)[0]
 
 
 def expert_mlp_train(x, offsets, w13, w2) -> torch.Tensor:
