@@ -228,7 +228,8 @@ def _moe_layer(res, plt, what="one MoE layer (H=7168, I=2048)"):
         Ts = [r["T"] for r in rs]
         for i, (key, label) in enumerate((("ours_tflops", OURS), ("composition_tflops", "torch composition"),
                                           ("naive_tflops", "naive torch loop"))):
-            ax.plot(Ts, [r[key] for r in rs], "o-", color=f"C{i}", label=label, gid=key)
+            if any(key in r for r in rs):  # the training bench has no naive loop
+                ax.plot(Ts, [r.get(key, float("nan")) for r in rs], "o-", color=f"C{i}", label=label, gid=key)
         _spec_lines(ax, res, (prec,))
         _xlog2(ax, Ts, "tokens", "TFLOP/s", f"{case}, {prec}")
     return _finish(fig, res, what)
@@ -301,8 +302,24 @@ def _all_to_all(res, plt):
                              f"E={cfg.get('experts', '?')}", ncols=3)
 
 
+def _moe_decode(res, plt):
+    rows = res["rows"]
+    groups = sorted({(r["case"], r["precision"]) for r in rows})
+    fig, axes = _figure(plt, 1, len(groups), 4.2, 3.8)
+    for ax, (case, prec) in zip(axes[0], groups):
+        rs = _select(rows, "T", case=case, precision=prec)
+        Ts = [r["T"] for r in rs]
+        for i, (key, label) in enumerate((("ours_us", OURS), ("hf_grouped_mm_us", "transformers grouped_mm"),
+                                          ("composition_us", "torch composition"),
+                                          ("bound_us", "weight bytes / copy bandwidth"))):
+            ax.plot(Ts, [r[key] for r in rs], "o-" if i < 3 else "--", color="k" if i == 3 else f"C{i}",
+                    label=label, gid=key)
+        _xlog2(ax, Ts, "tokens T", "us per MoE block (CUDA graph)", f"{case}, {prec}")
+    return _finish(fig, res, "one MoE block at decode sizes (H=7168, I=2048)")
+
+
 FAMILIES = {"routing": _routing, "grouped_gemm": _grouped_gemm, "mla": _mla, "moe_layer": _moe_layer,
-            "training": _training, "placement": _placement, "all_to_all": _all_to_all}
+            "training": _training, "moe_decode": _moe_decode, "placement": _placement, "all_to_all": _all_to_all}
 
 
 def family(path: str) -> str | None:
@@ -365,6 +382,12 @@ def moe_layer(path: str) -> str | None:
 def training(path: str) -> str | None:
     """training-*.json (bench_training.py) -> .png: as moe_layer, for one forward + backward."""
     return _write(path, "training")
+
+
+def moe_decode(path: str) -> str | None:
+    """moe_decode-*.json (bench_moe_decode.py) -> .png: us per block against T per (case, precision): ours, the
+    transformers block, the torch composition and the weight-read bound of the same run."""
+    return _write(path, "moe_decode")
 
 
 def placement(path: str) -> str | None:

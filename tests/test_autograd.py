@@ -293,8 +293,9 @@ def _offsets(counts, device="cpu"):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fp8_wgrad_quantises_the_transposed_operands_along_rows(dtype, device):
     """grouped_wgrad(fp8=True): 1x128 groups along the rows (the reduction axis), starting at each expert's first
-    row: an expert of 130 rows has a full group and a 2-row one. Bit-level agreement with the torch formulation of
-    the recipe, FP8-sized error against float64; an empty expert's gradient is zeros."""
+    row: an expert of 130 rows has a full group and a 2-row one. Agreement with the torch formulation of the
+    recipe (to rounding in the interpreter, to the tensor cores' accumulation on a GPU), FP8-sized error against
+    float64; an empty expert's gradient is zeros."""
     from _helpers import skip_unless_cuda
 
     skip_unless_cuda(device)
@@ -307,7 +308,9 @@ def test_fp8_wgrad_quantises_the_transposed_operands_along_rows(dtype, device):
     dw = ops.grouped_wgrad(dy, x, offsets, E, out_dtype=torch.float32, fp8=True)
     assert torch.equal(dw[1], torch.zeros_like(dw[1]))
     emulated = gg._wgrad_fp8_reference(dy, x, offsets, E)
-    assert_close_rel(dw, emulated, 1e-5, "fp8 wgrad vs its torch formulation")
+    # the interpreter multiplies the e4m3 values exactly; Hopper's FP8 tensor cores accumulate a 128-deep product
+    # in reduced precision (DeepSeek-V3's reason to promote every 128 to fp32): 4.5e-4 measured on an H200
+    assert_close_rel(dw, emulated, 1e-5 if device == "cpu" else 2e-3, "fp8 wgrad vs its torch formulation")
     bounds = offsets.tolist()
     exact = torch.stack([dy[lo:hi].double().t() @ x[lo:hi].double() for lo, hi in zip(bounds, bounds[1:])])
     assert_close_rel(dw, exact, 8e-2, "fp8 wgrad vs float64")

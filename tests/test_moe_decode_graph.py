@@ -58,12 +58,14 @@ def test_patched_model_under_reduce_overhead_compile():
                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
                                      num_experts_per_tok=2)
     torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
-    mk.patch_model(model, precision="bf16")
+    # fp32: bf16 rounding differences between inductor's kernels and eager ones flip a few routing choices, and a
+    # flipped top-k moves logits by far more than any bound that would still catch a stale replay
+    model = transformers.MixtralForCausalLM(cfg).to("cuda", torch.float32).eval()
+    mk.patch_model(model, precision="fp32")
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=False)
     with torch.no_grad():
         for step in range(3):
             ids = torch.randint(0, 128, (2, 5), device="cuda")
             got = compiled(ids).logits.float()
             want = model(ids).logits.float()
-            assert_close_rel(got, want, 2e-2, f"compiled step {step}")
+            assert_close_rel(got, want, 1e-3, f"compiled step {step}")

@@ -97,11 +97,13 @@ def test_quantize_fp8_large():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_quantize_fp8_nan_spreads_through_its_group_only(dtype, device):
     """docs/numerics.md: a NaN spreads through its 1x128 group (NaN scale, every value NaN), as in the reference;
-    the other groups are bit-exact. (The kernel's max dropped NaNs: the group came out finite, about 0.)"""
+    the other groups match it as in test_quantize_fp8_matches_reference. (The kernel's max dropped NaNs: the group
+    came out finite, about 0.)"""
     x = torch.randn(5, 384, dtype=dtype)
     x[1, 200] = float("nan")  # row 1, group 1
     x[3, 0] = float("nan")  # row 3, group 0
-    x, (qr, sr) = x.to(device), R.quantize_fp8(x)
+    x = x.to(device)
+    qr, sr = (t.cpu() for t in R.quantize_fp8(x))  # the reference on the same device: the same IEEE division
     q, s = mk.ops.quantize_fp8(x)
     q, s = q.cpu(), s.cpu()
     nan_groups = torch.zeros(5, 3, dtype=torch.bool)
@@ -110,7 +112,7 @@ def test_quantize_fp8_nan_spreads_through_its_group_only(dtype, device):
     assert torch.equal(torch.isnan(s), nan_groups)
     assert torch.isnan(q.float().view(5, 3, 128)[nan_groups]).all()
     assert not torch.isnan(q.float().view(5, 3, 128)[~nan_groups]).any()
-    assert torch.equal(s[~nan_groups], sr[~nan_groups])
+    assert_close_rel(s[~nan_groups], sr[~nan_groups], 1e-6, "scales of the groups without NaN")  # as above
     assert_fp8_close(q.view(5, 3, 128)[~nan_groups], qr.view(5, 3, 128)[~nan_groups])
 
 

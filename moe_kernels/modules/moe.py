@@ -129,20 +129,22 @@ class MoELayer(nn.Module):
     def _start_shared(self, x2: torch.Tensor):
         """The shared experts' output, or on CUDA without autograd (inference, CUDA-graph capture) a pair (output,
         side stream) still running: the routed experts launched meanwhile share the GPU with it, which at decode
-        sizes fills SMs the routed GEMMs leave idle. Memory: x2 and the output are used on both streams only
-        between the fork (side waits for main) and the join (main waits for side) of this call, so neither block
-        can be handed out again before both streams are done with it."""
+        sizes fills SMs the routed GEMMs leave idle. Memory: x2 (the caller's, alive for the whole call) is read on
+        the side stream only between the fork (side waits for main) and the join (main waits for side); the output
+        belongs to the side stream, which allocates again only after a later fork, ordered after main's reads."""
         if self.shared_experts is None:
             return None
-        offsets = torch.arange(2, dtype=torch.int32, device=x2.device) * x2.shape[0]  # [0, T], no host copy
         if not x2.is_cuda or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self.shared_experts(x2, offsets)
+            return self.shared_experts(x2, torch.arange(2, dtype=torch.int32, device=x2.device) * x2.shape[0])
         side = self._side_streams.get(x2.device)
         if side is None:
             side = self._side_streams[x2.device] = torch.cuda.Stream(x2.device)
         side.wait_stream(torch.cuda.current_stream(x2.device))
         with torch.cuda.stream(side):
-            y = self.shared_experts(x2, offsets)
+            # every temporary of the shared experts (their offsets [0, T] too) is allocated on the side stream: a
+            # block freed there is handed out again only in side-stream order, never to the main stream's next
+            # allocation while the side stream may still read it
+            y = self.shared_experts(x2, torch.arange(2, dtype=torch.int32, device=x2.device) * x2.shape[0])
         return y, side
 
     @classmethod

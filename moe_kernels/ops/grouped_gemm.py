@@ -473,6 +473,9 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, num_
             return _wgrad_fp8_reference(dy, x, offsets, num_experts).to(dw.dtype)
         o = offsets.tolist()
         return torch.stack([dy[lo:hi].float().t() @ x[lo:hi].float() for lo, hi in zip(o, o[1:])]).to(dw.dtype)
+    if dy.dtype != x.dtype:  # one dtype for the kernel: fp8 quantises from dy's (bf16); else the wider of the two
+        common = dy.dtype if fp8 else torch.promote_types(dy.dtype, x.dtype)
+        dy, x = dy.to(common), x.to(common)
     dy, x = dy.contiguous(), x.contiguous()
     small = interpret_mode()
     tma = x.dtype != torch.float32 and not _WGRAD_TMA_FAILED and _tma_usable(dy, x)
