@@ -427,6 +427,11 @@ def bench_decode_shape(B, S, fm, chosen, log, sweep, graphs=True):
                     row["x_flashmla_graph"] = row["flashmla_graph_us"] / row["ours_graph_us"]
             if "torch_us" in row:
                 row["speedup"] = row["torch_us"] / row["ours_us"]
+            try:  # the Triton kernel with the shipped tiles, for comparison (where Gluon is shipped)
+                t_cfg = dict(ops_mla.get_mla_config(cfg_kind(kind), B, d["q_lat"].device), GLUON=0)
+                row["triton_us"] = bench_ms(ours_fn(d, kind, t_cfg, 0)) * 1e3
+            except Exception as e:  # noqa: BLE001
+                row["triton_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             for gl_cfg in (c for c in DECODE_SWEEP[cfg_kind(kind)] if c.get("GLUON")):
                 tag = f"gluon{gl_cfg['GLUON']}"
                 try:  # each Gluon schedule's own numbers, whichever config won
@@ -602,7 +607,8 @@ def main():
 
     dec = sorted([r for r in rows if r.get("cache")], key=lambda r: (r["cache"], r["B"], r["S"]))
     print(markdown(dec, ["cache", "B", "S", "ours_us", "flashmla_us", "x_flashmla", "ours_graph_us",
-                         "flashmla_graph_us", "x_flashmla_graph", "gluon1_us", "gluon2_us", "x_flashmla_gluon",
+                         "flashmla_graph_us", "x_flashmla_graph", "triton_us", "gluon1_us", "gluon2_us",
+                         "x_flashmla_gluon",
                          "GBps", "TFLOPS", "torch_us", "config", "splits",
                          "rel_err_vs_fp32", "rel_err_vs_flashmla"]))
     down = [r for r in rows if r["op"] == "down_proj"]

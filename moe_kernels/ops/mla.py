@@ -75,16 +75,17 @@ DEFAULTS = {
                         num_warps=8, num_stages=4),
     "latent_fp8": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_K=1, QUANT_A=0, USE_TMA=0,
                        num_warps=8, num_stages=4),
-    # decode: 64 heads x 64 keys per step (measured best on H100); the [64, 512] fp32 accumulator takes two
-    # warpgroups, the q tile and two stages of cache tiles 221 KB of shared memory. LAZY (0: rescale the
+    # decode, Triton kernel: 64 heads x 64 keys per step (measured best on H100); the [64, 512] fp32 accumulator
+    # takes two warpgroups, the q tile and two stages of cache tiles 221 KB of shared memory. LAZY (0: rescale the
     # accumulator every tile, 1: only when a row's max grew, 2: only when it grew by more than 8 in log2 units)
     # and V_BLOCKS (1, or 2: each program accumulates half the value columns) are the variants of the sweep.
-    "decode": dict(BLOCK_H=64, BLOCK_N=64, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2),
-    # GLUON=1 (2: its PIPE schedule): the Gluon sm_90 kernel (mla_decode_sm90: bf16 cache, R = 64, C <= 512,
-    # page 64) where it applies;
-    # BLOCK_H / BLOCK_N are then 64 / 64 (its tiles) for the split heuristic. Opt-in until measured (configs).
-    # FP8 cache: the e4m3 tile is widened to bf16 in registers and staged in shared memory again for the wgmmas
-    "decode_fp8": dict(BLOCK_H=64, BLOCK_N=32, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2),
+    # GLUON=1 (2: its PIPE schedule): the Gluon sm_90 kernel (mla_decode_sm90) wherever it applies (sm_90, bf16
+    # queries, R = 64, C <= 512, page 64; else the Triton kernel runs with the keys above, and says why once).
+    # Measured on one H200 (bench_mla, B 32 / 128, S 4096): Gluon serial 126 / 366 us, PIPE 122 / 389 us, the Triton
+    # kernel 159 / 553 us, FlashMLA 75 / 253 us; FP8 cache: Gluon 164 / 577 us, Triton 277 / 1032 us.
+    "decode": dict(BLOCK_H=64, BLOCK_N=64, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2, GLUON=1),
+    # FP8 cache, Triton kernel: the e4m3 tile is widened to bf16 in registers and staged in shared memory again
+    "decode_fp8": dict(BLOCK_H=64, BLOCK_N=32, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2, GLUON=1),
 }
 # few rows (decode-time projections): the grid of 128x128 tiles would leave most SMs idle
 SMALL_M = {
