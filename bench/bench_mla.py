@@ -560,7 +560,8 @@ def summarize(rows, copy_bw, fm_err, t0):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="decode at S 4096 only (and T 1024 with --latent)")
+    ap.add_argument("--quick", action="store_true",
+                    help="no sweep and no CUDA-graph timings (every decode shape still; T 1024 only with --latent)")
     ap.add_argument("--no-sweep", action="store_true", help="time the shipped configs only")
     ap.add_argument("--no-graph", action="store_true", help="no CUDA-graph timings")
     ap.add_argument("--latent", action="store_true", help="also the down-projection rows")
@@ -568,7 +569,8 @@ def main():
     ap.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1),
                     help="processes that compile the kernels first (0: compile on first use)")
     args = ap.parse_args()
-    sweep = not args.no_sweep
+    sweep = not (args.no_sweep or args.quick)
+    graphs = not (args.no_graph or args.quick)
     t0 = time.time()
     fm, fm_err = load_flash_mla()
     print(f"flash_mla: {'imported from ' + fm.__file__ if fm else 'not available (' + fm_err + ')'}", flush=True)
@@ -587,14 +589,14 @@ def main():
         save("mla", rows, {"copy_GBps": copy_bw, "partial": True}, extra={"sweep": log})  # survives a timeout
 
     # S = 4096 first: the sweep picks each B's configs there, which the other S then reuse
-    Ss = [4096] if args.quick else [4096, 1024, 8192]
+    Ss = [4096, 1024, 8192]
     for S in Ss:
         for B in (32, 128):
             if args.budget and time.time() - t0 > args.budget:
                 print(f"budget of {args.budget:.0f} s spent: B={B} S={S} and later shapes skipped", flush=True)
                 continue
             try:
-                add(bench_decode_shape(B, S, fm, chosen, log, sweep, graphs=not args.no_graph))
+                add(bench_decode_shape(B, S, fm, chosen, log, sweep, graphs=graphs))
             except Exception:  # noqa: BLE001 - keep the other shapes
                 traceback.print_exc()
     if args.latent:

@@ -4,7 +4,7 @@
 #
 #   bash tools/gpu/mla.sh            # ~5.5 min at most (MLA_TOTAL=330 s): FlashMLA build (background,
 #                                    # ~100 s) || GPU tests; then the bench with what is left
-#   MLA_QUICK=1 bash tools/gpu/mla.sh   # bench at S=4096 only, no sweep
+#   MLA_QUICK=1 bash tools/gpu/mla.sh   # bench without the config sweep and the CUDA-graph timings (all shapes)
 #
 # $OUT gets 6 files: mla_tests.log, mla_bench.log, mla_build.log, mla-<GPU>.json (rows, summary, sweep),
 # mla_<GPU>.json (the sweep's launch configs, for moe_kernels/ops/configs/), mla_summary.txt (printed at the end).
@@ -71,7 +71,7 @@ echo "[$(el) s] bench"
 # the whole script stays within ~${MLA_TOTAL:-330} s: the bench gets what is left (at least 90 s)
 LEFT=$(( ${MLA_TOTAL:-330} - $(el) )); [ $LEFT -lt 90 ] && LEFT=90
 ARGS="--budget $(( LEFT - 50 ))"
-[ "${MLA_QUICK:-0}" = 1 ] && ARGS="--quick --no-sweep"
+[ "${MLA_QUICK:-0}" = 1 ] && ARGS="--quick"
 touch /tmp/mla_bench_start
 MLA_BENCH_GLUON=$GLUON_OK timeout $LEFT "$PY" bench/bench_mla.py $ARGS > "$OUT/mla_bench.log" 2>&1
 echo "bench rc=$?" >> "$OUT/mla_bench.log"
