@@ -644,7 +644,7 @@ CHECKS = {
 # between GPUs, so these checks run the multigpu tests' P2P checks on any one-GPU machine (correctness only).
 
 GPU_TIMEOUT = 60.0  # the ranks' kernels time-share the GPU, and a peer's first call compiles Triton kernels
-SOAK_ITERS = {2: 1000, 4: 300}  # 4 ranks time-share the GPU: slower per call
+SOAK_ITERS = {2: 1000, 4: 1000}
 
 
 def _gpu():
