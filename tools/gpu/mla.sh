@@ -2,8 +2,8 @@
 # MLA decode on one Hopper GPU: GPU tests, FlashMLA build, bench against FlashMLA. Run from the repo root, with
 # the anchors copied to .anchors (cp -r ../shared/anchors .anchors) and OUT set (results come back from there).
 #
-#   bash tools/gpu/mla.sh            # ~5.5 min at most (MLA_TOTAL=330 s): FlashMLA build (background,
-#                                    # ~100 s) || GPU tests; then the bench with what is left
+#   bash tools/gpu/mla.sh            # ~4-5 min (at most MLA_TOTAL=330 s + the bench's 90 s floor): FlashMLA
+#                                    # build (background, ~100 s) || GPU tests (~2.5 min); then the bench
 #   MLA_QUICK=1 bash tools/gpu/mla.sh   # bench without the config sweep and the CUDA-graph timings (all shapes)
 #
 # $OUT gets 6 files: mla_tests.log, mla_bench.log, mla_build.log, mla-<GPU>.json (rows, summary, sweep),
