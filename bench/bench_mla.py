@@ -558,8 +558,28 @@ def summarize(rows, copy_bw, fm_err, t0):
     }
 
 
+def profile_one(name, B=128, S=4096):
+    """One implementation's decode at (B, S), three calls (for Nsight Compute: skip the first, profile the next)."""
+    d = decode_data(B, S)
+    if name == "flashmla":
+        fm, err = load_flash_mla()
+        if fm is None:
+            raise SystemExit(f"flash_mla: {err}")
+        meta = fm.get_mla_metadata()[0]
+        fn = lambda: fm.flash_mla_with_kvcache(d["q_fm"], d["k_fm"], d["table"], d["lens"], C, meta, None,  # noqa
+                                               softmax_scale=SCALE, causal=False)
+    else:
+        cfg = dict(ops_mla.get_mla_config("decode", B, d["q_lat"].device), GLUON=1 if name == "gluon" else 0)
+        fn = ours_fn(d, "bf16", cfg, 0)
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", choices=["gluon", "triton", "flashmla"], default=None,
+                    help="only run that decode three times at B=128, S=4096 (under ncu)")
     ap.add_argument("--quick", action="store_true",
                     help="no sweep and no CUDA-graph timings (every decode shape still; T 1024 only with --latent)")
     ap.add_argument("--no-sweep", action="store_true", help="time the shipped configs only")
@@ -569,6 +589,8 @@ def main():
     ap.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1),
                     help="processes that compile the kernels first (0: compile on first use)")
     args = ap.parse_args()
+    if args.profile:
+        return profile_one(args.profile)
     sweep = not (args.no_sweep or args.quick)
     graphs = not (args.no_graph or args.quick)
     t0 = time.time()

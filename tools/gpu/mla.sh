@@ -6,8 +6,9 @@
 #                                    # build (background, ~100 s) || GPU tests (~2.5 min); then the bench
 #   MLA_QUICK=1 bash tools/gpu/mla.sh   # bench without the config sweep and the CUDA-graph timings (all shapes)
 #
-# $OUT gets 6 files: mla_tests.log, mla_bench.log, mla_build.log, mla-<GPU>.json (rows, summary, sweep),
-# mla_<GPU>.json (the sweep's launch configs, for moe_kernels/ops/configs/), mla_summary.txt (printed at the end).
+# $OUT gets 7 files: mla_tests.log, mla_bench.log, mla_build.log, mla-<GPU>.json (rows, summary, sweep),
+# mla_<GPU>.json (the sweep's launch configs, for moe_kernels/ops/configs/), mla_ncu.log (Nsight Compute, when time
+# is left or MLA_NCU=1), mla_summary.txt (printed at the end).
 set -u
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/out}
@@ -78,7 +79,22 @@ echo "bench rc=$?" >> "$OUT/mla_bench.log"
 NEW_JSON=$(find bench/results -maxdepth 1 -name 'mla*.json' -newer /tmp/mla_bench_start)  # this run's only
 for f in $NEW_JSON; do cp "$f" "$OUT/"; done
 
-# 4. compact summary
+# 4. Nsight Compute on one B=128, S=4096 call of the Gluon kernel and of FlashMLA (tensor pipe, stalls), when
+#    MLA_NCU=1 or time is left (it takes ~1 min)
+if command -v ncu > /dev/null && { [ "${MLA_NCU:-0}" = 1 ] || [ $(el) -lt 270 ]; }; then
+    echo "[$(el) s] ncu"
+    : > "$OUT/mla_ncu.log"
+    for k in "gluon:regex:_mla_decode_sm90_kernel" "flashmla:regex:(?i)splitkv_mla"; do
+        name=${k%%:*}; kern=${k#*:}
+        echo "=== $name" >> "$OUT/mla_ncu.log"
+        timeout 60 ncu --clock-control none --kernel-name "$kern" --launch-skip 1 --launch-count 1 \
+            --section SpeedOfLight --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \
+            "$PY" bench/bench_mla.py --profile "$name" >> "$OUT/mla_ncu.log" 2>&1
+        echo "ncu $name rc=$?" >> "$OUT/mla_ncu.log"
+    done
+fi
+
+# 5. compact summary
 {
     echo "=== MLA GPU run: $(el) s total ==="
     cat /tmp/mla_env.txt
@@ -87,6 +103,11 @@ for f in $NEW_JSON; do cp "$f" "$OUT/"; done
     echo "--- build:"; grep -E "build rc|FAILED|flash_mla" "$OUT/mla_build.log" | tail -3
     echo "--- bench:"; grep -E "flash_mla:|decode kernel:|bench rc|budget|Error|error:" "$OUT/mla_bench.log" | head -12
     sed -n '/^| cache/,/^$/p' "$OUT/mla_bench.log" | head -30
+    if [ -f "$OUT/mla_ncu.log" ]; then
+        echo "--- ncu (B=128, S=4096):"
+        grep -E "^===|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Warp Cycles Per\
+ Issued|Issue Slots Busy|Executed Ipc A|ncu .* rc=" "$OUT/mla_ncu.log" | head -30
+    fi
     NEW_JSON="$NEW_JSON" "$PY" - <<'EOF'
 import json, os
 for p in sorted(p for p in os.environ["NEW_JSON"].split() if os.path.basename(p).startswith("mla-")):
