@@ -127,6 +127,28 @@ def _unpermute_kernel(y_ptr, slot_ptr, w_ptr, out_ptr, H, stride_y, stride_out,
     tl.store(out_ptr + t * stride_out + offs_h, acc.to(out_ptr.dtype.element_ty), mask=h_mask)
 
 
+@triton.jit
+def _unpermute_backward_kernel(g_ptr, y_ptr, slot_ptr, w_ptr, gy_ptr, gw_part_ptr, H, stride_g, stride_y, stride_gy,
+                               NB, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, NEED_GY: tl.constexpr,
+                               NEED_GW: tl.constexpr):
+    """unpermute's backward for token t and one column block: y's row slot[t, j] gets w[t, j] * g[t] (a scatter
+    with no collisions: slot is a permutation), and w[t, j] the block's part of <g[t], y[slot[t, j]]> (fp32,
+    summed over the NB blocks afterwards, in block order)."""
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    g = tl.load(g_ptr + t * stride_g + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+    for j in tl.static_range(TOP_K):
+        row = tl.load(slot_ptr + t * TOP_K + j).to(tl.int64)
+        if NEED_GY:
+            w = tl.load(w_ptr + t * TOP_K + j)
+            tl.store(gy_ptr + row * stride_gy + offs_h, (w * g).to(gy_ptr.dtype.element_ty), mask=h_mask)
+        if NEED_GW:
+            yv = tl.load(y_ptr + row * stride_y + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+            tl.store(gw_part_ptr + (t * TOP_K + j) * NB + hb, tl.sum(g * yv, axis=0))
+
+
 def _row_block(H: int, fp8: bool) -> int:
     """Columns per program of the row kernels: up to 1024 for bf16, 2048 for fp8 rows, so that each of 4 warps' threads
     stores 16 bytes a row either way (the H200 sweep in results/routing_sweep-hwcvt-NVIDIA_H200.json: fp8 k=8
@@ -199,17 +221,23 @@ def _(x, topk_ids, num_experts, fp8):
 def _permute_setup(ctx, inputs, output):
     x, _, _, fp8 = inputs
     ctx.fp8, ctx.x_shape, ctx.x_dtype = fp8, x.shape, x.dtype
-    ctx.save_for_backward(output[3])  # token_index
+    ctx.save_for_backward(output[3], output[4])  # token_index, slot
 
 
 def _permute_backward(ctx, grad_rows, *_):
-    """x's gradient: each permuted row's gradient added back to its token (index_add in fp32)."""
+    """x's gradient: each token's k permuted rows' gradients summed in fp32 (a gather kernel; the reference path:
+    index_add)."""
     if grad_rows is None:
         return None, None, None, None
     if ctx.fp8:
         raise RuntimeError("permute(fp8=True) has no backward: its rows are quantised to e4m3. Train with "
                            "bf16 or fp32 rows (MoELayer precision='bf16'), or run inference under torch.no_grad()")
-    (token_index,) = ctx.saved_tensors
+    token_index, slot = ctx.saved_tensors
+    if use_triton(grad_rows) and slot.numel():
+        # x's row t gathers its k rows (slot[t, :]) and sums them in fp32: the unpermute kernel with unit weights
+        # (deterministic; no atomics, no fp32 copy of the rows)
+        ones = torch.ones(slot.shape, dtype=torch.float32, device=slot.device)
+        return _unpermute_triton(grad_rows, slot, ones, out_dtype=ctx.x_dtype), None, None, None
     gx = torch.zeros(ctx.x_shape, dtype=torch.float32, device=grad_rows.device)
     gx.index_add_(0, token_index.long(), grad_rows.float())
     return gx.to(ctx.x_dtype), None, None, None
@@ -245,10 +273,11 @@ def permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, fp8: bool
     return Permuted(xq, scale if fp8 else None, offsets, token_index, slot)
 
 
-def _unpermute_triton(y: torch.Tensor, slot: torch.Tensor, topk_weights: torch.Tensor, block_h=None, num_warps=4):
+def _unpermute_triton(y: torch.Tensor, slot: torch.Tensor, topk_weights: torch.Tensor, block_h=None, num_warps=4,
+                      out_dtype=None):
     T, k = slot.shape
     H = y.shape[1]
-    out = (torch.empty if k else torch.zeros)(T, H, dtype=y.dtype, device=y.device)  # k = 0: an empty sum
+    out = (torch.empty if k else torch.zeros)(T, H, dtype=out_dtype or y.dtype, device=y.device)  # k = 0: empty sum
     if T * k and H:
         y = y if y.stride(-1) == 1 else y.contiguous()
         BLOCK_H = block_h or _row_block(H, False)
@@ -279,18 +308,32 @@ def _unpermute_setup(ctx, inputs, output):
 
 def _unpermute_backward(ctx, grad_out):
     """out[t] = sum_j w[t, j] y[slot[t, j]]: y's row slot[t, j] gets w[t, j] grad_out[t] (slot is a permutation),
-    w[t, j] gets <grad_out[t], y[slot[t, j]]>; in fp32, as the forward sums."""
+    w[t, j] gets <grad_out[t], y[slot[t, j]]>; in fp32, as the forward sums. One gather/scatter kernel where the
+    forward ran one (no zero-filled copy, no torch index ops)."""
     y, slot, w = ctx.saved_tensors
     T, k = slot.shape
     N = y.shape[1]
+    need_gy, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    if use_triton(y) and T * k and N:
+        g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        yc = y if y.stride(-1) == 1 else y.contiguous()
+        BLOCK_H = _row_block(N, False)
+        NB = triton.cdiv(N, BLOCK_H)
+        gy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if need_gy else None
+        part = torch.empty(T, k, NB, dtype=torch.float32, device=y.device) if need_gw else None
+        _unpermute_backward_kernel[(T, NB)](
+            g, yc, slot.contiguous(), w.float().contiguous(), gy if need_gy else g, part if need_gw else g, N,
+            g.stride(0), yc.stride(0), gy.stride(0) if need_gy else 0, NB, TOP_K=k, BLOCK_H=BLOCK_H,
+            NEED_GY=bool(need_gy), NEED_GW=bool(need_gw), num_warps=4)
+        return gy, None, part.sum(-1).to(w.dtype) if need_gw else None
     rows = slot.reshape(-1).long()
     g = grad_out.float()
     gy = gw = None
-    if ctx.needs_input_grad[0]:
+    if need_gy:
         gy = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
         gy[rows] = (g[:, None, :] * w.float()[:, :, None]).reshape(T * k, N)
         gy = gy.to(y.dtype)
-    if ctx.needs_input_grad[2]:
+    if need_gw:
         gw = (g[:, None, :] * y.float()[rows].view(T, k, N)).sum(-1).to(w.dtype)
     return gy, None, gw
 
