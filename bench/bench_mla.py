@@ -399,7 +399,7 @@ def bench_decode_shape(B, S, fm, chosen, log, sweep, graphs=True):
         base["torch_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     rows = []
     for kind in CACHES:
-        row = dict(base, op="decode" if kind == "bf16" else f"decode_{kind}", cache=kind)
+        row = dict(base, op={"bf16": "decode", "bf16_paged": "decode_paged"}.get(kind, f"decode_{kind}"), cache=kind)
         try:
             key = (cfg_kind(kind), B)
             if sweep and key not in chosen:
