@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import bench_ms, copy_bandwidth, markdown, save  # noqa: E402  (sets MOE_KERNELS_VALUE_CHECKS=0)
+from bench_moe_layer import rowwise_fp8  # noqa: E402  (the rowwise e4m3 format torch._scaled_grouped_mm takes)
 
 import moe_kernels as mk  # noqa: E402
 from moe_kernels import reference as R  # noqa: E402
 
-FP8 = torch.float8_e4m3fn
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CASES = {
     "deepseek": dict(num_experts=256, top_k=8, scoring="sigmoid", n_group=8, topk_group=4,
@@ -76,12 +76,6 @@ def hf_block(case: str, H: int, I: int, device="cuda"):
                 std = 0.01 if "bias" in name else p.shape[-1] ** -0.5
                 p.normal_(0.0, std, generator=g)
     return block.eval()
-
-
-def rowwise_fp8(x):
-    """e4m3 with one fp32 scale per row (per output column for a weight [.., N, K])."""
-    s = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448.0
-    return (x.float() / s).clamp(-448, 448).to(FP8), s.squeeze(-1)
 
 
 class Composition:

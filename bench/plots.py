@@ -219,20 +219,28 @@ def _mla(res, plt):
     return _finish(fig, res, "MLA (DeepSeek-V3 shapes: H 7168, latents 1536 / 512 + 64 RoPE)", ncols=3)
 
 
-def _moe_layer(res, plt, what="one MoE layer (H=7168, I=2048)"):
+def _case_panels(res, plt, series, ylabel, what):
+    """One panel per (case, precision) of a layer-level result, a line per (key, label, fmt, color) of series
+    against tokens; keys a result lacks (the training bench has no naive loop) are left out."""
     rows = res["rows"]
     groups = sorted({(r["case"], r["precision"]) for r in rows})
     fig, axes = _figure(plt, 1, len(groups), 4.2, 3.8)
     for ax, (case, prec) in zip(axes[0], groups):
         rs = _select(rows, "T", case=case, precision=prec)
         Ts = [r["T"] for r in rs]
-        for i, (key, label) in enumerate((("ours_tflops", OURS), ("composition_tflops", "torch composition"),
-                                          ("naive_tflops", "naive torch loop"))):
-            if any(key in r for r in rs):  # the training bench has no naive loop
-                ax.plot(Ts, [r.get(key, float("nan")) for r in rs], "o-", color=f"C{i}", label=label, gid=key)
-        _spec_lines(ax, res, (prec,))
-        _xlog2(ax, Ts, "tokens", "TFLOP/s", f"{case}, {prec}")
+        for key, label, fmt, color in series:
+            if any(key in r for r in rs):
+                ax.plot(Ts, [r.get(key, float("nan")) for r in rs], fmt, color=color, label=label, gid=key)
+        if ylabel == "TFLOP/s":
+            _spec_lines(ax, res, (prec,))
+        _xlog2(ax, Ts, "tokens" if ylabel == "TFLOP/s" else "tokens T", ylabel, f"{case}, {prec}")
     return _finish(fig, res, what)
+
+
+def _moe_layer(res, plt, what="one MoE layer (H=7168, I=2048)"):
+    series = [("ours_tflops", OURS, "o-", "C0"), ("composition_tflops", "torch composition", "o-", "C1"),
+              ("naive_tflops", "naive torch loop", "o-", "C2")]
+    return _case_panels(res, plt, series, "TFLOP/s", what)
 
 
 def _training(res, plt):
@@ -303,19 +311,11 @@ def _all_to_all(res, plt):
 
 
 def _moe_decode(res, plt):
-    rows = res["rows"]
-    groups = sorted({(r["case"], r["precision"]) for r in rows})
-    fig, axes = _figure(plt, 1, len(groups), 4.2, 3.8)
-    for ax, (case, prec) in zip(axes[0], groups):
-        rs = _select(rows, "T", case=case, precision=prec)
-        Ts = [r["T"] for r in rs]
-        for i, (key, label) in enumerate((("ours_us", OURS), ("hf_grouped_mm_us", "transformers grouped_mm"),
-                                          ("composition_us", "torch composition"),
-                                          ("bound_us", "weight bytes / copy bandwidth"))):
-            ax.plot(Ts, [r[key] for r in rs], "o-" if i < 3 else "--", color="k" if i == 3 else f"C{i}",
-                    label=label, gid=key)
-        _xlog2(ax, Ts, "tokens T", "us per MoE block (CUDA graph)", f"{case}, {prec}")
-    return _finish(fig, res, "one MoE block at decode sizes (H=7168, I=2048)")
+    series = [("ours_us", OURS, "o-", "C0"), ("hf_grouped_mm_us", "transformers grouped_mm", "o-", "C1"),
+              ("composition_us", "torch composition", "o-", "C2"),
+              ("bound_us", "weight bytes / copy bandwidth", "--", "k")]
+    return _case_panels(res, plt, series, "us per MoE block (CUDA graph)",
+                        "one MoE block at decode sizes (H=7168, I=2048)")
 
 
 FAMILIES = {"routing": _routing, "grouped_gemm": _grouped_gemm, "mla": _mla, "moe_layer": _moe_layer,

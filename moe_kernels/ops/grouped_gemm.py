@@ -308,9 +308,10 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
     cfg = dict(cfg)
     if cfg.get("DECODE"):  # few rows per expert: the weight-streaming kernel (ops/grouped_gemm_decode.py)
         cfg.setdefault("BLOCK_T", grouped_gemm_decode.block_t_for(max_m if masked else M, 1 if masked else E))
+        tma = w.is_contiguous() and _tma_usable(a, w.view(E * w_rows, K))
         return grouped_gemm_decode.launch(a, a_scale, w, w_scale, out, offsets=offsets, masked_m=masked_m,
                                           max_m=max_m, out_scale=out_scale, row_weight=row_weight, swiglu=swiglu,
-                                          cfg=cfg, interpret=interpret_mode())
+                                          cfg=cfg, interpret=interpret_mode(), use_tma=tma)
     use_wgmma = bool(cfg.pop("WGMMA", 0))
     wgmma_keys = {k: cfg.pop(k) for k in ("UNROLL", "WS", "PERSISTENT") if k in cfg}  # the Gluon kernel's own knobs
     use_tma = bool(cfg.pop("USE_TMA", 0))

@@ -28,17 +28,9 @@ import triton.language as tl
 
 from .quant import E4M3_MAX, group_amax, to_e4m3_rne
 
-try:  # host-side TMA descriptors (Triton >= 3.4)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton: pointer loads only
-    TensorDescriptor = None
-
-__all__ = ["launch", "block_t_for", "split_k_for", "DECODE_MAX_ROWS"]
+__all__ = ["launch", "block_t_for", "split_k_for"]
 
 _SB = tl.constexpr(128)  # the K (and weight N) extent of one FP8 scale block
-
-# Average rows per expert (M // E) up to which the launcher takes this kernel when no tuned table says otherwise.
-DECODE_MAX_ROWS = 16
 
 
 @triton.jit
@@ -206,12 +198,14 @@ def block_t_for(rows: int, num_experts: int) -> int:
 
 
 def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0, out_scale=None,
-           row_weight=None, swiglu=False, cfg=None, interpret=False):
+           row_weight=None, swiglu=False, cfg=None, interpret=False, use_tma=False):
     """Run the decode kernel on 2-D a [M, K] (masked: [E * max_m, K]) and w [E, w_rows, K] (any strides).
 
     Same contract as ``grouped_gemm._launch``: ``out`` [M, N] (N = w_rows, or w_rows / 2 with ``swiglu``);
     ``out_scale`` [M, N / 128] makes the SwiGLU epilogue quantise to e4m3. ``cfg``: BLOCK_N, BLOCK_T, BLOCK_K,
-    num_warps, num_stages (other keys are ignored). Returns the compiled kernel, or None when nothing runs.
+    num_warps, num_stages (other keys are ignored). ``use_tma``: the caller found a and w TMA-able (Hopper,
+    aligned, contiguous W); the pointer path holds a [BLOCK_N, BLOCK_K] tile of 64-bit addresses per operand in
+    registers and Triton does not pipeline it. Returns the compiled kernel, or None when nothing runs.
     """
     fp8 = w_scale is not None
     E, w_rows, K = w.shape
@@ -233,14 +227,11 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
     split = int(cfg.get("SPLIT_K", 0)) or split_k_for(tiles * slots, k_steps, a.device)
     split = triton.cdiv(k_steps, triton.cdiv(k_steps, max(1, min(split, k_steps))))  # no empty slice
     dummy = offsets if offsets is not None else masked_m
-    # TMA on Hopper for contiguous operands (the pointer path holds a [BLOCK_N, BLOCK_K] tile of 64-bit addresses
-    # per operand in registers and Triton does not pipeline it); the interpreter and other GPUs take pointers
-    w2d = w.view(E * w_rows, K) if w.is_contiguous() else None
-    use_tma = (not interpret and TensorDescriptor is not None and a.is_cuda and w2d is not None
-               and torch.cuda.get_device_capability(a.device)[0] >= 9 and _aligned(a) and _aligned(w2d))
-    if use_tma:
+    if use_tma:  # the caller checked that this Triton has host descriptors (grouped_gemm._tma_usable)
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: PLC0415
+
         a_desc = TensorDescriptor(a, list(a.shape), [a.stride(0), 1], [BT, BK])
-        w_desc = TensorDescriptor(w2d, [E * w_rows, K], [K, 1], [BN, BK])
+        w_desc = TensorDescriptor(w.view(E * w_rows, K), [E * w_rows, K], [K, 1], [BN, BK])
     else:
         a_desc, w_desc = a, w
     if split > 1:  # fp32 partials per slice, and one arrival counter per (column tile, slot)
@@ -266,11 +257,6 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
         # two warpgroups from BLOCK_T = 32 on: the two [BLOCK_N, BLOCK_T] fp32 accumulators fit without spills
         num_warps=max(int(cfg.get("num_warps", 4)), 8 if BT > 16 else 4), num_stages=int(cfg.get("num_stages", 4)),
     )
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    """TMA's rules: a 16-byte aligned base and row stride, unit stride along K."""
-    return t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
 
 
 def split_k_for(programs: int, k_steps: int, device: torch.device) -> int:
