@@ -25,7 +25,7 @@ H, I = 7168, 2048
 SHAPES = {"mixtral T=8": (8, [2] * 8), "deepseek T=1": (256, [1] * 8 + [0] * 248), "shared T=1": (1, [1])}
 
 
-def run(name, E, counts, stages, splits, gbps):
+def run(name, E, counts, stages, splits, gbps, warps=(4,), w2_block_n=(128,)):
     dev = "cuda"
     M = sum(counts)
     hit = sum(1 for c in counts if c)
@@ -50,18 +50,21 @@ def run(name, E, counts, stages, splits, gbps):
     rows = []
     for st in stages:
         for sp in splits:
-            cfg = dict(cfgs.DECODE_DEFAULT, num_stages=st)
-            if sp:
-                cfg["SPLIT_K"] = sp
-            t13 = bench_ms(lambda: gg._launch(x, xs, w13, w13_s, h, offsets=offsets, out_scale=hs, swiglu=True,
-                                              cfg=cfg), cudagraph=True)
-            t2 = bench_ms(lambda: gg._launch(h, hs, w2, w2_s, out, offsets=offsets, row_weight=rw, cfg=cfg),
-                          cudagraph=True)
-            rows.append(dict(shape=name, stages=st, split=sp, w13_us=t13 * 1e3, w2_us=t2 * 1e3,
-                             w13_frac=bytes13 / t13 / 1e6 / gbps, w2_frac=bytes2 / t2 / 1e6 / gbps,
-                             both_us=(t13 + t2) * 1e3, both_frac=(bytes13 + bytes2) / (t13 + t2) / 1e6 / gbps))
-            print(f"  {name} stages={st} split={sp or 'auto'}: w13 {t13 * 1e3:.1f} us "
-                  f"({rows[-1]['w13_frac']:.0%}), w2 {t2 * 1e3:.1f} us ({rows[-1]['w2_frac']:.0%})", flush=True)
+            for nw in warps:
+                for bn in w2_block_n:
+                    cfg = dict(cfgs.DECODE_DEFAULT, num_stages=st, num_warps=nw)
+                    if sp:
+                        cfg["SPLIT_K"] = sp
+                    t13 = bench_ms(lambda: gg._launch(x, xs, w13, w13_s, h, offsets=offsets, out_scale=hs, swiglu=True,
+                                                      cfg=cfg), cudagraph=True)
+                    cfg2 = dict(cfg, BLOCK_N=bn)
+                    t2 = bench_ms(lambda: gg._launch(h, hs, w2, w2_s, out, offsets=offsets, row_weight=rw, cfg=cfg2),
+                                  cudagraph=True)
+                    rows.append(dict(shape=name, stages=st, split=sp, warps=nw, w2_block_n=bn, w13_us=t13 * 1e3,
+                                     w2_us=t2 * 1e3, w13_frac=bytes13 / t13 / 1e6 / gbps, w2_frac=bytes2 / t2 / 1e6 / gbps,
+                                     both_us=(t13 + t2) * 1e3, both_frac=(bytes13 + bytes2) / (t13 + t2) / 1e6 / gbps))
+                    print(f"  {name} stages={st} split={sp or 'auto'} warps={nw} w2 BLOCK_N={bn}: w13 {t13 * 1e3:.1f} us "
+                          f"({rows[-1]['w13_frac']:.0%}), w2 {t2 * 1e3:.1f} us ({rows[-1]['w2_frac']:.0%})", flush=True)
     del w13, w2
     torch.cuda.empty_cache()
     return rows
@@ -72,6 +75,8 @@ def main():
     ap.add_argument("--stages", default="3,4")
     ap.add_argument("--splits", default="0,1,2,3,4,6")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--warps", default="4", help="num_warps (the launcher raises it to 8 for BLOCK_T > 16)")
+    ap.add_argument("--w2-block-n", default="128", help="BLOCK_N of the down projection (64 doubles its programs)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("probe_decode.py needs a CUDA GPU")
@@ -81,9 +86,10 @@ def main():
     rows = []
     for name in args.shapes.split(","):
         E, counts = SHAPES[name]
-        rows += run(name, E, counts, stages, splits, roof["gbps"])
+        rows += run(name, E, counts, stages, splits, roof["gbps"], [int(w) for w in args.warps.split(",")],
+                    [int(b) for b in args.w2_block_n.split(",")])
         save("decode_probe", rows, dict(copy_gbps=roof["gbps"]))
-    print(markdown(rows, ["shape", "stages", "split", "w13_us", "w13_frac", "w2_us", "w2_frac", "both_frac"],
+    print(markdown(rows, ["shape", "stages", "split", "warps", "w2_block_n", "w13_us", "w13_frac", "w2_us", "w2_frac", "both_frac"],
                    {"w13_us": ".1f", "w2_us": ".1f", "w13_frac": ".2f", "w2_frac": ".2f", "both_frac": ".2f"}))
 
 

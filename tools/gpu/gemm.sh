@@ -134,11 +134,15 @@ if [ -n "$DG_PP" ]; then
 fi
 
 # --- the bench: ours, torch's, DeepGEMM 8dfa329 in one process
+# GEMM_END_BY=EPOCH: the bench ends by then. GEMM_HOLD=FILE: wait while FILE exists (another job is still using the GPU), so the bench times alone
+if [ -n "${GEMM_HOLD:-}" ]; then while [ -e "$GEMM_HOLD" ]; do sleep 1; done; say "hold released"; fi
 BARGS="--quick"; [ "${GEMM_FULL:-0}" = 1 ] && BARGS="--no-mlp"
 if [ -n "$DG_PP" ]; then PPB="$DG_PP:$ROOT"; DGARG="--deepgemm auto"; else PPB="$ROOT"; DGARG="--deepgemm off"; fi
 export DG_ANCHOR_COMMIT="8dfa329 ($(basename "${DG_PP%%/src*}"))"  # 8dfa329 has no __version__: the bench reports this
 say "bench: bench/bench_grouped_gemm.py $BARGS $DGARG"
-PYTHONPATH="$PPB${PYTHONPATH:+:$PYTHONPATH}" timeout 400 "$PY" -X faulthandler bench/bench_grouped_gemm.py $BARGS $DGARG \
+BT=400; [ -n "${GEMM_END_BY:-}" ] && BT=$(( GEMM_END_BY - $(date +%s) )) && [ "$BT" -gt 400 ] && BT=400
+say "bench time limit ${BT} s"
+PYTHONPATH="$PPB${PYTHONPATH:+:$PYTHONPATH}" timeout "$BT" "$PY" -X faulthandler bench/bench_grouped_gemm.py $BARGS $DGARG \
     --out "$W/bench" > "$OUT/gemm_bench.log" 2>&1
 rc=$?
 say "bench rc=$rc"
