@@ -6,6 +6,7 @@ which case the Triton kernels run on the CPU through the interpreter.
 from ..reference.permute import Permuted
 from .grouped_gemm import (expert_mlp, expert_mlp_fp8_ste, expert_mlp_fp8_train, expert_mlp_train, grouped_gemm_bf16,
                            grouped_gemm_fp8, grouped_gemm_fp8_masked, grouped_wgrad)
+from . import _autograd_mlp  # noqa: F401  (registers the ops' autograd)
 from .mla import mla_decode, mla_latent_proj
 from .permute import permute, unpermute
 from .quant import quantize_fp8, quantize_weight_fp8

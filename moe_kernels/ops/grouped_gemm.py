@@ -638,95 +638,6 @@ def _swiglu(h13):
     return a
 
 
-def _swiglu_backward_(h13, da, in_place=True):
-    """(A, dH): da [M, I] (the product's gradient) is overwritten with A = silu(gate) * up, and dH [M, 2I] (the
-    gradient of silu(gate) * up for h13 = [gate | up]) overwrites h13 (``in_place``) or comes new. One pass, no
-    fp32 temporaries (the kernel computes in fp32 registers). Both contiguous, of one float dtype. Off the kernel
-    path: the same in torch ops (fp32)."""
-    dh = h13 if in_place else torch.empty_like(h13)
-    if not use_triton(h13):
-        gate, up = h13.float().chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        d = da.float()
-        dh.copy_(torch.cat([d * up * sig * (1.0 + gate * (1.0 - sig)), d * gate * sig], dim=1))
-        da.copy_(gate * sig * up)
-        return da, dh
-    _swiglu_launch(h13, da, dh)
-    return da, dh
-
-
-def _expert_mlp_backward_kernels(x, offsets, w13, w2, topk_weight, grad_out, need, h13=None):
-    """(dx, dw13, dw2, dtopk_weight) of ``expert_mlp`` on bf16/fp16/fp32 operands with the package's kernels:
-    h13 again (grouped GEMM), dA = dY W2 through W2's transposed view (no copy), SwiGLU's derivative and the
-    down projection's input A in one in-place pass over h13 and dA, dX = dH W13, the weight gradients through
-    ``grouped_wgrad``. Every activation-sized temporary is in x's dtype: h13 [M, 2I] and dA [M, I] at the peak.
-    ``h13``: the forward's (saved, left as it is; dH then comes in a buffer of its own), else computed again."""
-    E = w13.shape[0]
-    dt = x.dtype
-    saved = h13 is not None
-    if not saved:
-        h13 = _gemm(x, offsets, w13, out_dtype=dt)
-    dtw = None
-    if topk_weight is not None:
-        if need[3]:  # d(out)/d(tw) = the unweighted MLP output: A W2^T again
-            a = reference.swiglu(h13).to(dt)
-            dtw = (grad_out.float() * _gemm(a, offsets, w2)).sum(-1).to(topk_weight.dtype)
-            del a
-        gy = (grad_out.float() * topk_weight.float()[:, None]).to(dt)
-    else:
-        gy = grad_out.to(dt).contiguous()
-    dx = dw13 = dw2 = None
-    if not (need[0] or need[1]):
-        if need[2]:
-            dw2 = grouped_wgrad(gy, reference.swiglu(h13).to(dt), offsets, E, out_dtype=w2.dtype)
-        return dx, dw13, dw2, dtw
-    a, dh = _swiglu_backward_(h13, _gemm(gy, offsets, w2.transpose(1, 2), out_dtype=dt),  # dA = dY @ W2[e]
-                              in_place=not saved)
-    del h13
-    if need[2]:
-        dw2 = grouped_wgrad(gy, a, offsets, E, out_dtype=w2.dtype)
-    del a
-    if need[0]:
-        dx = _gemm(dh, offsets, w13.transpose(1, 2), out_dtype=dt)  # dX = dH @ W13[e]
-    if need[1]:
-        dw13 = grouped_wgrad(dh, x, offsets, E, out_dtype=w13.dtype)
-    return dx, dw13, dw2, dtw
-
-
-def _expert_mlp_fp8_backward(x, offsets, w13, w13_scale, w2, w2_scale, grad_out, need, w_dtype=None, w13_t=None,
-                             w2_t=None, h13=None):
-    """(dx, dw13, dw2) of the FP8 expert MLP (DeepSeek-V3's recipe: every GEMM in FP8), its quantisations taken
-    as identities (straight-through). h13 again from the quantised x (bf16, [M, 2I]); dA = dY W2 and dX = dH W13
-    as FP8 GEMMs on transposed views of the e4m3 weights (their 128x128 blocks transpose with their scales), dY and
-    dH quantised 1x128 along their reduction axis as the forward's activations are; SwiGLU's derivative and A in
-    one in-place pass; dW2 = dY^T A and dW13 = dH^T X by ``grouped_wgrad(fp8=True)``, which quantises the
-    transposed operands along the rows. ``need``: (dx, dw13, dw2) wanted; the weight gradients come in
-    ``w_dtype`` (the master weights'). ``w13_t`` / ``w2_t``: optional contiguous transposed copies (e4m3
-    [E, H, 2I] with scales [E, H/128, 2I/128]; [E, I, H] with [E, I/128, H/128]), made once per optimiser step:
-    with them dA and dX are plain K-major FP8 GEMMs (the Hopper wgmma kernel) instead of strided views.
-    ``h13``: the forward's (bf16, saved; left as it is), else computed again."""
-    E = w13.shape[0]
-    bf = torch.bfloat16
-    saved = h13 is not None
-    if not saved:
-        h13 = _gemm(x, offsets, w13, w13_scale, out_dtype=bf)
-    gy = grad_out.to(bf).contiguous()
-    w2_t = w2_t or (w2.transpose(1, 2), w2_scale.transpose(1, 2))
-    w13_t = w13_t or (w13.transpose(1, 2), w13_scale.transpose(1, 2))
-    da = _gemm(gy, offsets, w2_t[0], w2_t[1], out_dtype=bf)
-    a, dh = _swiglu_backward_(h13, da, in_place=not saved)
-    del h13
-    dx = dw13 = dw2 = None
-    if need[2]:
-        dw2 = grouped_wgrad(gy, a, offsets, E, out_dtype=w_dtype, fp8=True)
-    del a, da
-    if need[0]:
-        dx = _gemm(dh, offsets, w13_t[0], w13_t[1], out_dtype=x.dtype)
-    if need[1]:
-        dw13 = grouped_wgrad(dh, x, offsets, E, out_dtype=w_dtype, fp8=True)
-    return dx, dw13, dw2
-
-
 @triton.jit
 def _quantize_master_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, NB, KB, TRANSPOSED: tl.constexpr,
                             BLOCK: tl.constexpr):
@@ -821,40 +732,6 @@ def _(a, w, offsets):
     return a.new_empty(a.shape[0], w.shape[1])
 
 
-def _grad_by_reference(ctx, fn, tensors, positions, grad_out):
-    """Gradients of fn(*tensors) for the inputs at ``positions`` of the op that need one (None for the others):
-    the reference run again as differentiable torch ops, in fp32 (CPU tensors without the interpreter)."""
-    need = [t is not None and ctx.needs_input_grad[i] for t, i in zip(tensors, positions)]
-    leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(tensors, need)]
-    with torch.enable_grad():
-        out = fn(*leaves)
-        wanted = [t for t, n in zip(leaves, need) if n]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out.float()) if wanted else ())
-    return tuple(next(grads) if n else None for n in need)
-
-
-def _grouped_gemm_bf16_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)  # a, w, offsets
-
-
-def _grouped_gemm_bf16_backward(ctx, grad_out):
-    """dA = dOut @ W[e] (the kernel on W's transposed view), dW = ``grouped_wgrad``; the reference off-kernel."""
-    a, w, offsets = ctx.saved_tensors
-    if not use_triton(a):
-        return (*_grad_by_reference(ctx, lambda a, w: reference.grouped_gemm(a, w, offsets, out_dtype=torch.float32),
-                                    (a, w), (0, 1), grad_out), None)
-    g = grad_out.to(a.dtype).contiguous()
-    da = dw = None
-    if ctx.needs_input_grad[0]:
-        da = _gemm(g, offsets, w.transpose(1, 2), out_dtype=a.dtype)
-    if ctx.needs_input_grad[1]:
-        dw = grouped_wgrad(g, a, offsets, w.shape[0], out_dtype=w.dtype)
-    return da, dw, None
-
-
-_grouped_gemm_bf16_op.register_autograd(_grouped_gemm_bf16_backward, setup_context=_grouped_gemm_bf16_setup)
-
-
 @torch.library.custom_op("moe_kernels::grouped_gemm_fp8_masked", mutates_args=())
 def _grouped_gemm_fp8_masked_op(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                                 masked_m: torch.Tensor) -> torch.Tensor:
@@ -897,44 +774,6 @@ def _(x, x_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight):
     return x.new_empty(x.shape[0], w2.shape[1], dtype=torch.bfloat16 if w13_scale is not None else x.dtype)
 
 
-def _expert_mlp_setup(ctx, inputs, output):
-    x, x_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight = inputs
-    ctx.fp8 = w13_scale is not None
-    ctx.save_for_backward(x, x_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight)
-
-
-def _expert_mlp_backward(ctx, grad_out):
-    """Gradients for x, w13, w2 and topk_weight (bf16 / fp32 path): the package's kernels where the forward ran
-    them (``_expert_mlp_backward_kernels``), else the reference MLP run again as torch ops in fp32. The FP8 path
-    gives topk_weight's only: e4m3 inputs have none."""
-    x, x_scale, offsets, w13, w13_scale, w2, w2_scale, topk_weight = ctx.saved_tensors
-    if ctx.fp8:
-        if any(ctx.needs_input_grad[i] for i in (0, 3, 5)):
-            raise RuntimeError("expert_mlp has no backward on the FP8 path (e4m3 activations and weights): train "
-                               "FP8 experts with MoELayer(precision='fp8', trainable=True) (ops.expert_mlp_fp8_train"
-                               "), or with precision='bf16', or run inference under torch.no_grad()")
-        gtw = None
-        if ctx.needs_input_grad[7]:
-            y = reference.expert_mlp(x, offsets, w13, w2, x_scale, w13_scale, w2_scale, out_dtype=torch.float32)
-            gtw = (grad_out.float() * y).sum(-1).to(topk_weight.dtype)
-        return None, None, None, None, None, None, None, gtw
-
-    need = [ctx.needs_input_grad[i] for i in (0, 3, 5, 7)]
-    if use_triton(x):
-        gx, g13, g2, gtw = _expert_mlp_backward_kernels(x, offsets, w13, w2, topk_weight, grad_out, need)
-        return gx, None, None, g13, None, g2, None, gtw
-
-    def mlp(x, w13, w2, tw):
-        y = reference.expert_mlp(x, offsets, w13, w2, out_dtype=torch.float32)
-        return y if tw is None else y * tw.float()[:, None]
-
-    gx, g13, g2, gtw = _grad_by_reference(ctx, mlp, (x, w13, w2, topk_weight), (0, 3, 5, 7), grad_out)
-    return gx, None, None, g13, None, g2, None, gtw
-
-
-_expert_mlp_op.register_autograd(_expert_mlp_backward, setup_context=_expert_mlp_setup)
-
-
 @torch.library.custom_op("moe_kernels::expert_mlp_train", mutates_args=())
 def _expert_mlp_train_op(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor,
                          w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -947,22 +786,6 @@ def _(x, offsets, w13, w2):
     return x.new_empty(x.shape[0], w2.shape[1]), x.new_empty(x.shape[0], w13.shape[1])
 
 
-def _expert_mlp_train_setup(ctx, inputs, output):
-    x, offsets, w13, w2 = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, offsets, w13, w2, output[1])  # h13: the backward does not compute it again
-
-
-def _expert_mlp_train_backward(ctx, grad_out, _grad_h13):
-    x, offsets, w13, w2, h13 = ctx.saved_tensors
-    need = [ctx.needs_input_grad[i] for i in (0, 2, 3)] + [False]
-    gx, g13, g2, _ = _expert_mlp_backward_kernels(x, offsets, w13, w2, None, grad_out, need, h13=h13)
-    return gx, None, g13, g2
-
-
-_expert_mlp_train_op.register_autograd(_expert_mlp_train_backward, setup_context=_expert_mlp_train_setup)
-
-
 @torch.library.custom_op("moe_kernels::expert_mlp_fp8_ste", mutates_args=())
 def _expert_mlp_fp8_ste_op(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
                            w2: torch.Tensor, w2_scale: torch.Tensor) -> torch.Tensor:
@@ -973,19 +796,6 @@ def _expert_mlp_fp8_ste_op(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Te
 @_expert_mlp_fp8_ste_op.register_fake
 def _(x, offsets, w13, w13_scale, w2, w2_scale):
     return x.new_empty(x.shape[0], w2.shape[1], dtype=torch.bfloat16)
-
-
-def _expert_mlp_fp8_ste_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _expert_mlp_fp8_ste_backward(ctx, grad_out):
-    x, offsets, w13, w13_scale, w2, w2_scale = ctx.saved_tensors
-    dx, _, _ = _expert_mlp_fp8_backward(x, offsets, w13, w13_scale, w2, w2_scale, grad_out, (True, False, False))
-    return dx, None, None, None, None, None
-
-
-_expert_mlp_fp8_ste_op.register_autograd(_expert_mlp_fp8_ste_backward, setup_context=_expert_mlp_fp8_ste_setup)
 
 
 @torch.library.custom_op("moe_kernels::expert_mlp_fp8_train", mutates_args=())
@@ -1003,28 +813,6 @@ def _expert_mlp_fp8_train_op(x: torch.Tensor, offsets: torch.Tensor, w13: torch.
 def _(x, offsets, w13, w13_q, w13_scale, w2, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts):
     return (x.new_empty(x.shape[0], w2.shape[1], dtype=torch.bfloat16),
             x.new_empty(x.shape[0], w13.shape[1], dtype=torch.bfloat16))
-
-
-def _expert_mlp_fp8_train_setup(ctx, inputs, output):
-    x, offsets, w13, w13_q, w13_scale, w2, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts = inputs
-    ctx.w_dtype = w13.dtype
-    ctx.mark_non_differentiable(output[1])
-    # the rows (bf16, for dW13's own quantisation along rows), h13 (bf16) and the e4m3 weights
-    ctx.save_for_backward(x, offsets, w13_q, w13_scale, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts, output[1])
-
-
-def _expert_mlp_fp8_train_backward(ctx, grad_out, _grad_h13):
-    x, offsets, w13_q, w13_scale, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts, h13 = ctx.saved_tensors
-    need = [ctx.needs_input_grad[i] for i in (0, 2, 5)]
-    dx, dw13, dw2 = _expert_mlp_fp8_backward(
-        x, offsets, w13_q, w13_scale, w2_q, w2_scale, grad_out, need, w_dtype=ctx.w_dtype,
-        w13_t=(w13_tq, w13_ts) if w13_tq is not None else None, w2_t=(w2_tq, w2_ts) if w2_tq is not None else None,
-        h13=h13)
-    return dx, None, dw13, None, None, dw2, None, None, None, None, None, None
-
-
-_expert_mlp_fp8_train_op.register_autograd(_expert_mlp_fp8_train_backward,
-                                           setup_context=_expert_mlp_fp8_train_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1186,9 +974,9 @@ def expert_mlp_fp8_train(x, offsets, w13, w2, w13_fp8, w2_fp8, w13_fp8_t=None, w
     [E, I, H], fp32 [E, I/128, H/128]) for the backward's dA and dX (the 128x128 blocks transpose with their
     scales: the same quantisation of W^T). x [M, H] bf16/fp16/fp32 rows grouped by ``offsets`` (int32 [E+1]) is
     quantised 1x128 inside. Forward, dgrad and wgrad GEMMs run in e4m3 with fp32 accumulation (see
-    ``_expert_mlp_fp8_backward``); the quantisations are taken as identities. The forward runs unfused (the w13
-    GEMM into bf16 h13, SwiGLU, the w2 GEMM on A quantised 1x128) to keep h13 for the backward; saved: x, h13 and
-    the e4m3 weights. Returns bf16 [M, H]."""
+    ``_autograd_mlp._expert_mlp_fp8_backward``); the quantisations are taken as identities. The forward runs
+    unfused (the w13 GEMM into bf16 h13, SwiGLU, the w2 GEMM on A quantised 1x128) to keep h13 for the backward;
+    saved: x, h13 and the e4m3 weights. Returns bf16 [M, H]."""
     check_tensor("w13", w13, dtype=(torch.bfloat16, torch.float32), ndim=3, device=x.device)
     check_tensor("w2", w2, dtype=w13.dtype, shape=(w13.shape[0], w13.shape[2], w13.shape[1] // 2), device=x.device)
     pairs = (("w13_fp8", w13_fp8, tuple(w13.shape)), ("w2_fp8", w2_fp8, tuple(w2.shape)),
