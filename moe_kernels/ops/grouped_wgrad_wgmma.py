@@ -1,0 +1,343 @@
+"""Hopper weight gradient of the grouped GEMM, in Gluon: dW[e] = dY_e^T @ X_e, a K-grouped GEMM on wgmma.
+
+The contract of ``grouped_gemm.grouped_wgrad`` (bf16 / fp16 operands, fp32 accumulation, dW [E, N, K] in the
+output dtype, an expert without rows gets a zero gradient), for the inputs this kernel takes (``supports``).
+
+Shape of the work: every expert e owns the same grid of output tiles, (N / BLOCK_N) x cdiv(K, BLOCK_K), and each
+tile reduces over the expert's token rows offsets[e]:offsets[e+1], BLOCK_M = 64 rows per step. The reduction
+length differs per expert (it can be 0); the tile count does not, so a tile id decodes to (expert, column tiles)
+by division alone, and every program can walk the tile list on its own without a device-side prefix sum.
+
+Per program (persistent: about one per SM, program p takes tiles p, p + grid, p + 2 grid, ...; the tiles are in
+expert-major order, so each program gets a near-equal share of every expert's tiles whatever the expert sizes,
+and the programs running at one time read the same one or two experts' rows from L2):
+  * a loader warp (``gl.warp_specialize`` worker, few registers) walks the program's tiles and their steps and
+    TMA-loads each step's dY rows [64, BLOCK_N] and X rows [64, 2 x 128] into a STAGES-deep ring of shared
+    memory stages (ready / empty mbarriers per stage). It runs ahead into the next tile while the math warps
+    finish and write the current one, so a tile starts with its first stages already loaded.
+  * the math warps (two warpgroups, 8 warps) wait for a stage and issue two asynchronous wgmmas on it:
+    A = the dY tile viewed transposed ([BLOCK_N, 64], MN-major, allowed from shared memory for 16-bit types),
+    B = one 128-column half of the X tile ([64, 128], MN-major), one fp32 accumulator [128, 128] per half (128
+    registers a thread in all). The step's products stay in flight while the next stage is awaited; the stage of
+    the step before is handed back to the loader once its products are done (``warpgroup_mma_wait(2)``).
+  * the expert's last step usually holds rows of the next expert (or rows past M, which TMA fills with zeros):
+    before its products the math warps zero those rows of the dY stage in shared memory (load, select, store,
+    async-proxy fence, barrier), so they add nothing. Only that one step per tile pays for it.
+  * epilogue: each accumulator half goes to shared memory in the output dtype and out through a TMA store into
+    dW viewed [E * N, K] (columns past K are clipped by TMA; N % BLOCK_N == 0, so a tile never crosses into the
+    next expert's rows). The stores run while the next tile's products do; the buffer is reused only after
+    ``tma.store_wait``. 16-bit outputs use two buffers (both halves in flight), fp32 one (64 KiB either way).
+
+Shared memory: STAGES x 48 KiB + 64 KiB (3 stages: 208 KiB of the 227 KiB an sm_90 block may have).
+
+Needs ``triton.experimental.gluon`` (Triton 3.6 and 3.8 compile it for sm_90a, see ``compile_sm90``) and sm_90;
+``grouped_gemm.grouped_wgrad`` runs it when MOE_KERNELS_WGRAD=gluon and ``supports`` holds, the Triton kernel
+otherwise.
+"""
+from __future__ import annotations
+
+import functools
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+__all__ = ["launch", "supports", "compile_sm90"]
+
+BLOCK_M = 64  # token rows per reduction step
+BLOCK_N = 128  # rows of a dW tile (the wgmma M: two warpgroups of 64 rows)
+HALF_K = 128  # columns of one accumulator; a dW tile is two halves
+BLOCK_K = 2 * HALF_K
+NUM_WARPS = 8
+DEFAULT_STAGES = 3
+LOADER_REGS = 40  # registers of the loader warp (scalars: tile decode, offsets, ring position)
+_BM = gl.constexpr(BLOCK_M)
+_BN = gl.constexpr(BLOCK_N)
+_HK = gl.constexpr(HALF_K)
+
+# a CTA (partition) barrier: gl.barrier on Triton 3.8, gl.thread_barrier on 3.6
+_sync = getattr(gl, "barrier", None) or gl.thread_barrier
+
+
+@gluon.jit
+def _tile(t, tiles_per_e, num_kb, offsets_ptr):
+    """Tile id -> (expert, first dW row of the tile in the [E * N, K] view's expert, first column, the expert's
+    token rows [lo, hi))."""
+    e = t // tiles_per_e
+    r = t - e * tiles_per_e
+    nb = r // num_kb
+    kb = r - nb * num_kb
+    lo = gl.load(offsets_ptr + e)
+    hi = gl.load(offsets_ptr + e + 1)
+    return e, nb * _BN, kb * (2 * _HK), lo, hi
+
+
+@gluon.jit
+def _loader(dy_desc, x_desc, dy_bufs, x_bufs, ready, empty, offsets_ptr, pid, nprog, my_count, tiles_per_e, num_kb,
+            K, STAGES: gl.constexpr):
+    """The loader warp: every step of every tile of this program, in the math warps' order, into the ring."""
+    c = 0
+    for j in range(my_count):
+        e, n0, k0, lo, hi = _tile(pid + j * nprog, tiles_per_e, num_kb, offsets_ptr)
+        # the tile's second column half; where it lies wholly past K (K % 256 in (0, 128]) the first half is
+        # loaded again in its place: its product lands in columns >= K, which the TMA store clips
+        k1 = gl.where(k0 + _HK < K, k0 + _HK, k0)
+        for r in range(lo, hi, _BM):
+            st = c % STAGES
+            mbarrier.wait(empty.index(st), ((c // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
+            bar = ready.index(st)
+            mbarrier.expect(bar, dy_desc.block_type.nbytes + 2 * x_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(dy_desc, [r, n0], bar, dy_bufs.index(st))
+            tma.async_copy_global_to_shared(x_desc, [r, k0], bar, x_bufs.index(2 * st))
+            tma.async_copy_global_to_shared(x_desc, [r, k1], bar, x_bufs.index(2 * st + 1))
+            c += 1
+
+
+@gluon.jit
+def _zero_foreign_rows(dy_s, valid, num_warps: gl.constexpr):
+    """Rows >= valid of a dY stage [64, BLOCK_N] (the next expert's, or TMA's zero fill past M) set to zero in
+    shared memory, visible to the wgmmas that read it next."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    rows = gl.arange(0, _BM, layout=gl.SliceLayout(1, layout))
+    v = dy_s.load(layout)
+    v = gl.where((rows < valid)[:, None], v, gl.zeros_like(v))
+    dy_s.store(v)
+    fence_async_shared()  # generic-proxy writes -> the async proxy (wgmma now, the next TMA load later)
+    _sync()
+
+
+@gluon.jit
+def _math(dy_bufs, x_bufs, ready, empty, c_smem, out_desc, offsets_ptr, pid, nprog, my_count, num_tiles,
+          tiles_per_e, num_kb, N, STAGES: gl.constexpr, EPI_BUFS: gl.constexpr, num_warps: gl.constexpr):
+    """The math warps (two warpgroups): products of each stage into two [128, 128] fp32 accumulators, stages handed
+    back as their products finish, then the tile written through shared memory and TMA."""
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, _HK, 16])
+    out_dtype: gl.constexpr = out_desc.dtype
+    c = 0
+    e, n0, k0, lo, hi = _tile(pid, tiles_per_e, num_kb, offsets_ptr)
+    for j in range(my_count):
+        # the next tile's coordinates, read now: their loads' latency hides behind this tile's products
+        n_e, n_n0, n_k0, n_lo, n_hi = _tile(gl.minimum(pid + (j + 1) * nprog, num_tiles - 1), tiles_per_e, num_kb,
+                                            offsets_ptr)
+        acc0 = gl.zeros([_BN, _HK], gl.float32, layout=mma_layout)
+        acc1 = gl.zeros([_BN, _HK], gl.float32, layout=mma_layout)
+        for r in range(lo, hi, _BM):
+            st = c % STAGES
+            mbarrier.wait(ready.index(st), (c // STAGES) & 1)
+            dy_s = dy_bufs.index(st)
+            if r + _BM > hi:  # the expert's last step holds rows that are not its own
+                _zero_foreign_rows(dy_s, hi - r, num_warps)
+            a = dy_s.permute((1, 0))  # [BLOCK_N, 64], N-major: dY^T
+            acc0 = warpgroup_mma(a, x_bufs.index(2 * st), acc0, is_async=True)
+            acc1 = warpgroup_mma(a, x_bufs.index(2 * st + 1), acc1, is_async=True)
+            acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))  # the step before is done: its stage is free
+            _sync()  # every warpgroup's wait, before the one thread that arrives
+            mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=r > lo)
+            c += 1
+        acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
+        _sync()
+        mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=hi > lo)
+
+        row = e * N + n0
+        tma.store_wait(0)  # the previous tile's stores have read the buffers
+        _sync()
+        c_smem.index(0).store(acc0.to(out_dtype))
+        if EPI_BUFS == 2:
+            c_smem.index(1).store(acc1.to(out_dtype))
+            fence_async_shared()
+            _sync()
+            tma.async_copy_shared_to_global(out_desc, [row, k0], c_smem.index(0))
+            tma.async_copy_shared_to_global(out_desc, [row, k0 + _HK], c_smem.index(1))
+        else:
+            fence_async_shared()
+            _sync()
+            tma.async_copy_shared_to_global(out_desc, [row, k0], c_smem.index(0))
+            tma.store_wait(0)
+            _sync()
+            c_smem.index(0).store(acc1.to(out_dtype))
+            fence_async_shared()
+            _sync()
+            tma.async_copy_shared_to_global(out_desc, [row, k0 + _HK], c_smem.index(0))
+        e, n0, k0, lo, hi = n_e, n_n0, n_k0, n_lo, n_hi
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _grouped_wgrad_wgmma_kernel(dy_desc, x_desc, out_desc, offsets_ptr, N, K, tiles_per_e, num_kb, num_tiles,
+                                STAGES: gl.constexpr, EPI_BUFS: gl.constexpr, LOADER_REGS: gl.constexpr,
+                                num_warps: gl.constexpr):
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    my_count = (num_tiles - pid + nprog - 1) // nprog
+
+    dy_bufs = gl.allocate_shared_memory(dy_desc.dtype, [STAGES, _BM, _BN], dy_desc.layout)
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, _BM, _HK], x_desc.layout)
+    c_smem = gl.allocate_shared_memory(out_desc.dtype, [EPI_BUFS, _BN, _HK], out_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    fence_async_shared()  # the barriers' init, seen by the async proxy
+
+    gl.warp_specialize([
+        (_math, (dy_bufs, x_bufs, ready, empty, c_smem, out_desc, offsets_ptr, pid, nprog, my_count, num_tiles,
+                 tiles_per_e, num_kb, N, STAGES, EPI_BUFS, num_warps)),
+        (_loader, (dy_desc, x_desc, dy_bufs, x_bufs, ready, empty, offsets_ptr, pid, nprog, my_count, tiles_per_e,
+                   num_kb, K, STAGES)),
+    ], [1], [LOADER_REGS])
+
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launcher
+
+_GL_DTYPES = {"torch.bfloat16": gl.bfloat16, "torch.float16": gl.float16, "torch.float32": gl.float32}
+
+
+def _gl_dtype(dtype):
+    return _GL_DTYPES[str(dtype)]
+
+
+def maxnreg(num_warps: int = NUM_WARPS) -> int:
+    """The kernel-wide register cap for num_warps math warps + the loader's warpgroup (a warpgroup is the unit of
+    register allocation); the loader then gives all but LOADER_REGS of its share to the math warps."""
+    return (65536 // (32 * (num_warps + 4))) // 8 * 8
+
+
+def supports(dy, x, dw) -> str | None:
+    """None when this kernel takes grouped_wgrad(dy, x, ...) -> dw (as given: contiguous dy [M, N] and x [M, K] of
+    one 16-bit dtype, dw [E, N, K] bf16 / fp16 / fp32), else why not (the caller checks sm_90 and TMA alignment)."""
+    import torch
+
+    if dy.dtype not in (torch.bfloat16, torch.float16) or x.dtype != dy.dtype:
+        return f"operands {dy.dtype} / {x.dtype} (bf16 or fp16, one dtype)"
+    if dw.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"output dtype {dw.dtype}"
+    M, N = dy.shape
+    K = x.shape[1]
+    if M == 0:
+        return "no rows"
+    if N % BLOCK_N:
+        return f"N = {N} is no multiple of {BLOCK_N}"
+    if (K * dw.element_size()) % 16 or (K * x.element_size()) % 16:
+        return f"K = {K}: rows not 16-byte aligned"
+    if not dw.is_contiguous() or dw.data_ptr() % 16:
+        return "dw not contiguous / aligned"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def launch(dy, x, offsets, dw, *, stages: int = DEFAULT_STAGES, programs: int | None = None):
+    """dw [E, N, K] = per-expert dY^T X (dy [M, N], x [M, K] contiguous rows, offsets int32 [E + 1] on the device).
+    ``programs``: the persistent grid (default: one per SM, at most one per tile)."""
+    M, N = dy.shape
+    K = x.shape[1]
+    E = dw.shape[0]
+    in_dt = _gl_dtype(dy.dtype)
+    out_dt = _gl_dtype(dw.dtype)
+    ab_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], in_dt)
+    x_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HALF_K], in_dt)
+    out_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HALF_K], out_dt)
+    dy_desc = TensorDescriptor(dy, [M, N], [dy.stride(0), 1], [BLOCK_M, BLOCK_N], ab_layout)
+    x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [BLOCK_M, HALF_K], x_layout)
+    dw2 = dw.view(E * N, K)
+    out_desc = TensorDescriptor(dw2, [E * N, K], [K, 1], [BLOCK_N, HALF_K], out_layout)
+    num_kb = triton.cdiv(K, BLOCK_K)
+    tiles_per_e = (N // BLOCK_N) * num_kb
+    num_tiles = E * tiles_per_e
+    if programs is None:
+        programs = _sm_count(dy.device.index if dy.device.index is not None else 0)
+    grid = max(1, min(num_tiles, programs))
+    return _grouped_wgrad_wgmma_kernel[(grid,)](
+        dy_desc, x_desc, out_desc, offsets, N, K, tiles_per_e, num_kb, num_tiles,
+        STAGES=stages, EPI_BUFS=2 if dw.element_size() == 2 else 1, LOADER_REGS=LOADER_REGS,
+        num_warps=NUM_WARPS, maxnreg=maxnreg(NUM_WARPS))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# offline compile (no GPU): registers, spills and ptxas's wgmma notes of the sm_90a build
+
+def _ptxas(ptx: str):
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([tool if os.path.exists(tool) else "ptxas", "-arch=sm_90a", "-v", src, "-o",
+                              os.path.join(d, "k.cubin")], capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    return (int(regs.group(1)) if regs else None, max(spills) if spills else None,
+            sorted(set(re.findall(r"\((C75\d\d)\)", log))), log)
+
+
+def compile_sm90(in_dtype: str = "bf16", out_dtype: str = "bf16", stages: int = DEFAULT_STAGES) -> dict:
+    """Compile the kernel for sm_90a without a GPU (this Triton, its ptxas): shared memory, registers, spill bytes,
+    ptxas wgmma warnings (C7514 / C7512 / C7515...: wgmma serialised), and PTX counts of wgmma / transposed-A
+    wgmma / TMA loads and stores / barriers."""
+    import re
+
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    dt = {"bf16": gl.bfloat16, "fp16": gl.float16, "fp32": gl.float32}
+    kernel = _grouped_wgrad_wgmma_kernel
+    names = list(kernel.arg_names)
+    epi = 1 if out_dtype == "fp32" else 2
+    const = dict(STAGES=stages, EPI_BUFS=epi, LOADER_REGS=LOADER_REGS, num_warps=NUM_WARPS)
+    ab = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dt[in_dtype])
+    xl = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HALF_K], dt[in_dtype])
+    ol = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HALF_K], dt[out_dtype])
+    sig = {}
+    for n in names:
+        if n in const:
+            sig[n] = "constexpr"
+        elif n == "dy_desc":
+            sig[n] = f"tensordesc<{in_dtype}[{BLOCK_M},{BLOCK_N}],{ab!r}>"
+        elif n == "x_desc":
+            sig[n] = f"tensordesc<{in_dtype}[{BLOCK_M},{HALF_K}],{xl!r}>"
+        elif n == "out_desc":
+            sig[n] = f"tensordesc<{out_dtype}[{BLOCK_N},{HALF_K}],{ol!r}>"
+        elif n == "offsets_ptr":
+            sig[n] = "*i32"
+        else:
+            sig[n] = "i32"
+    src = GluonASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": NUM_WARPS, "maxnreg": maxnreg(NUM_WARPS)})
+    ptx = k.asm["ptx"]
+    regs, spill, warns, log = _ptxas(ptx)
+    wgmma = re.findall(r"wgmma\.mma_async[^;]*;", ptx)
+    return dict(triton=triton.__version__, in_dtype=in_dtype, out_dtype=out_dtype, stages=stages,
+                shared=k.metadata.shared, regs=regs, spill_bytes=spill, ptxas_wgmma_warnings=warns,
+                wgmma=len(wgmma), wgmma_transposed_ab=sum(w.rstrip(";").replace(" ", "").endswith("1,1,1,1") for w in wgmma),
+                tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx)),
+                tma_stores=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.global\.shared", ptx)),
+                setmaxnreg=sorted(set(int(n) for n in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))),
+                ptxas_log=log.strip()[-600:])
+
+
+if __name__ == "__main__":  # python -m moe_kernels.ops.grouped_wgrad_wgmma [in_dtype out_dtype stages]
+    import sys
+
+    args = sys.argv[1:]
+    print(compile_sm90(*(args[:2]), *([int(args[2])] if len(args) > 2 else [])))
