@@ -478,6 +478,26 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, num_
         common = dy.dtype if fp8 else torch.promote_types(dy.dtype, x.dtype)
         dy, x = dy.to(common), x.to(common)
     dy, x = dy.contiguous(), x.contiguous()
+    import os  # MOE_KERNELS_WGRAD=gluon (opt-in): the Gluon wgmma kernel (grouped_wgrad_wgmma) where it applies
+    if not fp8 and os.environ.get("MOE_KERNELS_WGRAD", "") == "gluon" and x.is_cuda and not interpret_mode():
+        try:
+            from . import grouped_wgrad_wgmma as gw
+        except ImportError as e:  # pragma: no cover - Triton without Gluon
+            gw, why = None, f"this Triton has no Gluon ({e})"
+        if gw is not None:
+            why = ("not an sm_90 GPU" if not _is_sm90(x.device.index if x.device.index is not None else 0)
+                   else "an operand is not 16-byte aligned for TMA" if not _tma_usable(dy, x)
+                   else "its launch failed earlier: " + gw.FAILED[0] if gw.FAILED else gw.supports(dy, x, dw))
+        if why is None or why == "no rows":
+            if why:  # M = 0: every expert's gradient is zero
+                return dw.zero_()
+            try:
+                gw.launch(dy, x, offsets.contiguous(), dw)
+                return dw
+            except Exception as e:  # noqa: BLE001 - a Triton that cannot build it: the Triton kernel, said once
+                gw.FAILED.append(f"{type(e).__name__}: {str(e)[:300]}")
+                why = "its launch failed: " + gw.FAILED[0]
+        _say_once(f"moe_kernels: MOE_KERNELS_WGRAD=gluon, but grouped_wgrad runs the Triton kernel: {why}")
     small = interpret_mode()
     tma = x.dtype != torch.float32 and not _WGRAD_TMA_FAILED and _tma_usable(dy, x)
     if fp8:  # a row step is one 1x128 group

@@ -47,6 +47,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 __all__ = ["launch", "supports", "compile_sm90"]
 
+FAILED: list[str] = []  # grouped_wgrad's note of a launch of this kernel that raised (it then runs the Triton one)
+
 BLOCK_M = 64  # token rows per reduction step
 BLOCK_N = 128  # rows of a dW tile (the wgmma M: two warpgroups of 64 rows)
 HALF_K = 128  # columns of one accumulator; a dW tile is two halves
