@@ -206,6 +206,27 @@ def test_unpermute_matches_reference(case, dtype, device):
         assert_close_rel(out.cpu().float(), ref, 1e-6 if dtype == torch.float32 else 4e-3, "unpermute")
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["odd_T_k2", "T1_k1", "T0"])
+def test_unpermute_add_matches_reference(case, out_dtype, device):
+    """The inference gather with the shared experts' output added: fp32 sum, one rounding to out_dtype."""
+    from moe_kernels.ops.permute import unpermute_add
+
+    T, k, E, H = UNPERMUTE_CASES[case]
+    ids = make_ids(T, k, E, "random", device)
+    p = mk.ops.permute(torch.randn(T, H, device=device), ids, E)
+    y = torch.randn(T * k, H).to(torch.bfloat16).to(device)
+    w = torch.rand(T, k, device=device)
+    add = torch.randn(T, H).to(torch.bfloat16).to(device)
+    poison_allocator((T, H), out_dtype, device)
+    out = unpermute_add(y, p, w, add, out_dtype=out_dtype)
+    assert out.dtype == out_dtype and out.shape == (T, H)
+    if T:
+        ref = R.unpermute(y.cpu(), R.permute(torch.zeros(T, H), ids.cpu(), E), w.cpu(), out_dtype=torch.float32)
+        ref = ref + add.cpu().float()
+        assert_close_rel(out.cpu().float(), ref, 1e-6 if out_dtype == torch.float32 else 4e-3, "unpermute_add")
+
+
 def test_round_trip_restores_tokens(device):
     T, k, E, H = 50, 4, 9, 256
     x = torch.randn(T, H, device=device)

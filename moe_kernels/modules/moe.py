@@ -6,6 +6,7 @@ from torch import nn
 
 from .. import ops
 from .._checks import check_int
+from ..ops.permute import unpermute_add
 from .converters import get_converter
 from .experts import PRECISIONS, GroupedExperts
 from .router import TopKRouter
@@ -112,6 +113,10 @@ class MoELayer(nn.Module):
             grad = torch.is_grad_enabled() and (x2.requires_grad or self.experts.fp8_master)
             p = ops.permute(xr, ids, self.num_experts, fp8=self.precision == "fp8" and not grad)
             y = self.experts(p.x, p.offsets, p.scale)
+            if isinstance(shared, tuple) and self._tp is None:  # inference: the shared output added in the gather
+                torch.cuda.current_stream(x.device).wait_stream(shared[1])
+                out = unpermute_add(y, p, weights, shared[0], out_dtype=x.dtype)
+                return out.reshape(shape)
             out = ops.unpermute(y, p, weights)
         if self._tp is not None:  # the slices' partial outputs added (fp32)
             out = self._tp.reduce_output(out)
@@ -135,7 +140,7 @@ class MoELayer(nn.Module):
         if self.shared_experts is None:
             return None
         if not x2.is_cuda or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self.shared_experts(x2, torch.arange(2, dtype=torch.int32, device=x2.device) * x2.shape[0])
+            return self.shared_experts(x2, _one_expert_offsets(x2))
         side = self._side_streams.get(x2.device)
         if side is None:
             side = self._side_streams[x2.device] = torch.cuda.Stream(x2.device)
@@ -144,7 +149,7 @@ class MoELayer(nn.Module):
             # every temporary of the shared experts (their offsets [0, T] too) is allocated on the side stream: a
             # block freed there is handed out again only in side-stream order, never to the main stream's next
             # allocation while the side stream may still read it
-            y = self.shared_experts(x2, torch.arange(2, dtype=torch.int32, device=x2.device) * x2.shape[0])
+            y = self.shared_experts(x2, _one_expert_offsets(x2))
         return y, side
 
     @classmethod
@@ -152,3 +157,11 @@ class MoELayer(nn.Module):
         """Build from a HuggingFace MoE block (the families ``moe_kernels.integrations.hf`` lists). The converter
         is looked up in ``modules.converters``, which the integration fills: this module imports no integration."""
         return get_converter(cls, "hf")(module, precision=precision)
+
+
+def _one_expert_offsets(x2: torch.Tensor) -> torch.Tensor:
+    """[0, T]: every row to the one shared expert, in one kernel (arange with step T; T = 0 has no step)."""
+    T = x2.shape[0]
+    if T == 0:
+        return torch.zeros(2, dtype=torch.int32, device=x2.device)
+    return torch.arange(0, 2 * T, T, dtype=torch.int32, device=x2.device)

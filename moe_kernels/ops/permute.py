@@ -114,12 +114,14 @@ def _scatter_kernel(x_ptr, ids_ptr, rank_ptr, offsets_ptr, base_ptr, slot_ptr, t
 
 
 @triton.jit
-def _unpermute_kernel(y_ptr, slot_ptr, w_ptr, out_ptr, H, stride_y, stride_out,
-                      TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+def _unpermute_kernel(y_ptr, slot_ptr, w_ptr, out_ptr, add_ptr, H, stride_y, stride_out, stride_add,
+                      TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, ADD: tl.constexpr = False):
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    if ADD:  # a row added to the sum (the shared experts' output), in fp32 before the one rounding
+        acc += tl.load(add_ptr + t * stride_add + offs_h, mask=h_mask, other=0.0).to(tl.float32)
     for j in tl.static_range(TOP_K):
         row = tl.load(slot_ptr + t * TOP_K + j).to(tl.int64)
         w = tl.load(w_ptr + t * TOP_K + j)
@@ -274,18 +276,35 @@ def permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, fp8: bool
 
 
 def _unpermute_triton(y: torch.Tensor, slot: torch.Tensor, topk_weights: torch.Tensor, block_h=None, num_warps=4,
-                      out_dtype=None):
+                      out_dtype=None, add=None):
     T, k = slot.shape
     H = y.shape[1]
+    if add is not None and k == 0:
+        return add.to(out_dtype or y.dtype, copy=True)
     out = (torch.empty if k else torch.zeros)(T, H, dtype=out_dtype or y.dtype, device=y.device)  # k = 0: empty sum
     if T * k and H:
         y = y if y.stride(-1) == 1 else y.contiguous()
+        if add is not None and add.stride(-1) != 1:
+            add = add.contiguous()
         BLOCK_H = block_h or _row_block(H, False)
         _unpermute_kernel[(T, triton.cdiv(H, BLOCK_H))](
-            y, slot.contiguous(), topk_weights.float().contiguous(), out, H, y.stride(0), out.stride(0),
-            TOP_K=k, BLOCK_H=BLOCK_H, num_warps=num_warps,
+            y, slot.contiguous(), topk_weights.float().contiguous(), out, add if add is not None else out, H,
+            y.stride(0), out.stride(0), add.stride(0) if add is not None else 0,
+            TOP_K=k, BLOCK_H=BLOCK_H, ADD=add is not None, num_warps=num_warps,
         )
     return out
+
+
+def unpermute_add(y: torch.Tensor, permuted: Permuted, topk_weights: torch.Tensor, add: torch.Tensor,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inference only (no autograd): ``add + unpermute(y, permuted, topk_weights)`` in one kernel, summed in fp32
+    and rounded once to ``out_dtype`` (default y's dtype). ``add`` [T, N] (the shared experts' output)."""
+    T, k = permuted.slot.shape
+    check_tensor("add", add, shape=(T, y.shape[1]), device=y.device)
+    if use_triton(y):
+        return _unpermute_triton(y, permuted.slot, topk_weights, out_dtype=out_dtype, add=add)
+    out = _unpermute_op(y, permuted.slot, topk_weights)
+    return (out.float() + add.float()).to(out_dtype or y.dtype)
 
 
 @torch.library.custom_op("moe_kernels::unpermute", mutates_args=())
