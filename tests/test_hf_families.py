@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,14 +49,16 @@ FAMILIES = {
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
                dict(hidden_size=128, intermediate_size=64, intermediate_size_mlp=192, num_local_experts=4,
                     num_experts_per_tok=1, num_key_value_heads=2, head_dim=32, **_ATTN), 2, "router"),
+    # router_jitter_noise 0.3: sparsemixer keeps a second logit for about half the tokens (at 0.01 nearly every
+    # weight is 1); input jitter on, so that training draws it (twice, as HF does)
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
+               dict(hidden_size=128, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                    router_jitter_noise=0.3, input_jitter_noise=0.01, num_key_value_heads=2, **_ATTN), 2, "router"),
 }
 REFUSED = {
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
                 dict(hidden_size=128, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
                      num_key_value_heads=2, head_dim=32, **_ATTN), "GptOssMLP", "SwiGLU"),
-    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
-               dict(hidden_size=128, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
-                    num_key_value_heads=2, **_ATTN), "PhimoeSparseMoeBlock", "sparsemixer"),
 }
 
 
@@ -87,6 +90,8 @@ def test_family_logits_and_generation(family, monkeypatch):
     patched = copy.deepcopy(model)
     report = mk.patch_model(patched, precision=None)
     assert report == FAMILIES[family][3] and not report.skipped, str(report)
+    # an eval model stays in eval mode (an adapter left training would jitter or sample: PhiMoE, Mixtral)
+    assert not [n for n, m in patched.named_modules() if m.training]
     ids = torch.randint(0, V, (2, 7))
     with torch.no_grad():
         ref, out = model(ids).logits, patched(ids).logits
@@ -124,7 +129,9 @@ def test_family_training_step_gradients(family, monkeypatch):
     """One training step (cross-entropy on random labels, plus the load-balancing loss where the family has one;
     fp32): every parameter's gradient equals HF's, the routers, routed experts and shared experts included (Llama
     4's experts through its transposed layout), and transformers records the same router logits. The
-    FamilyMoELayer variants (Qwen2-MoE, Llama 4) run the kernels' backward through the interpreter."""
+    FamilyMoELayer variants (Qwen2-MoE, Llama 4) run the kernels' backward through the interpreter. Both models
+    start from the same generator state: PhiMoE samples its experts in training (and jitters its input), and must
+    draw what HF draws."""
     if family not in ("qwen2_moe", "llama4"):  # plain MoELayer: its kernels' backward has its own tests
         monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors: the reference ops (fast)
     model = build(FAMILIES, family)
@@ -138,6 +145,7 @@ def test_family_training_step_gradients(family, monkeypatch):
         for m in (model, patched):
             m.train()
             m.zero_grad()
+            torch.manual_seed(1)
             outs.append(m(ids, labels=labels, output_router_logits=True))
             outs[-1].loss.backward()
     hf_out, our_out = outs
@@ -186,6 +194,117 @@ def test_llama4_block_weights_on_input(top_k):
         assert_close_rel(layer(x).reshape(ref.shape), ref, 1e-5, f"Llama4 block top-{top_k}")
 
 
+def _hf_sparsemixer():
+    modeling = pytest.importorskip("transformers.models.phimoe.modeling_phimoe")
+    return modeling.sparsemixer
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("eps", [0.01, 0.3])
+def test_sparsemixer_matches_transformers(eps, training):
+    """Our sparsemixer (moe_kernels.modules.router) against transformers' on fp32 logits, from the same generator
+    state: the same two experts, the same weights, the same gradient into the logits (through HF's PhimoeMultiplier
+    in training). In training the sampling and the 1 / 0.3333 scaling must both show (picks that are not the
+    maximum; weights a third of their softmax), so evaluation's rule cannot pass for it."""
+    from moe_kernels.modules.router import sparsemixer
+
+    torch.manual_seed(0)
+    logits = torch.randn(400, 8) * torch.rand(400, 1) * 3  # rows of every spread, some masking nothing
+    g = torch.randn(400, 2)
+    res = []
+    for fn in (_hf_sparsemixer(), lambda lg, eps, tr: sparsemixer(lg, eps, tr)):
+        lg = logits.clone().requires_grad_()
+        torch.manual_seed(5)
+        w, ids = fn(lg, eps, training)
+        (w * g).sum().backward()
+        res.append((w.detach(), ids, lg.grad))
+    (w_hf, ids_hf, g_hf), (w, ids, grad) = res
+    assert torch.equal(ids, ids_hf) and (ids[:, 0] != ids[:, 1]).all()
+    assert_close_rel(w, w_hf, 1e-6, "sparsemixer weights")
+    assert_close_rel(grad, g_hf, 1e-6, "sparsemixer gradient into the logits")
+    # the first pick's softmax over the logits within the threshold of the maximum (the same for any pick)
+    top = logits.max(-1, keepdim=True)[0]
+    p1 = torch.softmax(logits.masked_fill((top - logits) / logits.abs().clamp(min=top) > 2 * eps, float("-inf")), -1)
+    ratio = w[:, 0] / p1.gather(-1, ids[:, :1]).squeeze(-1)
+    if not training:
+        assert torch.equal(ids[:, 0], logits.argmax(-1)) and torch.allclose(ratio, torch.ones(400))
+        if eps == 0.3:
+            assert (w < 0.99).any() and (w == 1).any()  # the threshold keeps a second logit in some rows only
+    else:
+        assert (ids[:, 0] != logits.argmax(-1)).any(), "training did not sample"
+        third = (ratio - 0.3333).abs() < 1e-5
+        assert third.any() and (third | ((ratio - 1).abs() < 1e-6)).all(), ratio
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_phimoe_block(top_k, training):
+    """PhiMoE's block, patched, against HF's in eval and (same generator state) in training, where HF jitters the
+    input twice (block, then router) and samples; num_experts_per_tok=1 too, which HF's sparsemixer ignores (always
+    two experts): the gradients into the input and the router weight as well."""
+    model = build(FAMILIES, "phimoe", num_experts_per_tok=top_k, input_jitter_noise=0.05)
+    holder = torch.nn.Sequential()
+    holder.add_module("mlp", model.model.layers[0].mlp)
+    block = copy.deepcopy(holder.mlp)
+    assert mk.patch_model(holder, precision=None) == 1
+    ours = holder.mlp
+    assert ours.moe.gate.top_k == 2 and ours.moe.gate.scoring == "sparsemixer" and ours.moe.gate.jitter_eps == 0.3
+    x = torch.randn(2, 7, 128)
+    outs = []
+    for m, w in ((block, block.router.weight), (ours, ours.moe.gate.weight)):
+        m.train(training)
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        y = m(xi * 1.0)  # HF's block scales its input in place
+        y.square().sum().backward()
+        outs.append((y.detach(), xi.grad, w.grad))
+    for a, b, what in zip(outs[1], outs[0], ("output", "grad x", "grad router")):
+        assert_close_rel(a, b, 1e-5, f"PhiMoE block top_k={top_k} training={training} {what}")
+
+
+def test_sparsemixer_router_layer_and_arguments():
+    """TopKRouter / MoELayer with scoring="sparsemixer" outside HF: odd sizes, T = 0 and 1, against a float64
+    per-token computation; counts; norm_topk_prob and routed_scaling_factor applied to its weights; the arguments
+    it cannot take refused at construction, non-finite logits at the call."""
+    from moe_kernels.modules.router import sparsemixer
+
+    torch.manual_seed(0)
+    layer = mk.MoELayer(hidden_size=72, intermediate_size=40, num_experts=5, top_k=2, scoring="sparsemixer",
+                        norm_topk_prob=False, precision="fp32", dtype=torch.float32).eval()
+    assert "jitter_eps=0.01" in repr(layer.gate)
+    layer.gate.jitter_eps = 0.3
+    ex = layer.experts
+    for T in (0, 1, 13):
+        x = torch.randn(T, 72)
+        with torch.no_grad():
+            y = layer(x)
+            w, ids = sparsemixer(x.double() @ layer.gate.weight.double().t(), 0.3, False)
+            ref = torch.zeros(T, 72, dtype=torch.float64)
+            for t in range(T):
+                for j in range(2):
+                    e = int(ids[t, j])
+                    h = ex.w13[e].double() @ x[t].double()
+                    ref[t] += w[t, j] * (ex.w2[e].double() @ (F.silu(h[:40]) * h[40:]))
+        assert y.shape == (T, 72)
+        if T:
+            assert_close_rel(y, ref, 1e-5, f"MoELayer sparsemixer T={T}")
+    x = torch.randn(9, 72)
+    with torch.no_grad():
+        w, ids, counts = layer.gate(x)
+        assert ids.dtype == torch.int32 and torch.equal(counts, torch.bincount(ids.flatten().long(), minlength=5).int())
+        layer.gate.norm_topk_prob, layer.gate.routed_scaling_factor = True, 2.5
+        w2, ids2, _ = layer.gate(x)
+    assert torch.equal(ids2, ids) and torch.allclose(w2, 2.5 * w / w.sum(-1, keepdim=True))
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.gate(torch.full((2, 72), float("nan")))
+    kw = dict(hidden_size=16, num_experts=4, scoring="sparsemixer")
+    for bad, msg in ((dict(top_k=1), "exactly 2"), (dict(top_k=2, n_group=2, topk_group=1), "n_group"),
+                     (dict(top_k=2, balance="bias"), "balance"), (dict(top_k=2, jitter_eps=-0.1), "jitter_eps"),
+                     (dict(top_k=2, jitter_eps=float("nan")), "jitter_eps")):
+        with pytest.raises(ValueError, match=msg):
+            mk.modules.router.TopKRouter(**kw, **bad)
+
+
 def test_deepseek_v2_group_limited_greedy_refused():
     """DeepSeek-V2's group_limited_greedy scores groups by their best expert: refused with that reason (strict),
     reported and left in place otherwise; with every group kept it is plain greedy and is taken."""
@@ -200,7 +319,7 @@ def test_deepseek_v2_group_limited_greedy_refused():
 
 @pytest.mark.parametrize("family", list(REFUSED))
 def test_refused_families_report_why(family):
-    """GPT-OSS and PhiMoE: left as they are with the reason in the report; strict=True raises it; the model's
+    """GPT-OSS: left as they are with the reason in the report; strict=True raises it; the model's
     output is unchanged."""
     model = build(REFUSED, family)
     kind, why = REFUSED[family][3:]
@@ -347,7 +466,7 @@ def test_family_bf16_on_cuda(family):
             "llama4": dict(intermediate_size=128),
             "hunyuan_v1_moe": dict(moe_intermediate_size=128, intermediate_size=256)}.get(
                 family, dict(moe_intermediate_size=128))
-    if family == "olmoe":
+    if family in ("olmoe", "phimoe"):
         over = dict(intermediate_size=128)
     model = build(FAMILIES, family, **over).cuda()
     ids = torch.randint(0, V, (2, 16), device="cuda")

@@ -16,6 +16,8 @@ Qwen2-MoE           Qwen2MoeSparseMoeBlock      softmax top-k; shared expert gat
 MiniMax-M2          MiniMaxM2SparseMoeBlock     sigmoid, selection biased by the block's correction bias, norm
 Hunyuan-A13B        HunYuanMoEV1Moe             softmax top-k, renormalised (router gate.wg); shared_mlp
 Llama 4             Llama4TextMoe               sigmoid of the top-k logits applied to the experts' input; shared
+PhiMoE (Phi-3.5)    PhimoeSparseMoeBlock        sparsemixer top-2 (TopKRouter scoring="sparsemixer", torch ops;
+                                                Gumbel-sampled in training, HF's draws); input jitter as HF's
 ==================  ==========================  =====================================================================
 
 and the blocks whose code is one of these up to class names (``CLONES``: Dots1, Kimi-Linear, Exaone-MoE,
@@ -23,7 +25,7 @@ MiniCPM5-MoE, MiMo-V2-Flash (no shared expert), Dots3-Note, GLM-4.5 Lite / GLM-4
 Solar-Open, DeepSeek-OCR2, Unlimited-OCR, FlexOlmo, Mellum, MiniMax, Qwen3-Next, Qwen4-Exp, Qwen3-Omni's thinker
 and talker; Qwen3.5-MoE and Qwen3-VL-MoE, whose routers always renormalise). MLA attention: DeepseekV3Attention,
 DeepseekV2Attention, and DeepseekV3Attention's clones Glm4MoeLiteAttention, YoutuAttention. Refused with a reason
-(``REFUSED_MOE``): GPT-OSS (biased, clamped SwiGLU), PhiMoE (sparsemixer routing); DeepSeek-V2's
+(``REFUSED_MOE``): GPT-OSS (biased, clamped SwiGLU); DeepSeek-V2's
 ``group_limited_greedy`` (groups scored by their best expert); any expert activation other than SiLU (the kernels
 compute SwiGLU = silu(gate) * up); expert biases. Any other module with ``experts`` and a router (or MLA-like
 projections) is reported as not supported.
@@ -49,6 +51,7 @@ from .._checks import FP8_DTYPE
 from ..modules.converters import register_converter
 from ..modules.mla import MultiHeadLatentAttention
 from ..modules.moe import MoELayer
+from ..modules.router import TopKRouter
 from .layers import FamilyMoELayer
 
 __all__ = ["moe_from_hf", "mla_from_hf", "patch_model", "PatchReport", "UnsupportedModule", "SUPPORTED_MOE",
@@ -60,7 +63,7 @@ logger = logging.getLogger("moe_kernels")
 SUPPORTED_MOE = {
     "DeepseekV3MoE": "DeepSeek-V3", "Glm4MoeMoE": "GLM-4.5 (GLM4-MoE)", "DeepseekV2Moe": "DeepSeek-V2",
     "MixtralSparseMoeBlock": "Mixtral", "Qwen3MoeSparseMoeBlock": "Qwen3-MoE", "OlmoeSparseMoeBlock": "OLMoE",
-    "Qwen2MoeSparseMoeBlock": "Qwen2-MoE", "Llama4TextMoe": "Llama 4",
+    "Qwen2MoeSparseMoeBlock": "Qwen2-MoE", "Llama4TextMoe": "Llama 4", "PhimoeSparseMoeBlock": "PhiMoE",
 }
 # blocks whose code (block, router, experts, shared expert) is, up to class names, that of a supported one: found by
 # comparing transformers 5.25's sources (the model files copy it through transformers' modular system)
@@ -95,9 +98,6 @@ REFUSED_MOE = {
     "GptOssMLP": "GPT-OSS experts are not a plain SwiGLU: biased projections, interleaved gate/up columns, "
                  "gate and up clamped to swiglu_limit, gate * sigmoid(alpha * gate) * (up + 1); the kernels compute "
                  "silu(x W1) * (x W3) W2 without bias or clamp",
-    "PhimoeSparseMoeBlock": "PhiMoE routes with sparsemixer (each expert's weight a softmax over the logits within "
-                            "a jitter threshold of its maximum, Gumbel-sampled experts in training), which the "
-                            "kernels' softmax / sigmoid top-k cannot reproduce",
 }
 _SOFTMAX_TOPK = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock",
                  "HunYuanMoEV1Moe")
@@ -282,6 +282,14 @@ def _base_routing(module: nn.Module, gate: nn.Module) -> dict:
         return dict(top_k=top_k, scoring="sigmoid", norm_topk_prob=True)
     if kind == "Llama4TextMoe":  # top-k of the logits = top-k of their sigmoid; weights sigmoid(logit), unnormalised
         return dict(top_k=top_k, scoring="sigmoid", norm_topk_prob=False, weights_on_input=True)
+    if kind == "PhimoeSparseMoeBlock":
+        if getattr(gate, "bias", None) is not None:
+            raise UnsupportedModule("PhiMoE's router has a bias term")
+        eps = _attr(src, "router_jitter_noise", default=None)
+        if eps is None:
+            raise UnsupportedModule("PhiMoE's router has no router_jitter_noise (sparsemixer's threshold)")
+        # transformers' sparsemixer always picks 2 experts, whatever num_experts_per_tok says
+        return dict(top_k=2, scoring="sparsemixer", norm_topk_prob=False, jitter_eps=float(eps))
     if kind in REFUSED_MOE:
         raise UnsupportedModule(REFUSED_MOE[kind])
     raise UnsupportedModule(f"unsupported MoE block {kind}; supported: {', '.join(SUPPORTED_MOE)}")
@@ -312,6 +320,7 @@ def moe_from_hf(module: nn.Module, precision: str | None = None) -> MoELayer:
         raise UnsupportedModule(f"unsupported MoE block {kind}; supported: {', '.join(SUPPORTED_MOE)}")
     _, gate = _router(module)
     kw = _routing(module, gate)
+    jitter_eps = kw.pop("jitter_eps", None)  # sparsemixer's threshold: the router's argument, not the layer's
     _check_activation(module)
     router_w = _router_weight(gate).detach()
     E, H = router_w.shape
@@ -332,6 +341,10 @@ def moe_from_hf(module: nn.Module, precision: str | None = None) -> MoELayer:
     else:
         layer = MoELayer(n_shared_experts=Is // I, **common, **kw)
         shared_dst = layer.shared_experts
+    if jitter_eps is not None:
+        g = layer.gate
+        layer.gate = TopKRouter(H, E, g.top_k, g.scoring, norm_topk_prob=g.norm_topk_prob, jitter_eps=jitter_eps,
+                                dtype=dtype, device=router_w.device)
     layer.gate.weight.copy_(router_w)
     bias = getattr(gate, "e_score_correction_bias", None)
     if bias is None:  # MiniMax-M2 keeps it on the block
@@ -470,23 +483,27 @@ class HFMoEBlock(nn.Module):
     transformers records router logits (``output_router_logits``, the auxiliary load-balancing loss) by hooking
     modules of that class, so the adapter keeps one and runs it when such a hook is installed: one extra
     [tokens, E] GEMM, differentiable into our gate's weight. ``returns_logits``: the HF block returns
-    ``(output, router_logits)`` (Llama 4), so this adapter does too.
+    ``(output, router_logits)`` (Llama 4), so this adapter does too. ``jitter_noise``: in training the input is
+    scaled by U(1 - j, 1 + j), drawn ``jitter_draws`` times (Mixtral's block draws once; PhiMoE's block and then
+    its router each draw once, both scaling the experts' input too), from the generator as HF's block does.
     """
 
     def __init__(self, moe: MoELayer, router_cls: type | None = None, router_name: str = "gate",
-                 returns_logits: bool = False, jitter_noise: float = 0.0):
+                 returns_logits: bool = False, jitter_noise: float = 0.0, jitter_draws: int = 1):
         super().__init__()
         self.moe = moe
         self.router_name = router_name
         self.returns_logits = returns_logits
         self.jitter_noise = float(jitter_noise)  # Mixtral-style: x *= U(1 - j, 1 + j) in training
+        self.jitter_draws = int(jitter_draws)
         router = _router_logits_module(router_cls, moe.gate) if router_cls is not None else None
         setattr(self, router_name, router)
 
     def forward(self, hidden_states):
-        if self.training and self.jitter_noise > 0:  # as HF's block does in training (its own random draw)
+        if self.training and self.jitter_noise > 0:  # as HF's block does in training (its own random draws)
             j = self.jitter_noise
-            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - j, 1.0 + j)
+            for _ in range(self.jitter_draws):
+                hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - j, 1.0 + j)
         router = getattr(self, self.router_name)
         logits = None
         if router is not None and (router._forward_hooks or self.returns_logits):
@@ -546,11 +563,15 @@ def _looks_like_mla(mod: nn.Module) -> bool:
 
 def _convert(mod: nn.Module, kind: str, precision: str | None) -> nn.Module:
     if kind in SUPPORTED_ATTENTION:
-        return HFMLAAttention(mla_from_hf(mod), mod.layer_idx)
+        return HFMLAAttention(mla_from_hf(mod), mod.layer_idx).train(mod.training)
     name, router = _router(mod)
-    return HFMoEBlock(moe_from_hf(mod, precision), type(router), name,
-                      returns_logits=CLONES.get(kind, kind) == "Llama4TextMoe",
-                      jitter_noise=getattr(mod, "jitter_noise", 0.0) or 0.0)
+    if kind == "PhimoeSparseMoeBlock":  # the block's input jitter, then its router's (the same tensor, in place)
+        jitter = dict(jitter_noise=getattr(mod, "input_jitter_noise", 0.0) or 0.0, jitter_draws=2)
+    else:
+        jitter = dict(jitter_noise=getattr(mod, "jitter_noise", 0.0) or 0.0)
+    block = HFMoEBlock(moe_from_hf(mod, precision), type(router), name,
+                       returns_logits=CLONES.get(kind, kind) == "Llama4TextMoe", **jitter)
+    return block.train(mod.training)  # an eval model's adapter must not jitter its input
 
 
 def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool = True,
