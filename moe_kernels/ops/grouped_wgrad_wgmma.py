@@ -112,13 +112,42 @@ def _zero_foreign_rows(dy_s, valid, num_warps: gl.constexpr):
 
 
 @gluon.jit
+def _epilogue(acc0, acc1, c_smem, out_desc, row, k0, K, EPI_BUFS: gl.constexpr):
+    """The tile's two column halves, in the output dtype, through shared memory and TMA stores into dW [E * N, K]
+    (columns past K clipped; a half wholly past K not stored). The stores run on while the next tile's products
+    do: the buffers are written again only after ``tma.store_wait``."""
+    out_dtype: gl.constexpr = out_desc.dtype
+    two = k0 + _HK < K
+    tma.store_wait(0)  # the previous tile's stores have read the buffers
+    _sync()
+    c_smem.index(0).store(acc0.to(out_dtype))
+    if EPI_BUFS == 2:
+        c_smem.index(1).store(acc1.to(out_dtype))
+        fence_async_shared()
+        _sync()
+        tma.async_copy_shared_to_global(out_desc, [row, k0], c_smem.index(0))
+        if two:
+            tma.async_copy_shared_to_global(out_desc, [row, k0 + _HK], c_smem.index(1))
+    else:
+        fence_async_shared()
+        _sync()
+        tma.async_copy_shared_to_global(out_desc, [row, k0], c_smem.index(0))
+        if two:
+            tma.store_wait(0)
+            _sync()
+            c_smem.index(0).store(acc1.to(out_dtype))
+            fence_async_shared()
+            _sync()
+            tma.async_copy_shared_to_global(out_desc, [row, k0 + _HK], c_smem.index(0))
+
+
+@gluon.jit
 def _math(dy_bufs, x_bufs, ready, empty, c_smem, out_desc, offsets_ptr, pid, nprog, my_count, num_tiles,
-          tiles_per_e, num_kb, N, STAGES: gl.constexpr, EPI_BUFS: gl.constexpr, num_warps: gl.constexpr):
+          tiles_per_e, num_kb, N, K, STAGES: gl.constexpr, EPI_BUFS: gl.constexpr, num_warps: gl.constexpr):
     """The math warps (two warpgroups): products of each stage into two [128, 128] fp32 accumulators, stages handed
     back as their products finish, then the tile written through shared memory and TMA."""
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, _HK, 16])
-    out_dtype: gl.constexpr = out_desc.dtype
     c = 0
     e, n0, k0, lo, hi = _tile(pid, tiles_per_e, num_kb, offsets_ptr)
     for j in range(my_count):
@@ -144,26 +173,7 @@ def _math(dy_bufs, x_bufs, ready, empty, c_smem, out_desc, offsets_ptr, pid, npr
         _sync()
         mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=hi > lo)
 
-        row = e * N + n0
-        tma.store_wait(0)  # the previous tile's stores have read the buffers
-        _sync()
-        c_smem.index(0).store(acc0.to(out_dtype))
-        if EPI_BUFS == 2:
-            c_smem.index(1).store(acc1.to(out_dtype))
-            fence_async_shared()
-            _sync()
-            tma.async_copy_shared_to_global(out_desc, [row, k0], c_smem.index(0))
-            tma.async_copy_shared_to_global(out_desc, [row, k0 + _HK], c_smem.index(1))
-        else:
-            fence_async_shared()
-            _sync()
-            tma.async_copy_shared_to_global(out_desc, [row, k0], c_smem.index(0))
-            tma.store_wait(0)
-            _sync()
-            c_smem.index(0).store(acc1.to(out_dtype))
-            fence_async_shared()
-            _sync()
-            tma.async_copy_shared_to_global(out_desc, [row, k0 + _HK], c_smem.index(0))
+        _epilogue(acc0, acc1, c_smem, out_desc, e * N + n0, k0, K, EPI_BUFS)
         e, n0, k0, lo, hi = n_e, n_n0, n_k0, n_lo, n_hi
     tma.store_wait(0)
 
@@ -188,7 +198,7 @@ def _grouped_wgrad_wgmma_kernel(dy_desc, x_desc, out_desc, offsets_ptr, N, K, ti
 
     gl.warp_specialize([
         (_math, (dy_bufs, x_bufs, ready, empty, c_smem, out_desc, offsets_ptr, pid, nprog, my_count, num_tiles,
-                 tiles_per_e, num_kb, N, STAGES, EPI_BUFS, num_warps)),
+                 tiles_per_e, num_kb, N, K, STAGES, EPI_BUFS, num_warps)),
         (_loader, (dy_desc, x_desc, dy_bufs, x_bufs, ready, empty, offsets_ptr, pid, nprog, my_count, tiles_per_e,
                    num_kb, K, STAGES)),
     ], [1], [LOADER_REGS])
@@ -329,12 +339,15 @@ def compile_sm90(in_dtype: str = "bf16", out_dtype: str = "bf16", stages: int = 
     ptx = k.asm["ptx"]
     regs, spill, warns, log = _ptxas(ptx)
     wgmma = re.findall(r"wgmma\.mma_async[^;]*;", ptx)
+    # the last four immediates of a wgmma: scale-a, scale-b, transpose-a, transpose-b (1: MN-major)
+    transposed = sum(w.rstrip(";").replace(" ", "").endswith("1,1,1,1") for w in wgmma)
+    nreg = re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)
     return dict(triton=triton.__version__, in_dtype=in_dtype, out_dtype=out_dtype, stages=stages,
                 shared=k.metadata.shared, regs=regs, spill_bytes=spill, ptxas_wgmma_warnings=warns,
-                wgmma=len(wgmma), wgmma_transposed_ab=sum(w.rstrip(";").replace(" ", "").endswith("1,1,1,1") for w in wgmma),
+                wgmma=len(wgmma), wgmma_transposed_ab=transposed,
                 tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx)),
                 tma_stores=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.global\.shared", ptx)),
-                setmaxnreg=sorted(set(int(n) for n in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))),
+                setmaxnreg=sorted(set(int(n) for n in nreg)),
                 ptxas_log=log.strip()[-600:])
 
 
