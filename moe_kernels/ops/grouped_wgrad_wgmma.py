@@ -25,8 +25,10 @@ and the programs running at one time read the same one or two experts' rows from
     async-proxy fence, barrier), so they add nothing. Only that one step per tile pays for it.
   * epilogue: each accumulator half goes to shared memory in the output dtype and out through a TMA store into
     dW viewed [E * N, K] (columns past K are clipped by TMA; N % BLOCK_N == 0, so a tile never crosses into the
-    next expert's rows). The stores run while the next tile's products do; the buffer is reused only after
-    ``tma.store_wait``. 16-bit outputs use two buffers (both halves in flight), fp32 one (64 KiB either way).
+    next expert's rows). The first half is converted and stored while the tensor cores still run the last
+    step's product of the second (``warpgroup_mma_wait(1)``); the stores run on while the next tile's products
+    do, a buffer is reused only after ``tma.store_wait``. 16-bit outputs use two buffers (both halves in flight),
+    fp32 one (64 KiB either way).
 
 Shared memory: STAGES x 48 KiB + 64 KiB (3 stages: 208 KiB of the 227 KiB an sm_90 block may have).
 
@@ -112,33 +114,14 @@ def _zero_foreign_rows(dy_s, valid, num_warps: gl.constexpr):
 
 
 @gluon.jit
-def _epilogue(acc0, acc1, c_smem, out_desc, row, k0, K, EPI_BUFS: gl.constexpr):
-    """The tile's two column halves, in the output dtype, through shared memory and TMA stores into dW [E * N, K]
-    (columns past K clipped; a half wholly past K not stored). The stores run on while the next tile's products
-    do: the buffers are written again only after ``tma.store_wait``."""
-    out_dtype: gl.constexpr = out_desc.dtype
-    two = k0 + _HK < K
-    tma.store_wait(0)  # the previous tile's stores have read the buffers
-    _sync()
-    c_smem.index(0).store(acc0.to(out_dtype))
-    if EPI_BUFS == 2:
-        c_smem.index(1).store(acc1.to(out_dtype))
-        fence_async_shared()
-        _sync()
-        tma.async_copy_shared_to_global(out_desc, [row, k0], c_smem.index(0))
-        if two:
-            tma.async_copy_shared_to_global(out_desc, [row, k0 + _HK], c_smem.index(1))
-    else:
-        fence_async_shared()
-        _sync()
-        tma.async_copy_shared_to_global(out_desc, [row, k0], c_smem.index(0))
-        if two:
-            tma.store_wait(0)
-            _sync()
-            c_smem.index(0).store(acc1.to(out_dtype))
-            fence_async_shared()
-            _sync()
-            tma.async_copy_shared_to_global(out_desc, [row, k0 + _HK], c_smem.index(0))
+def _store_half(acc, buf, out_desc, row, col, pred):
+    """One [128, 128] column half of the tile, in the output dtype, into shared memory and out by a TMA store
+    (columns past K clipped by TMA; ``pred`` false: a half wholly past K, not stored)."""
+    buf.store(acc.to(out_desc.dtype))
+    fence_async_shared()  # generic-proxy writes -> the TMA store
+    _sync()  # every warp's part written before the one thread that issues the store
+    if pred:
+        tma.async_copy_shared_to_global(out_desc, [row, col], buf)
 
 
 @gluon.jit
@@ -169,11 +152,19 @@ def _math(dy_bufs, x_bufs, ready, empty, c_smem, out_desc, offsets_ptr, pid, npr
             _sync()  # every warpgroup's wait, before the one thread that arrives
             mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=r > lo)
             c += 1
-        acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
+        # epilogue: the first half is written while the last step's product of the second is still running
+        row = e * N + n0
+        acc0 = warpgroup_mma_wait(1, deps=(acc0,))
+        tma.store_wait(0)  # the previous tile's stores have read the buffers
+        _sync()
+        _store_half(acc0, c_smem.index(0), out_desc, row, k0, True)
+        acc1 = warpgroup_mma_wait(0, deps=(acc1,))
         _sync()
         mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=hi > lo)
-
-        _epilogue(acc0, acc1, c_smem, out_desc, e * N + n0, k0, K, EPI_BUFS)
+        if EPI_BUFS == 1:  # fp32: one buffer, read by the first half's store first
+            tma.store_wait(0)
+            _sync()
+        _store_half(acc1, c_smem.index(EPI_BUFS - 1), out_desc, row, k0 + _HK, k0 + _HK < K)
         e, n0, k0, lo, hi = n_e, n_n0, n_k0, n_lo, n_hi
     tma.store_wait(0)
 
@@ -256,9 +247,12 @@ def _sm_count(index: int) -> int:
 def launch(dy, x, offsets, dw, *, stages: int = DEFAULT_STAGES, programs: int | None = None):
     """dw [E, N, K] = per-expert dY^T X (dy [M, N], x [M, K] contiguous rows, offsets int32 [E + 1] on the device).
     ``programs``: the persistent grid (default: one per SM, at most one per tile)."""
+    import torch
+
     M, N = dy.shape
     K = x.shape[1]
     E = dw.shape[0]
+    offsets = offsets.to(torch.int32).contiguous()  # the kernel's row coordinates are int32 (TMA's)
     in_dt = _gl_dtype(dy.dtype)
     out_dt = _gl_dtype(dw.dtype)
     ab_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], in_dt)
