@@ -21,8 +21,10 @@ and the programs running at one time read the same one or two experts' rows from
     registers a thread in all). The step's products stay in flight while the next stage is awaited; the stage of
     the step before is handed back to the loader once its products are done (``warpgroup_mma_wait(2)``).
   * the expert's last step usually holds rows of the next expert (or rows past M, which TMA fills with zeros):
-    before its products the math warps zero those rows of the dY stage in shared memory (load, select, store,
-    async-proxy fence, barrier), so they add nothing. Only that one step per tile pays for it.
+    before its products the math warps zero those rows in shared memory, in dY and in both X halves (so a
+    non-finite value of the next expert cannot reach this one as 0 x inf), rewriting only the 16-row slices that
+    hold such rows (load, select, store, async-proxy fence, barrier). Only that one step per tile pays for it,
+    while the tensor cores still run the step before.
   * epilogue: each accumulator half goes to shared memory in the output dtype and out through a TMA store into
     dW viewed [E * N, K] (columns past K are clipped by TMA; N % BLOCK_N == 0, so a tile never crosses into the
     next expert's rows). The first half is converted and stored while the tensor cores still run the last
@@ -100,15 +102,29 @@ def _loader(dy_desc, x_desc, dy_bufs, x_bufs, ready, empty, offsets_ptr, pid, np
             c += 1
 
 
+_ZROWS = gl.constexpr(16)  # rows of one zeroing slice (one wgmma K step; a multiple of the 8-row swizzle period)
+
+
 @gluon.jit
-def _zero_foreign_rows(dy_s, valid, num_warps: gl.constexpr):
-    """Rows >= valid of a dY stage [64, BLOCK_N] (the next expert's, or TMA's zero fill past M) set to zero in
-    shared memory, visible to the wgmmas that read it next."""
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-    rows = gl.arange(0, _BM, layout=gl.SliceLayout(1, layout))
-    v = dy_s.load(layout)
-    v = gl.where((rows < valid)[:, None], v, gl.zeros_like(v))
-    dy_s.store(v)
+def _zero_rows(buf, first, valid, layout: gl.constexpr):
+    """Rows first + i >= valid of a [16, 128] slice of a stage set to zero (a read-modify-write)."""
+    rows = first + gl.arange(0, _ZROWS, layout=gl.SliceLayout(1, layout))
+    v = buf.load(layout)
+    buf.store(gl.where((rows < valid)[:, None], v, gl.zeros_like(v)))
+
+
+@gluon.jit
+def _zero_foreign_rows(dy_s, x0_s, x1_s, valid, num_warps: gl.constexpr):
+    """Rows >= valid of a stage (the next expert's rows, or TMA's zero fill past M) set to zero in shared memory,
+    in dY and in both X halves, so that they add exactly nothing (not 0 x inf = nan where the next expert's
+    values are not finite); only the 16-row slices that hold such rows are rewritten. Visible to the wgmmas that
+    read the stage next (and ordered before the TMA load that refills it)."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])  # [16, 128], 8 a thread
+    for i in gl.static_range(_BM // _ZROWS):
+        if (i + 1) * _ZROWS > valid:
+            _zero_rows(dy_s.slice(i * _ZROWS, _ZROWS), i * _ZROWS, valid, layout)
+            _zero_rows(x0_s.slice(i * _ZROWS, _ZROWS), i * _ZROWS, valid, layout)
+            _zero_rows(x1_s.slice(i * _ZROWS, _ZROWS), i * _ZROWS, valid, layout)
     fence_async_shared()  # generic-proxy writes -> the async proxy (wgmma now, the next TMA load later)
     _sync()
 
@@ -143,11 +159,13 @@ def _math(dy_bufs, x_bufs, ready, empty, c_smem, out_desc, offsets_ptr, pid, npr
             st = c % STAGES
             mbarrier.wait(ready.index(st), (c // STAGES) & 1)
             dy_s = dy_bufs.index(st)
+            x0_s = x_bufs.index(2 * st)
+            x1_s = x_bufs.index(2 * st + 1)
             if r + _BM > hi:  # the expert's last step holds rows that are not its own
-                _zero_foreign_rows(dy_s, hi - r, num_warps)
+                _zero_foreign_rows(dy_s, x0_s, x1_s, hi - r, num_warps)
             a = dy_s.permute((1, 0))  # [BLOCK_N, 64], N-major: dY^T
-            acc0 = warpgroup_mma(a, x_bufs.index(2 * st), acc0, is_async=True)
-            acc1 = warpgroup_mma(a, x_bufs.index(2 * st + 1), acc1, is_async=True)
+            acc0 = warpgroup_mma(a, x0_s, acc0, is_async=True)
+            acc1 = warpgroup_mma(a, x1_s, acc1, is_async=True)
             acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))  # the step before is done: its stage is free
             _sync()  # every warpgroup's wait, before the one thread that arrives
             mbarrier.arrive(empty.index((c + STAGES - 1) % STAGES), count=1, pred=r > lo)
