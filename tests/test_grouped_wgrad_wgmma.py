@@ -155,6 +155,31 @@ def test_wgmma_wgrad_matches_float64(name, programs):
 @pytest.mark.gpu
 @needs_gluon
 @needs_sm90
+def test_nonfinite_rows_stay_in_their_expert():
+    """inf / nan in an expert's rows (of X and of dY) reach that expert's gradient only: the boundary step of the
+    expert before zeroes them in both operands (0 x inf would be nan). Rows past offsets[E] (not any expert's,
+    nan here) add nothing to the last expert."""
+    counts, N, K = [37, 50, 0, 29], 256, 256
+    offsets = _offsets(counts, "cuda")
+    M = sum(counts) + 11  # 11 trailing rows of no expert
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    want = _reference(dy, x, offsets)
+    x[37:40] = float("inf")  # expert 1's first rows: in expert 0's last step
+    dy[40:45] = float("nan")
+    x[sum(counts):] = float("nan")
+    dy[sum(counts):] = float("inf")
+    dw = torch.full((len(counts), N, K), float("nan"), device="cuda", dtype=torch.bfloat16)
+    gw.launch(dy, x, offsets, dw)
+    assert not torch.isfinite(dw[1]).all()
+    assert (dw[2] == 0).all()
+    for e in (0, 3):
+        assert_close_rel(dw[e], want[e], 1e-2, f"expert {e} beside non-finite rows")
+
+
+@pytest.mark.gpu
+@needs_gluon
+@needs_sm90
 @pytest.mark.parametrize("in_dtype,out_dtype,tol", [(torch.bfloat16, torch.float32, 1e-4),
                                                     (torch.float16, torch.float16, 1e-2),
                                                     (torch.float16, torch.float32, 1e-4)])
