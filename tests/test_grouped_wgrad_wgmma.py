@@ -46,16 +46,16 @@ def _reference(dy, x, offsets):
 # CPU
 
 @needs_gluon
-@pytest.mark.parametrize("in_dtype,out_dtype", [("bf16", "bf16"), ("bf16", "fp32")])
-def test_compiles_for_sm90_without_spills_or_serialised_wgmma(in_dtype, out_dtype):
+@pytest.mark.parametrize("in_dtype,out_dtype,stages", [("bf16", "bf16", 3), ("bf16", "fp32", 3), ("bf16", "bf16", 4)])
+def test_compiles_for_sm90_without_spills_or_serialised_wgmma(in_dtype, out_dtype, stages):
     """Offline sm_90a build: ptxas reports no spill and none of its wgmma-serialisation notes (C75xx: a register
     of a product in flight copied, or registers short), each step is 2 x 4 wgmma m64n128k16 with both operands
     MN-major from shared memory (no copy of dY^T), 6 TMA boxes loaded a step (dY and the two X halves, each 2
     boxes of 128 bytes a row) and 2 TMA stores a tile; the loader warp's registers handed to the math warps."""
     env = dict(os.environ, TRITON_INTERPRET="0",
                PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, "-m", "moe_kernels.ops.grouped_wgrad_wgmma", in_dtype, out_dtype],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    args = [sys.executable, "-m", "moe_kernels.ops.grouped_wgrad_wgmma", in_dtype, out_dtype, str(stages)]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     if proc.returncode and "ptxas" in proc.stderr and "No such file" in proc.stderr:
         pytest.skip("no ptxas for an offline sm_90a build")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -70,11 +70,18 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma(in_dtype, out_dtyp
 
 
 @needs_gluon
-@pytest.mark.parametrize("out_dtype,epi", [(torch.bfloat16, 2), (torch.float32, 1)])
+@pytest.mark.parametrize("out_dtype,stages,want_stages,epi", [(torch.bfloat16, None, 3, 2), (torch.float32, None, 3, 1),
+                                                              (torch.bfloat16, "4", 4, 1), (torch.float32, "4", 3, 1)])
 @pytest.mark.parametrize("E,N,K,programs", [(4, 256, 384, 132), (3, 128, 200, 2), (1, 640, 4096, 5)])
-def test_launcher_grid_and_tiles(E, N, K, programs, out_dtype, epi, monkeypatch):
-    """The persistent grid is min(tiles, programs); tiles per expert = N/128 x ceil(K/256); one or two epilogue
-    buffers by the output's width; the register cap leaves room for the loader's warpgroup."""
+def test_launcher_grid_and_tiles(E, N, K, programs, out_dtype, stages, want_stages, epi, monkeypatch):
+    """The persistent grid is min(tiles, programs); tiles per expert = N/128 x ceil(K/256); stages from
+    MOE_KERNELS_WGRAD_STAGES (3 by default, at most 3 with an fp32 output); one or two epilogue buffers by the
+    output's width and the stages (what fits in 227 KiB); the register cap leaves room for the loader's
+    warpgroup."""
+    if stages is None:
+        monkeypatch.delenv("MOE_KERNELS_WGRAD_STAGES", raising=False)
+    else:
+        monkeypatch.setenv("MOE_KERNELS_WGRAD_STAGES", stages)
     calls = []
 
     class Recorder:
@@ -92,7 +99,8 @@ def test_launcher_grid_and_tiles(E, N, K, programs, out_dtype, epi, monkeypatch)
     tiles_per_e = (N // 128) * -(-K // 256)
     assert args[4:8] == (N, K, tiles_per_e, -(-K // 256)) and args[8] == E * tiles_per_e
     assert grid == (min(E * tiles_per_e, programs),)
-    assert kw["EPI_BUFS"] == epi and kw["STAGES"] == gw.DEFAULT_STAGES and kw["num_warps"] == 8
+    assert kw["EPI_BUFS"] == epi and kw["STAGES"] == want_stages and kw["num_warps"] == 8
+    assert want_stages * 48 * 1024 + epi * 128 * 128 * dw.element_size() <= 227 * 1024 - 256
     assert kw["maxnreg"] * 32 * (8 + 4) <= 65536
 
 
@@ -134,9 +142,9 @@ CASES = {  # name: (rows per expert, N, K)
 @pytest.mark.gpu
 @needs_gluon
 @needs_sm90
-@pytest.mark.parametrize("programs", [None, 3])
+@pytest.mark.parametrize("programs,stages", [(None, 3), (3, 3), (5, 4)])
 @pytest.mark.parametrize("name", list(CASES))
-def test_wgmma_wgrad_matches_float64(name, programs):
+def test_wgmma_wgrad_matches_float64(name, programs, stages):
     counts, N, K = CASES[name]
     M = sum(counts)
     offsets = _offsets(counts, "cuda")
@@ -144,12 +152,12 @@ def test_wgmma_wgrad_matches_float64(name, programs):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     dw = torch.full((len(counts), N, K), float("nan"), device="cuda", dtype=torch.bfloat16)
     assert gw.supports(dy, x, dw) is None
-    gw.launch(dy, x, offsets, dw, programs=programs)
+    gw.launch(dy, x, offsets, dw, programs=programs, stages=stages)
     want = _reference(dy, x, offsets)
     for e, c in enumerate(counts):
         if c == 0:  # an expert without rows: exactly zero, written (the NaN fill is gone)
             assert (dw[e] == 0).all(), f"expert {e} has no rows but a nonzero gradient"
-    assert_close_rel(dw, want, 1e-2, f"{name} programs={programs}")
+    assert_close_rel(dw, want, 1e-2, f"{name} programs={programs} stages={stages}")
 
 
 @pytest.mark.gpu

@@ -32,7 +32,8 @@ and the programs running at one time read the same one or two experts' rows from
     do, a buffer is reused only after ``tma.store_wait``. 16-bit outputs use two buffers (both halves in flight),
     fp32 one (64 KiB either way).
 
-Shared memory: STAGES x 48 KiB + 64 KiB (3 stages: 208 KiB of the 227 KiB an sm_90 block may have).
+Shared memory: STAGES x 48 KiB + the epilogue buffers, 208 KiB of the 227 KiB an sm_90 block may have at 3 stages
+(64 KiB of buffers), 224 KiB at 4 (MOE_KERNELS_WGRAD_STAGES=4: one 32 KiB buffer, 16-bit outputs only).
 
 Needs ``triton.experimental.gluon`` (Triton 3.6 and 3.8 compile it for sm_90a, see ``compile_sm90``) and sm_90;
 ``grouped_gemm.grouped_wgrad`` runs it when MOE_KERNELS_WGRAD=gluon and ``supports`` holds, the Triton kernel
@@ -262,11 +263,26 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def launch(dy, x, offsets, dw, *, stages: int = DEFAULT_STAGES, programs: int | None = None):
+def epi_bufs_for(element_size: int, stages: int) -> int:
+    """Epilogue buffers of [128, 128] output elements (64 KiB + 3 stages, or 32 KiB + 4 stages with a 16-bit
+    output): two where they fit beside the stages (both halves' stores in flight), else one (the second half
+    waits for the first half's store to have read it)."""
+    return 2 if element_size == 2 and stages * 48 + 64 <= 227 - 3 else 1
+
+
+def launch(dy, x, offsets, dw, *, stages: int | None = None, programs: int | None = None):
     """dw [E, N, K] = per-expert dY^T X (dy [M, N], x [M, K] contiguous rows, offsets int32 [E + 1] on the device).
-    ``programs``: the persistent grid (default: one per SM, at most one per tile)."""
+    ``programs``: the persistent grid (default: one per SM, at most one per tile). ``stages``: 3 or 4 (default:
+    env MOE_KERNELS_WGRAD_STAGES, else 3); with 4 a 16-bit output keeps one epilogue buffer, an fp32 output fits 3
+    stages only (4 asked: 3)."""
+    import os
+
     import torch
 
+    if stages is None:
+        stages = int(os.environ.get("MOE_KERNELS_WGRAD_STAGES", DEFAULT_STAGES))
+    if dw.element_size() == 4:
+        stages = min(stages, 3)
     M, N = dy.shape
     K = x.shape[1]
     E = dw.shape[0]
@@ -288,7 +304,7 @@ def launch(dy, x, offsets, dw, *, stages: int = DEFAULT_STAGES, programs: int | 
     grid = max(1, min(num_tiles, programs))
     return _grouped_wgrad_wgmma_kernel[(grid,)](
         dy_desc, x_desc, out_desc, offsets, N, K, tiles_per_e, num_kb, num_tiles,
-        STAGES=stages, EPI_BUFS=2 if dw.element_size() == 2 else 1, LOADER_REGS=LOADER_REGS,
+        STAGES=stages, EPI_BUFS=epi_bufs_for(dw.element_size(), stages), LOADER_REGS=LOADER_REGS,
         num_warps=NUM_WARPS, maxnreg=maxnreg(NUM_WARPS))
 
 
@@ -326,7 +342,7 @@ def compile_sm90(in_dtype: str = "bf16", out_dtype: str = "bf16", stages: int = 
     dt = {"bf16": gl.bfloat16, "fp16": gl.float16, "fp32": gl.float32}
     kernel = _grouped_wgrad_wgmma_kernel
     names = list(kernel.arg_names)
-    epi = 1 if out_dtype == "fp32" else 2
+    epi = epi_bufs_for(4 if out_dtype == "fp32" else 2, stages)
     const = dict(STAGES=stages, EPI_BUFS=epi, LOADER_REGS=LOADER_REGS, num_warps=NUM_WARPS)
     ab = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dt[in_dtype])
     xl = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HALF_K], dt[in_dtype])
