@@ -143,21 +143,69 @@ def test_unpermute_and_permute_gradients(dtype, H, tol):
     assert_close_rel(w.grad, w64.grad, tol, "grad topk_weights")
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
-def test_route_weight_gradients(scoring):
+def test_route_weight_gradients(scoring, dtype, tol, device):
+    """x's and the gate's gradients in their own dtype; bf16 (tensor-core GEMMs on bf16 dL with fp32
+    accumulation) against float64 on the same bf16 values."""
+    from _helpers import skip_unless_cuda
+
+    skip_unless_cuda(device)
     T, H, E, k = 11, 128, 16, 3
-    x = torch.randn(T, H, requires_grad=True)
-    gate = (torch.randn(E, H) * H**-0.5).requires_grad_()
+    x = torch.randn(T, H, device=device).to(dtype).requires_grad_()
+    gate = (torch.randn(E, H, device=device) * H**-0.5).to(dtype).requires_grad_()
     weights, ids, _ = ops.route(x, gate, k, scoring=scoring, routed_scaling_factor=1.5)
     g = torch.randn_like(weights)
     weights.backward(g)
+    assert x.grad.dtype == dtype and gate.grad.dtype == dtype
     x64, gate64 = x.detach().double().requires_grad_(), gate.detach().double().requires_grad_()
     logits = x64 @ gate64.t()
     scores = torch.softmax(logits, -1) if scoring == "softmax" else torch.sigmoid(logits)
     w = scores.gather(1, ids.long())
     (w / w.sum(-1, keepdim=True) * 1.5).backward(g.double())
-    assert_close_rel(x.grad, x64.grad, 1e-4, "grad x")
-    assert_close_rel(gate.grad, gate64.grad, 1e-4, "grad gate")
+    assert_close_rel(x.grad, x64.grad, tol, "grad x")
+    assert_close_rel(gate.grad, gate64.grad, tol, "grad gate")
+
+
+def test_bf16_layer_backward_has_no_fp32_activation_copies_or_fills(device):
+    """The glue of a bf16 layer's backward (bf16 tokens and gate): no aten op makes an fp32 tensor of activation
+    size ([T, H] or more elements: x.float(), an fp32 gradient cast back) and none zero-fills one (autograd's
+    stand-ins for the gradients of outputs that have none: h13, ids, slots). On the CPU the router's logits are
+    recomputed from fp32 copies (torch.mm has no fp32 output for bf16 there): that frame is allowed off CUDA."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from _helpers import skip_unless_cuda
+
+    skip_unless_cuda(device)
+    T, H, I, E = 64, 256, 128, 8
+    m = mk.MoELayer(hidden_size=H, intermediate_size=I, num_experts=E, top_k=2, precision="bf16", device=device,
+                    dtype=torch.bfloat16)
+    x = torch.randn(T, H, device=device, dtype=torch.bfloat16, requires_grad=True)
+    out = m(x)
+    bad = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            res = func(*args, **(kwargs or {}))
+            name = str(func)
+            for t in res if isinstance(res, (tuple, list)) else (res,):
+                if not isinstance(t, torch.Tensor) or t.numel() < T * H:
+                    continue
+                fills = any(f in name for f in ("zeros", "fill", "zero_", "ones", "full"))
+                if t.dtype == torch.float32 or fills:
+                    frames = [f"{f.filename.split('/')[-1]}:{f.name}" for f in traceback.extract_stack()]
+                    if device == "cpu" and any("routing.py:router_logits" in f for f in frames):
+                        continue
+                    bad.append((name, t.dtype, tuple(t.shape), [f for f in frames if "moe_kernels" in f or
+                                                                 "routing" in f or "permute" in f][-2:]))
+            return res
+
+    with Watch():
+        out.backward(torch.randn_like(out))
+    assert not bad, bad
+    assert x.grad.dtype == torch.bfloat16 and m.gate.weight.grad.dtype == torch.bfloat16
 
 
 def test_grouped_gemm_bf16_gradients():

@@ -178,11 +178,14 @@ gg._expert_mlp_op.register_autograd(_expert_mlp_backward, setup_context=_expert_
 
 def _expert_mlp_train_setup(ctx, inputs, output):
     x, offsets, w13, w2 = inputs
+    ctx.set_materialize_grads(False)  # h13's gradient stays None, not a zero-filled [M, 2I]
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, offsets, w13, w2, output[1])  # h13: the backward does not compute it again
 
 
 def _expert_mlp_train_backward(ctx, grad_out, _grad_h13):
+    if grad_out is None:
+        return None, None, None, None
     x, offsets, w13, w2, h13 = ctx.saved_tensors
     need = [ctx.needs_input_grad[i] for i in (0, 2, 3)] + [False]
     gx, g13, g2, _ = _expert_mlp_backward_kernels(x, offsets, w13, w2, None, grad_out, need, h13=h13)
@@ -208,12 +211,15 @@ gg._expert_mlp_fp8_ste_op.register_autograd(_expert_mlp_fp8_ste_backward, setup_
 def _expert_mlp_fp8_train_setup(ctx, inputs, output):
     x, offsets, w13, w13_q, w13_scale, w2, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts = inputs
     ctx.w_dtype = w13.dtype
+    ctx.set_materialize_grads(False)  # h13's gradient stays None, not a zero-filled [M, 2I]
     ctx.mark_non_differentiable(output[1])
     # the rows (bf16, for dW13's own quantisation along rows), h13 (bf16) and the e4m3 weights
     ctx.save_for_backward(x, offsets, w13_q, w13_scale, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts, output[1])
 
 
 def _expert_mlp_fp8_train_backward(ctx, grad_out, _grad_h13):
+    if grad_out is None:
+        return (None,) * 12
     x, offsets, w13_q, w13_scale, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts, h13 = ctx.saved_tensors
     need = [ctx.needs_input_grad[i] for i in (0, 2, 5)]
     dx, dw13, dw2 = _expert_mlp_fp8_backward(

@@ -223,6 +223,7 @@ def _(x, topk_ids, num_experts, fp8):
 def _permute_setup(ctx, inputs, output):
     x, _, _, fp8 = inputs
     ctx.fp8, ctx.x_shape, ctx.x_dtype = fp8, x.shape, x.dtype
+    ctx.set_materialize_grads(False)  # scale, offsets, token_index, slot: no zero-filled gradients for them
     ctx.save_for_backward(output[3], output[4])  # token_index, slot
 
 

@@ -266,23 +266,58 @@ def _(x, router_weight, top_k, scoring, n_group, topk_group, norm_topk_prob, rou
 
 def _route_setup(ctx, inputs, output):
     x, router_weight, _, scoring, _, _, norm_topk_prob, routed_scaling_factor, _, _ = inputs
+    ctx.set_materialize_grads(False)  # ids and counts have no gradient: no zero-filled stand-ins for theirs
     ctx.save_for_backward(x, router_weight, output[1])
     ctx.rule = (scoring, norm_topk_prob, routed_scaling_factor)
 
 
+_MM_FP32_OUT_FAILED: list[str] = []  # set once if torch.mm(..., out_dtype=torch.float32) is missing here
+
+
+def _logits_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The router logits x @ w^T in fp32, as the kernel computed them: 16-bit operands multiply exactly and
+    accumulate in fp32 (the same numbers up to summation order). On CUDA, when x and w share a 16-bit dtype, one
+    tensor-core GEMM with an fp32 output (``torch.mm(..., out_dtype=torch.float32)``: no fp32 copies of x and w,
+    no fp32 SIMT GEMM); elsewhere the reference's fp32 copies."""
+    if x.is_cuda and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16) and not _MM_FP32_OUT_FAILED:
+        try:
+            return torch.mm(x, w.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError) as e:  # a torch without mm's out_dtype
+            _MM_FP32_OUT_FAILED.append(repr(e))
+    return reference.router_logits(x, w)
+
+
 def _route_backward(ctx, grad_weights, _grad_ids, _grad_counts):
-    """The weights' gradient for x and the gate: the chosen experts' weights again as torch ops, differentiated
-    (the kernel has no backward; the choice itself, ids and counts, has no gradient)."""
+    """The weights' gradient for x and the gate (the choice itself, ids and counts, has none). The logits again
+    (fp32, ``_logits_fp32``); the weights' rule on them differentiated by torch on [T, E] (small); then the two
+    GEMMs dX = dL W and dW = dL^T X. When x and the gate share a 16-bit dtype these run on tensor cores with dL
+    rounded to that dtype and fp32 accumulation, the results in x's / the gate's dtype (what a bf16 linear layer's
+    backward does: no fp32 copy of x, no fp32 [T, H] gradient cast back); an fp32 or mixed-dtype gate keeps fp32
+    GEMMs, as its forward does. Off the kernel path (CPU reference) all in fp32."""
+    none = (None,) * 8
+    need_x, need_w = ctx.needs_input_grad[:2]
+    if grad_weights is None or not (need_x or need_w):
+        return None, None, *none
     x, router_weight, ids = ctx.saved_tensors
     scoring, norm, scaling = ctx.rule
-    leaves = [t.detach().requires_grad_(need) for t, need in zip((x, router_weight), ctx.needs_input_grad[:2])]
+    logits = _logits_fp32(x, router_weight) if use_triton(x) else reference.router_logits(x, router_weight)
+    logits = logits.detach().requires_grad_()
     with torch.enable_grad():
-        scores = reference.expert_scores(reference.router_logits(*leaves), scoring)
-        weights = reference.expert_weights(scores, ids, norm, scaling)
-        wanted = [t for t in leaves if t.requires_grad]
-        grads = iter(torch.autograd.grad(weights, wanted, grad_weights) if wanted else ())
-    gx, gw = (next(grads) if t.requires_grad else None for t in leaves)
-    return gx, gw, None, None, None, None, None, None, None, None
+        weights = reference.expert_weights(reference.expert_scores(logits, scoring), ids, norm, scaling)
+        (dlogits,) = torch.autograd.grad(weights, logits, grad_weights.float())
+    gx = gw = None
+    if use_triton(x) and x.dtype == router_weight.dtype and x.dtype != torch.float32:
+        d = dlogits.to(x.dtype)
+        if need_x:
+            gx = d @ router_weight
+        if need_w:
+            gw = d.t() @ x
+    else:
+        if need_x:
+            gx = (dlogits @ router_weight.float()).to(x.dtype)
+        if need_w:
+            gw = (dlogits.t() @ x.float()).to(router_weight.dtype)
+    return gx, gw, *none
 
 
 _route_op.register_autograd(_route_backward, setup_context=_route_setup)
