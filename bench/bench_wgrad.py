@@ -3,11 +3,13 @@
 
     python bench/bench_wgrad.py            # every case below
     python bench/bench_wgrad.py --quick    # the issue-20 pair only (16384 rows, 32 experts, uniform)
+    python bench/bench_wgrad.py --smoke    # tiny shapes, nothing saved (on a CPU: the interpreter, plumbing only)
 
 Cases: 16384 rows (8192 tokens x top-2) over 32 experts, uniform and skewed (Zipf-like, s = 1.2, two experts
 empty), at the two wgrads of an expert MLP with H = 7168, I = 2048: dW13 (N = 2I = 4096, K = H = 7168) and dW2
 (N = H = 7168, K = I = 2048); and 8192 rows over 256 experts (uniform, 32 rows each: the output writes dominate).
-bf16 operands and output, fp32 accumulation. Times are do_bench medians (L2 flushed between runs); TFLOP/s counts
+bf16 operands and output, fp32 accumulation; gluon_s4: the Gluon kernel with 4 stages (MOE_KERNELS_WGRAD_STAGES=4).
+Times are do_bench medians (L2 flushed between runs); TFLOP/s counts
 2 M N K. Each case checks the Gluon result against torch's (relative Frobenius error, by expert chunks), and that
 the Gluon kernel did run (no fallback). Results: bench/results/wgrad-<device>.json.
 """
@@ -71,7 +73,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (a CPU run checks the plumbing only)")
     args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     from moe_kernels.ops import grouped_wgrad_wgmma as gw
 
     launches = []
@@ -80,14 +84,16 @@ def main():
     torch_impls = torch_wgrad()
     rows = []
     cases = CASES[:2] if args.quick else CASES
+    if args.smoke:
+        cases = [(n, M // 64, E // 8 if E > 32 else E // 4, N // 32, K // 32, d) for n, M, E, N, K, d in CASES]
     for name, M, E, N, K, dist in cases:
         counts = counts_for(M, E, dist)
         host = [0]
         for c in counts:
             host.append(host[-1] + c)
-        offsets = torch.tensor(host, dtype=torch.int32, device="cuda")
-        dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        offsets = torch.tensor(host, dtype=torch.int32, device=device)
+        dy = torch.randn(M, N, device=device, dtype=torch.bfloat16)
+        x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
         flop = 2.0 * M * N * K
         row = dict(case=name, M=M, E=E, N=N, K=K, max_rows=max(counts), empty=sum(c == 0 for c in counts))
 
@@ -95,7 +101,8 @@ def main():
         for tname, fn in torch_impls:
             try:
                 ref = fn(dy, x, offsets, host)
-                torch.cuda.synchronize()
+                if device == "cuda":
+                    torch.cuda.synchronize()
             except Exception as e:  # noqa: BLE001 - a torch without the K-grouped form: the loop
                 print(f"{name}: {tname} failed ({type(e).__name__}: {str(e)[:160]})")
                 continue
@@ -122,9 +129,13 @@ def main():
         else:
             del out
             print(f"{name}: the Gluon kernel did not run ({gw.FAILED or 'not taken'})")
+        if ran:  # the 4-stage variant (one epilogue buffer), timed only
+            os.environ["MOE_KERNELS_WGRAD_STAGES"] = "4"
+            row["gluon_s4_ms"] = bench_ms(lambda: ops.grouped_wgrad(dy, x, offsets, E), rep=args.rep)
+            os.environ.pop("MOE_KERNELS_WGRAD_STAGES", None)
         os.environ.pop("MOE_KERNELS_WGRAD", None)
         del ref
-        for k in ("triton", "gluon", "torch"):
+        for k in ("triton", "gluon", "gluon_s4", "torch"):
             if f"{k}_ms" in row:
                 row[f"{k}_tflops"] = flop / row[f"{k}_ms"] / 1e9
         if "gluon_ms" in row:
@@ -134,23 +145,27 @@ def main():
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         rows.append(row)
         del dy, x
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
-    cols = ["case", "triton_ms", "gluon_ms", "torch_ms", "triton_tflops", "gluon_tflops", "torch_tflops",
+    cols = ["case", "triton_ms", "gluon_ms", "gluon_s4_ms", "torch_ms", "triton_tflops", "gluon_tflops",
+            "gluon_s4_tflops", "torch_tflops",
             "gluon_vs_triton", "gluon_vs_torch", "gluon_err", "triton_err", "torch"]
-    print(markdown(rows, cols, {"triton_ms": ".3f", "gluon_ms": ".3f", "torch_ms": ".3f", "triton_tflops": ".0f",
-                                "gluon_tflops": ".0f", "torch_tflops": ".0f", "gluon_vs_triton": ".2f",
+    print(markdown(rows, cols, {"triton_ms": ".3f", "gluon_ms": ".3f", "gluon_s4_ms": ".3f", "torch_ms": ".3f",
+                                "triton_tflops": ".0f", "gluon_tflops": ".0f", "gluon_s4_tflops": ".0f",
+                                "torch_tflops": ".0f", "gluon_vs_triton": ".2f",
                                 "gluon_vs_torch": ".2f", "gluon_err": ".1e",
                                 "triton_err": ".1e"}))
     pair = [r for r in rows if r["case"] in ("dW13 32e uniform", "dW2 32e uniform")]
     summary = {}
     if len(pair) == 2:
-        for k in ("triton", "gluon", "torch"):
+        for k in ("triton", "gluon", "gluon_s4", "torch"):
             if all(f"{k}_ms" in r for r in pair):
                 summary[f"issue20_pair_{k}_ms"] = sum(r[f"{k}_ms"] for r in pair)
         print("issue-20 pair (dW13 + dW2, 16384 rows, 32 experts, uniform):",
               {k: round(v, 3) for k, v in summary.items()})
-    save("wgrad", rows, summary)
+    if not args.smoke:
+        save("wgrad", rows, summary)
 
 
 if __name__ == "__main__":
