@@ -200,6 +200,33 @@ def test_tiny_hf_model_fp8_trains_and_casts():
         assert_close_rel(model(ids).logits.float(), want, 3e-2, "fp8 logits after .half()")
 
 
+def test_unknown_moe_looking_module_is_reported_not_skipped_in_silence(caplog):
+    """Defect 4: a module with experts and a router that is no supported family is left with a reason in the report
+    (and a warning) naming what is supported, strict=True raises naming it, and the module stays."""
+    import logging
+
+    class ExpertsHolder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(16, 4, bias=False)
+            self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+
+        def forward(self, x):
+            return x
+
+    model = nn.Sequential()
+    model.add_module("odd", ExpertsHolder())
+    with pytest.raises(TypeError, match=r"cannot swap odd \(ExpertsHolder\): MoE block ExpertsHolder is not a "
+                                        r"supported family"):
+        mk.patch_model(model, strict=True)
+    with caplog.at_level(logging.WARNING, logger="moe_kernels"):
+        report = mk.patch_model(model)
+    assert report == 0 and [(s.name, s.kind) for s in report.skipped] == [("odd", "ExpertsHolder")], str(report)
+    assert "not a supported family" in report.skipped[0].reason and "PhimoeSparseMoeBlock" in report.skipped[0].reason
+    assert any(r.levelno == logging.WARNING and "odd" in r.getMessage() for r in caplog.records)
+    assert isinstance(model.odd, ExpertsHolder)
+
+
 def test_fp8_sizes_say_why():
     for kw in (dict(hidden_size=96, intermediate_size=128), dict(hidden_size=256, intermediate_size=48)):
         with pytest.raises(ValueError, match=r"precision='fp8' needs \w+_size to be a multiple of 128.*bf16"):

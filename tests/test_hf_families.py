@@ -335,6 +335,29 @@ def test_refused_families_report_why(family):
     assert torch.equal(out, ref)
 
 
+def test_readme_family_table_matches_the_integration():
+    """README's "Supported model families": every block class patch_model takes by its own rule (not a clone) and
+    every MLA attention it swaps is named there, the clones' row points at CLONES, and each refused family is in
+    the "Left as they are" paragraph, not in the table (a family added or refused shows up in the README)."""
+    import pathlib
+
+    hf = mk.integrations.hf
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Supported model families"):]
+    section = section[:section.index("\n## ", 1)]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    left = section[section.index("Left as they are"):]
+    for kind in set(hf.SUPPORTED_MOE) - set(hf.CLONES):
+        assert f"`{kind}`" in table, f"{kind} ({hf.SUPPORTED_MOE[kind]}) is not in README's family table"
+    for kind in hf.SUPPORTED_ATTENTION:
+        assert f"`{kind}`" in section, f"{kind} is not in README's family section"
+    assert "`integrations.hf.CLONES`" in table
+    assert "PhiMoE" in table and "PhiMoE" not in left
+    for kind, family in (("GptOssMLP", "GPT-OSS"),):
+        assert kind in hf.REFUSED_MOE and family in left and family not in table
+    assert set(hf.REFUSED_MOE) == {"GptOssMLP"}, "a newly refused family: name it in README and here"
+
+
 @pytest.mark.parametrize("family", ["qwen2_moe", "llama4"])
 def test_family_block_fp8(family):
     """The FamilyMoELayer variants with FP8 experts (weights quantised on load; 128-multiple sizes): within FP8's
