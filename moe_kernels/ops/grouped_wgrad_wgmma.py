@@ -29,8 +29,8 @@ and the programs running at one time read the same one or two experts' rows from
     dW viewed [E * N, K] (columns past K are clipped by TMA; N % BLOCK_N == 0, so a tile never crosses into the
     next expert's rows). The first half is converted and stored while the tensor cores still run the last
     step's product of the second (``warpgroup_mma_wait(1)``); the stores run on while the next tile's products
-    do, a buffer is reused only after ``tma.store_wait``. 16-bit outputs use two buffers (both halves in flight),
-    fp32 one (64 KiB either way).
+    do, a buffer is reused only after ``tma.store_wait``. 16-bit outputs at 3 stages use two buffers (both halves
+    in flight), fp32 outputs and 4 stages one (the second half waits until the first half's store has read it).
 
 Shared memory: STAGES x 48 KiB + the epilogue buffers, 208 KiB of the 227 KiB an sm_90 block may have at 3 stages
 (64 KiB of buffers), 224 KiB at 4 (MOE_KERNELS_WGRAD_STAGES=4: one 32 KiB buffer, 16-bit outputs only).
@@ -71,8 +71,8 @@ _sync = getattr(gl, "barrier", None) or gl.thread_barrier
 
 @gluon.jit
 def _tile(t, tiles_per_e, num_kb, offsets_ptr):
-    """Tile id -> (expert, first dW row of the tile in the [E * N, K] view's expert, first column, the expert's
-    token rows [lo, hi))."""
+    """Tile id -> (expert, the tile's first row n0 of dW[e] (a row of dY^T), its first column k0 (of X), the
+    expert's token rows [lo, hi))."""
     e = t // tiles_per_e
     r = t - e * tiles_per_e
     nb = r // num_kb
