@@ -184,7 +184,9 @@ class TopKRouter(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
-        counts = torch.bincount(ids.flatten(), minlength=self.num_experts).to(torch.int32)
+        flat = ids.flatten()  # a scatter, not bincount: no device->host sync (CUDA graphs, torch.compile)
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
         return weights, ids.to(torch.int32), counts
 
     @torch.no_grad()
