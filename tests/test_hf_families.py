@@ -461,8 +461,8 @@ def _clone_block(kind, norm):
 @pytest.mark.parametrize("kind", list(CLONE_MODULES))
 def test_clone_family_blocks(kind, norm, monkeypatch):
     """Blocks whose code is a supported family's (up to class names and routing constants;
-    moe_kernels.integrations.hf.CLONES), MiniMax-M2, Mistral 4 / Large 4, Hunyuan: the block's output in fp32 within 1e-5
-    of HF's with the config's norm_topk_prob either way (some routers ignore it), and patch_model takes them. What
+    moe_kernels.integrations.hf.CLONES), MiniMax-M2, Mistral 4 / Large 4, Hunyuan: the block's output in fp32 within
+    1e-5 of HF's with the config's norm_topk_prob either way (some routers ignore it), and patch_model takes them. What
     differs from the family's own test is the conversion (routing arguments, weights), so the ops run their
     references here (fast); the kernels run in the families' tests above."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors: the reference ops
