@@ -369,10 +369,11 @@ def test_fp8_wgrad_quantises_the_transposed_operands_along_rows(dtype, device):
     assert_close_rel(dw[0, :, :], exact[0], 8e-2, "fp8 wgrad vs float64, expert 0")
 
 
-def _fp8_trainable_layer_check(T, H, I, E, top_k, device, tol, transposed_copies=True):
+def _fp8_trainable_layer_check(T, H, I, E, top_k, device, tol, transposed_copies=True, fp8_wgrad=True):
     m = mk.MoELayer(hidden_size=H, intermediate_size=I, num_experts=E, top_k=top_k, precision="fp8",
                     trainable=True, device=device)
     m.experts.fp8_transposed_copies = transposed_copies
+    m.experts.fp8_wgrad = fp8_wgrad
     assert isinstance(m.experts.w13, torch.nn.Parameter) and m.experts.w13.dtype == torch.bfloat16
     x = torch.randn(T, H, requires_grad=True, device=device)
     out = m(x)
@@ -393,14 +394,19 @@ def _fp8_trainable_layer_check(T, H, I, E, top_k, device, tol, transposed_copies
     return m
 
 
-@pytest.mark.parametrize("transposed_copies", [True, False])
-def test_fp8_trainable_layer_gradients_match_float64(transposed_copies):
+@pytest.mark.parametrize("transposed_copies,fp8_wgrad", [(True, True), (False, True), (True, False)])
+def test_fp8_trainable_layer_gradients_match_float64(transposed_copies, fp8_wgrad, monkeypatch):
     """MoELayer(precision="fp8", trainable=True): bf16 master weights get gradients from FP8 forward / dgrad /
     wgrad GEMMs, within FP8 error of float64 on the masters (interpreter, small sizes); dA / dX from the
-    transposed e4m3 copies or from transposed views of the copies."""
+    transposed e4m3 copies or from transposed views of the copies; ``experts.fp8_wgrad = False``: the two weight
+    gradients from the bf16 operands (grouped_wgrad asked for fp8=False both times)."""
+    wgrad = gg.grouped_wgrad
+    asked = []
+    monkeypatch.setattr(gg, "grouped_wgrad", lambda *a, **k: asked.append(k.get("fp8")) or wgrad(*a, **k))
     # tol: e4m3 rounds by up to 2^-4 relative, twice on the way (x, h); measured 0.055-0.077 over 30 draws
     _fp8_trainable_layer_check(T=6, H=128, I=128, E=4, top_k=2, device="cpu", tol=0.12,
-                               transposed_copies=transposed_copies)
+                               transposed_copies=transposed_copies, fp8_wgrad=fp8_wgrad)
+    assert asked == [fp8_wgrad, fp8_wgrad]
 
 
 @pytest.mark.gpu

@@ -1,6 +1,8 @@
 """GroupedExperts: the SwiGLU MLPs of all experts, over rows already grouped by expert."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -76,6 +78,10 @@ class GroupedExperts(nn.Module):
         # trainable FP8: keep transposed e4m3 copies too (K-major tiles for the backward's dA / dX GEMMs; as much
         # memory again as the e4m3 copies); False: the backward reads transposed views (slower kernels)
         self.fp8_transposed_copies = True
+        # trainable FP8: the backward's weight gradients from e4m3 operands (DeepSeek-V3's recipe; True) or from the
+        # bf16 ones it holds (False: fp32 accumulation either way). MOE_KERNELS_FP8_WGRAD=0 sets False at
+        # construction, to A/B the two (bench/bench_training.py --precisions fp8,fp8_bf16wgrad times both)
+        self.fp8_wgrad = os.environ.get("MOE_KERNELS_FP8_WGRAD", "1") != "0"
         E, H, I = num_experts, hidden_size, intermediate_size
         if precision == "fp8" and trainable:
             self.w13 = nn.Parameter(torch.randn(E, 2 * I, H, dtype=master_dtype, device=device) * H**-0.5)
@@ -231,7 +237,8 @@ class GroupedExperts(nn.Module):
             w13_fp8, w2_fp8 = self.fp8_weights()
             if torch.is_grad_enabled() and x.dtype != FP8_DTYPE:
                 t13, t2 = self.fp8_weights_t() if self.fp8_transposed_copies else (None, None)
-                return ops.expert_mlp_fp8_train(x, offsets, self.w13, self.w2, w13_fp8, w2_fp8, t13, t2)
+                return ops.expert_mlp_fp8_train(x, offsets, self.w13, self.w2, w13_fp8, w2_fp8, t13, t2,
+                                                fp8_wgrad=self.fp8_wgrad)
             if x.dtype != FP8_DTYPE:
                 x, x_scale = ops.quantize_fp8(x)
             return ops.expert_mlp(x, x_scale, offsets, w13_fp8[0], w13_fp8[1], w2_fp8[0], w2_fp8[1])

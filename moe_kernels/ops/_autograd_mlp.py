@@ -71,7 +71,7 @@ def _expert_mlp_backward_kernels(x, offsets, w13, w2, topk_weight, grad_out, nee
 
 
 def _expert_mlp_fp8_backward(x, offsets, w13, w13_scale, w2, w2_scale, grad_out, need, w_dtype=None, w13_t=None,
-                             w2_t=None, h13=None):
+                             w2_t=None, h13=None, fp8_wgrad=True):
     """(dx, dw13, dw2) of the FP8 expert MLP (DeepSeek-V3's recipe: every GEMM in FP8), its quantisations taken
     as identities (straight-through). h13 again from the quantised x (bf16, [M, 2I]); dA = dY W2 and dX = dH W13
     as FP8 GEMMs on transposed views of the e4m3 weights (their 128x128 blocks transpose with their scales), dY and
@@ -81,7 +81,8 @@ def _expert_mlp_fp8_backward(x, offsets, w13, w13_scale, w2, w2_scale, grad_out,
     ``w_dtype`` (the master weights'). ``w13_t`` / ``w2_t``: optional contiguous transposed copies (e4m3
     [E, H, 2I] with scales [E, H/128, 2I/128]; [E, I, H] with [E, I/128, H/128]), made once per optimiser step:
     with them dA and dX are plain K-major FP8 GEMMs (the Hopper wgmma kernel) instead of strided views.
-    ``h13``: the forward's (bf16, saved; left as it is), else computed again."""
+    ``h13``: the forward's (bf16, saved; left as it is), else computed again. ``fp8_wgrad=False``: dW2 and dW13
+    from the bf16 operands as they are (``grouped_wgrad(fp8=False)``: no quantisation, fp32 accumulation)."""
     E = w13.shape[0]
     bf = torch.bfloat16
     saved = h13 is not None
@@ -95,12 +96,12 @@ def _expert_mlp_fp8_backward(x, offsets, w13, w13_scale, w2, w2_scale, grad_out,
     del h13
     dx = dw13 = dw2 = None
     if need[2]:
-        dw2 = gg.grouped_wgrad(gy, a, offsets, E, out_dtype=w_dtype, fp8=True)
+        dw2 = gg.grouped_wgrad(gy, a, offsets, E, out_dtype=w_dtype, fp8=fp8_wgrad)
     del a, da
     if need[0]:
         dx = gg._gemm(dh, offsets, w13_t[0], w13_t[1], out_dtype=x.dtype)
     if need[1]:
-        dw13 = gg.grouped_wgrad(dh, x, offsets, E, out_dtype=w_dtype, fp8=True)
+        dw13 = gg.grouped_wgrad(dh, x, offsets, E, out_dtype=w_dtype, fp8=fp8_wgrad)
     return dx, dw13, dw2
 
 
@@ -209,8 +210,9 @@ gg._expert_mlp_fp8_ste_op.register_autograd(_expert_mlp_fp8_ste_backward, setup_
 
 
 def _expert_mlp_fp8_train_setup(ctx, inputs, output):
-    x, offsets, w13, w13_q, w13_scale, w2, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts = inputs
+    x, offsets, w13, w13_q, w13_scale, w2, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts, *fp8_wgrad = inputs
     ctx.w_dtype = w13.dtype
+    ctx.fp8_wgrad = bool(fp8_wgrad[0]) if fp8_wgrad else True
     ctx.set_materialize_grads(False)  # h13's gradient stays None, not a zero-filled [M, 2I]
     ctx.mark_non_differentiable(output[1])
     # the rows (bf16, for dW13's own quantisation along rows), h13 (bf16) and the e4m3 weights
@@ -219,14 +221,14 @@ def _expert_mlp_fp8_train_setup(ctx, inputs, output):
 
 def _expert_mlp_fp8_train_backward(ctx, grad_out, _grad_h13):
     if grad_out is None:
-        return (None,) * 12
+        return (None,) * 13
     x, offsets, w13_q, w13_scale, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts, h13 = ctx.saved_tensors
     need = [ctx.needs_input_grad[i] for i in (0, 2, 5)]
     dx, dw13, dw2 = _expert_mlp_fp8_backward(
         x, offsets, w13_q, w13_scale, w2_q, w2_scale, grad_out, need, w_dtype=ctx.w_dtype,
         w13_t=(w13_tq, w13_ts) if w13_tq is not None else None, w2_t=(w2_tq, w2_ts) if w2_tq is not None else None,
-        h13=h13)
-    return dx, None, dw13, None, None, dw2, None, None, None, None, None, None
+        h13=h13, fp8_wgrad=ctx.fp8_wgrad)
+    return dx, None, dw13, None, None, dw2, None, None, None, None, None, None, None
 
 
 gg._expert_mlp_fp8_train_op.register_autograd(_expert_mlp_fp8_train_backward,

@@ -822,15 +822,16 @@ def _(x, offsets, w13, w13_scale, w2, w2_scale):
 def _expert_mlp_fp8_train_op(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w13_q: torch.Tensor,
                              w13_scale: torch.Tensor, w2: torch.Tensor, w2_q: torch.Tensor, w2_scale: torch.Tensor,
                              w13_tq: torch.Tensor | None, w13_ts: torch.Tensor | None, w2_tq: torch.Tensor | None,
-                             w2_ts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                             w2_ts: torch.Tensor | None, fp8_wgrad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     # the master weights w13 / w2 are inputs for their gradients only: the GEMMs read their e4m3 copies. Unfused,
-    # so that h13 (bf16) is kept for the backward: x and A = SwiGLU(h13) quantised 1x128 by _gemm
+    # so that h13 (bf16) is kept for the backward: x and A = SwiGLU(h13) quantised 1x128 by _gemm. fp8_wgrad: the
+    # backward's weight gradients in FP8 (else bf16 operands, fp32 accumulation)
     h13 = _gemm(x, offsets, w13_q, w13_scale, out_dtype=torch.bfloat16)
     return _gemm(_swiglu(h13), offsets, w2_q, w2_scale, out_dtype=torch.bfloat16), h13
 
 
 @_expert_mlp_fp8_train_op.register_fake
-def _(x, offsets, w13, w13_q, w13_scale, w2, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts):
+def _(x, offsets, w13, w13_q, w13_scale, w2, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts, fp8_wgrad=True):
     return (x.new_empty(x.shape[0], w2.shape[1], dtype=torch.bfloat16),
             x.new_empty(x.shape[0], w13.shape[1], dtype=torch.bfloat16))
 
@@ -985,7 +986,8 @@ def _check_fp8_rows_and_weights(x, offsets, w13, w13_scale, w2, w2_scale) -> Non
     _check_offsets(offsets, E, x.shape[0], x.device)
 
 
-def expert_mlp_fp8_train(x, offsets, w13, w2, w13_fp8, w2_fp8, w13_fp8_t=None, w2_fp8_t=None) -> torch.Tensor:
+def expert_mlp_fp8_train(x, offsets, w13, w2, w13_fp8, w2_fp8, w13_fp8_t=None, w2_fp8_t=None,
+                         fp8_wgrad: bool = True) -> torch.Tensor:
     """The FP8 expert MLP that trains its weights (DeepSeek-V3's FP8 training): master weights w13 [E, 2I, H] and
     w2 [E, H, I] (bf16 or fp32, they get the gradients) with their e4m3 copies ``w13_fp8`` = (e4m3 [E, 2I, H],
     fp32 [E, 2I/128, H/128]) and ``w2_fp8`` = (e4m3 [E, H, I], fp32 [E, H/128, I/128]) from
@@ -996,7 +998,9 @@ def expert_mlp_fp8_train(x, offsets, w13, w2, w13_fp8, w2_fp8, w13_fp8_t=None, w
     quantised 1x128 inside. Forward, dgrad and wgrad GEMMs run in e4m3 with fp32 accumulation (see
     ``_autograd_mlp._expert_mlp_fp8_backward``); the quantisations are taken as identities. The forward runs
     unfused (the w13 GEMM into bf16 h13, SwiGLU, the w2 GEMM on A quantised 1x128) to keep h13 for the backward;
-    saved: x, h13 and the e4m3 weights. Returns bf16 [M, H]."""
+    saved: x, h13 and the e4m3 weights. ``fp8_wgrad=False``: the weight gradients from bf16 operands (dY, A, dH, X
+    as the backward holds them; fp32 accumulation) instead of e4m3 ones, the other GEMMs still FP8. Returns bf16
+    [M, H]."""
     check_tensor("w13", w13, dtype=(torch.bfloat16, torch.float32), ndim=3, device=x.device)
     check_tensor("w2", w2, dtype=w13.dtype, shape=(w13.shape[0], w13.shape[2], w13.shape[1] // 2), device=x.device)
     pairs = (("w13_fp8", w13_fp8, tuple(w13.shape)), ("w2_fp8", w2_fp8, tuple(w2.shape)),
@@ -1015,7 +1019,8 @@ def expert_mlp_fp8_train(x, offsets, w13, w2, w13_fp8, w2_fp8, w13_fp8_t=None, w
     _check_fp8_rows_and_weights(x, offsets, w13_fp8[0], w13_fp8[1], w2_fp8[0], w2_fp8[1])
     t13 = w13_fp8_t or (None, None)
     t2 = w2_fp8_t or (None, None)
-    return _expert_mlp_fp8_train_op(x, offsets, w13, w13_fp8[0], w13_fp8[1], w2, w2_fp8[0], w2_fp8[1], *t13, *t2)[0]
+    return _expert_mlp_fp8_train_op(x, offsets, w13, w13_fp8[0], w13_fp8[1], w2, w2_fp8[0], w2_fp8[1], *t13, *t2,
+                                    bool(fp8_wgrad))[0]
 
 
 def expert_mlp_train(x, offsets, w13, w2) -> torch.Tensor:
