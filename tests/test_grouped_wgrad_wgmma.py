@@ -119,6 +119,77 @@ def test_supports_only_what_it_builds():
     assert "output" in ok(z(64, 256, dtype=bf), z(64, 64, dtype=bf), z(2, 256, 64, dtype=torch.float64))
 
 
+def _schedule_model(dy, x, offsets, E, programs):
+    """The kernel's schedule in float64 torch ops, step by step: persistent programs walking tiles p, p + grid,
+    ...; 64-row steps from each expert's first row (rows past M read as zeros, as TMA fills them); on the step
+    that runs past the expert's end the 16-row slices holding foreign rows zeroed in dY and in both X halves; the
+    second column half loaded from k0 again where it lies wholly past K; stores clipped at K, the second half
+    skipped when wholly past K. Also the loader's and the math warps' step sequences (stage, phase) per program."""
+    M, N = dy.shape
+    K = x.shape[1]
+    BM, BN, HK, Z = gw.BLOCK_M, gw.BLOCK_N, gw.HALF_K, 16
+    num_kb = -(-K // gw.BLOCK_K)
+    tiles_per_e = (N // BN) * num_kb
+    num_tiles = E * tiles_per_e
+    grid = min(num_tiles, programs)
+    o = offsets.tolist()
+    pad = lambda t, rows, cols: torch.nn.functional.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]))  # noqa
+    dyp = pad(dy.double(), M + BM, N)
+    xp = pad(x.double(), M + BM, K + 2 * HK)
+    out = torch.full((E, N, K), float("nan"), dtype=torch.float64)
+    ring = {}
+    for pid in range(grid):
+        loads, uses = [], []
+        for j in range(-(-(num_tiles - pid) // grid)):
+            t = pid + j * grid
+            e, rem = divmod(t, tiles_per_e)
+            nb, kb = divmod(rem, num_kb)
+            n0, k0 = nb * BN, kb * 2 * HK
+            k1 = k0 + HK if k0 + HK < K else k0
+            lo, hi = o[e], o[e + 1]
+            acc = torch.zeros(BN, 2 * HK, dtype=torch.float64)
+            for r in range(lo, hi, BM):
+                loads.append((t, r))
+                a = dyp[r:r + BM, n0:n0 + BN].clone()
+                b = torch.cat([xp[r:r + BM, k0:k0 + HK], xp[r:r + BM, k1:k1 + HK]], 1).clone()
+                if r + BM > hi:
+                    valid = hi - r
+                    for i in range(BM // Z):
+                        if (i + 1) * Z > valid:
+                            rows = torch.arange(i * Z, (i + 1) * Z)
+                            keep = (rows < valid)[:, None]  # a select, as the kernel's gl.where (not 0 x nan)
+                            a[i * Z:(i + 1) * Z] = torch.where(keep, a[i * Z:(i + 1) * Z], 0.0)
+                            b[i * Z:(i + 1) * Z] = torch.where(keep, b[i * Z:(i + 1) * Z], 0.0)
+                uses.append((t, r))
+                acc += a.t() @ b
+            out[e, n0:n0 + BN, k0:min(k0 + HK, K)] = acc[:, :min(HK, K - k0)]
+            if k0 + HK < K:
+                out[e, n0:n0 + BN, k0 + HK:min(k0 + 2 * HK, K)] = acc[:, HK:HK + min(HK, K - k0 - HK)]
+        ring[pid] = (loads, uses)
+    return out, ring
+
+
+@pytest.mark.parametrize("counts,N,K,programs", [([17, 0, 1, 33, 9, 64, 65, 0, 200], 256, 384, 7),
+                                                 ([0, 0, 70, 0], 128, 136, 2), ([130, 70, 3], 384, 200, 100)])
+def test_schedule_model_matches_float64(counts, N, K, programs):
+    """The schedule and boundary handling the kernel implements (a step-by-step float64 model of it: tiles per
+    program, 64-row steps, foreign rows zeroed by 16-row slices in both operands, the duplicated second half past
+    K, clipped stores) gives dY_e^T X_e for every expert, writes every element, and keeps a non-finite next
+    expert out; the loader and the math warps walk the same steps."""
+    g = torch.Generator().manual_seed(3)
+    M = sum(counts) + 5  # 5 rows of no expert after the last
+    dy = torch.randn(M, N, generator=g)
+    x = torch.randn(M, K, generator=g)
+    dy[sum(counts):] = float("nan")
+    x[sum(counts):] = float("inf")
+    offsets = _offsets(counts)
+    got, ring = _schedule_model(dy, x, offsets, len(counts), programs)
+    assert torch.isfinite(got).all()
+    assert_close_rel(got, _reference(dy, x, offsets), 1e-12, "schedule model")
+    for loads, uses in ring.values():
+        assert loads == uses
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU
 
