@@ -14,6 +14,8 @@ gradients are set to None before each step, so every step allocates them as a tr
     step (and their transposes, for the backward's dA / dX): ``ours_ms`` is a step on cached copies (a
     micro-batch of gradient accumulation), ``weight_quant_ms`` one quantisation (+ transposition) of all expert
     weights, ``vs_composition_with_quant`` the ratio with it added to every step.
+  * **ours fp8_bf16wgrad**: the fp8 layer with ``experts.fp8_wgrad = False``: FP8 forward and dgrad, the weight
+    gradients from the bf16 operands (``grouped_wgrad(fp8=False)``); an A/B of the FP8 wgrad kernel.
   * **ours fp32** (once, mixtral-like at the first T): fp32 weights and tokens.
   * **torch composition**: bench_moe_layer.py's bf16 composition (router, ``torch.topk``, argsort, two
     ``torch._grouped_mm``, ``index_add_``) on the same weights, differentiated by autograd: the baseline of every
@@ -74,14 +76,19 @@ def build(case, device, precisions):
         with torch.no_grad():
             base.gate.e_score_correction_bias.normal_(std=0.01)
     layers = {"bf16": base}
-    if "fp8" in precisions:
+    for prec in (p for p in precisions if p in FP8_VARIANTS):
         # no weights of its own: the bf16 layer's gate and expert weights are its masters
         f8 = mk.MoELayer(hidden_size=H, intermediate_size=I, precision="fp8", trainable=True, device="meta",
                          dtype=torch.bfloat16, **cfg)
         f8.gate = base.gate
         f8.experts.w13, f8.experts.w2 = base.experts.w13, base.experts.w2
-        layers["fp8"] = f8
+        f8.experts.fp8_wgrad = FP8_VARIANTS[prec]
+        layers[prec] = f8
     return layers
+
+
+# trainable FP8 layers the bench knows: precision name -> experts.fp8_wgrad (the weight gradients in FP8 or not)
+FP8_VARIANTS = {"fp8": True, "fp8_bf16wgrad": False}
 
 
 def dense_reference_grads(layer, x, g):
@@ -143,14 +150,20 @@ def profile_backward(layer, x, g, label):
     return f"## backward: {label}: {total:.3f} ms of kernels\n" + "\n".join(lines) + f"\n{table}\n"
 
 
-# kernel name fragment -> what the backward spends it on (the first match wins)
-KERNEL_GROUPS = [("_grouped_wgrad_kernel", "weight gradients (grouped_wgrad)"),
-                 ("_swiglu_backward_kernel", "SwiGLU derivative (fused, in place)"),
+# kernel name fragment -> what the backward spends it on (the first match wins); the torch kernels by kind, so that
+# the glue (casts, fills, index ops) shows apart from the GEMMs
+KERNEL_GROUPS = [("_grouped_wgrad_kernel", "weight gradients (grouped_wgrad, Triton)"),
+                 ("_grouped_wgrad_wgmma", "weight gradients (grouped_wgrad, Gluon wgmma)"),
+                 ("_grouped_dgrad_kernel", "dgrad dA, dX (TMA kernel)"),
+                 ("_swiglu_kernel", "SwiGLU derivative (fused, in place)"),
                  ("_grouped_gemm_kernel", "grouped GEMM: h13 again, dA, dX (Triton)"),
                  ("wgmma", "grouped GEMM (Gluon wgmma)"), ("quantize", "FP8 quantisation of activations"),
+                 ("_unpermute", "permute / unpermute backward (Triton gather / scatter)"),
                  ("grouped_mm", "torch grouped GEMM"), ("Cijk", "torch grouped GEMM"),
-                 ("gemm", "dense GEMMs (router)"), ("index", "gather / scatter (permute, unpermute)"),
-                 ("scatter", "gather / scatter (permute, unpermute)"), ("gather", "gather / scatter")]
+                 ("gemm", "dense GEMMs (router, torch)"), ("nvjet", "dense GEMMs (router, torch)"),
+                 ("index", "torch index ops"), ("scatter", "torch index ops"), ("gather", "torch index ops"),
+                 ("direct_copy", "torch casts / copies"), ("FillFunctor", "torch fills"),
+                 ("reduce_kernel", "torch reductions")]
 
 
 def run_case(case, tokens, device="cuda", precisions=("bf16",), fp32=False, err_tokens=64, profile_tokens=0):
@@ -243,8 +256,8 @@ def run_case(case, tokens, device="cuda", precisions=("bf16",), fp32=False, err_
                 p.grad = None
         if prec == "fp32":
             del layer, comp, cparams
-        elif prec == "fp8" and T == tokens[-1]:
-            layer.experts._fp8_cache.clear()  # the e4m3 copies go with the last fp8 row
+        elif prec in FP8_VARIANTS and T == tokens[-1]:
+            layer.experts._fp8_cache.clear()  # the e4m3 copies go with the last row of this fp8 layer
     return (rows, profiles) if profile_tokens else rows
 
 
@@ -255,9 +268,12 @@ def summarize(rows):
     bf, f8 = ratios("bf16", "vs_composition"), ratios("fp8", "vs_composition")
     mem = [r["peak_mem_ratio"] for r in rows if r["precision"] != "fp32" and r["peak_mem_ratio"] == r["peak_mem_ratio"]]
     f8q = ratios("fp8", "vs_composition_with_quant")
+    f8w = ratios("fp8_bf16wgrad", "vs_composition")
     summary = dict(min_vs_composition_bf16=min(bf) if bf else None, min_vs_composition_fp8=min(f8) if f8 else None,
                    min_vs_composition_fp8_with_weight_quant=min(f8q) if f8q else None,
                    max_peak_mem_ratio=max(mem) if mem else None)
+    if f8w:
+        summary["min_vs_composition_fp8_bf16wgrad"] = min(f8w)
     summary.update({f"{r['case']}/{r['precision']}/T={r['T']}": dict(
         vs_composition=r["vs_composition"], ours_ms=r["ours_ms"], peak_mem_ratio=r["peak_mem_ratio"]) for r in rows})
     return summary
@@ -267,7 +283,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", default="4096,8192,16384")
     ap.add_argument("--cases", default="mixtral-like,deepseek")
-    ap.add_argument("--precisions", default="bf16,fp8")
+    ap.add_argument("--precisions", default="bf16,fp8",
+                    help="of bf16, fp8, fp8_bf16wgrad (FP8 forward / dgrad, bf16 weight gradients)")
     ap.add_argument("--no-fp32", action="store_true", help="skip the one fp32 row (mixtral-like, first T)")
     ap.add_argument("--err-tokens", type=int, default=1024, help="tokens of the float64 gradient check (0: none)")
     ap.add_argument("--profile-tokens", type=int, default=8192, help="T of the backward's profile (0: none)")
