@@ -143,14 +143,18 @@ def test_unpermute_and_permute_gradients(dtype, H, tol):
     assert_close_rel(w.grad, w64.grad, tol, "grad topk_weights")
 
 
+@pytest.mark.parametrize("formulation", ["default", "fp32"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
-def test_route_weight_gradients(scoring, dtype, tol, device):
+def test_route_weight_gradients(scoring, dtype, tol, formulation, device, monkeypatch):
     """x's and the gate's gradients in their own dtype; bf16 (tensor-core GEMMs on bf16 dL with fp32
-    accumulation) against float64 on the same bf16 values."""
+    accumulation; MOE_KERNELS_ROUTER_BWD=fp32: fp32 GEMMs on fp32 copies) against float64 on the same bf16
+    values."""
     from _helpers import skip_unless_cuda
 
     skip_unless_cuda(device)
+    if formulation == "fp32":
+        monkeypatch.setenv("MOE_KERNELS_ROUTER_BWD", "fp32")
     T, H, E, k = 11, 128, 16, 3
     x = torch.randn(T, H, device=device).to(dtype).requires_grad_()
     gate = (torch.randn(E, H, device=device) * H**-0.5).to(dtype).requires_grad_()

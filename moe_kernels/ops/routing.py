@@ -7,6 +7,8 @@ ValueError when value checks are on).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -293,20 +295,22 @@ def _route_backward(ctx, grad_weights, _grad_ids, _grad_counts):
     GEMMs dX = dL W and dW = dL^T X. When x and the gate share a 16-bit dtype these run on tensor cores with dL
     rounded to that dtype and fp32 accumulation, the results in x's / the gate's dtype (what a bf16 linear layer's
     backward does: no fp32 copy of x, no fp32 [T, H] gradient cast back); an fp32 or mixed-dtype gate keeps fp32
-    GEMMs, as its forward does. Off the kernel path (CPU reference) all in fp32."""
+    GEMMs, as its forward does. Off the kernel path (CPU reference), or with MOE_KERNELS_ROUTER_BWD=fp32 (read at
+    each call: the earlier formulation, for A/B timings), all in fp32 with fp32 copies of x and the gate."""
     none = (None,) * 8
     need_x, need_w = ctx.needs_input_grad[:2]
     if grad_weights is None or not (need_x or need_w):
         return None, None, *none
     x, router_weight, ids = ctx.saved_tensors
     scoring, norm, scaling = ctx.rule
-    logits = _logits_fp32(x, router_weight) if use_triton(x) else reference.router_logits(x, router_weight)
+    fast = use_triton(x) and os.environ.get("MOE_KERNELS_ROUTER_BWD", "") != "fp32"
+    logits = _logits_fp32(x, router_weight) if fast else reference.router_logits(x, router_weight)
     logits = logits.detach().requires_grad_()
     with torch.enable_grad():
         weights = reference.expert_weights(reference.expert_scores(logits, scoring), ids, norm, scaling)
         (dlogits,) = torch.autograd.grad(weights, logits, grad_weights.float())
     gx = gw = None
-    if use_triton(x) and x.dtype == router_weight.dtype and x.dtype != torch.float32:
+    if fast and x.dtype == router_weight.dtype and x.dtype != torch.float32:
         d = dlogits.to(x.dtype)
         if need_x:
             gx = d @ router_weight
