@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One device call (< 10 min) when device time is short: phase A side by side (the whole `pytest -m gpu` in four
+# processes; DeepGEMM 8dfa329 laid out and precompiled by tools/gpu/gemm.sh, whose bench then waits), phase B alone
+# on the GPU, each step with its own limit: the decode bench, the decode profile, the wgrad bench, one training
+# step (bf16 with the Gluon wgrad when its GPU tests passed; FP8 with FP8 and with bf16 weight gradients), the
+# grouped GEMM bench with DeepGEMM (quick). Everything comes back as $OUT/results.tgz + $OUT/summary.log.
+#   R_TOTAL=570 R_TESTS=200 R_DECODE=125 R_WGRAD=80 R_TRAIN=100 bash tools/gpu/round.sh
+set -u
+REAL_OUT=${OUT:-/tmp/out}; mkdir -p "$REAL_OUT"
+R=/tmp/gpu_results; rm -rf "$R"; mkdir -p "$R/gemm"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+S=$REAL_OUT/summary.log
+T0=$SECONDS
+END=$(( $(date +%s) + ${R_TOTAL:-570} ))
+el() { echo "+$((SECONDS - T0)) s"; }
+left() { echo $(( END - $(date +%s) )); }
+lim() { local want=$1 l; l=$(( $(left) - ${2:-0} )); [ "$l" -lt "$want" ] && want=$l; [ "$want" -lt 1 ] && want=1; echo "$want"; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$S"
+HOLD=/tmp/gemm_hold; touch "$HOLD"
+(OUT=$R/gemm GEMM_END_BY=$END GEMM_SKIP_261=1 GEMM_HOLD=$HOLD timeout -k 5 ${R_TOTAL:-570} bash tools/gpu/gemm.sh \
+  > "$R/gemm/stdout.log" 2>&1) &
+GEMM_PID=$!
+mapfile -t FILES < <(ls tests/test_*.py)
+P=()
+for i in 0 1 2 3; do
+  grp=(); for j in "${!FILES[@]}"; do [ $((j % 4)) = $i ] && grp+=("${FILES[$j]}"); done
+  (timeout "${R_TESTS:-200}" python -m pytest -q -m gpu -rfE -p no:cacheprovider "${grp[@]}" > "$R/gpu_tests_$i.log" 2>&1) &
+  P+=($!)
+done
+for p in "${P[@]}"; do wait "$p"; done
+echo "tests done $(el)" >> "$S"
+for i in 0 1 2 3; do grep -E "passed|failed|^FAILED|^ERROR|Timeout|Terminated" "$R/gpu_tests_$i.log" | tail -15 >> "$S"; done
+
+echo "== decode bench $(el)" >> "$S"
+timeout "$(lim ${R_DECODE:-125} 200)" python bench/bench_moe_decode.py --rep 30 > "$R/decode_bench.log" 2>&1
+echo "rc=$?" >> "$S"; tail -32 "$R/decode_bench.log" >> "$S"
+echo "== decode profile $(el)" >> "$S"
+timeout "$(lim 30 180)" python bench/profile_moe_decode.py --tokens 1,8 > "$R/profile.log" 2>&1
+echo "== wgrad bench $(el)" >> "$S"
+timeout "$(lim ${R_WGRAD:-80} 140)" python bench/bench_wgrad.py --rep 40 > "$R/wgrad_bench.log" 2>&1
+echo "rc=$?" >> "$S"; grep -A12 "^| case" "$R/wgrad_bench.log" >> "$S"; grep -E "issue-20 pair|did not run|failed" "$R/wgrad_bench.log" >> "$S"
+echo "== training $(el)" >> "$S"
+WG=""; grep -lE "test_grouped_wgrad_wgmma" "$R"/gpu_tests_*.log > /dev/null 2>&1
+if ! grep -hE "^(FAILED|ERROR).*grouped_wgrad_wgmma" "$R"/gpu_tests_*.log > /dev/null 2>&1; then WG=gluon; fi
+echo "MOE_KERNELS_WGRAD=${WG:-triton}" >> "$S"
+MOE_KERNELS_WGRAD=$WG timeout "$(lim ${R_TRAIN:-100} 90)" python bench/bench_training.py --tokens 8192 --cases mixtral-like \
+  --precisions bf16,fp8,fp8_bf16wgrad --no-fp32 --err-tokens 0 --profile-tokens 8192 > "$R/training_bench.log" 2>&1
+echo "rc=$?" >> "$S"; tail -22 "$R/training_bench.log" >> "$S"
+echo "== gemm bench (DeepGEMM) $(el)" >> "$S"
+rm -f "$HOLD"
+wait "$GEMM_PID"
+cat "$R/gemm/gemm_summary.txt" >> "$S" 2>/dev/null
+echo "done $(el)" >> "$S"
+cp bench/results/*.json bench/results/*.txt bench/results/*.png "$R/" 2>/dev/null
+tar -czf "$REAL_OUT/results.tgz" -C "$R" .
