@@ -173,9 +173,11 @@ def test_route_weight_gradients(scoring, dtype, tol, formulation, device, monkey
 
 def test_bf16_layer_backward_has_no_fp32_activation_copies_or_fills(device):
     """The glue of a bf16 layer's backward (bf16 tokens and gate): no aten op makes an fp32 tensor of activation
-    size ([T, H] or more elements: x.float(), an fp32 gradient cast back) and none zero-fills one (autograd's
-    stand-ins for the gradients of outputs that have none: h13, ids, slots). On the CPU the router's logits are
-    recomputed from fp32 copies (torch.mm has no fp32 output for bf16 there): that frame is allowed off CUDA."""
+    shape ([T, ...] or [T*k, ...] rows, at least [T, H] elements: x.float(), an fp32 gradient cast back) and none
+    fills one (autograd's zero stand-ins for the gradients of outputs that have none: h13, ids, slots). On the CPU
+    the router's logits are recomputed from fp32 copies (torch.mm has no fp32 output for bf16 there): that frame is
+    allowed off CUDA. The watcher must see the backward's ops (the mm of the router's backward), else it proves
+    nothing."""
     import traceback
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -183,19 +185,21 @@ def test_bf16_layer_backward_has_no_fp32_activation_copies_or_fills(device):
     from _helpers import skip_unless_cuda
 
     skip_unless_cuda(device)
-    T, H, I, E = 64, 256, 128, 8
-    m = mk.MoELayer(hidden_size=H, intermediate_size=I, num_experts=E, top_k=2, precision="bf16", device=device,
+    T, H, I, E, k = 64, 256, 128, 8, 2
+    m = mk.MoELayer(hidden_size=H, intermediate_size=I, num_experts=E, top_k=k, precision="bf16", device=device,
                     dtype=torch.bfloat16)
     x = torch.randn(T, H, device=device, dtype=torch.bfloat16, requires_grad=True)
     out = m(x)
-    bad = []
+    bad, seen = [], []
 
     class Watch(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             res = func(*args, **(kwargs or {}))
             name = str(func)
+            seen.append(name)
             for t in res if isinstance(res, (tuple, list)) else (res,):
-                if not isinstance(t, torch.Tensor) or t.numel() < T * H:
+                if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] not in (T, T * k) or \
+                        t.numel() < T * H:
                     continue
                 fills = any(f in name for f in ("zeros", "fill", "zero_", "ones", "full"))
                 if t.dtype == torch.float32 or fills:
@@ -208,6 +212,7 @@ def test_bf16_layer_backward_has_no_fp32_activation_copies_or_fills(device):
 
     with Watch():
         out.backward(torch.randn_like(out))
+    assert sum("aten.mm" in n for n in seen) >= 2, seen  # the router's dX and dW GEMMs at least
     assert not bad, bad
     assert x.grad.dtype == torch.bfloat16 and m.gate.weight.grad.dtype == torch.bfloat16
 
