@@ -194,7 +194,8 @@ for cfg in json.loads(sys.argv[1]):
                     regs=int(regs.group(1)) if regs else None, spill_bytes=int(spill.group(1)) if spill else None,
                     ptxas_codes=sorted(set(re.findall(r"\((C7\d\d\d)\)", log))),
                     wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), setmaxnreg=len(re.findall("setmaxnreg", ptx)),
-                    named_barriers=sorted(set(re.findall(r"bar\.sync\s+(\d+),\s*128", ptx))), triton=triton.__version__))
+                    named_barriers=sorted(set(re.findall(r"bar\.sync\s+(\d+),\s*128", ptx))),
+                    triton=triton.__version__))
 print(json.dumps(res))
 '''
 

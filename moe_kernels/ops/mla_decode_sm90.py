@@ -2,11 +2,12 @@
 memory, exact online softmax, split-KV (merged by ``mla._mla_decode_reduce_kernel``), contiguous or paged cache.
 
 Contract: that of ``mla._mla_decode_kernel`` (the Triton kernel) for bf16 queries over a bf16 or FP8 cache with C a
-multiple of 64 (FP8: 128) up to 512 latent columns and R = 64 rope columns: program (head block of 64 query rows, split, batch row); rows are the
-s_q x h queries of the batch row (row r is token r // h, which sees keys 0 .. seqlen - s_q + r // h). With one split
-it writes the normalised output in bf16, else the fp32 partial output and its log-sum-exp (base 2).
+multiple of 64 (FP8: 128) up to 512 latent columns and R = 64 rope columns: program (head block of 64 query rows,
+split, batch row); rows are the s_q x h queries of the batch row (row r is token r // h, which sees keys
+0 .. seqlen - s_q + r // h). With one split it writes the normalised output in bf16, else the fp32 partial output
+and its log-sum-exp (base 2).
 
-Schedule of one program (8 warps = two warpgroups; 64 query rows; key tiles of 64):
+Serial schedule (PIPE = 0, shipped) of one program (8 warps = two warpgroups; 64 query rows; key tiles of 64):
   * shared memory: q [64, C] and q_rope [64, R] (loaded once), STAGES cache tiles [64, C] + [64, R] (a 64 x 576
     bf16 tile is 72 KiB: C/64 + 1 TMA copies of 64 x 64, each a 128-byte-swizzled column block), P [64, 64].
   * per tile: S = q K^T (C/64 + 1 wgmmas, K-major B, async) -> wait -> the stage of the tile before is free: the
