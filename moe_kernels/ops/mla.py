@@ -79,10 +79,11 @@ DEFAULTS = {
     # takes two warpgroups, the q tile and two stages of cache tiles 221 KB of shared memory. LAZY (0: rescale the
     # accumulator every tile, 1: only when a row's max grew, 2: only when it grew by more than 8 in log2 units)
     # and V_BLOCKS (1, or 2: each program accumulates half the value columns) are the variants of the sweep.
-    # GLUON=1 (2: its PIPE schedule): the Gluon sm_90 kernel (mla_decode_sm90) wherever it applies (sm_90, bf16
-    # queries, R = 64, C <= 512, page 64; else the Triton kernel runs with the keys above, and says why once).
-    # Measured on one H200 (bench_mla, B 32 / 128, S 4096): Gluon serial 126 / 366 us, PIPE 122 / 389 us, the Triton
-    # kernel 159 / 553 us, FlashMLA 75 / 253 us; FP8 cache: Gluon 164 / 577 us, Triton 277 / 1032 us.
+    # GLUON=1 (2: the seesaw schedule, two warpgroups alternating tiles; bf16 cache only): the Gluon sm_90 kernel
+    # (mla_decode_sm90) wherever it applies (sm_90, bf16 queries, R = 64, C <= 512, page 64; else the Triton kernel
+    # runs with the keys above, and says why once). Measured on one H200 (bench_mla, B 32 / 128, S 4096): Gluon
+    # serial 126 / 366 us, the Triton kernel 159 / 553 us, FlashMLA 75 / 253 us; FP8 cache: Gluon 164 / 577 us,
+    # Triton 277 / 1032 us. The seesaw (GLUON=2, $MOE_KERNELS_MLA_PIPE=1) has not run on a GPU yet.
     "decode": dict(BLOCK_H=64, BLOCK_N=64, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2, GLUON=1),
     # FP8 cache, Triton kernel: the e4m3 tile is widened to bf16 in registers and staged in shared memory again
     "decode_fp8": dict(BLOCK_H=64, BLOCK_N=32, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2, GLUON=1),
