@@ -177,7 +177,7 @@ def test_bf16_layer_backward_has_no_fp32_activation_copies_or_fills(device):
     fills one (autograd's zero stand-ins for the gradients of outputs that have none: h13, ids, slots). On the CPU
     the router's logits are recomputed from fp32 copies (torch.mm has no fp32 output for bf16 there): that frame is
     allowed off CUDA. The watcher must see the backward's ops (the mm of the router's backward), else it proves
-    nothing."""
+    nothing. The package's own backward ops (expert MLP, unpermute) are seen whole: by what they return."""
     import traceback
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -215,6 +215,30 @@ def test_bf16_layer_backward_has_no_fp32_activation_copies_or_fills(device):
     assert sum("aten.mm" in n for n in seen) >= 2, seen  # the router's dX and dW GEMMs at least
     assert not bad, bad
     assert x.grad.dtype == torch.bfloat16 and m.gate.weight.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_layer_backward_traces_under_torch_compile(precision, device):
+    """torch.compile (AOTAutograd, backend aot_eager: the traced graphs run as traced) of a training step: every
+    backward that launches kernels does so through an op with a fake implementation (a raw launch on a fake tensor
+    fails the trace); the compiled step's gradients equal the eager step's bit for bit (the same kernels)."""
+    from _helpers import skip_unless_cuda
+
+    skip_unless_cuda(device)
+    torch.manual_seed(0)
+    m = mk.MoELayer(hidden_size=128, intermediate_size=128, num_experts=4, top_k=2, precision=precision,
+                    trainable=precision == "fp8", device=device, dtype=torch.bfloat16)
+    x = torch.randn(16, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(16, 128, device=device, dtype=torch.bfloat16)
+    leaves = [x, m.gate.weight, m.experts.w13, m.experts.w2]
+    m(x).backward(g)
+    eager = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    torch._dynamo.reset()
+    torch.compile(m, backend="aot_eager")(x).backward(g)
+    for name, want, t in zip(("x", "gate", "w13", "w2"), eager, leaves):
+        assert t.grad is not None and torch.equal(t.grad, want), name
 
 
 def test_grouped_gemm_bf16_gradients():

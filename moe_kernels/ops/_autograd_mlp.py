@@ -5,6 +5,12 @@
 The backward compositions (``_expert_mlp_backward_kernels``, ``_expert_mlp_fp8_backward``) call the launchers
 through the ``grouped_gemm`` module (``gg._gemm``, ``gg.grouped_wgrad``), not through names bound here, so that
 a test that patches one of them sees every call.
+
+Where a backward launches kernels, it does so through a custom op of its own (``moe_kernels::expert_mlp_backward``,
+``expert_mlp_fp8_backward``, ``grouped_gemm_bf16_backward``) with a fake implementation: AOTAutograd
+(``torch.compile`` of a training step) traces the backward on fake tensors, which a raw kernel launch cannot take.
+A gradient that is not wanted comes out of these ops as an empty tensor (an op returns tensors, not None) and is
+turned into None here.
 """
 from __future__ import annotations
 
@@ -105,6 +111,68 @@ def _expert_mlp_fp8_backward(x, offsets, w13, w13_scale, w2, w2_scale, grad_out,
     return dx, dw13, dw2
 
 
+def _none_if_empty(t, wanted):
+    return t if wanted else None
+
+
+@torch.library.custom_op("moe_kernels::expert_mlp_backward", mutates_args=())
+def _expert_mlp_backward_op(x: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                            topk_weight: torch.Tensor | None, grad_out: torch.Tensor, h13: torch.Tensor | None,
+                            need_x: bool, need_w13: bool, need_w2: bool,
+                            need_tw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_expert_mlp_backward_kernels`` as an op: (dx, dw13, dw2, dtopk_weight), empty where not wanted."""
+    out = _expert_mlp_backward_kernels(x, offsets, w13, w2, topk_weight, grad_out,
+                                       [need_x, need_w13, need_w2, need_tw], h13=h13)
+    return tuple(t if t is not None else x.new_empty(0) for t in out)
+
+
+@_expert_mlp_backward_op.register_fake
+def _(x, offsets, w13, w2, topk_weight, grad_out, h13, need_x, need_w13, need_w2, need_tw):
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0), w13.new_empty(w13.shape) if need_w13 else x.new_empty(0),
+            w2.new_empty(w2.shape) if need_w2 else x.new_empty(0),
+            topk_weight.new_empty(x.shape[0]) if need_tw and topk_weight is not None else x.new_empty(0))
+
+
+@torch.library.custom_op("moe_kernels::expert_mlp_fp8_backward", mutates_args=())
+def _expert_mlp_fp8_backward_op(x: torch.Tensor, offsets: torch.Tensor, w13_q: torch.Tensor, w13_scale: torch.Tensor,
+                                w2_q: torch.Tensor, w2_scale: torch.Tensor, grad_out: torch.Tensor,
+                                w13_tq: torch.Tensor | None, w13_ts: torch.Tensor | None, w2_tq: torch.Tensor | None,
+                                w2_ts: torch.Tensor | None, h13: torch.Tensor | None, need_x: bool, need_w13: bool,
+                                need_w2: bool, w_dtype: torch.dtype,
+                                fp8_wgrad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_expert_mlp_fp8_backward`` as an op: (dx, dw13, dw2), the weight gradients in ``w_dtype``, empty where
+    not wanted."""
+    out = _expert_mlp_fp8_backward(
+        x, offsets, w13_q, w13_scale, w2_q, w2_scale, grad_out, [need_x, need_w13, need_w2], w_dtype=w_dtype,
+        w13_t=(w13_tq, w13_ts) if w13_tq is not None else None, w2_t=(w2_tq, w2_ts) if w2_tq is not None else None,
+        h13=h13, fp8_wgrad=fp8_wgrad)
+    return tuple(t if t is not None else x.new_empty(0) for t in out)
+
+
+@_expert_mlp_fp8_backward_op.register_fake
+def _(x, offsets, w13_q, w13_scale, w2_q, w2_scale, grad_out, w13_tq, w13_ts, w2_tq, w2_ts, h13, need_x, need_w13,
+      need_w2, w_dtype, fp8_wgrad):
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0),
+            x.new_empty(w13_q.shape, dtype=w_dtype) if need_w13 else x.new_empty(0),
+            x.new_empty(w2_q.shape, dtype=w_dtype) if need_w2 else x.new_empty(0))
+
+
+@torch.library.custom_op("moe_kernels::grouped_gemm_bf16_backward", mutates_args=())
+def _grouped_gemm_bf16_backward_op(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, grad_out: torch.Tensor,
+                                   need_a: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dA, dW) of ``grouped_gemm_bf16``: dA = dOut @ W[e] (the kernel on W's transposed view), dW =
+    ``grouped_wgrad``; empty where not wanted."""
+    g = grad_out.to(a.dtype).contiguous()
+    da = gg._gemm(g, offsets, w.transpose(1, 2), out_dtype=a.dtype) if need_a else a.new_empty(0)
+    dw = gg.grouped_wgrad(g, a, offsets, w.shape[0], out_dtype=w.dtype) if need_w else a.new_empty(0)
+    return da, dw
+
+
+@_grouped_gemm_bf16_backward_op.register_fake
+def _(a, w, offsets, grad_out, need_a, need_w):
+    return a.new_empty(a.shape) if need_a else a.new_empty(0), w.new_empty(w.shape) if need_w else a.new_empty(0)
+
+
 def _grad_by_reference(ctx, fn, tensors, positions, grad_out):
     """Gradients of fn(*tensors) for the inputs at ``positions`` of the op that need one (None for the others):
     the reference run again as differentiable torch ops, in fp32 (CPU tensors without the interpreter)."""
@@ -127,13 +195,9 @@ def _grouped_gemm_bf16_backward(ctx, grad_out):
     if not use_triton(a):
         return (*_grad_by_reference(ctx, lambda a, w: reference.grouped_gemm(a, w, offsets, out_dtype=torch.float32),
                                     (a, w), (0, 1), grad_out), None)
-    g = grad_out.to(a.dtype).contiguous()
-    da = dw = None
-    if ctx.needs_input_grad[0]:
-        da = gg._gemm(g, offsets, w.transpose(1, 2), out_dtype=a.dtype)
-    if ctx.needs_input_grad[1]:
-        dw = gg.grouped_wgrad(g, a, offsets, w.shape[0], out_dtype=w.dtype)
-    return da, dw, None
+    need = ctx.needs_input_grad[:2]
+    da, dw = _grouped_gemm_bf16_backward_op(a, w, offsets, grad_out, *need)
+    return _none_if_empty(da, need[0]), _none_if_empty(dw, need[1]), None
 
 
 gg._grouped_gemm_bf16_op.register_autograd(_grouped_gemm_bf16_backward, setup_context=_grouped_gemm_bf16_setup)
@@ -163,7 +227,9 @@ def _expert_mlp_backward(ctx, grad_out):
 
     need = [ctx.needs_input_grad[i] for i in (0, 3, 5, 7)]
     if use_triton(x):
-        gx, g13, g2, gtw = _expert_mlp_backward_kernels(x, offsets, w13, w2, topk_weight, grad_out, need)
+        need[3] = need[3] and topk_weight is not None
+        out = _expert_mlp_backward_op(x, offsets, w13, w2, topk_weight, grad_out, None, *need)
+        gx, g13, g2, gtw = (_none_if_empty(t, n) for t, n in zip(out, need))
         return gx, None, None, g13, None, g2, None, gtw
 
     def mlp(x, w13, w2, tw):
@@ -188,8 +254,9 @@ def _expert_mlp_train_backward(ctx, grad_out, _grad_h13):
     if grad_out is None:
         return None, None, None, None
     x, offsets, w13, w2, h13 = ctx.saved_tensors
-    need = [ctx.needs_input_grad[i] for i in (0, 2, 3)] + [False]
-    gx, g13, g2, _ = _expert_mlp_backward_kernels(x, offsets, w13, w2, None, grad_out, need, h13=h13)
+    need = [ctx.needs_input_grad[i] for i in (0, 2, 3)]
+    out = _expert_mlp_backward_op(x, offsets, w13, w2, None, grad_out, h13, *need, False)
+    gx, g13, g2 = (_none_if_empty(t, n) for t, n in zip(out, need))
     return gx, None, g13, g2
 
 
@@ -202,7 +269,8 @@ def _expert_mlp_fp8_ste_setup(ctx, inputs, output):
 
 def _expert_mlp_fp8_ste_backward(ctx, grad_out):
     x, offsets, w13, w13_scale, w2, w2_scale = ctx.saved_tensors
-    dx, _, _ = _expert_mlp_fp8_backward(x, offsets, w13, w13_scale, w2, w2_scale, grad_out, (True, False, False))
+    dx, _, _ = _expert_mlp_fp8_backward_op(x, offsets, w13, w13_scale, w2, w2_scale, grad_out, None, None, None, None,
+                                           None, True, False, False, torch.bfloat16, True)
     return dx, None, None, None, None, None
 
 
@@ -224,10 +292,9 @@ def _expert_mlp_fp8_train_backward(ctx, grad_out, _grad_h13):
         return (None,) * 13
     x, offsets, w13_q, w13_scale, w2_q, w2_scale, w13_tq, w13_ts, w2_tq, w2_ts, h13 = ctx.saved_tensors
     need = [ctx.needs_input_grad[i] for i in (0, 2, 5)]
-    dx, dw13, dw2 = _expert_mlp_fp8_backward(
-        x, offsets, w13_q, w13_scale, w2_q, w2_scale, grad_out, need, w_dtype=ctx.w_dtype,
-        w13_t=(w13_tq, w13_ts) if w13_tq is not None else None, w2_t=(w2_tq, w2_ts) if w2_tq is not None else None,
-        h13=h13, fp8_wgrad=ctx.fp8_wgrad)
+    out = _expert_mlp_fp8_backward_op(x, offsets, w13_q, w13_scale, w2_q, w2_scale, grad_out, w13_tq, w13_ts, w2_tq,
+                                      w2_ts, h13, *need, ctx.w_dtype, ctx.fp8_wgrad)
+    dx, dw13, dw2 = (_none_if_empty(t, n) for t, n in zip(out, need))
     return dx, None, dw13, None, None, dw2, None, None, None, None, None, None, None
 
 

@@ -237,10 +237,10 @@ def _permute_backward(ctx, grad_rows, *_):
                            "bf16 or fp32 rows (MoELayer precision='bf16'), or run inference under torch.no_grad()")
     token_index, slot = ctx.saved_tensors
     if use_triton(grad_rows) and slot.numel():
-        # x's row t gathers its k rows (slot[t, :]) and sums them in fp32: the unpermute kernel with unit weights
-        # (deterministic; no atomics, no fp32 copy of the rows)
+        # x's row t gathers its k rows (slot[t, :]) and sums them in fp32: the unpermute op with unit weights
+        # (deterministic; no atomics, no fp32 copy of the rows; an op, so that AOTAutograd can trace it)
         ones = torch.ones(slot.shape, dtype=torch.float32, device=slot.device)
-        return _unpermute_triton(grad_rows, slot, ones, out_dtype=ctx.x_dtype), None, None, None
+        return _unpermute_op(grad_rows.to(ctx.x_dtype), slot, ones), None, None, None
     gx = torch.zeros(ctx.x_shape, dtype=torch.float32, device=grad_rows.device)
     gx.index_add_(0, token_index.long(), grad_rows.float())
     return gx.to(ctx.x_dtype), None, None, None
@@ -322,6 +322,31 @@ def _(y, slot, topk_weights):
     return y.new_empty(slot.shape[0], y.shape[1])
 
 
+@torch.library.custom_op("moe_kernels::unpermute_backward", mutates_args=())
+def _unpermute_backward_op(grad_out: torch.Tensor, y: torch.Tensor, slot: torch.Tensor, w: torch.Tensor, need_gy: bool,
+                           need_gw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gy, gw) of unpermute by ``_unpermute_backward_kernel`` (empty where not wanted; T*k and N > 0): an op of
+    its own, so that AOTAutograd can trace the backward on fake tensors."""
+    T, k = slot.shape
+    N = y.shape[1]
+    g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    yc = y if y.stride(-1) == 1 else y.contiguous()
+    BLOCK_H = _row_block(N, False)
+    NB = triton.cdiv(N, BLOCK_H)
+    gy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if need_gy else y.new_empty(0)
+    part = torch.empty(T, k, NB, dtype=torch.float32, device=y.device) if need_gw else None
+    _unpermute_backward_kernel[(T, NB)](
+        g, yc, slot.contiguous(), w.float().contiguous(), gy if need_gy else g, part if need_gw else g, N,
+        g.stride(0), yc.stride(0), gy.stride(0) if need_gy else 0, NB, TOP_K=k, BLOCK_H=BLOCK_H,
+        NEED_GY=need_gy, NEED_GW=need_gw, num_warps=4)
+    return gy, part.sum(-1).to(w.dtype) if need_gw else w.new_empty(0)
+
+
+@_unpermute_backward_op.register_fake
+def _(grad_out, y, slot, w, need_gy, need_gw):
+    return y.new_empty(y.shape) if need_gy else y.new_empty(0), w.new_empty(w.shape) if need_gw else w.new_empty(0)
+
+
 def _unpermute_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)  # y, slot, topk_weights
 
@@ -335,17 +360,8 @@ def _unpermute_backward(ctx, grad_out):
     N = y.shape[1]
     need_gy, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     if use_triton(y) and T * k and N:
-        g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        yc = y if y.stride(-1) == 1 else y.contiguous()
-        BLOCK_H = _row_block(N, False)
-        NB = triton.cdiv(N, BLOCK_H)
-        gy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if need_gy else None
-        part = torch.empty(T, k, NB, dtype=torch.float32, device=y.device) if need_gw else None
-        _unpermute_backward_kernel[(T, NB)](
-            g, yc, slot.contiguous(), w.float().contiguous(), gy if need_gy else g, part if need_gw else g, N,
-            g.stride(0), yc.stride(0), gy.stride(0) if need_gy else 0, NB, TOP_K=k, BLOCK_H=BLOCK_H,
-            NEED_GY=bool(need_gy), NEED_GW=bool(need_gw), num_warps=4)
-        return gy, None, part.sum(-1).to(w.dtype) if need_gw else None
+        gy, gw = _unpermute_backward_op(grad_out, y, slot, w, bool(need_gy), bool(need_gw))
+        return gy if need_gy else None, None, gw if need_gw else None
     rows = slot.reshape(-1).long()
     g = grad_out.float()
     gy = gw = None
