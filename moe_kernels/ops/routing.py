@@ -8,6 +8,7 @@ ValueError when value checks are on).
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -286,6 +287,9 @@ def _logits_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return torch.mm(x, w.t(), out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError) as e:  # a torch without mm's out_dtype
             _MM_FP32_OUT_FAILED.append(repr(e))
+            warnings.warn(f"moe_kernels: torch.mm(..., out_dtype=torch.float32) failed ({type(e).__name__}: "
+                          f"{str(e)[:200]}); the router's backward recomputes its logits from fp32 copies",
+                          stacklevel=2)
     return reference.router_logits(x, w)
 
 
