@@ -11,8 +11,8 @@
 #      GEMMs, and the MOE_KERNELS_ROUTER_BWD=fp32 formulation, against float64), test_bf16_layer_backward_has_no_
 #      fp32_activation_copies_or_fills[cuda] (no aten op of the backward makes an fp32 tensor of [T, H] or more, or
 #      fills one), test_layer_backward_traces_under_torch_compile[cuda-*] (the backward ops' fake implementations:
-#      a compiled step's gradients equal the eager ones), test_fp8_trainable_layer_gradients_match_float64 (CPU
-#      only) / _at_real_size, the FP8 wgrad switch.
+#      a compiled step's gradients equal the eager ones), test_fp8_trainable_layer_gradients_at_real_size. (The FP8
+#      wgrad switch is checked on the GPU by step 2's gradient errors of the fp8_bf16wgrad rows.)
 #   2. bench/bench_training.py --tokens 8192 --cases mixtral-like,deepseek --precisions bf16,fp8,fp8_bf16wgrad
 #      --no-fp32 --err-tokens 512 --profile-tokens 8192: forward + backward against the torch composition, gradient
 #      errors against float64 (mixtral-like), and the backward's profile per kernel group (training_profile-*.txt).
