@@ -185,3 +185,26 @@ def test_decode_split_k_auto_one_expert():
     got = gg.expert_mlp(x, x_scale, offsets, w13, w13_scale, w2, w2_scale)
     ref = R.expert_mlp(x, offsets, w13, w2, x_scale, w13_scale, w2_scale, out_dtype=torch.float32)
     assert_close_rel(got.float(), ref, FP8_TOL, "split-K one expert")
+
+
+def test_split_k_counters_left_at_zero_and_reused(device, monkeypatch):
+    """Split-K arrival counters are not zero-filled per launch: the launch takes them zeroed and must leave them at
+    zero, so the same counters serve the next launch (here a second, different GEMM on the same counters)."""
+    import moe_kernels.ops.grouped_gemm_decode as dec
+
+    counters = torch.zeros(4096, dtype=torch.int32, device=device)
+    monkeypatch.setattr(dec, "arrival_counters", lambda dev, n: counters[:n])
+    counts = COUNTS["decode"]
+    E, H, I = len(counts), 384, 256
+    M = sum(counts)
+    offsets = _offsets(counts, device)
+    for trial in range(2):
+        x, x_scale = R.quantize_fp8(torch.randn(M, H, device=device))
+        w2, w2_scale = _fp8_weights(E, H, I if trial else H, device)
+        if trial:  # the down projection: K = I
+            x, x_scale = R.quantize_fp8(torch.randn(M, I, device=device))
+        out = _nan((M, H), torch.bfloat16, device)
+        gg._launch(x, x_scale, w2, w2_scale, out, offsets=offsets, cfg=_cfg(split_k=2))
+        ref = R.grouped_gemm_fp8(x, x_scale, w2, w2_scale, offsets, out_dtype=torch.float32)
+        assert_close_rel(out.float(), ref, FP8_TOL, f"decode split-K launch {trial}")
+        assert int(counters.abs().sum()) == 0, "the last-arriving programs must reset their counters"

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import arrival_counters
 from .quant import E4M3_MAX, group_amax, to_e4m3_rne
 
 __all__ = ["launch", "block_t_for", "split_k_for"]
@@ -174,6 +175,7 @@ def _grouped_gemm_decode_kernel(
     if SPLIT_K > 1:
         tl.debug_barrier()  # every thread's partials are written before the release below
         if tl.atomic_add(sem_ptr + tile_n * slots + slot, 1, sem="acq_rel") == SPLIT_K - 1:
+            tl.store(sem_ptr + tile_n * slots + slot, 0)  # all slices arrived: left at 0 for the next launch
             tl.debug_barrier()
             for t0 in range(0, count, BLOCK_T):
                 offs_t = row_start + t0 + tl.arange(0, BLOCK_T)
@@ -237,7 +239,7 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
     if split > 1:  # fp32 partials per slice, and one arrival counter per (column tile, slot)
         rows = a.shape[0]
         ws = torch.empty(split * rows * (2 if swiglu else 1) * N, dtype=torch.float32, device=a.device)
-        sem = torch.zeros(tiles * slots, dtype=torch.int32, device=a.device)
+        sem = arrival_counters(a.device, tiles * slots)  # zero, and left at zero by the kernel
     else:
         ws, sem = out, dummy  # unused
     grid = (tiles * split, slots)

@@ -18,7 +18,7 @@ from .. import reference
 from .._checks import (
     check_choice, check_finite, check_number, check_routing_args, check_tensor, value_checks_enabled,
 )
-from ._common import use_triton
+from ._common import arrival_counters, use_triton
 from .quant import UPCAST_DOT
 
 __all__ = ["route"]
@@ -96,6 +96,7 @@ def _route_kernel(
         tl.debug_barrier()  # every thread's partial is written before the release below
         if tl.atomic_add(sem_ptr + pid, 1, sem="acq_rel") != SPLIT_K - 1:
             return
+        tl.store(sem_ptr + pid, 0)  # every slice has arrived: the counter is left at 0 for the next launch
         acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
         for s in tl.static_range(SPLIT_K):  # slice order: the logits do not depend on who arrived last
             acc += tl.load(tile + s * (BLOCK_M * BLOCK_E) + at, cache_modifier=".cg")
@@ -227,7 +228,7 @@ def _route_triton(x, w, top_k, scoring, n_group, topk_group, norm, scaling, bias
     tiles = triton.cdiv(T, cfg["BLOCK_M"])
     if split > 1:  # the partial logits' workspace and one arrival counter per token tile
         ws = torch.empty(tiles * split * cfg["BLOCK_M"] * BLOCK_E, dtype=torch.float32, device=x.device)
-        sem = torch.zeros(tiles, dtype=torch.int32, device=x.device)
+        sem = arrival_counters(x.device, tiles)  # zero, and left at zero by the kernel
     else:
         ws, sem = weights, counts  # unused
     grid = (tiles * split,)
