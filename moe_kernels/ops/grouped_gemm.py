@@ -41,6 +41,7 @@ from .. import reference
 from .._checks import FP8_DTYPE, check_multiple, check_tensor, value_checks_enabled
 from ._common import interpret_mode, use_triton
 from . import grouped_gemm_decode
+from .grouped_gemm_decode import _dot_16_32
 from .grouped_gemm_configs import get_config
 from .quant import AMAX_FLOOR, E4M3_MAX, group_amax, quantize_fp8, to_e4m3_rne
 
@@ -201,19 +202,9 @@ def _grouped_gemm_kernel(
                     su = tl.load(us_ptrs + kb * stride_wsk)
                 acc_u += tl.dot(a, u) * (sa[:, None] * su)
         else:
-            if UPCAST:  # Triton's CPU interpreter multiplies 16-bit float tiles wrongly: upcast there
-                a = a.to(tl.float32)
-                g = g.to(tl.float32)
-                if DUAL:
-                    u = u.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(a, g, acc, input_precision="ieee")
-                if DUAL:
-                    acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
-            else:
-                acc = tl.dot(a, g, acc)
-                if DUAL:
-                    acc_u = tl.dot(a, u, acc_u)
+            acc = _dot_16_32(a, g, acc, IEEE, UPCAST)
+            if DUAL:
+                acc_u = _dot_16_32(a, u, acc_u, IEEE, UPCAST)
 
     if SWIGLU:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_u  # silu(gate) * up, in fp32
@@ -389,12 +380,7 @@ def _wgrad_step(acc, dy, x, FP8: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.co
         q_dy, s_dy = _quantize_columns(dy.to(tl.float32))
         q_x, s_x = _quantize_columns(x.to(tl.float32))
         return acc + tl.dot(tl.trans(q_dy), q_x) * (s_dy[:, None] * s_x[None, :])
-    if UPCAST:  # Triton's CPU interpreter multiplies 16-bit float tiles wrongly: upcast there
-        dy = dy.to(tl.float32)
-        x = x.to(tl.float32)
-    if IEEE:
-        return tl.dot(tl.trans(dy), x, acc, input_precision="ieee")
-    return tl.dot(tl.trans(dy), x, acc)
+    return _dot_16_32(tl.trans(dy), x, acc, IEEE, UPCAST)
 
 
 @triton.jit
