@@ -8,6 +8,7 @@ KV cache (our absorbed MLA decode). The patched FP8 model's error is measured an
 a broken path). With ``OUT`` set, the numbers are also written to ``$OUT/hf_accuracy.json``.
 """
 import copy
+import datetime
 import json
 import os
 
@@ -127,6 +128,9 @@ def test_deepseek_v3_shaped_bf16_error_against_fp32():
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "hf_accuracy.json"), "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "transformers": transformers.__version__, "model": "DeepSeek-V3 shape, 3 layers, 32 experts",
+                       "transformers": transformers.__version__,
+                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "command": "python -m pytest -m gpu tests/test_hf_accuracy.py (OUT set)",
+                       "model": "DeepSeek-V3 shape, 3 layers, 32 experts",
                        "rel_err_vs_fp32 (prefill, decode)": res}, f, indent=1)
     _check(res, "DeepSeek-V3-shaped (3 layers, 32 experts, H100/H200)")
