@@ -484,6 +484,25 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, num_
                 gw.FAILED.append(f"{type(e).__name__}: {str(e)[:300]}")
                 why = "its launch failed: " + gw.FAILED[0]
         _say_once(f"moe_kernels: MOE_KERNELS_WGRAD=gluon, but grouped_wgrad runs the Triton kernel: {why}")
+    # MOE_KERNELS_WGRAD_FP8=gluon (opt-in): the FP8 wgrad as a K-grouped GEMM (grouped_wgrad_fp8: transposed e4m3
+    # copies written once, then a Gluon wgmma kernel) where it applies
+    if fp8 and os.environ.get("MOE_KERNELS_WGRAD_FP8", "") == "gluon" and x.is_cuda and not interpret_mode():
+        try:
+            from . import grouped_wgrad_fp8 as gf
+        except ImportError as e:  # pragma: no cover - Triton without Gluon
+            gf, why = None, f"this Triton has no Gluon ({e})"
+        if gf is not None:
+            why = ("not an sm_90 GPU" if not _is_sm90(x.device.index if x.device.index is not None else 0)
+                   else "its launch failed earlier: " + gf.FAILED[0] if gf.FAILED else gf.supports(dy, x, dw))
+        if why is None or why == "no rows":
+            if why:  # M = 0: every expert's gradient is zero
+                return dw.zero_()
+            try:
+                return gf.launch(dy, x, offsets, dw)
+            except Exception as e:  # noqa: BLE001 - a Triton that cannot build it: the Triton kernel, said once
+                gf.FAILED.append(f"{type(e).__name__}: {str(e)[:300]}")
+                why = "its launch failed: " + gf.FAILED[0]
+        _say_once(f"moe_kernels: MOE_KERNELS_WGRAD_FP8=gluon, but grouped_wgrad runs the Triton FP8 kernel: {why}")
     small = interpret_mode()
     tma = x.dtype != torch.float32 and not _WGRAD_TMA_FAILED and _tma_usable(dy, x)
     if fp8:  # a row step is one 1x128 group
