@@ -57,8 +57,12 @@ def _exact(dy, x, offsets):
 def _nan_outputs(M, N, K, E, device="cpu"):
     """The pass's five outputs, filled with NaN (e4m3: 0x7F) / -1 before the launch."""
     G = gf.padded_groups(M, E)
-    q = lambda rows: torch.full((rows, G * 128), 0x7F, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)  # noqa
-    s = lambda cols: torch.full((G, cols), float("nan"), device=device)  # noqa
+    def q(rows):
+        return torch.full((rows, G * 128), 0x7F, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
+
+    def s(cols):
+        return torch.full((G, cols), float("nan"), device=device)
+
     return q(N), s(N), q(K), s(K), torch.full((E + 1,), -1, dtype=torch.int32, device=device)
 
 
@@ -260,12 +264,14 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma(out_dtype, stages,
 @pytest.mark.parametrize("out_dtype,env,want", [(torch.bfloat16, {}, (4, 4, 2)), (torch.float32, {}, (4, 4, 1)),
                                                 (torch.bfloat16, {"STAGES": "5"}, (5, 4, 1)),
                                                 (torch.float32, {"STAGES": "6"}, (4, 4, 1)),
-                                                (torch.bfloat16, {"UNROLL": "2", "STAGES": "3"}, (3, 2, 2))])
+                                                (torch.bfloat16, {"UNROLL": "2", "STAGES": "3"}, (3, 2, 2)),
+                                                (torch.bfloat16, {"STAGES": "1", "UNROLL": "0"}, (2, 1, 2))])
 @pytest.mark.parametrize("E,N,K,programs", [(4, 256, 384, 132), (3, 128, 200, 2), (1, 640, 4096, 5)])
 def test_launcher_grid_and_tiles(E, N, K, programs, out_dtype, env, want, monkeypatch):
     """The persistent grid is min(tiles, programs); tiles per expert = N/128 x ceil(K/128); stages and unroll from
     MOE_KERNELS_WGRAD_FP8_STAGES / _UNROLL (4 / 4 by default), stages lowered until the ring and one epilogue
-    buffer fit, two epilogue buffers where they fit; the register cap leaves room for the loader's warpgroup."""
+    buffer fit and at least 2 (the math warps wait for the next stage before they free the one before), unroll at
+    least 1, two epilogue buffers where they fit; the register cap leaves room for the loader's warpgroup."""
     for k in ("STAGES", "UNROLL"):
         monkeypatch.delenv(f"MOE_KERNELS_WGRAD_FP8_{k}", raising=False)
     for k, v in env.items():
@@ -281,7 +287,8 @@ def test_launcher_grid_and_tiles(E, N, K, programs, out_dtype, env, want, monkey
     G = gf.padded_groups(M, E)
     dw = torch.empty(E, N, K, dtype=out_dtype)
     bufs = (torch.zeros(N, G * 128, dtype=torch.float8_e4m3fn), torch.zeros(G, N),
-            torch.zeros(K, G * 128, dtype=torch.float8_e4m3fn), torch.zeros(G, K), torch.zeros(E + 1, dtype=torch.int32))
+            torch.zeros(K, G * 128, dtype=torch.float8_e4m3fn), torch.zeros(G, K),
+            torch.zeros(E + 1, dtype=torch.int32))
     gf.gemm(*bufs, dw, programs=programs)
     (grid, args, kw), = calls
     tiles_per_e = (N // 128) * -(-K // 128)

@@ -397,6 +397,7 @@ def _config(stages, unroll, out_size):
         stages = int(os.environ.get("MOE_KERNELS_WGRAD_FP8_STAGES", DEFAULT_STAGES))
     if unroll is None:
         unroll = int(os.environ.get("MOE_KERNELS_WGRAD_FP8_UNROLL", DEFAULT_UNROLL))
+    stages = max(2, stages)  # the math warps wait for step c + 1 before they hand back step c - 1's stage
     while stages > 2 and smem_bytes(stages, 1, out_size) > SMEM_LIMIT - 1024:
         stages -= 1
     return stages, max(1, unroll), epi_bufs_for(out_size, stages)
