@@ -16,7 +16,8 @@ Two kernels (``launch`` runs both):
    laid out from token gofs[e] * 128 on, the rest of its last group zeros. Mp = 128 * (M // 128 + E) bounds the
    padded length without a device->host sync; groups past gofs[E] are neither written nor read.
    A program quantises one group x 128 columns: a [128, 128] tile of dY or X, each column's amax (NaN kept, as the
-   reference's), e4m3 values with IEEE divisions (bit-exact to the reference), stored transposed.
+   reference's), e4m3 values with IEEE divisions (the reference's values; the interpreter's rounding emulation
+   gives +0 where the hardware cast gives -0), stored transposed.
 
 2. ``_wgrad_fp8_kernel`` (Gluon, sm_90a): dW_e [N, K] as [128, 128] output tiles, each the sum over the expert's
    groups of one e4m3 wgmma product P_g = dYt[n-tile, group g] @ Xt[k-tile, group g]^T (both operands K-major from
