@@ -40,10 +40,11 @@ echo "== wgrad bench $(el)" >> "$S"
 timeout "$(lim ${R_WGRAD:-80} 140)" python bench/bench_wgrad.py --rep 40 > "$R/wgrad_bench.log" 2>&1
 echo "rc=$?" >> "$S"; grep -A12 "^| case" "$R/wgrad_bench.log" >> "$S"; grep -E "issue-20 pair|did not run|failed" "$R/wgrad_bench.log" >> "$S"
 echo "== training $(el)" >> "$S"
-WG=""; grep -lE "test_grouped_wgrad_wgmma" "$R"/gpu_tests_*.log > /dev/null 2>&1
+WG=""
 if ! grep -hE "^(FAILED|ERROR).*grouped_wgrad_wgmma" "$R"/gpu_tests_*.log > /dev/null 2>&1; then WG=gluon; fi
-echo "MOE_KERNELS_WGRAD=${WG:-triton}" >> "$S"
-MOE_KERNELS_WGRAD=$WG timeout "$(lim ${R_TRAIN:-100} 90)" python bench/bench_training.py --tokens 8192 --cases mixtral-like \
+WG8=""; if ! grep -hE "^(FAILED|ERROR).*grouped_wgrad_fp8" "$R"/gpu_tests_*.log > /dev/null 2>&1; then WG8=gluon; fi
+echo "MOE_KERNELS_WGRAD=${WG:-triton} MOE_KERNELS_WGRAD_FP8=${WG8:-triton}" >> "$S"
+MOE_KERNELS_WGRAD=$WG MOE_KERNELS_WGRAD_FP8=$WG8 timeout "$(lim ${R_TRAIN:-100} 90)" python bench/bench_training.py --tokens 8192 --cases mixtral-like \
   --precisions bf16,fp8,fp8_bf16wgrad --no-fp32 --err-tokens 0 --profile-tokens 8192 > "$R/training_bench.log" 2>&1
 echo "rc=$?" >> "$S"; tail -22 "$R/training_bench.log" >> "$S"
 echo "== gemm bench (DeepGEMM) $(el)" >> "$S"
