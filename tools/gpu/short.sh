@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# A short device call (~5 min) for the changes not yet run on a GPU: their GPU tests side by side, then alone the
+# decode bench (--quick), the wgrad bench and one training step. $OUT/results.tgz + $OUT/summary.log.
+#   S_TOTAL=300 bash tools/gpu/short.sh
+set -u
+REAL_OUT=${OUT:-/tmp/out}; mkdir -p "$REAL_OUT"
+R=/tmp/gpu_results; rm -rf "$R"; mkdir -p "$R"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MOE_KERNELS_VALUE_CHECKS=0
+S=$REAL_OUT/summary.log
+T0=$SECONDS
+END=$(( $(date +%s) + ${S_TOTAL:-300} ))
+el() { echo "+$((SECONDS - T0)) s"; }
+lim() { local want=$1 l; l=$(( END - $(date +%s) - ${2:-0} )); [ "$l" -lt "$want" ] && want=$l; [ "$want" -lt 1 ] && want=1; echo "$want"; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$S"
+TT=${S_TESTS:-110}
+run_t() { local name=$1; shift; (timeout "$TT" python -m pytest -q -m gpu -rfE -p no:cacheprovider "$@" > "$R/t_$name.log" 2>&1) & }
+run_t decode tests/test_moe_decode_graph.py tests/test_ops_grouped_gemm_decode.py tests/test_ops_load.py \
+  tests/test_ops_permute.py tests/test_ops_routing.py
+run_t wgrad tests/test_grouped_wgrad_wgmma.py tests/test_grouped_wgrad_fp8.py
+run_t mla tests/test_mla_decode.py -k "gluon"
+run_t train tests/test_autograd.py tests/test_hf_families.py -k "phimoe or fp8 or bf16 or route"
+wait
+echo "tests done $(el)" >> "$S"
+for f in "$R"/t_*.log; do echo "-- $(basename "$f")" >> "$S"; grep -E "passed|failed|^FAILED|^ERROR" "$f" | tail -12 >> "$S"; done
+echo "== decode bench $(el)" >> "$S"
+timeout "$(lim 70 120)" python bench/bench_moe_decode.py --quick --rep 20 > "$R/decode_bench.log" 2>&1
+echo "rc=$?" >> "$S"; tail -16 "$R/decode_bench.log" >> "$S"
+echo "== wgrad bench $(el)" >> "$S"
+timeout "$(lim 60 60)" python bench/bench_wgrad.py --rep 30 > "$R/wgrad_bench.log" 2>&1
+echo "rc=$?" >> "$S"; grep -A12 "^| case" "$R/wgrad_bench.log" >> "$S"; grep -E "issue-20 pair|did not run|failed" "$R/wgrad_bench.log" >> "$S"
+echo "== training $(el)" >> "$S"
+WG=""; grep -qhE "^(FAILED|ERROR).*grouped_wgrad_wgmma" "$R/t_wgrad.log" || WG=gluon
+WG8=""; grep -qhE "^(FAILED|ERROR).*grouped_wgrad_fp8" "$R/t_wgrad.log" || WG8=gluon
+grep -q "passed" "$R/t_wgrad.log" || { WG=""; WG8=""; }
+echo "MOE_KERNELS_WGRAD=${WG:-triton} MOE_KERNELS_WGRAD_FP8=${WG8:-triton}" >> "$S"
+MOE_KERNELS_WGRAD=$WG MOE_KERNELS_WGRAD_FP8=$WG8 timeout "$(lim 90 5)" python bench/bench_training.py --tokens 8192 \
+  --cases mixtral-like --precisions bf16,fp8,fp8_bf16wgrad --no-fp32 --err-tokens 0 --profile-tokens 0 \
+  > "$R/training_bench.log" 2>&1
+echo "rc=$?" >> "$S"; tail -16 "$R/training_bench.log" >> "$S"
+echo "done $(el)" >> "$S"
+cp bench/results/*.json "$R/" 2>/dev/null
+tar -czf "$REAL_OUT/results.tgz" -C "$R" .
