@@ -16,22 +16,10 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and interpret_mode())
 
 
-_COUNTERS: dict = {}
-
 
 def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     """``n`` zeroed int32 arrival counters for a split-K kernel whose last-arriving program of each group does the
-    epilogue and then stores that group's counter back to 0. One buffer per (device, CUDA stream), zeroed once:
-    kernels of one stream run in order and each leaves its counters at 0, so no memset runs per launch (a CUDA
-    graph of a decode step keeps no memset node for them); kernels of two streams never share counters (the
-    shared experts' side stream runs beside the routed experts). CPU (interpreter): a fresh zeroed tensor."""
-    if device.type != "cuda":
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    stream = torch.cuda.current_stream(device)
-    key = (stream.device_index, stream.cuda_stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        # a new buffer (the old one is freed in stream order, after the kernels queued on it); the zero fill is
-        # recorded in a CUDA graph only when it first happens during that graph's capture
-        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf[:n]
+    epilogue (and stores that group's counter back to 0, so counters could serve a next launch). Fresh per launch
+    (one small memset): a buffer cached across launches was tried and broke ``torch.compile(mode="reduce-overhead")``
+    (its cudagraph trees find a live tensor in the graph's pool that is no output; H100, 2026-12-07)."""
+    return torch.zeros(n, dtype=torch.int32, device=device)

@@ -188,14 +188,19 @@ def _cfg(m: int, k: int, w: int, s: int) -> dict:
 # (top_k <= 2, no groups), config for a heavy one); the last row takes any larger T. The E=256 rows come from the
 # H100 sweep of `bench/bench_routing.py --sweep` at H=7168 (bench/results/routing-NVIDIA_H100_80GB_HBM3.json):
 # 16 warps halve the per-thread epilogue of k=8 / group-limited routing (1.4-1.5x faster there). Other entries are
-# untuned defaults. A config may also set SPLIT_K (programs per token tile, see _route_kernel); none does yet: the
-# sweep times it (bench_routing.py --sweep) but has not run on a GPU since it was written.
+# untuned defaults. Decode sizes (T <= 64: at most 4 token tiles) split K over 16 programs per tile (SPLIT_K, see
+# _route_kernel): one program per tile streamed the whole gate alone, 61-70 us at T = 1 and 8 (E 256, k 8, groups
+# 8/4, H 7168, H100, CUDA graph, 2026-12-07); 16 slices of BLOCK_K 64 took 31-32 us there (4: 36-39, 56: 36-37).
+# The other E take the same split by the same reasoning, not timed.
+_SPLIT_DECODE = dict(BLOCK_M=16, BLOCK_K=64, num_warps=4, num_stages=3, SPLIT_K=16)
 _CONFIGS = {
-    (256, True): [(1024, _cfg(16, 128, 4, 4), _cfg(16, 128, 4, 4)),
+    (256, True): [(64, _SPLIT_DECODE, _SPLIT_DECODE),
+                  (1024, _cfg(16, 128, 4, 4), _cfg(16, 128, 4, 4)),
                   (8192, _cfg(64, 64, 8, 4), _cfg(64, 64, 16, 4)),
                   (None, _cfg(128, 64, 16, 3), _cfg(64, 64, 16, 4))],
 }
-_DEFAULT = [(1024, _cfg(16, 128, 4, 3), _cfg(16, 128, 4, 3)),
+_DEFAULT = [(64, _SPLIT_DECODE, _SPLIT_DECODE),
+            (1024, _cfg(16, 128, 4, 3), _cfg(16, 128, 4, 3)),
             (None, _cfg(64, 64, 8, 3), _cfg(64, 64, 8, 3))]
 
 
@@ -206,6 +211,8 @@ def _config(T: int, E: int, H: int, fp32: bool, heavy: bool) -> dict:
             break
     if fp32:  # twice the bytes per tile: keep the pipeline inside shared memory
         cfg.update(BLOCK_K=32, num_stages=2)
+    if cfg.get("SPLIT_K", 1) > 1:  # whole BLOCK_K steps per slice, at least 2 (a short H splits less)
+        cfg["SPLIT_K"] = max(1, min(cfg["SPLIT_K"], triton.cdiv(H, cfg["BLOCK_K"]) // 2))
     return cfg
 
 
