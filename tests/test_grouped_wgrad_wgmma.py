@@ -279,7 +279,7 @@ def test_wgmma_wgrad_dtypes(in_dtype, out_dtype, tol):
 @pytest.mark.parametrize("case", ["skewed", "m0"])
 def test_grouped_wgrad_dispatches_to_gluon(case, monkeypatch):
     """MOE_KERNELS_WGRAD=gluon: grouped_wgrad runs this kernel (a spy counts its launches) and matches float64;
-    M = 0 gives zeros without a launch; unset, the Triton kernel runs."""
+    M = 0 gives zeros without a launch; =triton, the Triton kernel runs; unset (auto), this kernel again."""
     from moe_kernels import ops
 
     launches = []
@@ -304,9 +304,12 @@ def test_grouped_wgrad_dispatches_to_gluon(case, monkeypatch):
     dw32 = ops.grouped_wgrad(dy, x, offsets, E, out_dtype=torch.float32)
     assert len(launches) == 2
     assert_close_rel(dw32, _reference(dy, x, offsets), 1e-4, "grouped_wgrad via gluon, fp32 out")
+    monkeypatch.setenv("MOE_KERNELS_WGRAD", "triton")
+    ops.grouped_wgrad(dy, x, offsets, E)
+    assert len(launches) == 2  # MOE_KERNELS_WGRAD=triton: the Triton kernel
     monkeypatch.delenv("MOE_KERNELS_WGRAD")
     ops.grouped_wgrad(dy, x, offsets, E)
-    assert len(launches) == 2  # default: the Triton kernel
+    assert len(launches) == 3  # default (auto): this kernel on sm_90
 
 
 @pytest.mark.gpu
@@ -332,6 +335,6 @@ def test_wgmma_wgrad_real_size_skewed(monkeypatch):
     for e in (0, 5, 1, 31):
         ref = dy[o[e]:o[e + 1]].double().t() @ x[o[e]:o[e + 1]].double()
         assert_close_rel(dw[e], ref, 1e-2, f"expert {e} ({counts[e]} rows)")
-    monkeypatch.delenv("MOE_KERNELS_WGRAD", raising=False)
+    monkeypatch.setenv("MOE_KERNELS_WGRAD", "triton")
     triton_dw = ops.grouped_wgrad(dy, x, offsets, 32)  # the Triton kernel
     assert_close_rel(dw, triton_dw, 1e-2, "gluon vs triton")

@@ -46,7 +46,7 @@ if [ $(( $(date +%s) - T0 )) -lt ${WGRAD_AUTOGRAD_BY:-190} ]; then
         > "$OUT/wgrad_autograd.log" 2>&1
     say "autograd tests with MOE_KERNELS_WGRAD=gluon (rc $?): $(tail -1 "$OUT/wgrad_autograd.log")"
     grep -E "^(FAILED|ERROR)" "$OUT/wgrad_autograd.log" | head -10 | tee -a "$SUM"
-    grep -o "MOE_KERNELS_WGRAD=gluon, but grouped_wgrad runs the Triton kernel: [^\"']*" "$OUT/wgrad_autograd.log" \
+    grep -o "the Gluon wgrad kernel does not run here, grouped_wgrad runs the Triton kernel: [^\"']*" "$OUT/wgrad_autograd.log" \
         | sort | uniq -c | head -5 | tee -a "$SUM"
 else
     say "autograd tests skipped (past ${WGRAD_AUTOGRAD_BY:-190} s)"
