@@ -31,6 +31,7 @@ so the W tiles of one expert are reused from L2.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import torch
@@ -464,7 +465,7 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, num_
         common = dy.dtype if fp8 else torch.promote_types(dy.dtype, x.dtype)
         dy, x = dy.to(common), x.to(common)
     dy, x = dy.contiguous(), x.contiguous()
-    import os  # the Gluon wgmma kernel (grouped_wgrad_wgmma) where it applies (sm_90, 16-bit, TMA-aligned):
+    # the Gluon wgmma kernel (grouped_wgrad_wgmma) where it applies (sm_90, 16-bit, TMA-aligned):
     # MOE_KERNELS_WGRAD=auto (default; 1.33-1.69x the Triton kernel, 0.91-1.22x torch._grouped_mm on an H100,
     # bench/results/wgrad-*.json), gluon (the same, and says why when it cannot run), triton (never)
     choice = os.environ.get("MOE_KERNELS_WGRAD", "auto")
