@@ -16,8 +16,8 @@ Two kernels (``launch`` runs both):
    laid out from token gofs[e] * 128 on, the rest of its last group zeros. Mp = 128 * (M // 128 + E) bounds the
    padded length without a device->host sync; groups past gofs[E] are neither written nor read.
    A program quantises one group x 128 columns: a [128, 128] tile of dY or X, each column's amax (NaN kept, as the
-   reference's), e4m3 values with IEEE divisions (the reference's values; the interpreter's rounding emulation
-   gives +0 where the hardware cast gives -0), stored transposed.
+   reference's), e4m3 values with IEEE divisions (tl.div_rn: div.rn.f32 with every Triton; the reference's values;
+   the interpreter's rounding emulation gives +0 where the hardware cast gives -0), stored transposed.
 
 2. ``_wgrad_fp8_kernel`` (Gluon, sm_90a): dW_e [N, K] as [128, 128] output tiles, each the sum over the expert's
    groups of one e4m3 wgmma product P_g = dYt[n-tile, group g] @ Xt[k-tile, group g]^T (both operands K-major from
@@ -116,8 +116,9 @@ def _quantize_group(src_ptr, q_ptr, s_ptr, g, c0, r0, hi, C, stride_src, stride_
     v = tl.load(src_ptr + rows.to(tl.int64)[:, None] * stride_src + cols[None, :],
                 mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
     amax = _column_amax(v)
-    scale = tl.fdiv(amax, tl.full(amax.shape, E4M3_MAX, tl.float32), ieee_rounding=True)
-    q = to_e4m3_rne(tl.fdiv(v, tl.broadcast_to(scale[None, :], v.shape), ieee_rounding=True))
+    # tl.div_rn, not tl.fdiv(..., ieee_rounding=True): Triton 3.6 drops that flag (div.full.f32, ~2 ulp, on the GPU)
+    scale = tl.div_rn(amax, tl.full(amax.shape, E4M3_MAX, tl.float32))
+    q = to_e4m3_rne(tl.div_rn(v, tl.broadcast_to(scale[None, :], v.shape)))
     q = tl.where(r_ok[:, None], q, 0.0)  # padded tokens zero also in a NaN column (0 / NaN)
     toks = g.to(tl.int64) * _TG + tl.arange(0, _TG)
     tl.store(q_ptr + cols.to(tl.int64)[None, :] * stride_q + toks[:, None], q.to(q_ptr.dtype.element_ty),
