@@ -127,3 +127,52 @@ def test_permute_fp8_nan_spreads_through_its_group_only(device):
     assert nan_scale.sum() == 2 and nan_scale[rows_of_token2, 1].all()  # token 2's group 1, in both its copies
     assert torch.isnan(p.x.cpu().float()[rows_of_token2, 128:]).all()
     assert not torch.isnan(p.x.cpu().float()[:, :128]).any()
+
+
+_DIV_PTX = """
+import re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moe_kernels.ops import grouped_gemm as gg, quant
+def ptx(k, types, constexprs, warps):
+    names = list(k.arg_names)
+    src = ASTSource(k, {n: types.get(n, "i32") for n in names},
+                    constexprs={(names.index(c),): v for c, v in constexprs.items()})
+    for c in constexprs:
+        src.signature[c] = "constexpr"
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+rows = ptx(quant._quantize_rows_kernel, dict(x_ptr="*bf16", q_ptr="*fp8e4nv", s_ptr="*fp32"),
+           dict(BLOCK_M=32, GROUP=128), 4)
+master = ptx(gg._quantize_master_kernel, dict(w_ptr="*bf16", q_ptr="*fp8e4nv", s_ptr="*fp32", qt_ptr="*fp8e4nv",
+                                              st_ptr="*fp32"), dict(TRANSPOSED=1, BLOCK=128), 8)
+find = lambda p: sorted(set(re.findall(r"\\b(?:div|rcp)\\.[a-z.]*f32\\b", p)))
+print(triton.__version__, find(rows), find(master))
+"""
+
+
+@pytest.mark.parametrize("triton_path", [None, "/tmp/tr36"], ids=["local", "triton36"])
+def test_quantize_kernels_divide_with_ieee_rounding_on_sm90(triton_path):
+    """The activation and master-weight quantisation kernels compile for sm_90a to div.rn.f32 only (the reference's
+    IEEE divisions): Triton 3.6 drops tl.fdiv's ieee_rounding flag (div.full.f32, ~2 ulp), which on an H100 made
+    e4m3 values fall on the other side of rounding ties while the interpreter (numpy division) matched."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    if triton_path and not os.path.isdir(triton_path):
+        pytest.skip(f"no Triton 3.6 wheel at {triton_path}")
+    pytest.importorskip("triton.backends.nvidia")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [p for p in (triton_path, root, os.environ.get("PYTHONPATH")) if p]
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(path))
+    proc = subprocess.run([sys.executable, "-c", _DIV_PTX], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    version, rest = line.split(" ", 1)
+    rows, master = rest.split("] [")
+    rows, master = ast.literal_eval(rows + "]"), ast.literal_eval("[" + master)
+    if triton_path:
+        assert version.startswith("3.6"), version
+    assert rows == ["div.rn.f32"] and master == ["div.rn.f32"], (rows, master)

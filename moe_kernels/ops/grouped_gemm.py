@@ -368,8 +368,8 @@ def _quantize_columns(v):
     with IEEE divisions (the reference's rounding). A NaN in a column reaches the product through its value (the
     max of tl.max may drop it: the scale stays finite, the NaN does not)."""
     amax = tl.maximum(tl.max(tl.abs(v), axis=0), AMAX_FLOOR)
-    scale = tl.fdiv(amax, tl.full(amax.shape, E4M3_MAX, tl.float32), ieee_rounding=True)
-    q = to_e4m3_rne(tl.fdiv(v, tl.broadcast_to(scale[None, :], v.shape), ieee_rounding=True))
+    scale = tl.div_rn(amax, tl.full(amax.shape, E4M3_MAX, tl.float32))
+    q = to_e4m3_rne(tl.div_rn(v, tl.broadcast_to(scale[None, :], v.shape)))
     return q.to(tl.float8e4nv), scale
 
 
@@ -683,8 +683,8 @@ def _quantize_master_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, NB, KB, T
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     w = tl.load(w_ptr + e * N * K + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), AMAX_FLOOR)
-    scale = tl.fdiv(amax, E4M3_MAX, ieee_rounding=True)
-    q = to_e4m3_rne(tl.fdiv(w, tl.full(w.shape, 1.0, tl.float32) * scale, ieee_rounding=True)).to(tl.float8e4nv)
+    scale = tl.div_rn(amax, tl.full(amax.shape, E4M3_MAX, tl.float32))
+    q = to_e4m3_rne(tl.div_rn(w, tl.full(w.shape, 1.0, tl.float32) * scale)).to(tl.float8e4nv)
     tl.store(q_ptr + e * N * K + offs_n[:, None] * K + offs_k[None, :], q, mask=mask)
     tl.store(s_ptr + e * NB * KB + nb * KB + kb, scale)
     if TRANSPOSED:

@@ -70,12 +70,12 @@ def quantize_groups(x):
     """fp32 [R, GROUP] -> (values for the e4m3 cast [R, GROUP], fp32 scales [R]), bit-exact to the reference once cast.
 
     scale = max(amax, 1e-10) / 448; q = rne(clamp(x / scale, +-448)), the clamp and rounding by to_e4m3_rne and the
-    cast. Both divisions are IEEE-rounded (tl.fdiv(..., ieee_rounding=True)): Triton's plain fp32 "/" is an
-    approximate division on NVIDIA GPUs. A group holding a NaN gets a NaN scale and NaN values (the reference's).
+    cast. Both divisions are IEEE-rounded (tl.div_rn: div.rn.f32): Triton's plain fp32 "/" is an approximate
+    division on NVIDIA GPUs, and Triton 3.6 drops tl.fdiv's ieee_rounding flag (div.full.f32, ~2 ulp). A group holding a NaN gets a NaN scale and NaN values (the reference's).
     """
     amax = group_amax(x, 1)  # all-zero groups get a tiny, finite scale
-    scale = tl.fdiv(amax, tl.full(amax.shape, E4M3_MAX, tl.float32), ieee_rounding=True)
-    scaled = tl.fdiv(x, tl.broadcast_to(scale[:, None], x.shape), ieee_rounding=True)
+    scale = tl.div_rn(amax, tl.full(amax.shape, E4M3_MAX, tl.float32))
+    scaled = tl.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
     return to_e4m3_rne(scaled), scale
 
 
