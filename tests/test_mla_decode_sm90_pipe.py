@@ -147,12 +147,13 @@ def test_seesaw_arithmetic_matches_reference(lens, splits, s_q):
 # offline sm_90a compile (a process of its own: this one may run Triton's interpreter)
 
 _COMPILE = r'''
-import json, os, re, subprocess, sys, tempfile
+import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from moe_kernels.ops import mla_decode_sm90 as m
+from moe_kernels.ops._sm90_offline import ptxas_report
 
 res = []
 for cfg in json.loads(sys.argv[1]):
@@ -181,18 +182,9 @@ for cfg in json.loads(sys.argv[1]):
     src = GluonASTSource(k, sig, constexprs={(names.index(a),): v for a, v in const.items()})
     kk = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": const["num_warps"]})
     ptx = kk.asm["ptx"]
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "k.ptx"), "w") as f:
-            f.write(ptx)
-        log = subprocess.run([tool if os.path.exists(tool) else "ptxas", "-arch=sm_90a", "-v",
-                              os.path.join(d, "k.ptx"), "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True).stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.search(r"(\d+) bytes spill stores", log)
+    rep = ptxas_report(ptx)
     res.append(dict(PIPE=pipe, C=C, **cfg, shared=kk.metadata.shared, warps=kk.metadata.num_warps,
-                    regs=int(regs.group(1)) if regs else None, spill_bytes=int(spill.group(1)) if spill else None,
-                    ptxas_codes=sorted(set(re.findall(r"\((C7\d\d\d)\)", log))),
+                    regs=rep["regs"], spill_bytes=rep["spill_stores"], ptxas_codes=rep["codes"],
                     wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), setmaxnreg=len(re.findall("setmaxnreg", ptx)),
                     named_barriers=sorted(set(re.findall(r"bar\.sync\s+(\d+),\s*128", ptx))),
                     triton=triton.__version__))

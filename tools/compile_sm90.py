@@ -21,6 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from moe_kernels.ops._sm90_offline import ptxas_report
 from moe_kernels.ops.grouped_gemm import _grouped_gemm_kernel
 
 
@@ -73,17 +74,8 @@ def compile_cfg(**kw):
 
 def _ptxas(k):
     """ptxas -v on the kernel's PTX: (registers, spill bytes, wgmma warnings)."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(k.asm["ptx"])
-        log = subprocess.run([tool if os.path.exists(tool) else "ptxas", "-arch=sm_90a", "-v", src, "-o",
-                              os.path.join(d, "k.cubin")], capture_output=True, text=True).stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = re.search(r"(\d+) bytes spill stores", log)
-    return (int(regs.group(1)) if regs else None, int(spills.group(1)) if spills else None,
-            sorted(set(re.findall(r"\((C75\d\d)\)", log))))
+    r = ptxas_report(k.asm["ptx"])
+    return r["regs"], r["spill_stores"], [c for c in r["codes"] if c.startswith("C75")]
 
 
 def _shape(ptx):

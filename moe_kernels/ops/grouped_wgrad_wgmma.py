@@ -312,22 +312,12 @@ def launch(dy, x, offsets, dw, *, stages: int | None = None, programs: int | Non
 # offline compile (no GPU): registers, spills and ptxas's wgmma notes of the sm_90a build
 
 def _ptxas(ptx: str):
-    import os
-    import re
-    import subprocess
-    import tempfile
+    """(registers, spill bytes (stores or loads, the larger), ptxas's C75xx wgmma warnings, log) for sm_90a."""
+    from ._sm90_offline import ptxas_report  # noqa: PLC0415
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        log = subprocess.run([tool if os.path.exists(tool) else "ptxas", "-arch=sm_90a", "-v", src, "-o",
-                              os.path.join(d, "k.cubin")], capture_output=True, text=True).stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
-    return (int(regs.group(1)) if regs else None, max(spills) if spills else None,
-            sorted(set(re.findall(r"\((C75\d\d)\)", log))), log)
+    r = ptxas_report(ptx)
+    spills = [b for b in (r["spill_stores"], r["spill_loads"]) if b is not None]
+    return r["regs"], max(spills) if spills else None, [c for c in r["codes"] if c.startswith("C75")], r["log"]
 
 
 def compile_sm90(in_dtype: str = "bf16", out_dtype: str = "bf16", stages: int = DEFAULT_STAGES) -> dict:
