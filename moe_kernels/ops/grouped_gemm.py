@@ -221,8 +221,8 @@ def _grouped_gemm_kernel(
     if QUANT_OUT:
         # BLOCK_N == 128: the tile's columns are exactly one 1x128 scale group of each row
         amax = group_amax(tl.where(mask, acc, 0.0), 1)  # NaN in the group: a NaN scale (as the reference)
-        scale = amax / E4M3_MAX
-        q = to_e4m3_rne(acc / scale[:, None])
+        scale = tl.div_rn(amax, tl.full(amax.shape, E4M3_MAX, tl.float32))  # IEEE: the reference's scale
+        q = to_e4m3_rne(tl.div_rn(acc, tl.broadcast_to(scale[:, None], acc.shape)))
         tl.store(out_ptrs, q.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(out_scale_ptr + offs_m * stride_osm + tile_n, scale, mask=m_mask)
     else:

@@ -78,8 +78,8 @@ def _epilogue(acc, acc_u, offs_t, t_mask, offs_n, n_mask, tile_n, row_weight_ptr
     if QUANT_OUT:
         # BLOCK_N == 128: a column of this tile is one row's 1x128 scale group
         amax = group_amax(tl.where(mask, acc, 0.0), 0)  # NaN in the group: a NaN scale (as the reference)
-        scale = amax / E4M3_MAX
-        q = to_e4m3_rne(acc / scale[None, :])
+        scale = tl.div_rn(amax, tl.full(amax.shape, E4M3_MAX, tl.float32))  # IEEE: the reference's scale
+        q = to_e4m3_rne(tl.div_rn(acc, tl.broadcast_to(scale[None, :], acc.shape)))
         tl.store(out_ptrs, q.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(out_scale_ptr + offs_t * stride_osm + tile_n, scale, mask=t_mask)
     else:

@@ -294,9 +294,12 @@ def _epilogue(acc, offs_m, row_start, row_end, tile_n, N, row_weight_ptr, out_pt
         acc = acc * gl.load(row_weight_ptr + offs_m, mask=row_ok, other=0.0)[:, None]
     if SWIGLU:
         # 128 columns: exactly one 1x128 scale group of each row
-        scale = gl.maximum(gl.max(gl.abs(acc), axis=1), _AMAX_FLOOR) / _E4M3_MAX
+        # IEEE divisions (div.rn.f32; "/" is div.full.f32, ~2 ulp): the values of the unfused quantisation
+        amax = gl.maximum(gl.max(gl.abs(acc), axis=1), _AMAX_FLOOR)
+        scale = gl.div_rn(amax, gl.full(amax.shape, _E4M3_MAX, gl.float32, amax.type.layout))
         gl.store(out_scale_ptr + offs_m.to(gl.int64) * stride_osm + tile_n, scale, mask=row_ok)
-        q = (acc / scale[:, None]).to(out_ptr.dtype.element_ty)  # cvt.rn.satfinite: nearest even, saturating
+        scale_2d, acc = gl.broadcast(scale[:, None], acc)
+        q = gl.div_rn(acc, scale_2d).to(out_ptr.dtype.element_ty)  # cvt.rn.satfinite: nearest even, saturating
     else:
         q = acc.to(out_ptr.dtype.element_ty)
     # stores from a row-major layout: 16 consecutive bytes per thread
