@@ -35,27 +35,40 @@ PREFILL = ((1, 4096), (4, 1024))
 DECODE_BATCH, DECODE_PROMPT, DECODE_NEW = 16, 16, 32
 
 
-def build(name: str, layers: int, experts: int):
+# Toy sizes of the same model families (the CPU smoke test in tests/test_bench_smoke.py): every code path, no timing
+TINY = dict(deepseek=dict(vocab_size=256, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                          num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=128,
+                          qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
+            qwen3=dict(vocab_size=256, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=8))
+
+
+def build(name: str, layers: int, experts: int, device="cuda", tiny=False):
     import transformers
 
     if name == "deepseek":
-        cfg = transformers.DeepseekV3Config(
-            vocab_size=32000, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-            num_hidden_layers=layers, first_k_dense_replace=0, n_routed_experts=experts, num_experts_per_tok=8,
-            n_group=8, topk_group=4, n_shared_experts=1, routed_scaling_factor=2.5, num_attention_heads=128,
-            num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-            qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=8192)
-        cls = transformers.DeepseekV3ForCausalLM
+        kw = dict(vocab_size=32000, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                  num_hidden_layers=layers, first_k_dense_replace=0, n_routed_experts=experts, num_experts_per_tok=8,
+                  n_group=8, topk_group=4, n_shared_experts=1, routed_scaling_factor=2.5, num_attention_heads=128,
+                  num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                  qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=8192)
+        cfg_cls, cls = transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM
     else:
-        cfg = transformers.Qwen3MoeConfig(
-            vocab_size=32000, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-            num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-            num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=8192)
-        cls = transformers.Qwen3MoeForCausalLM
+        kw = dict(vocab_size=32000, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                  num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                  num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=8192)
+        cfg_cls, cls = transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM
+    if tiny:
+        kw.update(TINY[name])
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = cls(cfg)
+    with torch.device(device):
+        model = cls(cfg_cls(**kw))
     return model.eval()
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def set_experts_impl(model, impl: str) -> None:
@@ -69,22 +82,25 @@ def rel_err(out, ref):
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
-def time_decode(model, prompt):
+def time_decode(model, prompt, new_tokens=DECODE_NEW, repeats=3):
     def gen(n):
-        torch.cuda.synchronize()
+        _sync(prompt.device)
         t0 = time.perf_counter()
         model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
+        _sync(prompt.device)
         return time.perf_counter() - t0
 
-    gen(2)  # warm-up: compiles our kernels, allocates the cache
-    steps = [(gen(DECODE_NEW + 1) - gen(1)) / DECODE_NEW for _ in range(3)]
+    if repeats > 1:
+        gen(2)  # warm-up: compiles our kernels, allocates the cache
+    steps = [(gen(new_tokens + 1) - gen(1)) / new_tokens for _ in range(repeats)]
     return statistics.median(steps) * 1e3
 
 
-def run_variant(model, variant, name, ids_err, ref, prefill_ids, prompt):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+def run_variant(model, variant, name, ids_err, ref, prefill_ids, prompt, new_tokens=DECODE_NEW):
+    cuda = ids_err.device.type == "cuda"
+    _sync(ids_err.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     row = dict(model=name, variant=variant)
     with torch.no_grad():
         row["logits_err_vs_fp32"] = rel_err(model(ids_err).logits.float(), ref)
@@ -92,38 +108,41 @@ def run_variant(model, variant, name, ids_err, ref, prefill_ids, prompt):
             ms = bench_ms(lambda: model(ids), warmup=2, rep=300)
             row[f"prefill_{b}x{s}_ms"] = ms
             row[f"prefill_{b}x{s}_tok_s"] = b * s / ms * 1e3
-        ms = time_decode(model, prompt)
+        ms = time_decode(model, prompt, new_tokens, 3 if new_tokens == DECODE_NEW else 1)
     row["decode_ms_per_step"] = ms
-    row["decode_tok_s"] = DECODE_BATCH / ms * 1e3
-    row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    row["decode_tok_s"] = prompt.shape[0] / ms * 1e3
+    row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
     print(f"  {name} {variant}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)),
           flush=True)
     return row
 
 
-def run_model(name, layers, experts, prefill):
-    model = build(name, layers, experts)
+def run_model(name, layers, experts, prefill, device="cuda", tiny=False):
+    """Every variant of one model: rows with times, errors and ratios to HF grouped_mm. ``tiny``: toy sizes (a
+    smoke run; 2 decode steps of 2 sequences)."""
+    model = build(name, layers, experts, device, tiny)
     vocab = model.config.vocab_size
-    ids_err = torch.randint(0, vocab, (2, 256), device="cuda")
-    prefill_ids = {(b, s): torch.randint(0, vocab, (b, s), device="cuda") for b, s in prefill}
-    prompt = torch.randint(0, vocab, (DECODE_BATCH, DECODE_PROMPT), device="cuda")
+    ids_err = torch.randint(0, vocab, (2, 16 if tiny else 256), device=device)
+    prefill_ids = {(b, s): torch.randint(0, vocab, (b, s), device=device) for b, s in prefill}
+    prompt = torch.randint(0, vocab, (2 if tiny else DECODE_BATCH, DECODE_PROMPT), device=device)
+    new_tokens = 2 if tiny else DECODE_NEW
     with torch.no_grad():
         ref = model(ids_err).logits.float()  # the fp32 model: every variant's error is against it
     model.to(torch.bfloat16)
     rows = []
     for impl in ("eager", "grouped_mm"):
         set_experts_impl(model, impl)
-        rows.append(run_variant(model, f"hf_{impl}", name, ids_err, ref, prefill_ids, prompt))
+        rows.append(run_variant(model, f"hf_{impl}", name, ids_err, ref, prefill_ids, prompt, new_tokens))
     set_experts_impl(model, "grouped_mm")
     for precision in ("bf16", "fp8"):
         ours = copy.deepcopy(model)
         report = mk.patch_model(ours, precision=precision)
         print(f"  patched {int(report)} modules ({precision})", flush=True)
-        rows.append(run_variant(ours, f"ours_{precision}", name, ids_err, ref, prefill_ids, prompt))
+        rows.append(run_variant(ours, f"ours_{precision}", name, ids_err, ref, prefill_ids, prompt, new_tokens))
         del ours
-        torch.cuda.empty_cache()
+        if device != "cpu":
+            torch.cuda.empty_cache()
     del model
-    torch.cuda.empty_cache()
     base = next(r for r in rows if r["variant"] == "hf_grouped_mm")
     for r in rows:
         r["decode_vs_hf_grouped_mm"] = base["decode_ms_per_step"] / r["decode_ms_per_step"]

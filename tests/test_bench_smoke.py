@@ -38,3 +38,28 @@ def test_bench_training_step_on_the_cpu(bench_modules):
     # our gradients against the naive loop's (bf16 both; the same routing up to rounding ties)
     for key in ("err_grad_x", "err_grad_w13", "err_grad_w2"):
         assert row[key] < 5e-2, (key, row[key])
+
+
+@pytest.mark.parametrize("name", ["deepseek", "qwen3"])
+def test_bench_hf_model_on_the_cpu(monkeypatch, name):
+    """bench_hf_model.py's four variants of a toy DeepSeek-V3 / Qwen3-MoE model: prefill, greedy decode, errors
+    against the fp32 copy and the ratios to HF grouped_mm (timing replaced by one call)."""
+    pytest.importorskip("transformers")
+    saved = os.environ.get("MOE_KERNELS_VALUE_CHECKS")
+    sys.path.insert(0, BENCH)
+    try:
+        hf_model = importlib.import_module("bench_hf_model")
+    finally:
+        sys.path.remove(BENCH)
+        if saved is None:
+            os.environ.pop("MOE_KERNELS_VALUE_CHECKS", None)
+        else:
+            os.environ["MOE_KERNELS_VALUE_CHECKS"] = saved
+    monkeypatch.setattr(hf_model, "bench_ms", lambda fn, **kw: (fn(), 1.0)[1])
+    rows = hf_model.run_model(name, 1, 16, ((1, 32),), device="cpu", tiny=True)  # 16: 2 experts a group
+    assert [r["variant"] for r in rows] == ["hf_eager", "hf_grouped_mm", "ours_bf16", "ours_fp8"]
+    for r in rows:
+        assert r["decode_ms_per_step"] > 0 and r["prefill_1x32_vs_hf_grouped_mm"] == 1.0
+    errs = {r["variant"]: r["logits_err_vs_fp32"] for r in rows}
+    assert errs["ours_bf16"] < 2 * errs["hf_grouped_mm"] + 1e-2, errs
+    assert errs["ours_fp8"] < 0.15, errs

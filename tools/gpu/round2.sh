@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The second call of a session (< 10 min), after tools/gpu/round.sh: what round.sh leaves out.
+#   1. bench/bench_hf_model.py (issue 19: whole DeepSeek-V3- and Qwen3-MoE-shaped models, HF vs patched)
+#   2. bench/bench_training.py, both cases at T 4096 / 8192 / 16384 (issue 20)
+#   3. tools/gpu/gemm.sh GEMM_FULL=1 (issue 18: all 10 shapes beside DeepGEMM 8dfa329), its precompile beside 1-2
+# Everything comes back as $OUT/results.tgz + $OUT/summary.log.
+#   R_TOTAL=570 R_HF=200 R_TRAIN=170 WG8=gluon bash tools/gpu/round2.sh
+set -u
+REAL_OUT=${OUT:-/tmp/out}; mkdir -p "$REAL_OUT"
+R=/tmp/gpu_results2; rm -rf "$R"; mkdir -p "$R/gemm"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+S=$REAL_OUT/summary.log
+T0=$SECONDS
+END=$(( $(date +%s) + ${R_TOTAL:-570} ))
+el() { echo "+$((SECONDS - T0)) s"; }
+left() { echo $(( END - $(date +%s) )); }
+lim() { local want=$1 l; l=$(( $(left) - ${2:-0} )); [ "$l" -lt "$want" ] && want=$l; [ "$want" -lt 1 ] && want=1; echo "$want"; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$S"
+HOLD=/tmp/gemm_hold2; touch "$HOLD"
+(OUT=$R/gemm GEMM_FULL=1 GEMM_END_BY=$END GEMM_SKIP_261=1 GEMM_HOLD=$HOLD timeout -k 5 ${R_TOTAL:-570} \
+  bash tools/gpu/gemm.sh > "$R/gemm/stdout.log" 2>&1) &
+GEMM_PID=$!
+echo "== hf model bench $(el)" >> "$S"
+timeout "$(lim ${R_HF:-200} 300)" python bench/bench_hf_model.py > "$R/hf_model.log" 2>&1
+echo "rc=$?" >> "$S"; tail -40 "$R/hf_model.log" >> "$S"
+echo "== training $(el)" >> "$S"
+MOE_KERNELS_WGRAD_FP8=${WG8:-} timeout "$(lim ${R_TRAIN:-170} 150)" python bench/bench_training.py \
+  --tokens 4096,8192,16384 --cases mixtral-like,deepseek --precisions bf16,fp8_bf16wgrad,fp8 --no-fp32 \
+  --err-tokens 0 --profile-tokens 0 > "$R/training_bench.log" 2>&1
+echo "rc=$?" >> "$S"; tail -30 "$R/training_bench.log" >> "$S"
+echo "== gemm bench (DeepGEMM, full) $(el)" >> "$S"
+rm -f "$HOLD"
+wait "$GEMM_PID"
+cat "$R/gemm/gemm_summary.txt" >> "$S" 2>/dev/null
+echo "done $(el)" >> "$S"
+cp bench/results/*.json bench/results/*.txt bench/results/*.png "$R/" 2>/dev/null
+tar -czf "$REAL_OUT/results.tgz" -C "$R" .
