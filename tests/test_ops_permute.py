@@ -5,8 +5,9 @@ e4m3 bits. The kernel divides with IEEE rounding exactly like torch, so it is bi
 still tolerates a 1-ulp e4m3 difference (a rounding tie of x/scale that another division could resolve
 differently) in at most 0.1% of the elements, and reports how many it saw. Scales to 1e-6 relative.
 
-Both index paths run at small sizes: "single" (one program ranks every pair) and "blocks" (the multi-block path,
-forced by lowering SINGLE_PROGRAM_PAIRS, with blocks of two chunks so ranks carry across chunks and blocks).
+The three index paths run at small sizes: "inline" (no index kernel: the scatter kernel ranks its pairs), "single"
+(one program ranks every pair) and "blocks" (the multi-block path, forced by lowering SINGLE_PROGRAM_PAIRS, with
+blocks of two chunks so ranks carry across chunks and blocks).
 """
 import importlib
 import os
@@ -37,10 +38,11 @@ class LaunchSpy:
         return self.kernel[grid]
 
 
-@pytest.fixture(params=["single", "blocks"])
+@pytest.fixture(params=["inline", "single", "blocks"])
 def index_path(request, monkeypatch):
     """Which index path permute takes; yields (path, spies on the index and scan kernels)."""
-    if request.param == "single":  # the path at any test size (its default limit is small)
+    monkeypatch.setattr(permute_mod, "INLINE_PAIRS", 1 << 20 if request.param == "inline" else 0)
+    if request.param in ("inline", "single"):  # the path at any test size (its default limit is small)
         monkeypatch.setattr(permute_mod, "SINGLE_PROGRAM_PAIRS", 1 << 20)
     else:
         monkeypatch.setattr(permute_mod, "SINGLE_PROGRAM_PAIRS", 0)
@@ -55,8 +57,8 @@ def check_launches(index_path, n):
     """The path asked for is the one taken: single = one index program and no scan; blocks = blocks + scan."""
     path, spies = index_path
     index, scan = spies["_index_kernel"].grids, spies["_scan_kernel"].grids
-    if n == 0:
-        assert not index and not scan, "no pairs: no index kernel"
+    if n == 0 or path == "inline":
+        assert not index and not scan, "no pairs or inline ranks: no index kernel"
     elif path == "single":
         assert index == [(1,)] and not scan, (index, scan)
     else:
@@ -182,6 +184,7 @@ def test_permute_default_threshold():
     """The single-program path only covers small batches (its one SM walks the pairs serially: ~3 us per 128-pair
     chunk measured on an H200); larger ones take the multi-block path."""
     assert 128 <= permute_mod.SINGLE_PROGRAM_PAIRS <= 4096
+    assert 64 <= permute_mod.INLINE_PAIRS <= permute_mod.SINGLE_PROGRAM_PAIRS  # decode batches: no index kernel
     assert permute_mod._pairs_per_block(permute_mod.MAX_PAIRS) % permute_mod.INDEX_CHUNK == 0
 
 

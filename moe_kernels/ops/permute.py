@@ -1,8 +1,12 @@
 """Permutation: group the (token, k) pairs by expert (optionally quantising to FP8), and the weighted way back.
 
-permute runs two kernels (three for more than SINGLE_PROGRAM_PAIRS pairs) and no host sync. Pairs p = t*k + j
-are in (token, k) order, so ranking each pair among the earlier pairs of its expert keeps one expert's rows in
-ascending token order (stable).
+permute runs one kernel up to INLINE_PAIRS pairs, two up to SINGLE_PROGRAM_PAIRS, three beyond, and no host sync.
+Pairs p = t*k + j are in (token, k) order, so ranking each pair among the earlier pairs of its expert keeps one
+expert's rows in ascending token order (stable).
+  0. Up to INLINE_PAIRS pairs (decode batches) there is no index kernel: each _scatter_kernel program reads all the
+     ids and finds its pairs' rows itself (row of p = pairs of lower experts + earlier pairs of p's expert: a
+     [k, n] compare), and its first program writes offsets from the ids' histogram. One launch less on the
+     decode path, where a launch costs more than the work.
   1. _index_kernel: walks its pairs CHUNK at a time with a running per-expert count: a pair's rank is the count
      of its expert before the chunk (a gather) plus its earlier same-expert pairs inside the chunk (a [CHUNK,
      CHUNK] compare); the count then takes the chunk's histogram. Costs O(CHUNK) per pair, whatever E is.
@@ -35,6 +39,9 @@ MAX_PAIRS = 2**31 - 1  # T*k: rows, slots and offsets are int32
 # for 4x the pairs on the multi-block path. Below ~1024 pairs (8 chunks, ~25 us) the saved launch still pays.
 SINGLE_PROGRAM_PAIRS = 1024
 INDEX_CHUNK = 128  # pairs per step of _index_kernel: a [128, 128] compare tile
+# Up to this many pairs (T = 64 at top-8) the scatter kernel ranks its own pairs (a [k, INLINE_PAIRS] compare per
+# program, the ids read from L2) and the index kernel is not launched.
+INLINE_PAIRS = 512
 
 
 @triton.jit
@@ -84,9 +91,19 @@ def _scan_kernel(hist_ptr, base_ptr, offsets_ptr, n_blocks, E, ROWS: tl.constexp
 @triton.jit
 def _scatter_kernel(x_ptr, ids_ptr, rank_ptr, offsets_ptr, base_ptr, slot_ptr, token_index_ptr, out_ptr, scale_ptr,
                     H, E, pairs_per_block, stride_x, stride_out, stride_scale, TOP_K: tl.constexpr,
-                    BLOCKED: tl.constexpr, FP8: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr):
+                    BLOCKED: tl.constexpr, FP8: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
+                    INLINE: tl.constexpr = False, N_PAD: tl.constexpr = 1, BLOCK_E: tl.constexpr = 1):
     t = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
+    if INLINE:  # no index kernel ran: every pair's expert, here (pairs_per_block is the pair count)
+        pq = tl.arange(0, N_PAD)
+        pq_ok = pq < pairs_per_block
+        eq = tl.load(ids_ptr + pq, mask=pq_ok, other=0).to(tl.int32)
+        if (t == 0) & (pid_h == 0):  # offsets [E+1]: exclusive sums of the histogram
+            counts = tl.histogram(eq, BLOCK_E, mask=pq_ok)
+            cols = tl.arange(0, BLOCK_E)
+            tl.store(offsets_ptr + cols, tl.cumsum(counts, axis=0) - counts, mask=cols < E)
+            tl.store(offsets_ptr + E, tl.sum(counts, axis=0))
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
     x = tl.load(x_ptr + t * stride_x + offs_h, mask=h_mask, other=0.0)
@@ -101,7 +118,11 @@ def _scatter_kernel(x_ptr, ids_ptr, rank_ptr, offsets_ptr, base_ptr, slot_ptr, t
     for j in tl.static_range(TOP_K):
         p = t * TOP_K + j
         e = tl.load(ids_ptr + p).to(tl.int64)
-        row = tl.load(offsets_ptr + e) + tl.load(rank_ptr + p)
+        if INLINE:  # pairs of lower experts, then p's expert's earlier pairs
+            before = pq_ok & ((eq < e) | ((eq == e) & (pq < p)))
+            row = tl.sum(before.to(tl.int32), axis=0)
+        else:
+            row = tl.load(offsets_ptr + e) + tl.load(rank_ptr + p)
         if BLOCKED:
             row += tl.load(base_ptr + (p // pairs_per_block) * E + e)
         if pid_h == 0:
@@ -174,11 +195,15 @@ def _permute_triton(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, f
     if n == 0:
         return out, scale, torch.zeros(E + 1, dtype=torch.int32, device=dev), token_index, slot
     offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
-    rank = torch.empty(n, dtype=torch.int32, device=dev)  # of each pair among its expert's earlier pairs (in block)
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()  # int32 or int64, read flat, as is
     BLOCK_E = max(32, triton.next_power_of_2(E))  # 32: at least one histogram bin per lane
     single = n <= SINGLE_PROGRAM_PAIRS
-    if single:
+    inline = n <= INLINE_PAIRS
+    # of each pair among its expert's earlier pairs (in its block); inline: not read
+    rank = ids if inline else torch.empty(n, dtype=torch.int32, device=dev)
+    if inline:
+        PAIRS, base = n, offsets  # base is not read; the scatter kernel writes offsets
+    elif single:
         PAIRS, base = n, offsets  # base is not read
         _index_kernel[(1,)](ids, rank, offsets, n, n, E, SINGLE=True, CHUNK=INDEX_CHUNK, BLOCK_E=BLOCK_E,
                             num_warps=8)
@@ -195,6 +220,7 @@ def _permute_triton(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, f
     _scatter_kernel[(T, triton.cdiv(H, BLOCK_H))](
         x, ids, rank, offsets, base, slot, token_index, out, scale, H, E, PAIRS, x.stride(0), out.stride(0),
         max(scale.stride(0), 1), TOP_K=k, BLOCKED=not single, FP8=fp8, BLOCK_H=BLOCK_H, GROUP=FP8_GROUP,
+        INLINE=inline, N_PAD=max(16, triton.next_power_of_2(n)) if inline else 1, BLOCK_E=BLOCK_E,
         num_warps=num_warps,
     )
     return out, scale, offsets, token_index, slot
