@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python bench/probe_decode.py [--stages 3,4] [--splits 0,1,2,3,4,6]
 
-Shapes (fp8, H 7168, I 2048): ``mixtral T=8`` (16 rows over 8 experts, all hit) and ``deepseek T=1`` (8 rows, 8
+Shapes (fp8, H 7168, I 2048): ``mixtral T=1`` (2 rows, 2 of 8 experts hit), ``mixtral T=8`` (16 rows over 8
+experts, all hit) and ``deepseek T=1`` (8 rows, 8
 experts of 256 hit) and the shared expert at T=1 (1 row, one expert). Each GEMM (w13 with SwiGLU + e4m3
 re-quantisation; w2 with the routing weight) is captured in a CUDA graph and replayed (median); GB/s = the weight
 bytes it reads (e4m3 + scales of the experts with rows) / time, against the copy bandwidth of the same run.
@@ -22,7 +23,7 @@ from moe_kernels.ops import grouped_gemm as gg  # noqa: E402
 from moe_kernels.ops import grouped_gemm_configs as cfgs  # noqa: E402
 
 H, I = 7168, 2048
-SHAPES = {"mixtral T=8": (8, [2] * 8), "deepseek T=1": (256, [1] * 8 + [0] * 248), "shared T=1": (1, [1])}
+SHAPES = {"mixtral T=1": (8, [1, 1] + [0] * 6), "mixtral T=8": (8, [2] * 8), "deepseek T=1": (256, [1] * 8 + [0] * 248), "shared T=1": (1, [1])}
 
 
 def run(name, E, counts, stages, splits, gbps, warps=(4,), w2_block_n=(128,)):
