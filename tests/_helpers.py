@@ -35,3 +35,23 @@ def skip_unless_cuda(device: str) -> None:
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+
+
+def import_bench(name: str):
+    """Import bench/<name>.py as a module. bench/_common.py turns the value checks off for timing
+    (MOE_KERNELS_VALUE_CHECKS=0); the setting from before the import is put back, so the other tests keep them."""
+    import importlib
+    import os
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bench")
+    saved = os.environ.get("MOE_KERNELS_VALUE_CHECKS")
+    sys.path.insert(0, bench)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(bench)
+        if saved is None:
+            os.environ.pop("MOE_KERNELS_VALUE_CHECKS", None)
+        else:
+            os.environ["MOE_KERNELS_VALUE_CHECKS"] = saved

@@ -1,28 +1,15 @@
 """bench_moe_decode.py's non-timing parts on the CPU at toy sizes: the transformers block it builds, our layer
 from it and the torch composition agree (a script error would otherwise first show on a device run)."""
-import importlib
-import os
-import sys
-
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bench")
+from _helpers import import_bench
 
 
 @pytest.mark.parametrize("case", ["deepseek", "mixtral-like"])
 def test_decode_bench_baselines_agree(monkeypatch, case):
     pytest.importorskip("transformers")
-    saved = os.environ.get("MOE_KERNELS_VALUE_CHECKS")
-    sys.path.insert(0, BENCH)
-    try:
-        b = importlib.import_module("bench_moe_decode")
-    finally:
-        sys.path.remove(BENCH)
-        if saved is None:
-            os.environ.pop("MOE_KERNELS_VALUE_CHECKS", None)
-        else:
-            os.environ["MOE_KERNELS_VALUE_CHECKS"] = saved
+    b = import_bench("bench_moe_decode")
     monkeypatch.setitem(b.CASES, "deepseek", dict(b.CASES["deepseek"], num_experts=16))
     block = b.hf_block(case, 256, 128, device="cpu")
     layer = b.mk.MoELayer.from_hf(block, precision="bf16")

@@ -1,28 +1,14 @@
 """Benchmark scripts that only a GPU times, run once on the CPU at toy sizes: a script error would otherwise first
 show on a device run (they are few and short), not in CI."""
-import importlib
-import os
-import sys
-
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bench")
+from _helpers import import_bench
 
 
 @pytest.fixture
 def bench_modules(monkeypatch):
     """bench_moe_layer and bench_training at H=256, I=128, 4 experts; timing replaced by one call."""
-    saved = os.environ.get("MOE_KERNELS_VALUE_CHECKS")
-    sys.path.insert(0, BENCH)
-    try:
-        layer = importlib.import_module("bench_moe_layer")
-        training = importlib.import_module("bench_training")
-    finally:
-        sys.path.remove(BENCH)
-        if saved is None:  # bench/_common.py turns the value checks off for timing; the other tests keep them
-            os.environ.pop("MOE_KERNELS_VALUE_CHECKS", None)
-        else:
-            os.environ["MOE_KERNELS_VALUE_CHECKS"] = saved
+    layer, training = import_bench("bench_moe_layer"), import_bench("bench_training")
     for mod in (layer, training):
         monkeypatch.setattr(mod, "H", 256)
         monkeypatch.setattr(mod, "I", 128)
@@ -45,16 +31,7 @@ def test_bench_hf_model_on_the_cpu(monkeypatch, name):
     """bench_hf_model.py's four variants of a toy DeepSeek-V3 / Qwen3-MoE model: prefill, greedy decode, errors
     against the fp32 copy and the ratios to HF grouped_mm (timing replaced by one call)."""
     pytest.importorskip("transformers")
-    saved = os.environ.get("MOE_KERNELS_VALUE_CHECKS")
-    sys.path.insert(0, BENCH)
-    try:
-        hf_model = importlib.import_module("bench_hf_model")
-    finally:
-        sys.path.remove(BENCH)
-        if saved is None:
-            os.environ.pop("MOE_KERNELS_VALUE_CHECKS", None)
-        else:
-            os.environ["MOE_KERNELS_VALUE_CHECKS"] = saved
+    hf_model = import_bench("bench_hf_model")
     monkeypatch.setattr(hf_model, "bench_ms", lambda fn, **kw: (fn(), 1.0)[1])
     rows = hf_model.run_model(name, 1, 16, ((1, 32),), device="cpu", tiny=True)  # 16: 2 experts a group
     assert [r["variant"] for r in rows] == ["hf_eager", "hf_grouped_mm", "ours_bf16", "ours_fp8"]
