@@ -4,13 +4,8 @@
 # left, one FP8 training step with the Gluon FP8 wgrad when its tests passed (M_TRAIN s).
 #   M_TESTS=90 M_DECODE=60 M_TRAIN=40 bash tools/gpu/mini.sh
 set -u
-REAL_OUT=${OUT:-/tmp/out}; mkdir -p "$REAL_OUT"
-R=/tmp/gpu_results; rm -rf "$R"; mkdir -p "$R"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-S=$REAL_OUT/summary.log
-T0=$SECONDS
-el() { echo "+$((SECONDS - T0)) s"; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$S"
+R=/tmp/gpu_results TOTAL=600
+source "$(dirname "$0")/_lib.sh"
 TT=${M_TESTS:-90}
 run_t() { local name=$1; shift; (timeout "$TT" python -m pytest -q -m gpu -rfE -p no:cacheprovider "$@" > "$R/t_$name.log" 2>&1) & }
 run_t decode tests/test_moe_decode_graph.py tests/test_ops_permute.py tests/test_ops_routing.py

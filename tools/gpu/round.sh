@@ -6,16 +6,9 @@
 # grouped GEMM bench with DeepGEMM (quick). Everything comes back as $OUT/results.tgz + $OUT/summary.log.
 #   R_TOTAL=570 R_TESTS=200 R_DECODE=125 R_WGRAD=80 R_TRAIN=100 bash tools/gpu/round.sh
 set -u
-REAL_OUT=${OUT:-/tmp/out}; mkdir -p "$REAL_OUT"
-R=/tmp/gpu_results; rm -rf "$R"; mkdir -p "$R/gemm"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-S=$REAL_OUT/summary.log
-T0=$SECONDS
-END=$(( $(date +%s) + ${R_TOTAL:-570} ))
-el() { echo "+$((SECONDS - T0)) s"; }
-left() { echo $(( END - $(date +%s) )); }
-lim() { local want=$1 l; l=$(( $(left) - ${2:-0} )); [ "$l" -lt "$want" ] && want=$l; [ "$want" -lt 1 ] && want=1; echo "$want"; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$S"
+R=/tmp/gpu_results TOTAL=${R_TOTAL:-570}
+source "$(dirname "$0")/_lib.sh"
+mkdir -p "$R/gemm"
 HOLD=/tmp/gemm_hold; touch "$HOLD"
 (OUT=$R/gemm GEMM_END_BY=$END GEMM_SKIP_261=1 GEMM_HOLD=$HOLD timeout -k 5 ${R_TOTAL:-570} bash tools/gpu/gemm.sh \
   > "$R/gemm/stdout.log" 2>&1) &

@@ -3,15 +3,8 @@
 # decode bench (--quick), the wgrad bench and one training step. $OUT/results.tgz + $OUT/summary.log.
 #   S_TOTAL=300 bash tools/gpu/short.sh
 set -u
-REAL_OUT=${OUT:-/tmp/out}; mkdir -p "$REAL_OUT"
-R=/tmp/gpu_results; rm -rf "$R"; mkdir -p "$R"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-S=$REAL_OUT/summary.log
-T0=$SECONDS
-END=$(( $(date +%s) + ${S_TOTAL:-300} ))
-el() { echo "+$((SECONDS - T0)) s"; }
-lim() { local want=$1 l; l=$(( END - $(date +%s) - ${2:-0} )); [ "$l" -lt "$want" ] && want=$l; [ "$want" -lt 1 ] && want=1; echo "$want"; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$S"
+R=/tmp/gpu_results TOTAL=${S_TOTAL:-300}
+source "$(dirname "$0")/_lib.sh"
 TT=${S_TESTS:-110}
 run_t() { local name=$1; shift; (timeout "$TT" python -m pytest -q -m gpu -rfE -p no:cacheprovider "$@" > "$R/t_$name.log" 2>&1) & }
 run_t decode tests/test_moe_decode_graph.py tests/test_ops_grouped_gemm_decode.py tests/test_ops_load.py \

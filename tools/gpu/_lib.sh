@@ -1,0 +1,14 @@
+# Sourced by the device-call scripts (round.sh, round2.sh, short.sh, mini.sh) after they set R (their scratch
+# folder, made afresh) and TOTAL (seconds the call may take). Sets REAL_OUT ($OUT: what comes back), S (the summary
+# log, begun with the GPU's name), PYTHONPATH (this checkout) and the timers: el (elapsed), left (seconds to the
+# end), lim WANT [RESERVE] (WANT, or less so that RESERVE seconds are left at the end; at least 1).
+REAL_OUT=${OUT:-/tmp/out}; mkdir -p "$REAL_OUT"
+rm -rf "$R"; mkdir -p "$R"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+S=$REAL_OUT/summary.log
+T0=$SECONDS
+END=$(( $(date +%s) + TOTAL ))
+el() { echo "+$((SECONDS - T0)) s"; }
+left() { echo $(( END - $(date +%s) )); }
+lim() { local want=$1 l; l=$(( $(left) - ${2:-0} )); [ "$l" -lt "$want" ] && want=$l; [ "$want" -lt 1 ] && want=1; echo "$want"; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$S"
