@@ -12,3 +12,16 @@ el() { echo "+$((SECONDS - T0)) s"; }
 left() { echo $(( END - $(date +%s) )); }
 lim() { local want=$1 l; l=$(( $(left) - ${2:-0} )); [ "$l" -lt "$want" ] && want=$l; [ "$want" -lt 1 ] && want=1; echo "$want"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$S"
+# gemm_join LABEL: let the background tools/gpu/gemm.sh (pid GEMM_PID, waiting while the file HOLD exists) time its
+# bench now, wait for it, and add its summary to S. pack: end the summary, copy the results and tar $R to $OUT.
+gemm_join() {
+    echo "== gemm bench ($1) $(el)" >> "$S"
+    rm -f "$HOLD"
+    wait "$GEMM_PID"
+    cat "$R/gemm/gemm_summary.txt" >> "$S" 2>/dev/null
+}
+pack() {
+    echo "done $(el)" >> "$S"
+    cp bench/results/*.json bench/results/*.txt bench/results/*.png "$R/" 2>/dev/null
+    tar -czf "$REAL_OUT/results.tgz" -C "$R" .
+}

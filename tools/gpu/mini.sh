@@ -23,6 +23,4 @@ echo "== training fp8 (MOE_KERNELS_WGRAD_FP8=${WG8:-off}) $(el)" >> "$S"
 MOE_KERNELS_WGRAD_FP8=$WG8 timeout "${M_TRAIN:-40}" python bench/bench_training.py --tokens 8192 --cases mixtral-like \
   --precisions fp8,fp8_bf16wgrad --no-fp32 --err-tokens 0 --profile-tokens 0 > "$R/training_bench.log" 2>&1
 echo "rc=$?" >> "$S"; tail -12 "$R/training_bench.log" >> "$S"
-echo "done $(el)" >> "$S"
-cp bench/results/*.json "$R/" 2>/dev/null
-tar -czf "$REAL_OUT/results.tgz" -C "$R" .
+pack

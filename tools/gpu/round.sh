@@ -40,10 +40,5 @@ echo "MOE_KERNELS_WGRAD=${WG:-triton} MOE_KERNELS_WGRAD_FP8=${WG8:-triton}" >> "
 MOE_KERNELS_WGRAD=$WG MOE_KERNELS_WGRAD_FP8=$WG8 timeout "$(lim ${R_TRAIN:-100} 90)" python bench/bench_training.py --tokens 8192 --cases mixtral-like \
   --precisions bf16,fp8,fp8_bf16wgrad --no-fp32 --err-tokens 0 --profile-tokens 8192 > "$R/training_bench.log" 2>&1
 echo "rc=$?" >> "$S"; tail -22 "$R/training_bench.log" >> "$S"
-echo "== gemm bench (DeepGEMM) $(el)" >> "$S"
-rm -f "$HOLD"
-wait "$GEMM_PID"
-cat "$R/gemm/gemm_summary.txt" >> "$S" 2>/dev/null
-echo "done $(el)" >> "$S"
-cp bench/results/*.json bench/results/*.txt bench/results/*.png "$R/" 2>/dev/null
-tar -czf "$REAL_OUT/results.tgz" -C "$R" .
+gemm_join "DeepGEMM"
+pack

@@ -24,10 +24,5 @@ echo "rc=$?" >> "$S"; tail -30 "$R/training_bench.log" >> "$S"
 echo "== decode GEMM probe $(el)" >> "$S"
 timeout "$(lim ${R_PROBE:-60} 120)" python bench/probe_decode.py --stages 2,3,4 --splits 0,2,4,8 > "$R/probe.log" 2>&1
 echo "rc=$?" >> "$S"; tail -40 "$R/probe.log" >> "$S"
-echo "== gemm bench (DeepGEMM, full) $(el)" >> "$S"
-rm -f "$HOLD"
-wait "$GEMM_PID"
-cat "$R/gemm/gemm_summary.txt" >> "$S" 2>/dev/null
-echo "done $(el)" >> "$S"
-cp bench/results/*.json bench/results/*.txt bench/results/*.png "$R/" 2>/dev/null
-tar -czf "$REAL_OUT/results.tgz" -C "$R" .
+gemm_join "DeepGEMM, full"
+pack

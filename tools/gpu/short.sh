@@ -31,6 +31,4 @@ MOE_KERNELS_WGRAD=$WG MOE_KERNELS_WGRAD_FP8=$WG8 timeout "$(lim 90 5)" python be
   --cases mixtral-like --precisions bf16,fp8,fp8_bf16wgrad --no-fp32 --err-tokens 0 --profile-tokens 0 \
   > "$R/training_bench.log" 2>&1
 echo "rc=$?" >> "$S"; tail -16 "$R/training_bench.log" >> "$S"
-echo "done $(el)" >> "$S"
-cp bench/results/*.json "$R/" 2>/dev/null
-tar -czf "$REAL_OUT/results.tgz" -C "$R" .
+pack
