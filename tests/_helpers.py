@@ -55,3 +55,15 @@ def import_bench(name: str):
             os.environ.pop("MOE_KERNELS_VALUE_CHECKS", None)
         else:
             os.environ["MOE_KERNELS_VALUE_CHECKS"] = saved
+
+
+def zipf_counts(total: int, experts: int = 32, empty=(5, 17), seed: int = 0) -> list:
+    """Rows per expert for ``total`` rows, Zipf-like (weight 1 / rank^1.2, seeded) with the ``empty`` experts at
+    0 rows; expert 0 takes what the emptied ones had, so the counts sum to ``total``."""
+    g = torch.Generator().manual_seed(seed)
+    w = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64) ** 1.2
+    counts = torch.multinomial(w, total, replacement=True, generator=g).bincount(minlength=experts).tolist()
+    for e in empty:
+        counts[e] = 0
+    counts[0] += total - sum(counts)
+    return counts

@@ -27,7 +27,7 @@ import sys
 import pytest
 import torch
 
-from _helpers import assert_close_rel, poison_allocator
+from _helpers import assert_close_rel, poison_allocator, zipf_counts
 
 try:
     from moe_kernels.ops import grouped_wgrad_fp8 as gf
@@ -495,11 +495,7 @@ def test_fp8_wgrad_real_size_skewed(monkeypatch):
     reference on a few experts and against the Triton FP8 kernel everywhere."""
     from moe_kernels import ops
 
-    g = torch.Generator().manual_seed(0)
-    w = 1.0 / torch.arange(1, 33, dtype=torch.float64) ** 1.2
-    counts = torch.multinomial(w, 16384, replacement=True, generator=g).bincount(minlength=32).tolist()
-    counts[5] = counts[17] = 0
-    counts[0] += 16384 - sum(counts)
+    counts = zipf_counts(16384)  # 32 experts, 5 and 17 empty
     N, K = 1024, 2048
     offsets = _offsets(counts, "cuda")
     dy = torch.randn(16384, N, device="cuda", dtype=torch.bfloat16)

@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from _helpers import assert_close_rel, poison_allocator
+from _helpers import assert_close_rel, poison_allocator, zipf_counts
 
 try:
     from moe_kernels.ops import grouped_wgrad_wgmma as gw
@@ -320,11 +320,7 @@ def test_wgmma_wgrad_real_size_skewed(monkeypatch):
     experts (the full float64 product is slow) and against the Triton kernel everywhere."""
     from moe_kernels import ops
 
-    g = torch.Generator().manual_seed(0)
-    w = 1.0 / torch.arange(1, 33, dtype=torch.float64) ** 1.2
-    counts = torch.multinomial(w, 8192, replacement=True, generator=g).bincount(minlength=32).tolist()
-    counts[5] = counts[17] = 0
-    counts[0] += 8192 - sum(counts)
+    counts = zipf_counts(8192)  # 32 experts, 5 and 17 empty
     N, K = 1024, 2048
     offsets = _offsets(counts, "cuda")
     dy = torch.randn(8192, N, device="cuda", dtype=torch.bfloat16)

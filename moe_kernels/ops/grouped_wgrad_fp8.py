@@ -57,7 +57,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .grouped_gemm_wgmma import _pin
-from .grouped_wgrad_wgmma import _gl_dtype, _ptxas, _sm_count, _sync, maxnreg
+from .grouped_wgrad_wgmma import _gl_dtype, _sm_count, _sync, maxnreg
 from .quant import AMAX_FLOOR, E4M3_MAX, to_e4m3_rne
 
 __all__ = ["launch", "supports", "quantize_transposed", "gemm", "compile_sm90", "padded_groups"]
@@ -438,51 +438,23 @@ def launch(dy, x, offsets, dw, *, stages: int | None = None, unroll: int | None 
 
 def compile_sm90(out_dtype: str = "bf16", stages: int = DEFAULT_STAGES, unroll: int = DEFAULT_UNROLL) -> dict:
     """Compile the GEMM kernel for sm_90a without a GPU (this Triton, its ptxas): shared memory, registers, spill
-    bytes, ptxas wgmma warnings (C7514 / C7512 / C7515...: wgmma serialised), and PTX counts of wgmma / wgmma
-    waits / TMA loads and stores / setmaxnreg."""
-    import re
-
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    bytes, ptxas wgmma warnings (C7514 / C7512 / C7515...: wgmma serialised), and PTX counts of wgmma (e4m3 ones
+    too) / wgmma waits / TMA loads and stores / setmaxnreg (``_sm90_offline.compile_gluon_report``)."""
+    from ._sm90_offline import compile_gluon_report  # noqa: PLC0415
 
     dt = {"bf16": gl.bfloat16, "fp16": gl.float16, "fp32": gl.float32}
-    size = 4 if out_dtype == "fp32" else 2
-    stages, unroll, epi = _config(stages, unroll, size)
-    kernel = _wgrad_fp8_kernel
-    names = list(kernel.arg_names)
+    stages, unroll, epi = _config(stages, unroll, 4 if out_dtype == "fp32" else 2)
     const = dict(STAGES=stages, UNROLL=unroll, EPI_BUFS=epi, LOADER_REGS=LOADER_REGS, num_warps=NUM_WARPS)
     ql = gl.NVMMASharedLayout.get_default_for([BLOCK_N, GROUP], gl.float8e4nv)
     sl = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     ol = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], dt[out_dtype])
-    sig = {}
-    for n in names:
-        if n in const:
-            sig[n] = "constexpr"
-        elif n in ("a_desc", "b_desc"):
-            sig[n] = f"tensordesc<fp8e4nv[{BLOCK_N},{GROUP}],{ql!r}>"
-        elif n in ("sa_desc", "sb_desc"):
-            sig[n] = f"tensordesc<fp32[1,{BLOCK_N}],{sl!r}>"
-        elif n == "out_desc":
-            sig[n] = f"tensordesc<{out_dtype}[{BLOCK_N},{BLOCK_K}],{ol!r}>"
-        elif n == "gofs_ptr":
-            sig[n] = "*i32"
-        else:
-            sig[n] = "i32"
-    src = GluonASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": NUM_WARPS, "maxnreg": maxnreg(NUM_WARPS)})
-    ptx = k.asm["ptx"]
-    regs, spill, warns, log = _ptxas(ptx)
-    wgmma = re.findall(r"wgmma\.mma_async[^;]*;", ptx)
-    nreg = re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)
-    return dict(triton=triton.__version__, out_dtype=out_dtype, stages=stages, unroll=unroll, epi_bufs=epi,
-                shared=k.metadata.shared, regs=regs, spill_bytes=spill, ptxas_wgmma_warnings=warns,
-                wgmma=len(wgmma), wgmma_e4m3=sum(".e4m3.e4m3" in w for w in wgmma),
-                wgmma_waits=sorted(set(int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx))),
-                tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx)),
-                tma_stores=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.global\.shared", ptx)),
-                setmaxnreg=sorted(set(int(n) for n in nreg)),
-                ptxas_log=log.strip()[-600:])
+    q_desc, s_desc = f"tensordesc<fp8e4nv[{BLOCK_N},{GROUP}],{ql!r}>", f"tensordesc<fp32[1,{BLOCK_N}],{sl!r}>"
+    sig = dict(a_desc=q_desc, b_desc=q_desc, sa_desc=s_desc, sb_desc=s_desc, gofs_ptr="*i32",
+               out_desc=f"tensordesc<{out_dtype}[{BLOCK_N},{BLOCK_K}],{ol!r}>")
+    sig.update({n: "i32" for n in _wgrad_fp8_kernel.arg_names if n not in sig and n not in const})
+    report, wgmma = compile_gluon_report(_wgrad_fp8_kernel, sig, const, NUM_WARPS, maxnreg(NUM_WARPS))
+    return dict(report, out_dtype=out_dtype, stages=stages, unroll=unroll, epi_bufs=epi,
+                wgmma_e4m3=sum(".e4m3.e4m3" in w for w in wgmma))
 
 
 if __name__ == "__main__":  # python -m moe_kernels.ops.grouped_wgrad_fp8 [out_dtype stages unroll]

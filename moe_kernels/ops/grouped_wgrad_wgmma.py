@@ -311,62 +311,26 @@ def launch(dy, x, offsets, dw, *, stages: int | None = None, programs: int | Non
 # ---------------------------------------------------------------------------------------------------------------
 # offline compile (no GPU): registers, spills and ptxas's wgmma notes of the sm_90a build
 
-def _ptxas(ptx: str):
-    """(registers, spill bytes (stores or loads, the larger), ptxas's C75xx wgmma warnings, log) for sm_90a."""
-    from ._sm90_offline import ptxas_report  # noqa: PLC0415
-
-    r = ptxas_report(ptx)
-    spills = [b for b in (r["spill_stores"], r["spill_loads"]) if b is not None]
-    return r["regs"], max(spills) if spills else None, [c for c in r["codes"] if c.startswith("C75")], r["log"]
-
-
 def compile_sm90(in_dtype: str = "bf16", out_dtype: str = "bf16", stages: int = DEFAULT_STAGES) -> dict:
     """Compile the kernel for sm_90a without a GPU (this Triton, its ptxas): shared memory, registers, spill bytes,
     ptxas wgmma warnings (C7514 / C7512 / C7515...: wgmma serialised), and PTX counts of wgmma / transposed-A
-    wgmma / TMA loads and stores / barriers."""
-    import re
-
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    wgmma / TMA loads and stores / setmaxnreg (``_sm90_offline.compile_gluon_report``)."""
+    from ._sm90_offline import compile_gluon_report  # noqa: PLC0415
 
     dt = {"bf16": gl.bfloat16, "fp16": gl.float16, "fp32": gl.float32}
-    kernel = _grouped_wgrad_wgmma_kernel
-    names = list(kernel.arg_names)
     epi = epi_bufs_for(4 if out_dtype == "fp32" else 2, stages)
     const = dict(STAGES=stages, EPI_BUFS=epi, LOADER_REGS=LOADER_REGS, num_warps=NUM_WARPS)
     ab = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dt[in_dtype])
     xl = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HALF_K], dt[in_dtype])
     ol = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HALF_K], dt[out_dtype])
-    sig = {}
-    for n in names:
-        if n in const:
-            sig[n] = "constexpr"
-        elif n == "dy_desc":
-            sig[n] = f"tensordesc<{in_dtype}[{BLOCK_M},{BLOCK_N}],{ab!r}>"
-        elif n == "x_desc":
-            sig[n] = f"tensordesc<{in_dtype}[{BLOCK_M},{HALF_K}],{xl!r}>"
-        elif n == "out_desc":
-            sig[n] = f"tensordesc<{out_dtype}[{BLOCK_N},{HALF_K}],{ol!r}>"
-        elif n == "offsets_ptr":
-            sig[n] = "*i32"
-        else:
-            sig[n] = "i32"
-    src = GluonASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": NUM_WARPS, "maxnreg": maxnreg(NUM_WARPS)})
-    ptx = k.asm["ptx"]
-    regs, spill, warns, log = _ptxas(ptx)
-    wgmma = re.findall(r"wgmma\.mma_async[^;]*;", ptx)
+    sig = dict(dy_desc=f"tensordesc<{in_dtype}[{BLOCK_M},{BLOCK_N}],{ab!r}>",
+               x_desc=f"tensordesc<{in_dtype}[{BLOCK_M},{HALF_K}],{xl!r}>",
+               out_desc=f"tensordesc<{out_dtype}[{BLOCK_N},{HALF_K}],{ol!r}>", offsets_ptr="*i32")
+    sig.update({n: "i32" for n in _grouped_wgrad_wgmma_kernel.arg_names if n not in sig and n not in const})
+    report, wgmma = compile_gluon_report(_grouped_wgrad_wgmma_kernel, sig, const, NUM_WARPS, maxnreg(NUM_WARPS))
     # the last four immediates of a wgmma: scale-a, scale-b, transpose-a, transpose-b (1: MN-major)
     transposed = sum(w.rstrip(";").replace(" ", "").endswith("1,1,1,1") for w in wgmma)
-    nreg = re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)
-    return dict(triton=triton.__version__, in_dtype=in_dtype, out_dtype=out_dtype, stages=stages,
-                shared=k.metadata.shared, regs=regs, spill_bytes=spill, ptxas_wgmma_warnings=warns,
-                wgmma=len(wgmma), wgmma_transposed_ab=transposed,
-                tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx)),
-                tma_stores=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.global\.shared", ptx)),
-                setmaxnreg=sorted(set(int(n) for n in nreg)),
-                ptxas_log=log.strip()[-600:])
+    return dict(report, in_dtype=in_dtype, out_dtype=out_dtype, stages=stages, wgmma_transposed_ab=transposed)
 
 
 if __name__ == "__main__":  # python -m moe_kernels.ops.grouped_wgrad_wgmma [in_dtype out_dtype stages]
