@@ -67,3 +67,17 @@ def zipf_counts(total: int, experts: int = 32, empty=(5, 17), seed: int = 0) -> 
         counts[e] = 0
     counts[0] += total - sum(counts)
     return counts
+
+
+def offsets_for(counts, device="cpu") -> torch.Tensor:
+    """int32 group offsets [E + 1] (exclusive prefix sums) of per-expert row counts."""
+    o = [0]
+    for c in counts:
+        o.append(o[-1] + c)
+    return torch.tensor(o, dtype=torch.int32, device=device)
+
+
+def grouped_dw_f64(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The weight gradients dW_e = dY_e^T X_e of each expert's rows, in float64 ([E, N, K])."""
+    o = offsets.tolist()
+    return torch.stack([dy[lo:hi].double().t() @ x[lo:hi].double() for lo, hi in zip(o, o[1:])])

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import moe_kernels as mk
-from _helpers import assert_close_rel
+from _helpers import assert_close_rel, offsets_for as _offsets
 from moe_kernels import ops
 from moe_kernels import reference as R
 from moe_kernels.ops import grouped_gemm as gg
@@ -369,10 +369,6 @@ def test_default_grouped_gemm_configs_fit_shared_memory():
     # the measured failure: 278,584 bytes on Triton 3.6 for bf16_swiglu's tile on fp32 operands
     assert cfgs.smem_bytes("fp32_swiglu", cfgs.DEFAULTS["bf16_swiglu"]) >= 278584 > cfgs.SMEM_LIMIT[(9, 0)]
     assert cfgs.default_config("fp32", (8, 9)) != cfgs.default_config("fp32", (9, 0))  # the 99 KiB parts' own
-
-
-def _offsets(counts, device="cpu"):
-    return torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32, device=device)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

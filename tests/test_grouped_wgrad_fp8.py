@@ -27,7 +27,7 @@ import sys
 import pytest
 import torch
 
-from _helpers import assert_close_rel, poison_allocator, zipf_counts
+from _helpers import assert_close_rel, grouped_dw_f64 as _exact, offsets_for as _offsets, poison_allocator, zipf_counts
 
 try:
     from moe_kernels.ops import grouped_wgrad_fp8 as gf
@@ -40,18 +40,6 @@ from moe_kernels.ops import grouped_gemm as gg
 needs_gluon = pytest.mark.skipif(gf is None, reason="this Triton has no Gluon")
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 TRITON36 = "/tmp/tr36"
-
-
-def _offsets(counts, device="cpu"):
-    o = [0]
-    for c in counts:
-        o.append(o[-1] + c)
-    return torch.tensor(o, dtype=torch.int32, device=device)
-
-
-def _exact(dy, x, offsets):
-    o = offsets.tolist()
-    return torch.stack([dy[lo:hi].double().t() @ x[lo:hi].double() for lo, hi in zip(o, o[1:])])
 
 
 def _nan_outputs(M, N, K, E, device="cpu"):

@@ -19,7 +19,8 @@ import sys
 import pytest
 import torch
 
-from _helpers import assert_close_rel, poison_allocator, zipf_counts
+from _helpers import (assert_close_rel, grouped_dw_f64 as _reference, offsets_for as _offsets, poison_allocator,
+                      zipf_counts)
 
 try:
     from moe_kernels.ops import grouped_wgrad_wgmma as gw
@@ -28,18 +29,6 @@ except ImportError:  # Triton without Gluon
 
 needs_gluon = pytest.mark.skipif(gw is None, reason="this Triton has no Gluon")
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
-
-
-def _offsets(counts, device="cpu"):
-    o = [0]
-    for c in counts:
-        o.append(o[-1] + c)
-    return torch.tensor(o, dtype=torch.int32, device=device)
-
-
-def _reference(dy, x, offsets):
-    o = offsets.tolist()
-    return torch.stack([dy[lo:hi].double().t() @ x[lo:hi].double() for lo, hi in zip(o, o[1:])])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from _helpers import assert_close_rel
+from _helpers import assert_close_rel, offsets_for as _offsets
 from moe_kernels import reference as R
 from moe_kernels.ops import grouped_gemm as gg
 from moe_kernels.ops import grouped_gemm_configs as cfgs
@@ -25,13 +25,6 @@ COUNTS = {
     "one_expert": [45],
     "empty_then_one": [0, 0, 0, 23],
 }
-
-
-def _offsets(counts, device):
-    o = [0]
-    for c in counts:
-        o.append(o[-1] + c)
-    return torch.tensor(o, dtype=torch.int32, device=device)
 
 
 def _fp8_weights(E, N, K, device):

@@ -6,7 +6,7 @@ re-quantisation, e4m3 rounding of h), bf16 <= 1e-2, fp32 <= 1e-4. Outputs are Na
 import pytest
 import torch
 
-from _helpers import assert_close_rel
+from _helpers import assert_close_rel, offsets_for as _offsets
 from moe_kernels import reference as R
 from moe_kernels.ops import grouped_gemm as gg
 from moe_kernels.ops import grouped_gemm_configs as cfgs
@@ -21,13 +21,6 @@ COUNTS = {
     "one_expert": [0, 0, 5, 0],
     "single_row": [0, 1],
 }
-
-
-def _offsets(counts, device):
-    o = [0]
-    for c in counts:
-        o.append(o[-1] + c)
-    return torch.tensor(o, dtype=torch.int32, device=device)
 
 
 def _cfg(block_t=16, block_n=128, split_k=1):
