@@ -119,6 +119,28 @@ def test_decode_no_rows(device):
                       cfg=_cfg()) is None
 
 
+def test_split_k_fills_one_wave(monkeypatch):
+    """The automatic split sizes the grid to one wave of the programs an SM holds: H100-like (132 SMs, 228 KiB an
+    SM); the SwiGLU ring at 4 stages (4 x 34 KiB) leaves room for one program an SM, at 3 stages for two."""
+    monkeypatch.setattr(gd, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(gd, "_smem_per_sm", lambda index: 233472)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    dev = torch.device("cuda", 0)
+    swiglu = (2 * 128 + 16) * 128  # fp8, BLOCK_N 128 (gate + up), BLOCK_T 16, BLOCK_K 128
+    assert gd.resident_per_sm(0, 4 * swiglu) == 1 and gd.resident_per_sm(0, 3 * swiglu) == 2
+    assert gd.resident_per_sm(0, 4 * (128 + 16) * 128) == 2  # the down projection's ring: capped at 2
+    # Mixtral-like T = 1: 2 experts x 16 column tiles, 56 K steps -> 4 slices (128 programs), not 2+ waves
+    assert gd.split_k_for(32, 56, dev, swiglu, 4) == 4
+    assert gd.split_k_for(32, 56, dev, swiglu, 3) == 8
+    # DeepSeek T = 1 (8 experts x 16 tiles = 128 programs) already fills the SMs; many programs never split
+    assert gd.split_k_for(128, 56, dev, swiglu, 4) == 1 and gd.split_k_for(448, 16, dev) == 1
+    # one expert, one column tile: bounded by 4 K steps a slice
+    assert gd.split_k_for(1, 16, dev, swiglu, 4) == 4
+    for programs in (1, 7, 32, 100, 133, 1000):  # never more than one wave
+        split = gd.split_k_for(programs, 1 << 10, dev, swiglu, 4)
+        assert split == 1 or programs * split <= 132
+
+
 def test_decode_selection_and_token_tile():
     """The decode kernel is the default at <= DECODE_MAX_ROWS rows per expert; BLOCK_T follows the mean rows."""
     assert gd.block_t_for(1, 256) == 16 and gd.block_t_for(8, 8) == 16

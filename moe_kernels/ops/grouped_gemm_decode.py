@@ -226,7 +226,10 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
     slots = E if masked else min(E, M)
     tiles = triton.cdiv(N, BN)
     k_steps = triton.cdiv(K, BK)
-    split = int(cfg.get("SPLIT_K", 0)) or split_k_for(tiles * slots, k_steps, a.device)
+    stages = int(cfg.get("num_stages", 4))
+    split = int(cfg.get("SPLIT_K", 0)) or split_k_for(
+        tiles * slots, k_steps, a.device, stage_bytes=((2 if swiglu else 1) * BN + BT) * BK * a.element_size(),
+        stages=stages)
     split = triton.cdiv(k_steps, triton.cdiv(k_steps, max(1, min(split, k_steps))))  # no empty slice
     dummy = offsets if offsets is not None else masked_m
     if use_tma:  # the caller checked that this Triton has host descriptors (grouped_gemm._tma_usable)
@@ -257,19 +260,36 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
         UPCAST=interpret and not fp8, BLOCK_N=BN, BLOCK_T=BT, BLOCK_K=BK,
         E_PAD=max(16, triton.next_power_of_2(E)), SPLIT_K=split, USE_TMA=use_tma,
         # two warpgroups from BLOCK_T = 32 on: the two [BLOCK_N, BLOCK_T] fp32 accumulators fit without spills
-        num_warps=max(int(cfg.get("num_warps", 4)), 8 if BT > 16 else 4), num_stages=int(cfg.get("num_stages", 4)),
+        num_warps=max(int(cfg.get("num_warps", 4)), 8 if BT > 16 else 4), num_stages=stages,
     )
 
 
-def split_k_for(programs: int, k_steps: int, device: torch.device) -> int:
-    """K slices per (column tile, slot) so that about two programs per SM stream weights: ``programs`` is the
-    upper bound of (tile, slot) pairs (slots = min(E, rows)), so fewer experts with rows only means idler SMs,
-    never a wrong result. Each slice keeps at least 4 K steps (the pipeline's depth)."""
+def split_k_for(programs: int, k_steps: int, device: torch.device, stage_bytes: int = 0, stages: int = 1) -> int:
+    """K slices per (column tile, slot) so that the programs fill the SMs in one wave: ``programs`` is the upper
+    bound of (tile, slot) pairs (slots = min(E, rows)), so fewer experts with rows only means idler SMs, never a
+    wrong result. Each slice keeps at least 4 K steps (the pipeline's depth).
+
+    A wave is ``resident_per_sm`` programs an SM (at most 2; 1 where the stage ring of ``stages`` x ``stage_bytes``
+    takes more than half the SM's shared memory, as the SwiGLU kernel's 4 stages of 2 x 16 KiB weight tiles do).
+    The slice count rounds down: a second, partial wave would run its few programs alone after the first, each
+    refilling its pipeline from cold, while the weight bytes in flight per SM do not grow with the split."""
     if device.type != "cuda":
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    want = triton.cdiv(2 * sms, max(programs, 1))
-    return max(1, min(want, k_steps // 4))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capacity = resident_per_sm(index, stages * stage_bytes) * _sm_count(index)
+    return max(1, min(capacity // max(programs, 1), k_steps // 4))
+
+
+def resident_per_sm(index: int, smem_bytes: int) -> int:
+    """Programs of ``smem_bytes`` of shared memory (plus 2 KiB: the driver's reserve and the kernel's barriers and
+    epilogue scratch) one SM of device ``index`` holds, capped at 2."""
+    per_sm = _smem_per_sm(index)
+    return max(1, min(2, per_sm // (smem_bytes + 2048)))
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_per_sm(index: int) -> int:
+    return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_multiprocessor", 233472))
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,7 +4,7 @@
 # on the GPU, each step with its own limit: the decode bench, the decode profile, the wgrad bench, one training
 # step (bf16 with the Gluon wgrad when its GPU tests passed; FP8 with FP8 and with bf16 weight gradients), the
 # grouped GEMM bench with DeepGEMM (quick). Everything comes back as $OUT/results.tgz + $OUT/summary.log.
-#   R_TOTAL=570 R_TESTS=200 R_DECODE=125 R_PROBE=45 R_WGRAD=60 R_TRAIN=100 bash tools/gpu/round.sh
+#   R_TOTAL=570 R_TESTS=200 R_DECODE=125 R_PROBE=55 R_WGRAD=60 R_TRAIN=100 bash tools/gpu/round.sh
 set -u
 R=/tmp/gpu_results TOTAL=${R_TOTAL:-570}
 source "$(dirname "$0")/_lib.sh"
@@ -29,9 +29,9 @@ timeout "$(lim ${R_DECODE:-125} 200)" python bench/bench_moe_decode.py --rep 30 
 echo "rc=$?" >> "$S"; tail -32 "$R/decode_bench.log" >> "$S"
 echo "== decode profile $(el)" >> "$S"
 timeout "$(lim 30 180)" python bench/profile_moe_decode.py --tokens 1,8 > "$R/profile.log" 2>&1
-if [ "${R_PROBE:-45}" -gt 1 ]; then
+if [ "${R_PROBE:-55}" -gt 1 ]; then
   echo "== decode GEMM probe $(el)" >> "$S"
-  timeout "$(lim ${R_PROBE:-45} 170)" python bench/probe_decode.py --stages 3,4 --splits 0,1,2,4 > "$R/probe.log" 2>&1
+  timeout "$(lim ${R_PROBE:-55} 170)" python bench/probe_decode.py --stages 3,4 --splits 0,1,2,4,8 > "$R/probe.log" 2>&1
   echo "rc=$?" >> "$S"; tail -30 "$R/probe.log" >> "$S"
 fi
 echo "== wgrad bench $(el)" >> "$S"
