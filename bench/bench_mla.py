@@ -84,11 +84,11 @@ DECODE_SWEEP = {  # the shipped config (configs/mla_<GPU>.json or DEFAULTS) is t
 }
 
 
-# the Gluon sm_90 kernel (mla_decode_sm90, its own fixed tiles): GLUON=1 serial schedule, 2 the PIPE schedule.
-# MLA_BENCH_GLUON: which of them to time ("1,2" default; tools/gpu/mla.sh passes those whose GPU test passed)
-# ("fp8": the FP8 cache through it, serial schedule)
-_GLUON = [v.strip() for v in os.environ.get("MLA_BENCH_GLUON", "1,2,fp8").split(",")]
-DECODE_SWEEP["decode"][:0] = [dict(dec_cfg(64, 64, 8, 2), GLUON=int(v)) for v in _GLUON if v in ("1", "2")]
+# the Gluon sm_90 kernel (mla_decode_sm90, its own fixed tiles): GLUON=1 serial schedule, 2 the PIPE (seesaw)
+# schedule, 3 the serial one with lookahead. MLA_BENCH_GLUON: which of them to time ("1,2,3,fp8" default;
+# tools/gpu/mla.sh passes those whose GPU test passed) ("fp8": the FP8 cache through it, serial schedule)
+_GLUON = [v.strip() for v in os.environ.get("MLA_BENCH_GLUON", "1,2,3,fp8").split(",")]
+DECODE_SWEEP["decode"][:0] = [dict(dec_cfg(64, 64, 8, 2), GLUON=int(v)) for v in _GLUON if v in ("1", "2", "3")]
 if "fp8" in _GLUON:
     DECODE_SWEEP["decode_fp8"].insert(0, dict(dec_cfg(64, 64, 8, 2), GLUON=1))
 

@@ -275,11 +275,11 @@ def test_decode_deepseek_sizes_gpu(fp8, s_q, paged):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gluon", [1, 2, "fp8"], ids=["serial", "pipe", "fp8"])
+@pytest.mark.parametrize("gluon", [1, 2, 3, "fp8"], ids=["serial", "pipe", "lookahead", "fp8"])
 @pytest.mark.parametrize("paged,s_q", [(False, 1), (True, 2)], ids=["contig", "paged-mtp2"])
 def test_gluon_sm90_kernel_gpu(s_q, paged, gluon, monkeypatch):
     """The Gluon sm_90 kernel (config GLUON=1: serial schedule; 2, or $MOE_KERNELS_MLA_PIPE=1: the seesaw kernel,
-    PIPE=1) against the float32 reference: the issue's lengths (odd and even tile counts, the last tile partial as
+    PIPE=1; 3, or $MOE_KERNELS_MLA_PIPE=2: the serial kernel with lookahead) against the float32 reference: the issue's lengths (odd and even tile counts, the last tile partial as
     the even or the odd one of a pair, one tile alone), a long row, one split and several (some without keys),
     2 query tokens, a paged cache with a shuffled table; NaN-filled outputs; garbage (NaN) in the cache past
     every row's length must not leak in."""
@@ -287,7 +287,8 @@ def test_gluon_sm90_kernel_gpu(s_q, paged, gluon, monkeypatch):
         pytest.skip("needs an sm_90 GPU")
     if ops_mla.mla_decode_sm90 is None:
         pytest.skip("this Triton has no Gluon")
-    monkeypatch.setenv("MOE_KERNELS_MLA_PIPE", "1" if gluon == 2 else "0")  # whatever the caller's environment
+    # whatever the caller's environment
+    monkeypatch.setenv("MOE_KERNELS_MLA_PIPE", {2: "1", 3: "2"}.get(gluon, "0"))
     fp8 = gluon == "fp8"
     lens = ISSUE_LENGTHS + [2000, 777, 128]
     q, qr, cache, lens_t, table, scale, ref = make_case(len(lens), s_q if s_q > 1 else None, 128, 512, 64, lens,
@@ -298,6 +299,7 @@ def test_gluon_sm90_kernel_gpu(s_q, paged, gluon, monkeypatch):
             cache[b, L:] = 255 if fp8 else float("nan")
     assert ops_mla.mla_decode_sm90.supports(q, cache, table)
     assert ops_mla.mla_decode_sm90.uses_pipe(cache, 512) == (gluon == 2)
+    assert ops_mla.mla_decode_sm90.uses_lookahead(cache) == (gluon == 3)
     cfg = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2, GLUON=1 if fp8 else gluon)
     for splits in (1, 3, 0):
         out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16, device="cuda")

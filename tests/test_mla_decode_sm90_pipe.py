@@ -160,7 +160,8 @@ for cfg in json.loads(sys.argv[1]):
     pipe, C = cfg.pop("PIPE"), cfg.pop("C", 512)
     k = m._mla_decode_sm90_seesaw_kernel if pipe else m._mla_decode_sm90_kernel
     const = dict(C=C, R=64, PAGED=cfg["PAGED"], SPLIT=cfg["SPLIT"])
-    const.update(dict(WG_REGS=m.WG_REGS, num_warps=4) if pipe else dict(MULTI_Q=1, STAGES=2, FP8=0, num_warps=8))
+    const.update(dict(WG_REGS=m.WG_REGS, num_warps=4) if pipe else
+                 dict(MULTI_Q=1, STAGES=2, FP8=0, num_warps=8, LOOKAHEAD=cfg.get("LOOKAHEAD", 0)))
     l16 = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     sig = {}
     for n in k.arg_names:
@@ -204,7 +205,8 @@ def test_kernels_compile_for_sm90():
     import subprocess
     import sys
 
-    cfgs = [dict(PIPE=1, PAGED=1, SPLIT=1), dict(PIPE=1, PAGED=0, SPLIT=0), dict(PIPE=0, PAGED=1, SPLIT=1)]
+    cfgs = [dict(PIPE=1, PAGED=1, SPLIT=1), dict(PIPE=1, PAGED=0, SPLIT=0), dict(PIPE=0, PAGED=1, SPLIT=1),
+            dict(PIPE=0, PAGED=1, SPLIT=1, LOOKAHEAD=1)]
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(cfgs)], capture_output=True, text=True,
@@ -225,6 +227,8 @@ def test_kernels_compile_for_sm90():
             assert r["spill_bytes"] <= PIPE_SPILL_BOUND, r
         else:
             assert r["spill_bytes"] == 0, r
+            if r.get("LOOKAHEAD"):  # S of the next tile in flight beside P V: the same wgmmas, issued earlier
+                assert r["wgmma"] >= 2 * (9 + 9 + 4), r
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,6 +252,9 @@ class _Recorder:
     ("1", 0, True, 512, "serial"),  # FP8 cache: serial only
     ("1", 0, False, 192, "serial"),  # C / 2 not whole 64-column blocks
     ("1", 0, False, 256, "seesaw"),
+    ("2", 0, False, 512, "lookahead"),  # the serial kernel, S of the next tile under this one's softmax
+    (None, 2, False, 192, "lookahead"),
+    ("2", 0, True, 512, "serial"),  # FP8 cache: one widened tile, no lookahead
 ])
 def test_launcher_picks_the_kernel(env, pipe, fp8, C, want, monkeypatch):
     calls = []
@@ -268,7 +275,8 @@ def test_launcher_picks_the_kernel(env, pipe, fp8, C, want, monkeypatch):
     sm90.launch(q2, qr2, cache, torch.zeros(B, dtype=torch.int32), table, 0.1, splits, h, s_q, o_part, lse,
                 (lse.stride(0), lse.stride(1)), pipe=pipe)
     (name, grid, kw), = calls
-    assert name == want
+    assert name == ("serial" if want == "lookahead" else want)
+    assert kw.get("LOOKAHEAD", False) == (want == "lookahead")
     assert grid == (2, splits, B)  # 80 query rows: two head blocks of 64
     assert kw["C"] == C and kw["PAGED"] and kw["SPLIT"]
     if want == "seesaw":

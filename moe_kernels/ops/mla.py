@@ -83,7 +83,8 @@ DEFAULTS = {
     # (mla_decode_sm90) wherever it applies (sm_90, bf16 queries, R = 64, C <= 512, page 64; else the Triton kernel
     # runs with the keys above, and says why once). Measured on one H200 (bench_mla, B 32 / 128, S 4096): Gluon
     # serial 126 / 366 us, the Triton kernel 159 / 553 us, FlashMLA 75 / 253 us; FP8 cache: Gluon 164 / 577 us,
-    # Triton 277 / 1032 us. The seesaw (GLUON=2, $MOE_KERNELS_MLA_PIPE=1) has not run on a GPU yet.
+    # Triton 277 / 1032 us. The seesaw (GLUON=2, $MOE_KERNELS_MLA_PIPE=1) has not run on a GPU yet. GLUON=3
+    # ($MOE_KERNELS_MLA_PIPE=2): the serial kernel with lookahead (S of the next tile under this one's softmax).
     "decode": dict(BLOCK_H=64, BLOCK_N=64, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2, GLUON=1),
     # FP8 cache, Triton kernel: the e4m3 tile is widened to bf16 in registers and staged in shared memory again
     "decode_fp8": dict(BLOCK_H=64, BLOCK_N=32, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2, GLUON=1),
@@ -617,7 +618,7 @@ def _decode_launch(q_latent, q_rope, kv_cache, cache_seqlens, block_table, softm
         o_stage, lse, lse_strides = o2.unsqueeze(2), o2, (0, 0)
     if gluon:
         mla_decode_sm90.launch(q2, qr2, kv_cache, cache_seqlens, block_table, softmax_scale * LOG2E, num_splits, h,
-                               s_q, o_stage, lse, lse_strides, pipe=int(cfg["GLUON"]) == 2)
+                               s_q, o_stage, lse, lse_strides, pipe=int(cfg["GLUON"]) - 1)
     else:
         _triton_decode(q2, qr2, kc, kr, ks, kr_div, ks_div, fp8, cache_seqlens, block_table, paged, page,
                        softmax_scale, num_splits, rows_n, h, s_q, o_stage, lse, lse_strides, C, R, BLOCK_C, BH, BN,

@@ -46,7 +46,8 @@ may be refilled: wg0 loads the columns [0, C/2) of the next tiles (its own P V h
 operand), which leaves the shared memory for a second P tile (230 KB in all). Each warpgroup sums its own
 tiles' weights; the two row sums are added at the end. The last pair is peeled (b may be missing; the tile past
 the split's end has its rows past the end zeroed by each warpgroup in the columns it reads).
-Not run on a GPU yet (opt-in): tests/test_mla_decode.py's GPU tests and tools/gpu/mla_pipe.sh check and time it.
+Opt-in: measured 0.86-1.03x the serial kernel on one H100 (bench/results/mla_pipe-*.json); tests/test_mla_decode.py's
+GPU tests and tools/gpu/mla_pipe.sh check and time it.
 
 The Triton kernel stays for other GPUs, other shapes, the FP8 cache and the interpreter; ``mla.decode_kernel_name``
 says which runs.
@@ -63,7 +64,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["launch", "supports", "uses_pipe", "pipe_setting"]
+__all__ = ["launch", "supports", "uses_pipe", "uses_lookahead", "pipe_setting"]
 
 BLOCK_H = 64  # query rows per program (one wgmma M)
 BLOCK_N = 64  # keys per tile = the page size of a paged cache
@@ -175,9 +176,11 @@ def _mla_decode_sm90_kernel(
     stride_qb, stride_qh, stride_qrb, stride_qrh, stride_ks, stride_btb, stride_ob, stride_oh, stride_os, stride_lb,
     stride_lh,
     C: gl.constexpr, R: gl.constexpr, PAGED: gl.constexpr, SPLIT: gl.constexpr, MULTI_Q: gl.constexpr,
-    STAGES: gl.constexpr, FP8: gl.constexpr, num_warps: gl.constexpr,
+    STAGES: gl.constexpr, FP8: gl.constexpr, num_warps: gl.constexpr, LOOKAHEAD: gl.constexpr = False,
 ):
     """The serial schedule: per tile S, wait, softmax, P V, wait.
+    LOOKAHEAD (bf16 cache): S of tile t + 1 is started before the softmax of tile t, so the tensor cores compute
+    it while the CUDA cores run the softmax; P V of tile t then waits with it (see ``launch``).
     FP8: the stages hold e4m3 tiles (half the bytes), widened with their scales into one bf16 tile per step
     (ks_ptr: the fp32 scale of cache row r at r * stride_ks)."""
     gl.static_assert(num_warps == 8, "two warpgroups")
@@ -234,28 +237,49 @@ def _mla_decode_sm90_kernel(
     l_i = gl.zeros([_BH], gl.float32, layout=row_s)
     acc = gl.zeros([_BH, C], gl.float32, layout=o_layout)
     s_zero = gl.zeros([_BH, _BN], gl.float32, layout=s_layout)
-    for t in range(n_tiles):
-        if FP8:  # widen the stage's e4m3 tile into kcb (tail rows zeroed there): S and P V read kcb
-            mbarrier.wait(ready.index(t % STAGES), (t // STAGES) & 1)
-            _widen_fp8(kc_bufs.index(t % STAGES), kcb, _tile_row(t, n_tiles, start, b, S_cap, block_table_ptr,
-                                                                 stride_btb, PAGED),
-                       t, start, end, ks_ptr, stride_ks, C)
-            kc = kcb
-        else:
+    if LOOKAHEAD:
+        gl.static_assert(not FP8, "the lookahead schedule reads the bf16 stages directly")
+        s = s_zero
+        if n_tiles > 0:
+            s = warpgroup_mma_wait(0, deps=(_scores(0, q_smem, qr_smem, kc_bufs.index(0), kr_bufs, ready, s_zero,
+                                                    STAGES),))
+        for t in range(n_tiles):
+            # S of tile t + 1 into the tensor cores first (past the last tile: the stage's stale bits, never waited
+            # for nor read), then the softmax of tile t under it
+            t1 = t + 1
+            mbarrier.wait(ready.index(t1 % STAGES), (t1 // STAGES) & 1, pred=t1 < n_tiles)
+            s_next = _scores(t1, q_smem, qr_smem, kc_bufs.index(t1 % STAGES), kr_bufs, ready, s_zero, STAGES, False)
             kc = kc_bufs.index(t % STAGES)
-        s = warpgroup_mma_wait(0, deps=(_scores(t, q_smem, qr_smem, kc, kr_bufs, ready, s_zero, STAGES,
-                                                not FP8),))
-        p, m_i, l_i, acc = _softmax(s, t, start, end, keys, lim, m_i, l_i, acc, qk_scale, MULTI_Q, o_layout)
-        if FP8:
-            p_smem.store(p.to(gl.bfloat16))
-            fence_async_shared()
-            _cta_barrier()
-        else:
+            p, m_i, l_i, acc = _softmax(s, t, start, end, keys, lim, m_i, l_i, acc, qk_scale, MULTI_Q, o_layout)
             _stage_p(p, kc, t, start, end, p_smem, C)
-        acc = warpgroup_mma_wait(0, deps=(warpgroup_mma(p_smem, kc, acc, is_async=True),))
-        _cta_barrier()  # every warpgroup is past P V of tile t: its stage and P are free
-        _issue_tile(t + STAGES, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc,
-                    kc_bufs, kr_bufs, ready, C, PAGED, STAGES, FP8)
+            acc = warpgroup_mma(p_smem, kc, acc, is_async=True)
+            s, acc = warpgroup_mma_wait(0, deps=(s_next, acc))
+            _cta_barrier()  # every warpgroup is past P V of tile t: its stage and P are free
+            _issue_tile(t + STAGES, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc,
+                        kc_bufs, kr_bufs, ready, C, PAGED, STAGES, FP8)
+    else:
+        for t in range(n_tiles):
+            if FP8:  # widen the stage's e4m3 tile into kcb (tail rows zeroed there): S and P V read kcb
+                mbarrier.wait(ready.index(t % STAGES), (t // STAGES) & 1)
+                _widen_fp8(kc_bufs.index(t % STAGES), kcb, _tile_row(t, n_tiles, start, b, S_cap, block_table_ptr,
+                                                                     stride_btb, PAGED),
+                           t, start, end, ks_ptr, stride_ks, C)
+                kc = kcb
+            else:
+                kc = kc_bufs.index(t % STAGES)
+            s = warpgroup_mma_wait(0, deps=(_scores(t, q_smem, qr_smem, kc, kr_bufs, ready, s_zero, STAGES,
+                                                    not FP8),))
+            p, m_i, l_i, acc = _softmax(s, t, start, end, keys, lim, m_i, l_i, acc, qk_scale, MULTI_Q, o_layout)
+            if FP8:
+                p_smem.store(p.to(gl.bfloat16))
+                fence_async_shared()
+                _cta_barrier()
+            else:
+                _stage_p(p, kc, t, start, end, p_smem, C)
+            acc = warpgroup_mma_wait(0, deps=(warpgroup_mma(p_smem, kc, acc, is_async=True),))
+            _cta_barrier()  # every warpgroup is past P V of tile t: its stage and P are free
+            _issue_tile(t + STAGES, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc,
+                        kc_bufs, kr_bufs, ready, C, PAGED, STAGES, FP8)
 
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
@@ -669,8 +693,8 @@ def supports(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor 
 
 
 def pipe_setting(pipe: int = 0) -> int:
-    """The schedule ``launch`` is asked for: $MOE_KERNELS_MLA_PIPE when set (0 serial, 1 seesaw), else ``pipe``
-    (the config's GLUON=2)."""
+    """The schedule ``launch`` is asked for: $MOE_KERNELS_MLA_PIPE when set (0 serial, 1 seesaw, 2 serial with
+    lookahead), else ``pipe`` (the config's GLUON - 1)."""
     env = os.environ.get("MOE_KERNELS_MLA_PIPE", "").strip()
     return int(env) if env else int(pipe)
 
@@ -678,7 +702,13 @@ def pipe_setting(pipe: int = 0) -> int:
 def uses_pipe(kv_cache: torch.Tensor, C: int, pipe: int = 0) -> bool:
     """Whether ``launch`` runs the seesaw kernel: asked for (``pipe_setting``), a bf16 cache, C a multiple of 128
     (each warpgroup's value columns whole 64-column blocks)."""
-    return bool(pipe_setting(pipe)) and kv_cache.dtype == torch.bfloat16 and C % (2 * CHUNK) == 0
+    return pipe_setting(pipe) == 1 and kv_cache.dtype == torch.bfloat16 and C % (2 * CHUNK) == 0
+
+
+def uses_lookahead(kv_cache: torch.Tensor, pipe: int = 0) -> bool:
+    """Whether ``launch`` runs the serial kernel with LOOKAHEAD (S of the next tile under this tile's softmax):
+    asked for (``pipe_setting`` 2) over a bf16 cache (the FP8 cache's one widened tile serves one step at a time)."""
+    return pipe_setting(pipe) == 2 and kv_cache.dtype == torch.bfloat16
 
 
 def launch(q2, qr2, kv_cache, cache_seqlens, block_table, qk_scale, num_splits, num_heads, s_q, o_stage, lse,
@@ -686,7 +716,8 @@ def launch(q2, qr2, kv_cache, cache_seqlens, block_table, qk_scale, num_splits, 
     """q2 [B, rows, C], qr2 [B, rows, 64] bf16 (rows = s_q x heads), o_stage [B, rows, splits, C] (fp32 partials,
     or the bf16 output as [B, rows, 1, C] with one split); qk_scale includes log2(e). The cache: bf16 rows
     [.., .., C + 64] or the FP8 cache's uint8 rows. pipe (or $MOE_KERNELS_MLA_PIPE): 1 the seesaw kernel where it
-    applies (``uses_pipe``), else the serial one."""
+    applies (``uses_pipe``), 2 the serial one with lookahead where it applies (``uses_lookahead``), else the
+    serial one."""
     B, rows, C = q2.shape
     D = kv_cache.shape[2]
     kv2d = kv_cache.view(-1, D)
@@ -722,4 +753,5 @@ def launch(q2, qr2, kv_cache, cache_seqlens, block_table, qk_scale, num_splits, 
         q2.stride(0), q2.stride(1), qr2.stride(0), qr2.stride(1), stride_ks, block_table.stride(0) if paged else 0,
         o_stage.stride(0), o_stage.stride(1), o_stage.stride(2), *lse_strides,
         C=C, R=R, PAGED=paged, SPLIT=num_splits > 1, MULTI_Q=s_q > 1, STAGES=stages, FP8=fp8, num_warps=8,
+        LOOKAHEAD=uses_lookahead(kv_cache, pipe),
     )

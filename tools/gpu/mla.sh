@@ -46,9 +46,9 @@ rc=$?
 echo "gluon tests rc=$rc" >> "$OUT/mla_tests.log"
 GLUON_OK=""
 if [ $rc != 124 ] && [ $rc != 137 ]; then  # a hang leaves them all out
-    for v in serial pipe fp8; do
+    for v in serial pipe lookahead fp8; do
         if grep -q "^PASSED.*gluon.*-$v\]" "$OUT/mla_tests.log" && ! grep -q "^FAILED.*gluon.*-$v\]" "$OUT/mla_tests.log"; then
-            case $v in serial) GLUON_OK="$GLUON_OK,1" ;; pipe) GLUON_OK="$GLUON_OK,2" ;; fp8) GLUON_OK="$GLUON_OK,fp8" ;; esac
+            case $v in serial) GLUON_OK="$GLUON_OK,1" ;; pipe) GLUON_OK="$GLUON_OK,2" ;; lookahead) GLUON_OK="$GLUON_OK,3" ;; fp8) GLUON_OK="$GLUON_OK,fp8" ;; esac
         fi
     done
 fi
