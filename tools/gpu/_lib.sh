@@ -25,3 +25,5 @@ pack() {
     cp bench/results/*.json bench/results/*.txt bench/results/*.png "$R/" 2>/dev/null
     tar -czf "$REAL_OUT/results.tgz" -C "$R" .
 }
+# killed from outside (the device call's limit): still pack what is there
+trap 'echo "killed $(el)" >> "$S"; pack; exit 143' TERM INT
