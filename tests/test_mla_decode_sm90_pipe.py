@@ -284,3 +284,20 @@ def test_launcher_picks_the_kernel(env, pipe, fp8, C, want, monkeypatch):
     else:
         assert kw["num_warps"] == 8 and kw["FP8"] == fp8 and kw["MULTI_Q"]
     assert sm90.uses_pipe(cache, C, pipe) == (want == "seesaw")
+
+
+@pytest.mark.skipif(sm90 is None, reason="this Triton has no Gluon Hopper API")
+@pytest.mark.parametrize("env,want", [(None, "serial schedule)"), ("1", "seesaw schedule)"),
+                                      ("2", "serial schedule with lookahead)")])
+def test_decode_kernel_name_says_the_schedule(env, want, monkeypatch):
+    """`moe-kernels info` names the sm_90 schedule the bf16 cache gets ($MOE_KERNELS_MLA_PIPE); the FP8 cache's is
+    always the serial one."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(ops_mla, "get_mla_config", lambda kind, size, device: {"GLUON": 1})
+    if env is None:
+        monkeypatch.delenv("MOE_KERNELS_MLA_PIPE", raising=False)
+    else:
+        monkeypatch.setenv("MOE_KERNELS_MLA_PIPE", env)
+    bf16, fp8 = ops_mla.decode_kernel_name(torch.device("cuda", 0)).split("; ")
+    assert bf16.startswith("bf16 cache: Gluon sm_90 kernel") and bf16.endswith(want)
+    assert fp8.endswith("(mla_decode_sm90, serial schedule)")

@@ -134,8 +134,12 @@ def decode_kernel_name(device: torch.device | None = None) -> str:
     hopper = mla_decode_sm90 is not None and torch.cuda.get_device_capability(device) == (9, 0)
     names = []
     for kind, what in (("decode", "bf16 cache"), ("decode_fp8", "FP8 cache")):
-        gluon = hopper and get_mla_config(kind, 128, device).get("GLUON", 0)
-        names.append(f"{what}: " + ("Gluon sm_90 kernel (mla_decode_sm90)" if gluon
+        gluon = hopper and int(get_mla_config(kind, 128, device).get("GLUON", 0))
+        pipe = mla_decode_sm90.pipe_setting(gluon - 1) if gluon else 0
+        schedule = {1: ", seesaw schedule", 2: ", serial schedule with lookahead"}.get(pipe, ", serial schedule")
+        if kind == "decode_fp8" and pipe:
+            schedule = ", serial schedule"  # the FP8 cache: one widened tile a step
+        names.append(f"{what}: " + (f"Gluon sm_90 kernel (mla_decode_sm90{schedule})" if gluon
                                     else "Triton flash-decoding kernel (_mla_decode_kernel)"))
     return "; ".join(names)
 
