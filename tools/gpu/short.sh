@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A short device call (~5 min) for the changes not yet run on a GPU: their GPU tests side by side, then alone the
-# decode bench (--quick), the wgrad bench and one training step. $OUT/results.tgz + $OUT/summary.log.
+# decode bench (--quick), the decode GEMM probe, the wgrad bench and one training step. $OUT/results.tgz + $OUT/summary.log.
 #   S_TOTAL=300 bash tools/gpu/short.sh
 set -u
 R=/tmp/gpu_results TOTAL=${S_TOTAL:-300}
@@ -19,6 +19,9 @@ for f in "$R"/t_*.log; do echo "-- $(basename "$f")" >> "$S"; grep -E "passed|fa
 echo "== decode bench $(el)" >> "$S"
 timeout "$(lim 70 120)" python bench/bench_moe_decode.py --quick --rep 20 > "$R/decode_bench.log" 2>&1
 echo "rc=$?" >> "$S"; tail -16 "$R/decode_bench.log" >> "$S"
+echo "== decode GEMM probe $(el)" >> "$S"
+timeout "$(lim ${S_PROBE:-40} 150)" python bench/probe_decode.py --stages 3,4 --splits 0,1,4,8 > "$R/probe.log" 2>&1
+echo "rc=$?" >> "$S"; tail -24 "$R/probe.log" >> "$S"
 echo "== wgrad bench $(el)" >> "$S"
 timeout "$(lim ${S_WGRAD:-60} 60)" python bench/bench_wgrad.py --rep 30 > "$R/wgrad_bench.log" 2>&1
 echo "rc=$?" >> "$S"; grep -A12 "^| case" "$R/wgrad_bench.log" >> "$S"; grep -E "issue-20 pair|did not run|failed" "$R/wgrad_bench.log" >> "$S"
