@@ -14,6 +14,7 @@ import os
 import sys
 
 import torch
+import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import bench_ms, copy_bandwidth, markdown, save  # noqa: E402
@@ -21,6 +22,7 @@ from _common import bench_ms, copy_bandwidth, markdown, save  # noqa: E402
 from moe_kernels import reference as R  # noqa: E402
 from moe_kernels.ops import grouped_gemm as gg  # noqa: E402
 from moe_kernels.ops import grouped_gemm_configs as cfgs  # noqa: E402
+from moe_kernels.ops import grouped_gemm_decode as gd  # noqa: E402
 
 H, I = 7168, 2048
 SHAPES = {"mixtral T=1": (8, [1, 1] + [0] * 6), "mixtral T=8": (8, [2] * 8), "deepseek T=1": (256, [1] * 8 + [0] * 248), "shared T=1": (1, [1])}
@@ -61,10 +63,16 @@ def run(name, E, counts, stages, splits, gbps, warps=(4,), w2_block_n=(128,)):
                     cfg2 = dict(cfg, BLOCK_N=bn)
                     t2 = bench_ms(lambda: gg._launch(h, hs, w2, w2_s, out, offsets=offsets, row_weight=rw, cfg=cfg2),
                                   cudagraph=True)
-                    rows.append(dict(shape=name, stages=st, split=sp, warps=nw, w2_block_n=bn, w13_us=t13 * 1e3,
+                    if not sp:  # the launcher's automatic split, resolved (w13 / w2)
+                        bt = gd.block_t_for(M, E)
+                        auto = [gd.split_k_for(triton.cdiv(n, b) * min(E, M), k // 128, torch.device(dev),
+                                               ((2 if sw else 1) * b + bt) * 128, st)
+                                for n, b, k, sw in ((I, 128, H, True), (H, bn, I, False))]
+                    rows.append(dict(shape=name, stages=st, split=sp or f"auto {auto[0]}/{auto[1]}", warps=nw,
+                                     w2_block_n=bn, w13_us=t13 * 1e3,
                                      w2_us=t2 * 1e3, w13_frac=bytes13 / t13 / 1e6 / gbps, w2_frac=bytes2 / t2 / 1e6 / gbps,
                                      both_us=(t13 + t2) * 1e3, both_frac=(bytes13 + bytes2) / (t13 + t2) / 1e6 / gbps))
-                    print(f"  {name} stages={st} split={sp or 'auto'} warps={nw} w2 BLOCK_N={bn}: w13 {t13 * 1e3:.1f} us "
+                    print(f"  {name} stages={st} split={rows[-1]['split']} warps={nw} w2 BLOCK_N={bn}: w13 {t13 * 1e3:.1f} us "
                           f"({rows[-1]['w13_frac']:.0%}), w2 {t2 * 1e3:.1f} us ({rows[-1]['w2_frac']:.0%})", flush=True)
     del w13, w2
     torch.cuda.empty_cache()
