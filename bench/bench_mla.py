@@ -540,6 +540,11 @@ def summarize(rows, copy_bw, fm_err, t0):
         "decode_vs_flashmla_max": max((r["x_flashmla"] for r in bf), default=None),
         "gluon_vs_flashmla_min": min((r["x_flashmla_gluon"] for r in bf if "x_flashmla_gluon" in r), default=None),
         "gluon_fp8_vs_flashmla_B128_S4096": pick("fp8", 128, 4096, "x_flashmla_gluon"),
+        # the serial Gluon kernel's time over the lookahead schedule's (> 1: the lookahead is faster), bf16 cache
+        "lookahead_vs_serial_min": min((r["gluon1_us"] / r["gluon3_us"] for r in dec
+                                        if r.get("gluon1_us") and r.get("gluon3_us")), default=None),
+        "lookahead_vs_serial_max": max((r["gluon1_us"] / r["gluon3_us"] for r in dec
+                                        if r.get("gluon1_us") and r.get("gluon3_us")), default=None),
         "decode_fp8_vs_flashmla_B128_S4096": pick("fp8", 128, 4096, "x_flashmla"),
         "decode_fp8_paged_vs_flashmla_B128_S4096": pick("fp8_paged", 128, 4096, "x_flashmla"),
         "decode_B128_S4096_GBps": pick("bf16", 128, 4096, "GBps"),
@@ -631,7 +636,7 @@ def main():
 
     dec = sorted([r for r in rows if r.get("cache")], key=lambda r: (r["cache"], r["B"], r["S"]))
     print(markdown(dec, ["cache", "B", "S", "ours_us", "flashmla_us", "x_flashmla", "ours_graph_us",
-                         "flashmla_graph_us", "x_flashmla_graph", "triton_us", "gluon1_us", "gluon2_us",
+                         "flashmla_graph_us", "x_flashmla_graph", "triton_us", "gluon1_us", "gluon2_us", "gluon3_us",
                          "x_flashmla_gluon",
                          "GBps", "TFLOPS", "torch_us", "config", "splits",
                          "rel_err_vs_fp32", "rel_err_vs_flashmla"]))
