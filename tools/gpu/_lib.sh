@@ -25,5 +25,14 @@ pack() {
     cp bench/results/*.json bench/results/*.txt bench/results/*.png "$R/" 2>/dev/null
     tar -czf "$REAL_OUT/results.tgz" -C "$R" .
 }
+# run_t NAME PYTEST_ARGS...: GPU tests in the background (limit $TT s) into $R/t_NAME.log; tests_report: wait for
+# them and add their counts and failures to S
+T_PIDS=()
+run_t() { local name=$1; shift; (timeout "$TT" python -m pytest -q -m gpu -rfE -p no:cacheprovider "$@" > "$R/t_$name.log" 2>&1) & T_PIDS+=($!); }
+tests_report() {
+    local p; for p in "${T_PIDS[@]}"; do wait "$p"; done
+    echo "tests done $(el)" >> "$S"
+    for f in "$R"/t_*.log; do echo "-- $(basename "$f")" >> "$S"; grep -E "passed|failed|^FAILED|^ERROR" "$f" | tail -12 >> "$S"; done
+}
 # killed from outside (the device call's limit): still pack what is there
 trap 'echo "killed $(el)" >> "$S"; pack; exit 143' TERM INT

@@ -7,14 +7,11 @@ set -u
 R=/tmp/gpu_results TOTAL=600
 source "$(dirname "$0")/_lib.sh"
 TT=${M_TESTS:-90}
-run_t() { local name=$1; shift; (timeout "$TT" python -m pytest -q -m gpu -rfE -p no:cacheprovider "$@" > "$R/t_$name.log" 2>&1) & }
 run_t decode tests/test_moe_decode_graph.py tests/test_ops_permute.py tests/test_ops_routing.py
 run_t gemm tests/test_ops_grouped_gemm.py tests/test_ops_grouped_gemm_decode.py
 run_t wgrad tests/test_grouped_wgrad_fp8.py tests/test_ops_quant.py
 run_t mla tests/test_mla_decode.py -k "gluon"
-wait
-echo "tests done $(el)" >> "$S"
-for f in "$R"/t_*.log; do echo "-- $(basename "$f")" >> "$S"; grep -E "passed|failed|^FAILED|^ERROR" "$f" | tail -12 >> "$S"; done
+tests_report
 echo "== decode bench $(el)" >> "$S"
 timeout "${M_DECODE:-60}" python bench/bench_moe_decode.py --quick --rep 20 > "$R/decode_bench.log" 2>&1
 echo "rc=$?" >> "$S"; tail -16 "$R/decode_bench.log" >> "$S"

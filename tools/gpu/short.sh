@@ -6,16 +6,13 @@ set -u
 R=/tmp/gpu_results TOTAL=${S_TOTAL:-300}
 source "$(dirname "$0")/_lib.sh"
 TT=${S_TESTS:-110}
-run_t() { local name=$1; shift; (timeout "$TT" python -m pytest -q -m gpu -rfE -p no:cacheprovider "$@" > "$R/t_$name.log" 2>&1) & }
 run_t decode tests/test_moe_decode_graph.py tests/test_ops_grouped_gemm_decode.py tests/test_ops_load.py \
   tests/test_ops_permute.py tests/test_ops_routing.py
 run_t wgrad tests/test_grouped_wgrad_wgmma.py tests/test_grouped_wgrad_fp8.py tests/test_ops_quant.py
 run_t gemm tests/test_ops_grouped_gemm.py
 run_t mla tests/test_mla_decode.py -k "gluon"
 run_t train tests/test_autograd.py tests/test_hf_families.py -k "phimoe or fp8 or bf16 or route"
-wait
-echo "tests done $(el)" >> "$S"
-for f in "$R"/t_*.log; do echo "-- $(basename "$f")" >> "$S"; grep -E "passed|failed|^FAILED|^ERROR" "$f" | tail -12 >> "$S"; done
+tests_report
 echo "== decode bench $(el)" >> "$S"
 timeout "$(lim 70 120)" python bench/bench_moe_decode.py --quick --rep 20 > "$R/decode_bench.log" 2>&1
 echo "rc=$?" >> "$S"; tail -16 "$R/decode_bench.log" >> "$S"
