@@ -126,7 +126,8 @@ def test_split_k_fills_one_wave(monkeypatch):
     monkeypatch.setattr(gd, "_smem_per_sm", lambda index: 233472)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     dev = torch.device("cuda", 0)
-    swiglu = (2 * 128 + 16) * 128  # fp8, BLOCK_N 128 (gate + up), BLOCK_T 16, BLOCK_K 128
+    swiglu = gd.stage_bytes(128, 16, 128, 1, True)  # fp8, BLOCK_N 128 (gate + up), BLOCK_T 16, BLOCK_K 128
+    assert swiglu == (2 * 128 + 16) * 128
     assert gd.resident_per_sm(0, 4 * swiglu) == 1 and gd.resident_per_sm(0, 3 * swiglu) == 2
     assert gd.resident_per_sm(0, 4 * (128 + 16) * 128) == 2  # the down projection's ring: capped at 2
     # Mixtral-like T = 1: 2 experts x 16 column tiles, 56 K steps -> 4 slices (128 programs), not 2+ waves

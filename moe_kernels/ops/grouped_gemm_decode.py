@@ -228,8 +228,7 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
     k_steps = triton.cdiv(K, BK)
     stages = int(cfg.get("num_stages", 4))
     split = int(cfg.get("SPLIT_K", 0)) or split_k_for(
-        tiles * slots, k_steps, a.device, stage_bytes=((2 if swiglu else 1) * BN + BT) * BK * a.element_size(),
-        stages=stages)
+        tiles * slots, k_steps, a.device, stage_bytes(BN, BT, BK, a.element_size(), swiglu), stages)
     split = triton.cdiv(k_steps, triton.cdiv(k_steps, max(1, min(split, k_steps))))  # no empty slice
     dummy = offsets if offsets is not None else masked_m
     if use_tma:  # the caller checked that this Triton has host descriptors (grouped_gemm._tma_usable)
@@ -262,6 +261,11 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
         # two warpgroups from BLOCK_T = 32 on: the two [BLOCK_N, BLOCK_T] fp32 accumulators fit without spills
         num_warps=max(int(cfg.get("num_warps", 4)), 8 if BT > 16 else 4), num_stages=stages,
     )
+
+
+def stage_bytes(block_n: int, block_t: int, block_k: int, element_size: int, swiglu: bool) -> int:
+    """Shared memory of one pipeline stage: the weight tile (two with SwiGLU: gate and up) and the token tile."""
+    return ((2 if swiglu else 1) * block_n + block_t) * block_k * element_size
 
 
 def split_k_for(programs: int, k_steps: int, device: torch.device, stage_bytes: int = 0, stages: int = 1) -> int:

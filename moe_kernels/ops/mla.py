@@ -83,8 +83,9 @@ DEFAULTS = {
     # (mla_decode_sm90) wherever it applies (sm_90, bf16 queries, R = 64, C <= 512, page 64; else the Triton kernel
     # runs with the keys above, and says why once). Measured on one H200 (bench_mla, B 32 / 128, S 4096): Gluon
     # serial 126 / 366 us, the Triton kernel 159 / 553 us, FlashMLA 75 / 253 us; FP8 cache: Gluon 164 / 577 us,
-    # Triton 277 / 1032 us. The seesaw (GLUON=2, $MOE_KERNELS_MLA_PIPE=1) has not run on a GPU yet. GLUON=3
-    # ($MOE_KERNELS_MLA_PIPE=2): the serial kernel with lookahead (S of the next tile under this one's softmax).
+    # Triton 277 / 1032 us. The seesaw (GLUON=2, $MOE_KERNELS_MLA_PIPE=1): 0.86-1.03x the serial kernel on one H100
+    # (results/mla_pipe-*.json). GLUON=3 ($MOE_KERNELS_MLA_PIPE=2): the serial kernel with lookahead (S of the next
+    # tile under this one's softmax; not yet run on a GPU).
     "decode": dict(BLOCK_H=64, BLOCK_N=64, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2, GLUON=1),
     # FP8 cache, Triton kernel: the e4m3 tile is widened to bf16 in registers and staged in shared memory again
     "decode_fp8": dict(BLOCK_H=64, BLOCK_N=32, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2, GLUON=1),
@@ -135,11 +136,10 @@ def decode_kernel_name(device: torch.device | None = None) -> str:
     names = []
     for kind, what in (("decode", "bf16 cache"), ("decode_fp8", "FP8 cache")):
         gluon = hopper and int(get_mla_config(kind, 128, device).get("GLUON", 0))
-        pipe = mla_decode_sm90.pipe_setting(gluon - 1) if gluon else 0
-        schedule = {1: ", seesaw schedule", 2: ", serial schedule with lookahead"}.get(pipe, ", serial schedule")
-        if kind == "decode_fp8" and pipe:
-            schedule = ", serial schedule"  # the FP8 cache: one widened tile a step
-        names.append(f"{what}: " + (f"Gluon sm_90 kernel (mla_decode_sm90{schedule})" if gluon
+        schedule = mla_decode_sm90.schedule(gluon - 1, kind == "decode_fp8") if gluon else ""
+        schedule = {"seesaw": "seesaw schedule", "lookahead": "serial schedule with lookahead"}.get(
+            schedule, "serial schedule")
+        names.append(f"{what}: " + (f"Gluon sm_90 kernel (mla_decode_sm90, {schedule})" if gluon
                                     else "Triton flash-decoding kernel (_mla_decode_kernel)"))
     return "; ".join(names)
 

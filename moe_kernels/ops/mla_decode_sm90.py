@@ -64,7 +64,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["launch", "supports", "uses_pipe", "uses_lookahead", "pipe_setting"]
+__all__ = ["launch", "supports", "schedule", "uses_pipe", "uses_lookahead", "pipe_setting"]
 
 BLOCK_H = 64  # query rows per program (one wgmma M)
 BLOCK_N = 64  # keys per tile = the page size of a paged cache
@@ -699,16 +699,27 @@ def pipe_setting(pipe: int = 0) -> int:
     return int(env) if env else int(pipe)
 
 
+def schedule(pipe: int = 0, fp8: bool = False, C: int = 512) -> str:
+    """The schedule ``launch`` runs when asked for ``pipe`` (``pipe_setting``): "seesaw" (1) over a bf16 cache
+    with C a multiple of 128 (each warpgroup's value columns whole 64-column blocks), "lookahead" (2: the serial
+    kernel with S of the next tile under this tile's softmax) over a bf16 cache (the FP8 cache's one widened tile
+    serves one step at a time), else "serial"."""
+    asked = pipe_setting(pipe)
+    if asked == 1 and not fp8 and C % (2 * CHUNK) == 0:
+        return "seesaw"
+    if asked == 2 and not fp8:
+        return "lookahead"
+    return "serial"
+
+
 def uses_pipe(kv_cache: torch.Tensor, C: int, pipe: int = 0) -> bool:
-    """Whether ``launch`` runs the seesaw kernel: asked for (``pipe_setting``), a bf16 cache, C a multiple of 128
-    (each warpgroup's value columns whole 64-column blocks)."""
-    return pipe_setting(pipe) == 1 and kv_cache.dtype == torch.bfloat16 and C % (2 * CHUNK) == 0
+    """Whether ``launch`` runs the seesaw kernel (``schedule``)."""
+    return schedule(pipe, kv_cache.dtype != torch.bfloat16, C) == "seesaw"
 
 
 def uses_lookahead(kv_cache: torch.Tensor, pipe: int = 0) -> bool:
-    """Whether ``launch`` runs the serial kernel with LOOKAHEAD (S of the next tile under this tile's softmax):
-    asked for (``pipe_setting`` 2) over a bf16 cache (the FP8 cache's one widened tile serves one step at a time)."""
-    return pipe_setting(pipe) == 2 and kv_cache.dtype == torch.bfloat16
+    """Whether ``launch`` runs the serial kernel with LOOKAHEAD (``schedule``)."""
+    return schedule(pipe, kv_cache.dtype != torch.bfloat16) == "lookahead"
 
 
 def launch(q2, qr2, kv_cache, cache_seqlens, block_table, qk_scale, num_splits, num_heads, s_q, o_stage, lse,
