@@ -33,9 +33,9 @@ from moe_kernels.reference import mla as RM  # noqa: E402
 from moe_kernels.reference.quant import MIN_AMAX  # noqa: E402
 from test_ops_permute import assert_fp8_close  # noqa: E402
 
-# The floored scale of an all-zero block. Kernels and the CPU reference divide with IEEE rounding; torch on CUDA
-# multiplies by the rounded reciprocal of 448 instead, so scales are compared to 1 fp32 ulp (rtol 2e-7), and e4m3
-# values to 1 e4m3 ulp in a few elements (tests/test_ops_permute.assert_fp8_close).
+# The floored scale of an all-zero block. Kernels and the reference divide with IEEE rounding on every device
+# (reference.quant.scale_of); scales are still compared to 1 fp32 ulp (rtol 2e-7), and e4m3 values to 1 e4m3 ulp
+# in a few elements (tests/test_ops_permute.assert_fp8_close), where a test's own torch code divides by a scalar.
 FLOOR_SCALE = MIN_AMAX / 448
 
 F8 = torch.float8_e4m3fn

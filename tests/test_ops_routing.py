@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before moe_kernels: kernels run through the interpreter
 
 import pytest  # noqa: E402
-
+import triton  # noqa: E402
 import moe_kernels as mk  # noqa: E402
 from moe_kernels import reference as R  # noqa: E402
 from _helpers import assert_close_rel  # noqa: E402
@@ -143,6 +143,29 @@ def test_route_split_k(case, split, device, monkeypatch):
         out = routing._route_triton(x, w, k, scoring, ng, tg, norm, scaling, bias, escale, config=cfg)
         check_route(out, x, w, k, scoring, ng, tg, norm, scaling, bias, escale)
         assert int(counters.abs().sum()) == 0, "the last-arriving programs must reset their counters"
+
+
+GEMV_CASES = {  # decode sizes take the GEMV path (BLOCK_M = T rounded up to a power of two, below tl.dot's 16)
+    "deepseek_T1_fp32_gate": (1, 256, 384, 8, "sigmoid", 8, 4, True, False, 2.5, True, torch.float32),
+    "deepseek_T3_mixed": (3, 256, 384, 8, "sigmoid", 8, 4, True, False, 2.5, True, "mixed"),
+    "mixtral_T2": (2, 8, 200, 2, "softmax", 1, 1, False, False, 1.0, True, torch.bfloat16),  # H no multiple of BLOCK_K
+    "E7_T4_escale": (4, 7, 256, 3, "sigmoid", 1, 1, False, True, 1.0, True, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", list(GEMV_CASES))
+def test_route_gemv_at_decode_sizes(case, device):
+    """T <= GEMV_MAX_T: the config is the GEMV one (BLOCK_M < 16, split over H), and the routing the reference's."""
+    from moe_kernels.ops import routing
+
+    T, E, H, k, scoring, ng, tg, b, s, scaling, norm, dtype = GEMV_CASES[case]
+    x, w, bias, escale = make_inputs(T, E, H, torch.bfloat16 if dtype == "mixed" else dtype, device, b, s)
+    if dtype == "mixed":  # the patched DeepSeek layer's case: bf16 tokens, fp32 gate
+        w = w.float() + 1e-3 * torch.randn_like(w.float())
+    cfg = routing._config(T, E, H, x.dtype != w.dtype or x.dtype == torch.float32, heavy=k > 2 or ng > 1)
+    assert cfg["BLOCK_M"] == triton.next_power_of_2(T) < 16 and cfg["SPLIT_K"] >= 1
+    check_route(mk.ops.route(x, w, k, scoring, ng, tg, norm, scaling, bias, escale), x, w, k, scoring, ng, tg, norm,
+                scaling, bias, escale)
 
 
 def test_route_mixed_dtypes_use_fp32_products(device):

@@ -81,7 +81,9 @@ def _route_kernel(
             k_mask = (k0 + offs_k) < H
             xb = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             wb = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        if FP32_DOT:
+        if BLOCK_M < 16:  # decode sizes: a GEMV on the FMA units (tl.dot pads M to 16: 16x the work at T = 1)
+            acc += tl.sum(xb.to(tl.float32)[:, None, :] * wb.to(tl.float32)[None, :, :], axis=2)
+        elif FP32_DOT:
             acc += tl.dot(xb.to(tl.float32), tl.trans(wb.to(tl.float32)), input_precision="ieee")
         elif UPCAST_DOT:  # the interpreter's bf16 dot is wrong; fp32 products of bf16 inputs are exact anyway
             acc += tl.dot(xb.to(tl.float32), tl.trans(wb.to(tl.float32)))
@@ -204,7 +206,22 @@ _DEFAULT = [(64, _SPLIT_DECODE, _SPLIT_DECODE),
             (None, _cfg(64, 64, 8, 3), _cfg(64, 64, 8, 3))]
 
 
+GEMV_MAX_T = 4  # up to this many tokens the router multiplies as a GEMV (BLOCK_M = T rounded up to a power of 2)
+
+
+def _gemv_config(T: int, E: int, fp32: bool) -> dict:
+    """T <= GEMV_MAX_T: BLOCK_M = T (power of 2), the [BLOCK_M, BLOCK_E, BLOCK_K] product held at 16K fp32 values
+    (128 a thread at 4 warps, 64 at 8), the gate's stage <= 32 KB, H split over 16 programs."""
+    m, e = _next_pow2(T), _next_pow2(E, 16)
+    k = min(16384 // (m * e), 32768 // (e * (4 if fp32 else 2)), 128)
+    return dict(BLOCK_M=m, BLOCK_K=max(k, 16), num_warps=8 if e >= 128 else 4, num_stages=3, SPLIT_K=16)
+
+
 def _config(T: int, E: int, H: int, fp32: bool, heavy: bool) -> dict:
+    if T <= GEMV_MAX_T:
+        cfg = _gemv_config(T, E, fp32)
+        cfg["SPLIT_K"] = max(1, min(cfg["SPLIT_K"], triton.cdiv(H, cfg["BLOCK_K"]) // 2))
+        return cfg
     for max_t, light_cfg, heavy_cfg in _CONFIGS.get((_next_pow2(E, 16), H >= 4096), _DEFAULT):
         if max_t is None or T <= max_t:
             cfg = dict(heavy_cfg if heavy else light_cfg)

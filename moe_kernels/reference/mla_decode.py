@@ -27,7 +27,7 @@ import torch
 
 from .mla import apply_rope, rms_norm
 from .._checks import FP8_MAX
-from .quant import MIN_AMAX, dequantize_fp8, dequantize_weight_fp8, quantize_fp8
+from .quant import dequantize_fp8, dequantize_weight_fp8, quantize_fp8, scale_of
 
 __all__ = ["mla_latent_proj", "mla_decode", "split_kv_b", "mla_decode_absorbed", "fp8_row_bytes", "pack_latent_fp8",
            "unpack_latent_fp8"]
@@ -44,7 +44,7 @@ def pack_latent_fp8(kv: torch.Tensor, C: int) -> torch.Tensor:
     R = D - C
     x = kv.reshape(-1, D).float()
     c = x[:, :C]
-    scale = c.abs().amax(-1).clamp(min=MIN_AMAX) / FP8_MAX  # [T]
+    scale = scale_of(c.abs().amax(-1))  # [T], IEEE-rounded as the kernels'
     q = (c / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     out = torch.zeros(x.shape[0], fp8_row_bytes(C, R), dtype=torch.uint8, device=kv.device)
     out[:, :C] = q.view(torch.uint8)
