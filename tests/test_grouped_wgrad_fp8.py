@@ -11,8 +11,9 @@ inputs it takes.
 
 GPU (marked gpu, sm_90 only): the full path (pass + GEMM) against ``_wgrad_fp8_reference`` and against float64,
 with odd / empty / single-expert cases, M = 0, K tails, few programs, stage and unroll variants, bf16 / fp32
-outputs NaN-filled before the launch; non-finite rows kept inside their expert; ``grouped_wgrad(fp8=True)`` with
-MOE_KERNELS_WGRAD_FP8=gluon taking this path; a training-sized skewed call against the Triton FP8 kernel.
+outputs NaN-filled before the launch; non-finite rows kept inside their expert; ``grouped_wgrad(fp8=True)``
+taking this path by default (MOE_KERNELS_WGRAD_FP8=triton opts out); a training-sized skewed call against the
+Triton FP8 kernel.
 
 Error bounds (relative Frobenius): against its torch formulation the products differ only by Hopper's FP8
 tensor-core accumulation inside one 128-deep product (4.5e-4 measured for the Triton FP8 kernel on an H200; 2e-3
@@ -443,7 +444,7 @@ def test_nonfinite_rows_stay_in_their_expert():
 @pytest.mark.parametrize("case", ["skewed", "m0"])
 def test_grouped_wgrad_fp8_dispatches_to_gluon(case, monkeypatch):
     """MOE_KERNELS_WGRAD_FP8=gluon: grouped_wgrad(fp8=True) runs this path (a spy counts its launches) and matches
-    the reference; M = 0 gives zeros without a launch; unset, the Triton FP8 kernel runs."""
+    the reference; M = 0 gives zeros without a launch; unset (auto) it runs too; =triton, the Triton FP8 kernel."""
     from moe_kernels import ops
 
     launches = []
@@ -470,8 +471,11 @@ def test_grouped_wgrad_fp8_dispatches_to_gluon(case, monkeypatch):
     assert len(launches) == 2 and dw16.dtype == torch.bfloat16
     assert_close_rel(dw16, ref, 5e-3, "grouped_wgrad(fp8) via gluon, bf16 out")
     monkeypatch.delenv("MOE_KERNELS_WGRAD_FP8")
+    assert torch.equal(ops.grouped_wgrad(dy, x, offsets, E, out_dtype=torch.float32, fp8=True), dw)
+    assert len(launches) == 3  # default (auto): the Gluon kernel
+    monkeypatch.setenv("MOE_KERNELS_WGRAD_FP8", "triton")
     triton_dw = ops.grouped_wgrad(dy, x, offsets, E, out_dtype=torch.float32, fp8=True)
-    assert len(launches) == 2  # default: the Triton kernel
+    assert len(launches) == 3  # opted out: the Triton kernel
     assert_close_rel(dw, triton_dw, 3e-3, "gluon vs the Triton FP8 kernel")
 
 
@@ -499,6 +503,6 @@ def test_fp8_wgrad_real_size_skewed(monkeypatch):
             assert_close_rel(dw[e], _exact(dy[o[e]:o[e + 1]], x[o[e]:o[e + 1]], sub)[0], 8e-2, f"expert {e} vs f64")
         else:
             assert (dw[e] == 0).all()
-    monkeypatch.delenv("MOE_KERNELS_WGRAD_FP8", raising=False)
+    monkeypatch.setenv("MOE_KERNELS_WGRAD_FP8", "triton")
     triton_dw = ops.grouped_wgrad(dy, x, offsets, 32, out_dtype=torch.float32, fp8=True)  # the Triton kernel
     assert_close_rel(dw, triton_dw, 3e-3, "gluon vs triton (FP8)")

@@ -147,6 +147,7 @@ def test_route_split_k(case, split, device, monkeypatch):
 
 GEMV_CASES = {  # decode sizes take the GEMV path (BLOCK_M = T rounded up to a power of two, below tl.dot's 16)
     "deepseek_T1_fp32_gate": (1, 256, 384, 8, "sigmoid", 8, 4, True, False, 2.5, True, torch.float32),
+    "deepseek_T1_bf16_gate": (1, 256, 384, 8, "sigmoid", 8, 4, True, False, 2.5, True, torch.bfloat16),
     "deepseek_T3_mixed": (3, 256, 384, 8, "sigmoid", 8, 4, True, False, 2.5, True, "mixed"),
     "mixtral_T2": (2, 8, 200, 2, "softmax", 1, 1, False, False, 1.0, True, torch.bfloat16),  # H no multiple of BLOCK_K
     "E7_T4_escale": (4, 7, 256, 3, "sigmoid", 1, 1, False, True, 1.0, True, torch.bfloat16),
