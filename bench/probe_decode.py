@@ -69,7 +69,7 @@ def run(name, E, counts, stages, splits, gbps, warps=(4,), w2_block_n=(128,)):
                     if not sp:  # the launcher's automatic split, resolved (w13 / w2)
                         bt = gd.block_t_for(M, E)
                         auto = [gd.split_k_for(triton.cdiv(n, b) * min(E, M), k // 128, torch.device(dev),
-                                               gd.stage_bytes(b, bt, 128, 1, sw), st)
+                                               gd.stage_bytes(b, bt, 128, 1, sw), st, (2 if sw else 1) * b * 128)
                                 for n, b, k, sw in ((I, 128, H, True), (H, bn, I, False))]
                     rows.append(dict(shape=name, stages=st, split=sp or f"auto {auto[0]}/{auto[1]}", warps=nw,
                                      w2_block_n=bn, w13_us=t13 * 1e3,

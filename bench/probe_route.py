@@ -1,7 +1,8 @@
 """Probe the router kernel's block configs at decode sizes (GPU): DeepSeek-V3 routing (E 256, top-8, groups 8/4,
 sigmoid with bias, H 7168) at T = 1 and 8, the gate in the dtype the patched model's layer keeps (printed) and in
-the other one; 16-row tl.dot tiles and (T <= 8) the GEMV path; each config timed by CUDA-graph replays, beside the shipped default. Prints a table and the fastest
-config per (gate dtype, T); writes ``bench/results/route_probe-<gpu>.json``.
+the other one; 16-row tl.dot tiles and (T <= 8) the GEMV path; each config timed by CUDA-graph replays, beside the
+shipped default. Prints a table and the fastest config per (gate dtype, T); writes
+``bench/results/route_probe-<gpu>.json``.
 
     python bench/probe_route.py [--tokens 1,8] [--splits 16,32] [--gates bfloat16,float32] [--rep 50]
     python bench/probe_route.py --tokens 1 --gemv '2,16,32;4,32,16'  # named GEMV configs only

@@ -137,6 +137,13 @@ def test_split_k_fills_one_wave(monkeypatch):
     assert gd.split_k_for(128, 56, dev, swiglu, 4) == 1 and gd.split_k_for(448, 16, dev) == 1
     # one expert, one column tile: bounded by 4 K steps a slice
     assert gd.split_k_for(1, 16, dev, swiglu, 4) == 4
+    # with the weight bytes of a K step: the down projection (16 steps x 16 KiB) never splits, even with few
+    # programs; the SwiGLU one (56 steps x 32 KiB) keeps its one-wave split up to 9 slices of >= 192 KiB
+    down = (128 + 16) * 128
+    assert gd.split_k_for(112, 16, dev, down, 4) == 2 and gd.split_k_for(112, 16, dev, down, 4, 128 * 128) == 1
+    assert gd.split_k_for(56, 16, dev, down, 4, 128 * 128) == 1 and gd.split_k_for(56, 32, dev, down, 4, 128 * 128) == 2
+    assert gd.split_k_for(32, 56, dev, swiglu, 3, 2 * 128 * 128) == 8
+    assert gd.split_k_for(1, 56, dev, swiglu, 4, 2 * 128 * 128) == 9
     for programs in (1, 7, 32, 100, 133, 1000):  # never more than one wave
         split = gd.split_k_for(programs, 1 << 10, dev, swiglu, 4)
         assert split == 1 or programs * split <= 132

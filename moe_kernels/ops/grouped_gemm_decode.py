@@ -228,7 +228,8 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
     k_steps = triton.cdiv(K, BK)
     stages = int(cfg.get("num_stages", 4))
     split = int(cfg.get("SPLIT_K", 0)) or split_k_for(
-        tiles * slots, k_steps, a.device, stage_bytes(BN, BT, BK, a.element_size(), swiglu), stages)
+        tiles * slots, k_steps, a.device, stage_bytes(BN, BT, BK, a.element_size(), swiglu), stages,
+        (2 if swiglu else 1) * BN * BK * w.element_size())
     split = triton.cdiv(k_steps, triton.cdiv(k_steps, max(1, min(split, k_steps))))  # no empty slice
     dummy = offsets if offsets is not None else masked_m
     if use_tma:  # the caller checked that this Triton has host descriptors (grouped_gemm._tma_usable)
@@ -268,10 +269,18 @@ def stage_bytes(block_n: int, block_t: int, block_k: int, element_size: int, swi
     return ((2 if swiglu else 1) * block_n + block_t) * block_k * element_size
 
 
-def split_k_for(programs: int, k_steps: int, device: torch.device, stage_bytes: int = 0, stages: int = 1) -> int:
+MIN_SLICE_BYTES = 192 << 10  # weight bytes a K slice streams at least: a split's fixed cost needs this to pay
+
+
+def split_k_for(programs: int, k_steps: int, device: torch.device, stage_bytes: int = 0, stages: int = 1,
+                step_weight_bytes: int = 0) -> int:
     """K slices per (column tile, slot) so that the programs fill the SMs in one wave: ``programs`` is the upper
     bound of (tile, slot) pairs (slots = min(E, rows)), so fewer experts with rows only means idler SMs, never a
-    wrong result. Each slice keeps at least 4 K steps (the pipeline's depth).
+    wrong result. Each slice keeps at least 4 K steps (the pipeline's depth) and, given ``step_weight_bytes`` (the
+    weight bytes of one K step), at least MIN_SLICE_BYTES of weights: on an H100 (`probe_decode.py`, 2026-12-07)
+    the down projection (K 2048: 16 steps of 16 KiB, 256 KiB a tile) ran fastest unsplit even with 56 or 112
+    programs (6.4-6.6 us against 7.1-8.4 split 2-4; 7.7 against 9.3-13.5), while the SwiGLU projection (K 7168:
+    1.75 MiB a tile) gained from 4-8 slices at 32-64 programs (28.9 -> 13.3-13.8 us; 33.3 -> 28.0-28.8).
 
     A wave is ``resident_per_sm`` programs an SM (at most 2; 1 where the stage ring of ``stages`` x ``stage_bytes``
     takes more than half the SM's shared memory, as the SwiGLU kernel's 4 stages of 2 x 16 KiB weight tiles do).
@@ -281,7 +290,8 @@ def split_k_for(programs: int, k_steps: int, device: torch.device, stage_bytes: 
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
     capacity = resident_per_sm(index, stages * stage_bytes) * _sm_count(index)
-    return max(1, min(capacity // max(programs, 1), k_steps // 4))
+    by_bytes = k_steps * step_weight_bytes // MIN_SLICE_BYTES if step_weight_bytes else k_steps
+    return max(1, min(capacity // max(programs, 1), k_steps // 4, by_bytes))
 
 
 def resident_per_sm(index: int, smem_bytes: int) -> int:
