@@ -493,9 +493,9 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, num_
     # MOE_KERNELS_WGRAD_FP8=auto (default): the FP8 wgrad as a K-grouped GEMM (grouped_wgrad_fp8: transposed e4m3
     # copies written once, then a Gluon wgmma kernel) where it applies. One H100 training step (mixtral-like, 8192
     # tokens, FP8 weight gradients): 8.34 ms with it, 67-69 ms with the Triton FP8 kernel (2026-12-07).
-    # =gluon: the same, and says when it cannot run; =triton: the Triton FP8 kernel always.
+    # =gluon: the same, and says when it cannot run; =triton (or any other value): the Triton FP8 kernel.
     choice8 = os.environ.get("MOE_KERNELS_WGRAD_FP8", "auto")
-    if fp8 and choice8 != "triton" and x.is_cuda and not interpret_mode():
+    if fp8 and choice8 in ("auto", "gluon") and x.is_cuda and not interpret_mode():
         try:
             from . import grouped_wgrad_fp8 as gf
         except ImportError as e:  # pragma: no cover - Triton without Gluon

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The second call of a session (< 10 min), after tools/gpu/round.sh: what round.sh leaves out.
 #   1. bench/bench_hf_model.py (issue 19: whole DeepSeek-V3- and Qwen3-MoE-shaped models, HF vs patched)
-#   2. bench/bench_training.py, both cases at T 4096 / 8192 / 16384 (issue 20), bench/probe_decode.py (issue 19)
+#   2. bench/bench_training.py, both cases at T 4096 / 8192 / 16384 (issue 20); the Qwen3-shaped MoE block's decode
+#      profile, bf16 and fp8 (issue 19: its patched model decoded slower in fp8)
 #   3. tools/gpu/gemm.sh GEMM_FULL=1 (issue 18: all 10 shapes beside DeepGEMM 8dfa329), its precompile beside 1-2
 # Everything comes back as $OUT/results.tgz + $OUT/summary.log.
-#   R_TOTAL=570 R_HF=200 R_TRAIN=170 WG8=gluon bash tools/gpu/round2.sh
+#   R_TOTAL=570 R_HF=200 R_TRAIN=170 bash tools/gpu/round2.sh      (WG8=triton: FP8 weight gradients by Triton)
 set -u
 R=/tmp/gpu_results2 TOTAL=${R_TOTAL:-570}
 source "$(dirname "$0")/_lib.sh"
@@ -17,12 +18,13 @@ echo "== hf model bench $(el)" >> "$S"
 timeout "$(lim ${R_HF:-170} 300)" python bench/bench_hf_model.py > "$R/hf_model.log" 2>&1
 echo "rc=$?" >> "$S"; tail -40 "$R/hf_model.log" >> "$S"
 echo "== training $(el)" >> "$S"
-MOE_KERNELS_WGRAD_FP8=${WG8:-} timeout "$(lim ${R_TRAIN:-150} 150)" python bench/bench_training.py \
+MOE_KERNELS_WGRAD_FP8=${WG8:-auto} timeout "$(lim ${R_TRAIN:-150} 150)" python bench/bench_training.py \
   --tokens 4096,8192,16384 --cases mixtral-like,deepseek --precisions bf16,fp8_bf16wgrad,fp8 --no-fp32 \
   --err-tokens 0 --profile-tokens 0 > "$R/training_bench.log" 2>&1
 echo "rc=$?" >> "$S"; tail -30 "$R/training_bench.log" >> "$S"
-echo "== decode GEMM probe $(el)" >> "$S"
-timeout "$(lim ${R_PROBE:-60} 120)" python bench/probe_decode.py --stages 2,3,4 --splits 0,2,4,8 > "$R/probe.log" 2>&1
-echo "rc=$?" >> "$S"; tail -40 "$R/probe.log" >> "$S"
+echo "== qwen3 MoE block decode profile $(el)" >> "$S"
+timeout "$(lim ${R_PROBE:-60} 120)" python bench/profile_moe_decode.py --cases qwen3 --tokens 1,16 --precision bf16,fp8 \
+  > "$R/profile_qwen3.log" 2>&1
+echo "rc=$?" >> "$S"; grep -E "^## |_kernel|aten|nvjet" "$R/profile_qwen3.log" | cut -c1-200 | head -60 >> "$S"
 gemm_join "DeepGEMM, full"
 pack
