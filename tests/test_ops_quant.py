@@ -81,6 +81,18 @@ def test_quantize_fp8_is_a_custom_op(device):
     assert torch.equal(got[1], want[1]) and torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
 
 
+def test_reference_scale_is_the_ieee_quotient(device):
+    """reference.quant.scale_of(amax) is fp32(amax / 448) correctly rounded on every device (a float64 quotient of
+    two floats rounds to the correctly rounded float one). torch on CUDA computes ``t / 448.0`` as t times the
+    rounded reciprocal, one ulp off for some amax: that was the reference's scale on the GPU until 2026-12-07."""
+    from moe_kernels.reference.quant import MIN_AMAX, scale_of
+
+    amax = (torch.rand(1 << 16, generator=torch.Generator().manual_seed(3)) * 50).clamp(min=MIN_AMAX)
+    want = (amax.double() / 448.0).float()
+    got = scale_of(amax.to(device)).cpu()
+    assert torch.equal(got, want), f"{int((got != want).sum())} of {amax.numel()} scales are not the IEEE quotient"
+
+
 @pytest.mark.gpu
 def test_quantize_fp8_large():
     x = torch.randn(4096, 7168, device="cuda", dtype=torch.bfloat16) * 3
