@@ -693,7 +693,13 @@ def _quantize_master_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, NB, KB, T
     tl.store(q_ptr + e * N * K + offs_n[:, None] * K + offs_k[None, :], q, mask=mask)
     tl.store(s_ptr + e * NB * KB + nb * KB + kb, scale)
     if TRANSPOSED:
-        tl.store(qt_ptr + e * N * K + offs_k[None, :] * N + offs_n[:, None], q, mask=mask)
+        # the transposed copy from the e4m3 codes just stored (16 KiB, in L2; the barrier makes this program's
+        # stores visible to all its threads): storing q itself transposed made Triton 3.6 give that store its own
+        # layout by moving the 32 KiB bf16 tile and redoing the divisions there, two div.rn an element
+        tl.debug_barrier()
+        qt = tl.load(q_ptr + e * N * K + offs_n[None, :] * K + offs_k[:, None], mask=tl.trans(mask),
+                     cache_modifier=".cg")
+        tl.store(qt_ptr + e * N * K + offs_k[:, None] * N + offs_n[None, :], qt, mask=tl.trans(mask))
         tl.store(st_ptr + e * NB * KB + kb * NB + nb, scale)
 
 
