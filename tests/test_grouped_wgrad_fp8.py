@@ -265,6 +265,22 @@ print(triton.__version__, re.findall(r"\\b(?:div|rcp)\\.[a-z.]*f32\\b", ptx))
 """
 
 
+def _sm90_divisions(script: str, triton_path: str | None) -> list[str]:
+    """The fp32 divisions (div.* / rcp.*) in the sm_90a PTX that ``script`` prints, compiled offline with the Triton
+    at ``triton_path`` (None: this one; skips when that wheel is absent)."""
+    if triton_path and not os.path.isdir(triton_path):
+        pytest.skip(f"no Triton 3.6 wheel at {triton_path}")
+    path = [p for p in (triton_path, ROOT, os.environ.get("PYTHONPATH")) if p]
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version, ops = proc.stdout.strip().splitlines()[-1].split(" ", 1)
+    if triton_path:
+        assert version.startswith("3.6"), version
+    return ast.literal_eval(ops)
+
+
 @needs_gluon
 @pytest.mark.parametrize("triton_path", [None, pytest.param(TRITON36, id="triton36")])
 def test_quantize_pass_divides_with_ieee_rounding_on_sm90(triton_path):
@@ -272,17 +288,7 @@ def test_quantize_pass_divides_with_ieee_rounding_on_sm90(triton_path):
     numpy division also gives): no div.full / div.approx / rcp.approx. Triton 3.6 compiles tl.fdiv(...,
     ieee_rounding=True) to div.full.f32 (the flag is dropped, ~2 ulp): scales one ulp off and e4m3 values across a
     rounding tie, which failed the pass's GPU tests on an H100 while the interpreter passed them."""
-    if triton_path and not os.path.isdir(triton_path):
-        pytest.skip(f"no Triton 3.6 wheel at {triton_path}")
-    path = [p for p in (triton_path, ROOT, os.environ.get("PYTHONPATH")) if p]
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(path))
-    proc = subprocess.run([sys.executable, "-c", _QUANT_PTX], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    version, ops = proc.stdout.strip().splitlines()[-1].split(" ", 1)
-    ops = ast.literal_eval(ops)
-    if triton_path:
-        assert version.startswith("3.6"), version
+    ops = _sm90_divisions(_QUANT_PTX, triton_path)
     assert ops and set(ops) == {"div.rn.f32"}, sorted(set(ops))
 
 
@@ -310,17 +316,7 @@ def test_master_quantisation_divides_once_an_element_on_sm90(triton_path):
     in the sm_90a PTX. Storing the e4m3 tile transposed straight from registers made Triton 3.6 rebuild it in a
     second layout from the bf16 input, divisions included (129: the 4.4-4.9 ms a training step on an H100,
     2026-12-07, for ~2 ms of memory traffic); the copy is now read back from the codes just stored."""
-    if triton_path and not os.path.isdir(triton_path):
-        pytest.skip(f"no Triton 3.6 wheel at {triton_path}")
-    path = [p for p in (triton_path, ROOT, os.environ.get("PYTHONPATH")) if p]
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(path))
-    proc = subprocess.run([sys.executable, "-c", _MASTER_PTX], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    version, ops = proc.stdout.strip().splitlines()[-1].split(" ", 1)
-    ops = ast.literal_eval(ops)
-    if triton_path:
-        assert version.startswith("3.6"), version
+    ops = _sm90_divisions(_MASTER_PTX, triton_path)
     assert set(ops) == {"div.rn.f32"} and len(ops) == 65, (len(ops), sorted(set(ops)))
 
 
