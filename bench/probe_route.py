@@ -87,7 +87,7 @@ def main():
                     if m * E * bk <= 32768:
                         cfgs.append(dict(BLOCK_M=m, BLOCK_K=bk, num_warps=warps, num_stages=3, SPLIT_K=split))
         for cfg in cfgs:
-            cfg["SPLIT_K"] = max(1, min(cfg["SPLIT_K"], triton.cdiv(H, cfg["BLOCK_K"]) // 2))
+            routing.cap_split(cfg, H)
             try:
                 us, (wt, ids, _) = time_route(x, w, bias, cfg, args.rep)
             except Exception as exc:  # out of resources: a config this GPU cannot run

@@ -223,16 +223,19 @@ def _gemv_config(T: int, E: int, fp32: bool) -> dict:
 
 def _config(T: int, E: int, H: int, fp32: bool, heavy: bool) -> dict:
     if T <= GEMV_MAX_T:
-        cfg = _gemv_config(T, E, fp32)
-        cfg["SPLIT_K"] = max(1, min(cfg["SPLIT_K"], triton.cdiv(H, cfg["BLOCK_K"]) // 2))
-        return cfg
+        return cap_split(_gemv_config(T, E, fp32), H)
     for max_t, light_cfg, heavy_cfg in _CONFIGS.get((_next_pow2(E, 16), H >= 4096), _DEFAULT):
         if max_t is None or T <= max_t:
             cfg = dict(heavy_cfg if heavy else light_cfg)
             break
     if fp32:  # twice the bytes per tile: keep the pipeline inside shared memory
         cfg.update(BLOCK_K=32, num_stages=2)
-    if cfg.get("SPLIT_K", 1) > 1:  # whole BLOCK_K steps per slice, at least 2 (a short H splits less)
+    return cap_split(cfg, H)
+
+
+def cap_split(cfg: dict, H: int) -> dict:
+    """``cfg`` with SPLIT_K lowered so that each slice has whole BLOCK_K steps, at least 2 (a short H splits less)."""
+    if cfg.get("SPLIT_K", 1) > 1:
         cfg["SPLIT_K"] = max(1, min(cfg["SPLIT_K"], triton.cdiv(H, cfg["BLOCK_K"]) // 2))
     return cfg
 
