@@ -31,6 +31,7 @@ so the W tiles of one expert are reused from L2.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import warnings
 
@@ -445,6 +446,37 @@ def _wgrad_fp8_reference(dy, x, offsets, num_experts):
     return torch.stack(out) if out else torch.zeros(0, dy.shape[1], x.shape[1], device=x.device)
 
 
+def _gluon_wgrad(module: str, env: str, kind: str, dy, x, offsets, dw, needs_tma: bool):
+    """dw from the Gluon wgrad kernel of ``ops.<module>`` (its launch / supports / FAILED) when the switch ``env``
+    allows it and it applies, else None (the caller runs the Triton kernel). A launch that fails is recorded in
+    FAILED, so later calls skip it; the Triton fallback is said once where it surprises (``env=gluon``, a failed
+    launch)."""
+    choice = os.environ.get(env, "auto")
+    if choice not in ("auto", "gluon") or not x.is_cuda or interpret_mode():
+        return None
+    try:
+        mod = importlib.import_module(f".{module}", __package__)
+    except ImportError as e:  # pragma: no cover - Triton without Gluon
+        mod, why = None, f"this Triton has no Gluon ({e})"
+    if mod is not None:
+        why = ("not an sm_90 GPU" if not _is_sm90(x.device.index if x.device.index is not None else 0)
+               else "an operand is not 16-byte aligned for TMA" if needs_tma and not _tma_usable(dy, x)
+               else "its launch failed earlier: " + mod.FAILED[0] if mod.FAILED else mod.supports(dy, x, dw))
+    if why is None or why == "no rows":
+        if why:  # M = 0: every expert's gradient is zero
+            return dw.zero_()
+        try:
+            mod.launch(dy, x, offsets.contiguous(), dw)
+            return dw
+        except Exception as e:  # noqa: BLE001 - a Triton that cannot build it: the Triton kernel, said once
+            mod.FAILED.append(f"{type(e).__name__}: {str(e)[:300]}")
+            why = "its launch failed: " + mod.FAILED[0]
+    if choice == "gluon" or why.startswith("its launch failed"):
+        _say_once(f"moe_kernels: the Gluon {kind}wgrad kernel does not run here, grouped_wgrad runs the Triton "
+                  f"{kind}kernel: {why}")
+    return None
+
+
 def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, num_experts: int,
                   out_dtype: torch.dtype | None = None, fp8: bool = False) -> torch.Tensor:
     """dW [E, N, K] with dW[e] = dY_e^T X_e over the rows of each expert (the weight gradient of
@@ -465,55 +497,17 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, num_
         common = dy.dtype if fp8 else torch.promote_types(dy.dtype, x.dtype)
         dy, x = dy.to(common), x.to(common)
     dy, x = dy.contiguous(), x.contiguous()
-    # the Gluon wgmma kernel (grouped_wgrad_wgmma) where it applies (sm_90, 16-bit, TMA-aligned):
-    # MOE_KERNELS_WGRAD=auto (default; 1.33-1.69x the Triton kernel, 0.91-1.22x torch._grouped_mm on an H100,
-    # bench/results/wgrad-*.json), gluon (the same, and says why when it cannot run), triton (never)
-    choice = os.environ.get("MOE_KERNELS_WGRAD", "auto")
-    if not fp8 and choice in ("auto", "gluon") and x.is_cuda and not interpret_mode():
-        try:
-            from . import grouped_wgrad_wgmma as gw
-        except ImportError as e:  # pragma: no cover - Triton without Gluon
-            gw, why = None, f"this Triton has no Gluon ({e})"
-        if gw is not None:
-            why = ("not an sm_90 GPU" if not _is_sm90(x.device.index if x.device.index is not None else 0)
-                   else "an operand is not 16-byte aligned for TMA" if not _tma_usable(dy, x)
-                   else "its launch failed earlier: " + gw.FAILED[0] if gw.FAILED else gw.supports(dy, x, dw))
-        if why is None or why == "no rows":
-            if why:  # M = 0: every expert's gradient is zero
-                return dw.zero_()
-            try:
-                gw.launch(dy, x, offsets.contiguous(), dw)
-                return dw
-            except Exception as e:  # noqa: BLE001 - a Triton that cannot build it: the Triton kernel, said once
-                gw.FAILED.append(f"{type(e).__name__}: {str(e)[:300]}")
-                why = "its launch failed: " + gw.FAILED[0]
-        if choice == "gluon" or why.startswith("its launch failed"):
-            _say_once(f"moe_kernels: the Gluon wgrad kernel does not run here, grouped_wgrad runs the Triton kernel: "
-                      f"{why}")
-    # MOE_KERNELS_WGRAD_FP8=auto (default): the FP8 wgrad as a K-grouped GEMM (grouped_wgrad_fp8: transposed e4m3
-    # copies written once, then a Gluon wgmma kernel) where it applies. One H100 training step (mixtral-like, 8192
-    # tokens, FP8 weight gradients): 8.34 ms with it, 67-69 ms with the Triton FP8 kernel (2026-12-07).
-    # =gluon: the same, and says when it cannot run; =triton (or any other value): the Triton FP8 kernel.
-    choice8 = os.environ.get("MOE_KERNELS_WGRAD_FP8", "auto")
-    if fp8 and choice8 in ("auto", "gluon") and x.is_cuda and not interpret_mode():
-        try:
-            from . import grouped_wgrad_fp8 as gf
-        except ImportError as e:  # pragma: no cover - Triton without Gluon
-            gf, why = None, f"this Triton has no Gluon ({e})"
-        if gf is not None:
-            why = ("not an sm_90 GPU" if not _is_sm90(x.device.index if x.device.index is not None else 0)
-                   else "its launch failed earlier: " + gf.FAILED[0] if gf.FAILED else gf.supports(dy, x, dw))
-        if why is None or why == "no rows":
-            if why:  # M = 0: every expert's gradient is zero
-                return dw.zero_()
-            try:
-                return gf.launch(dy, x, offsets, dw)
-            except Exception as e:  # noqa: BLE001 - a Triton that cannot build it: the Triton kernel, said once
-                gf.FAILED.append(f"{type(e).__name__}: {str(e)[:300]}")
-                why = "its launch failed: " + gf.FAILED[0]
-        if choice8 == "gluon" or why.startswith("its launch failed"):
-            _say_once(f"moe_kernels: the Gluon FP8 wgrad kernel does not run here, grouped_wgrad runs the Triton FP8 "
-                      f"kernel: {why}")
+    # the Gluon kernels where they apply (sm_90; bf16 also TMA-aligned), each by its switch: auto (default), gluon
+    # (the same, and says why when it cannot run), triton or any other value (never).
+    # bf16, MOE_KERNELS_WGRAD: grouped_wgrad_wgmma, 1.33-1.69x the Triton kernel, 0.91-1.22x torch._grouped_mm on
+    # an H100 (bench/results/wgrad-*.json).
+    # FP8, MOE_KERNELS_WGRAD_FP8: grouped_wgrad_fp8 (transposed e4m3 copies written once, then a K-grouped Gluon
+    # GEMM). One H100 training step (mixtral-like, 8192 tokens, FP8 weight gradients): 8.34 ms with it, 67-69 ms
+    # with the Triton FP8 kernel (2026-12-07).
+    done = (_gluon_wgrad("grouped_wgrad_fp8", "MOE_KERNELS_WGRAD_FP8", "FP8 ", dy, x, offsets, dw, False) if fp8
+            else _gluon_wgrad("grouped_wgrad_wgmma", "MOE_KERNELS_WGRAD", "", dy, x, offsets, dw, True))
+    if done is not None:
+        return done
     small = interpret_mode()
     tma = x.dtype != torch.float32 and not _WGRAD_TMA_FAILED and _tma_usable(dy, x)
     if fp8:  # a row step is one 1x128 group
