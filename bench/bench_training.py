@@ -233,8 +233,9 @@ def run_case(case, tokens, device="cuda", precisions=("bf16",), fp32=False, err_
             quant_ms = bench_ms(lambda: (layer.experts.fp8_weights(force=True), layer.experts.fp8_weights_t()),
                                 warmup=2, rep=20)
             # resident between steps (beside the masters), so not in the step's peak: reported on their own
-            copies = layer.experts.fp8_weights() + layer.experts.fp8_weights_t()
-            copies_mb = sum(t.numel() * t.element_size() for pair in copies for t in pair) / 2**20
+            # (no name keeps them: a local would hold the last layer's 21 GiB (deepseek) into the next layer's row)
+            copies_mb = sum(t.numel() * t.element_size()
+                            for pair in layer.experts.fp8_weights() + layer.experts.fp8_weights_t() for t in pair) / 2**20
         for p in ours_params + cparams:
             p.grad = None
         x.grad = None

@@ -1,0 +1,77 @@
+"""Where the host's time goes in one eager decode step of MoELayer: Python's cProfile over many steps (no CUDA
+sync inside), so a step whose wall time is far above its kernels' time shows which Python calls cost it.
+
+    PYTHONPATH=. python bench/profile_host.py [--cases qwen3,deepseek] [--precision fp8,bf16] [--tokens 1]
+        [--steps 200] [--top 35]
+
+Prints, per (case, precision, T): the wall time a step (eager, after warm-up, synchronised once at the end), then
+the functions by own time and by cumulative time; writes results/host_profile-<device>.txt.
+"""
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import RESULTS, device_name  # noqa: E402  (sets MOE_KERNELS_VALUE_CHECKS=0)
+from profile_moe_decode import CASES  # noqa: E402
+
+import moe_kernels as mk  # noqa: E402
+
+
+def wall_us(layer, x, steps):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        layer(x)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default="qwen3,deepseek")
+    ap.add_argument("--precision", default="fp8,bf16")
+    ap.add_argument("--tokens", default="1")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--top", type=int, default=35)
+    args = ap.parse_args()
+    out = []
+    for case in args.cases.split(","):
+        for precision in args.precision.split(","):
+            kw = dict(dict(hidden_size=7168, intermediate_size=2048), **CASES[case])
+            layer = mk.MoELayer(precision=precision, device="cuda", dtype=torch.bfloat16, **kw)
+            for T in (int(t) for t in args.tokens.split(",")):
+                x = torch.randn(T, kw["hidden_size"], device="cuda", dtype=torch.bfloat16)
+                with torch.no_grad():
+                    for _ in range(5):
+                        layer(x)
+                    wall = wall_us(layer, x, args.steps)
+                    prof = cProfile.Profile()
+                    prof.enable()
+                    for _ in range(args.steps):
+                        layer(x)
+                    torch.cuda.synchronize()
+                    prof.disable()
+                s = io.StringIO()
+                st = pstats.Stats(prof, stream=s)
+                st.sort_stats("tottime").print_stats(args.top)
+                st.sort_stats("cumulative").print_stats(args.top)
+                head = f"## {case} {precision} T={T} ({device_name()}): eager wall {wall:.1f} us a step ({args.steps} steps)"
+                print(head, s.getvalue(), sep="\n", flush=True)
+                out += [head, s.getvalue()]
+            del layer
+            torch.cuda.empty_cache()
+    path = os.path.join(RESULTS, f"host_profile-{device_name().replace(' ', '_')}.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(out))
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
