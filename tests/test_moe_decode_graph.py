@@ -1,6 +1,7 @@
 """Decode steps in one CUDA graph: the MoE layer (route -> permute -> experts -> unpermute, shared experts on a side
 stream) captured once and replayed with new tokens and therefore new routing; a patched model under
-torch.compile(mode="reduce-overhead"). On the CPU: the layer's copy and pickle round trips (the side stream)."""
+torch.compile(mode="reduce-overhead"); the layer's own graphs of inference steps at decode sizes. On the CPU: the
+layer's copy and pickle round trips (the side stream, the graphs)."""
 import copy
 import pickle
 
@@ -24,6 +25,7 @@ def test_layer_copies_and_pickles():
     layer._side_streams[torch.device("cpu")] = object()  # what a CUDA run leaves there: no copy may carry it
     for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert other._side_streams == {}
+        assert other._graphs is not layer._graphs and other._graphs.replays == 0
         x = torch.randn(2, 128, dtype=torch.bfloat16)
         with torch.no_grad():
             assert torch.equal(other(x), layer(x))
@@ -69,3 +71,70 @@ def test_patched_model_under_reduce_overhead_compile():
             got = compiled(ids).logits.float()
             want = model(ids).logits.float()
             assert_close_rel(got, want, 1e-3, f"compiled step {step}")
+
+
+def _own_graph_pair(precision, monkeypatch):
+    """A layer that makes its own graphs and an eager twin with the same weights (value checks off: graphs on)."""
+    monkeypatch.setenv("MOE_KERNELS_VALUE_CHECKS", "0")
+    monkeypatch.delenv("MOE_KERNELS_CUDA_GRAPHS", raising=False)
+    layer = _layer(precision).eval()
+    twin = copy.deepcopy(layer)
+    twin.cuda_graphs = False
+    return layer, twin
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp8", "bf16"])
+def test_layer_replays_its_own_graphs_with_new_tokens(precision, monkeypatch):
+    layer, twin = _own_graph_pair(precision, monkeypatch)
+    with torch.no_grad():
+        # T = 1 and 5 run eagerly once each, then capture and replay; 300 rows exceed the graphs' 256: eager
+        for step, T in enumerate((1, 5, 1, 5, 1, 300, 5)):
+            x = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)  # new tokens: new routing every call
+            got, want = layer(x), twin(x)
+            assert got.shape == (T, 512) and got.dtype == torch.bfloat16
+            assert_close_rel(got.float(), want.float(), 1e-6, f"step {step} T={T}")
+        assert layer._graphs.replays == 4 and twin._graphs.replays == 0
+        # a 3-D input (batch, seq, hidden) of 5 tokens is the T = 5 step
+        x = torch.randn(1, 5, 512, device="cuda", dtype=torch.bfloat16)
+        assert_close_rel(layer(x).float(), twin(x).float(), 1e-6, "3-D input")
+        assert layer._graphs.replays == 5
+
+
+@pytest.mark.gpu
+def test_layer_graphs_follow_weight_updates(monkeypatch):
+    layer, twin = _own_graph_pair("bf16", monkeypatch)
+    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+        assert layer._graphs.replays == 2
+        for m in (layer, twin):  # in place: the replay reads the new values
+            m.experts.w2.mul_(0.5)
+            m.gate.weight.mul_(-1.0)
+        assert_close_rel(layer(x).float(), twin(x).float(), 1e-6, "in-place update")
+        assert layer._graphs.replays == 3
+        new_w13 = torch.randn_like(layer.experts.w13) * 0.02
+        for m in (layer, twin):  # a new tensor: a new key (eager once, then a new graph), never the old address
+            m.experts.w13 = torch.nn.Parameter(new_w13.clone())
+        for _ in range(2):
+            assert_close_rel(layer(x).float(), twin(x).float(), 1e-6, "replaced weight")
+        assert layer._graphs.replays == 4
+
+
+@pytest.mark.gpu
+def test_layer_graphs_stay_off_where_a_replay_would_skip_work(monkeypatch):
+    layer, _ = _own_graph_pair("bf16", monkeypatch)
+    x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):  # autograd: eager
+        layer(x.requires_grad_())
+    monkeypatch.setenv("MOE_KERNELS_VALUE_CHECKS", "1")  # value checks read tensors on the host: eager
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+    monkeypatch.setenv("MOE_KERNELS_VALUE_CHECKS", "0")
+    monkeypatch.setenv("MOE_KERNELS_CUDA_GRAPHS", "0")
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+    assert layer._graphs.replays == 0

@@ -7,6 +7,7 @@ from torch import nn
 from .. import ops
 from .._checks import check_int
 from ..ops.permute import unpermute_add
+from ._graphs import DecodeGraphs
 from .converters import get_converter
 from .experts import PRECISIONS, GroupedExperts
 from .router import TopKRouter
@@ -28,6 +29,12 @@ class MoELayer(nn.Module):
     dgrad and wgrad GEMMs (see ``GroupedExperts``); otherwise FP8 expert weights are frozen e4m3 buffers.
 
     ``forward(x [..., H]) -> [..., H]`` in x's dtype. Dropless: every (token, k) pair is computed exactly once.
+
+    ``cuda_graphs`` (default True; ``MOE_KERNELS_CUDA_GRAPHS=0`` turns it off everywhere): inference calls of up to
+    256 tokens on CUDA (no autograd, value checks off: ``MOE_KERNELS_VALUE_CHECKS=0``) replay a CUDA graph of the
+    step, one per token count, made at its second call (see ``modules._graphs``). An eager decode step spends
+    most of its time launching kernels from Python; a replay launches them in one call. Not with ``ep_group`` /
+    ``tp_group`` or trainable FP8 experts (their steps run host logic a graph would freeze).
     """
 
     def __init__(
@@ -50,6 +57,7 @@ class MoELayer(nn.Module):
         device=None,
         dtype: torch.dtype | None = None,
         trainable: bool = False,
+        cuda_graphs: bool = True,
     ):
         super().__init__()
         check_int("n_shared_experts", n_shared_experts, lo=0)
@@ -77,6 +85,8 @@ class MoELayer(nn.Module):
             self._tp = ExpertTensorParallel(tp_group, intermediate_size, precision)
             self.experts = self._tp.slice_experts(self.experts)
         self._side_streams = {}  # device -> the CUDA stream the shared experts run on (inference)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphs = DecodeGraphs()
         self._ep = None
         if placement is not None and ep_group is None:
             raise ValueError("placement needs ep_group: it places experts over an expert-parallel group")
@@ -100,6 +110,18 @@ class MoELayer(nn.Module):
             raise TypeError(f"x is on {x.device} but the layer's weights are on {self.gate.weight.device}")
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_size)
+        if self._graphable() and self._graphs.applies(x2):
+            return self._graphs(self._forward, self, x2).reshape(shape)
+        return self._forward(x2).reshape(shape)
+
+    def _graphable(self) -> bool:
+        """The module's side of ``DecodeGraphs.applies``: nothing in its step reads host state a replay would
+        freeze (collectives of EP / TP, the e4m3 copies a trainable FP8 layer remakes, training-mode sampling)."""
+        return (self.cuda_graphs and self._ep is None and self._tp is None and not self.experts.fp8_master
+                and not (self.training and self.gate.scoring == "sparsemixer"))
+
+    def _forward(self, x2: torch.Tensor) -> torch.Tensor:
+        """The step on x2 [T, H]: [T, H] in x2's dtype."""
         shared = self._start_shared(x2)  # on a second CUDA stream where it can overlap the routed experts
         weights, ids, _ = self.gate(x2)
         xr = x2  # the routed path's tokens
@@ -114,22 +136,21 @@ class MoELayer(nn.Module):
             p = ops.permute(xr, ids, self.num_experts, fp8=self.precision == "fp8" and not grad)
             y = self.experts(p.x, p.offsets, p.scale)
             if isinstance(shared, tuple) and self._tp is None:  # inference: the shared output added in the gather
-                torch.cuda.current_stream(x.device).wait_stream(shared[1])
-                out = unpermute_add(y, p, weights, shared[0], out_dtype=x.dtype)
-                return out.reshape(shape)
+                torch.cuda.current_stream(x2.device).wait_stream(shared[1])
+                return unpermute_add(y, p, weights, shared[0], out_dtype=x2.dtype)
             out = ops.unpermute(y, p, weights)
         if self._tp is not None:  # the slices' partial outputs added (fp32)
             out = self._tp.reduce_output(out)
         if shared is not None:
             if isinstance(shared, tuple):  # joined: the main stream waits for the side stream's work
-                torch.cuda.current_stream(x.device).wait_stream(shared[1])
+                torch.cuda.current_stream(x2.device).wait_stream(shared[1])
                 shared = shared[0]
             # one add when the dtypes agree (computed in fp32 and rounded once, as the fp32 sum below)
             out = out + shared if out.dtype == shared.dtype else out.float() + shared.float()
-        return out.to(x.dtype).reshape(shape)
+        return out.to(x2.dtype)
 
-    def __getstate__(self):  # copies and pickles start without CUDA streams (they are made again on use)
-        return dict(super().__getstate__(), _side_streams={})
+    def __getstate__(self):  # copies and pickles start without CUDA streams or graphs (made again on use)
+        return dict(super().__getstate__(), _side_streams={}, _graphs=DecodeGraphs())
 
     def _start_shared(self, x2: torch.Tensor):
         """The shared experts' output, or on CUDA without autograd (inference, CUDA-graph capture) a pair (output,
