@@ -14,7 +14,9 @@ Variants, one model object each time: ``hf_eager`` and ``hf_grouped_mm`` (transf
 Measured: prefill (1x4096 and 4x1024 tokens; median of ``triton.testing.do_bench``), greedy decode of 16
 sequences (a 16-token prompt, then 32 new tokens: (time of 33 tokens - time of 1) / 32 per step, CUDA-synchronised
 wall clock, median of 3), peak memory of each variant's runs, and the logits' relative error (Frobenius) against the
-fp32 model on a 2x256-token input. Writes results/hf_model-<device>.json; summary ``prefill_vs_hf_grouped_mm`` and
+fp32 model on a 2x256-token input. ``generate`` runs the model eagerly; value checks are off here (``_common``), so
+the patched MoE layers replay their own CUDA graphs at decode sizes (``MoELayer(cuda_graphs=True)``, the default;
+``MOE_KERNELS_CUDA_GRAPHS=0`` times them eager). HF's blocks run eagerly, as a user's would. Writes results/hf_model-<device>.json; summary ``prefill_vs_hf_grouped_mm`` and
 ``decode_vs_hf_grouped_mm`` (ours fp8 on the DeepSeek shape: HF grouped_mm time / ours; prefill at 1x4096).
 """
 import argparse
