@@ -64,7 +64,7 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma(in_dtype, out_dtyp
 @pytest.mark.parametrize("E,N,K,programs", [(4, 256, 384, 132), (3, 128, 200, 2), (1, 640, 4096, 5)])
 def test_launcher_grid_and_tiles(E, N, K, programs, out_dtype, stages, want_stages, epi, monkeypatch):
     """The persistent grid is min(tiles, programs); tiles per expert = N/128 x ceil(K/256); stages from
-    MOE_KERNELS_WGRAD_STAGES (3 by default, at most 3 with an fp32 output); one or two epilogue buffers by the
+    MOE_KERNELS_WGRAD_STAGES (by default ``default_stages``: 3 at these sizes; at most 3 with an fp32 output); one or two epilogue buffers by the
     output's width and the stages (what fits in 227 KiB); the register cap leaves room for the loader's
     warpgroup."""
     if stages is None:
@@ -323,3 +323,12 @@ def test_wgmma_wgrad_real_size_skewed(monkeypatch):
     monkeypatch.setenv("MOE_KERNELS_WGRAD", "triton")
     triton_dw = ops.grouped_wgrad(dy, x, offsets, 32)  # the Triton kernel
     assert_close_rel(dw, triton_dw, 1e-2, "gluon vs triton")
+
+
+@needs_gluon
+def test_default_stages_rule():
+    """4 stages only where each expert reduces over >= 512 rows into a dW >= 4096 wide (the measured win)."""
+    assert gw.default_stages(16384, 32, 7168) == 4  # dW13 of 32 experts, 512 rows each
+    assert gw.default_stages(16384, 32, 2048) == 3  # dW2: K = I = 2048
+    assert gw.default_stages(8192, 256, 7168) == 3  # 32 rows an expert: the output writes dominate
+    assert gw.default_stages(16383, 32, 7168) == 3 and gw.default_stages(0, 0, 7168) == 3
