@@ -8,7 +8,8 @@
 Cases: 16384 rows (8192 tokens x top-2) over 32 experts, uniform and skewed (Zipf-like, s = 1.2, two experts
 empty), at the two wgrads of an expert MLP with H = 7168, I = 2048: dW13 (N = 2I = 4096, K = H = 7168) and dW2
 (N = H = 7168, K = I = 2048); and 8192 rows over 256 experts (uniform, 32 rows each: the output writes dominate).
-bf16 operands and output, fp32 accumulation; gluon_s4: the Gluon kernel with 4 stages (MOE_KERNELS_WGRAD_STAGES=4).
+bf16 operands and output, fp32 accumulation; gluon: the Gluon kernel with its default stage ring (`default_stages`: 4 for
+32-expert dW13, else 3); gluon_s4: with 4 stages (MOE_KERNELS_WGRAD_STAGES=4).
 Times are do_bench medians (L2 flushed between runs); TFLOP/s counts
 2 M N K. Each case checks the Gluon result against torch's (relative Frobenius error, by expert chunks), and that
 the Gluon kernel did run (no fallback). Results: bench/results/wgrad-<device>.json.
