@@ -130,19 +130,27 @@ SPLIT_CASES = {  # H = 160 in 32-wide K steps: 5 steps, so 3 slices are 2, 2 and
 @pytest.mark.parametrize("split", [2, 3])
 @pytest.mark.parametrize("case", list(SPLIT_CASES))
 def test_route_split_k(case, split, device, monkeypatch):
-    """SPLIT_K programs per token tile, the last to arrive reducing the partial logits: the same routing, twice on
-    the same arrival counters (each launch must leave them at zero: they are not zero-filled per launch)."""
+    """SPLIT_K programs per token tile, the last to arrive reducing the partial logits: the same routing as the
+    reference, and each launch leaves its arrival counters (after the E counts in the one zero-filled buffer) at
+    zero."""
     from moe_kernels.ops import routing
 
-    counters = torch.zeros(4096, dtype=torch.int32, device=device)
-    monkeypatch.setattr(routing, "arrival_counters", lambda dev, n: counters[:n])
+    made = []
+
+    def counters(dev, n):
+        made.append(torch.zeros(n, dtype=torch.int32, device=dev))
+        return made[-1]
+
+    monkeypatch.setattr(routing, "arrival_counters", counters)
     T, E, H, k, scoring, ng, tg, b, s, scaling, norm, dtype = SPLIT_CASES[case]
     for _ in range(2):
         x, w, bias, escale = make_inputs(T, E, H, dtype, device, b, s)
         cfg = dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1, SPLIT_K=split)
         out = routing._route_triton(x, w, k, scoring, ng, tg, norm, scaling, bias, escale, config=cfg)
         check_route(out, x, w, k, scoring, ng, tg, norm, scaling, bias, escale)
-        assert int(counters.abs().sum()) == 0, "the last-arriving programs must reset their counters"
+        assert made[-1].numel() == E + -(-T // 16), "the counts and one counter per token tile"
+        assert int(made[-1][E:].abs().sum()) == 0, "the last-arriving programs must reset their counters"
+        assert torch.equal(made[-1][:E], out[2]), "the counts live in the same buffer"
 
 
 GEMV_CASES = {  # decode sizes take the GEMV path (BLOCK_M = T rounded up to a power of two, below tl.dot's 16)

@@ -249,17 +249,19 @@ def _route_triton(x, w, top_k, scoring, n_group, topk_group, norm, scaling, bias
     E = w.shape[0]
     weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(T, top_k, dtype=torch.int32, device=x.device)
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device)
     if T == 0:
-        return weights, ids, counts
+        return weights, ids, torch.zeros(E, dtype=torch.int32, device=x.device)
     fp32_dot = x.dtype != w.dtype or x.dtype == torch.float32
     cfg = dict(config or _config(T, E, H, fp32_dot, heavy=top_k > 2 or n_group > 1))
     BLOCK_E = _next_pow2(E, 16)
     split = int(cfg.pop("SPLIT_K", 1))
     tiles = triton.cdiv(T, cfg["BLOCK_M"])
-    if split > 1:  # the partial logits' workspace and one arrival counter per token tile
+    # the counts and (split-K) one arrival counter per token tile, zeroed by one fill: at decode sizes each
+    # kernel of the step costs microseconds, a fill included; the counters are left at zero by the kernel
+    zeroed = arrival_counters(x.device, E + (tiles if split > 1 else 0))
+    counts, sem = zeroed[:E], zeroed[E:]
+    if split > 1:  # the partial logits' workspace
         ws = torch.empty(tiles * split * cfg["BLOCK_M"] * BLOCK_E, dtype=torch.float32, device=x.device)
-        sem = arrival_counters(x.device, tiles)  # zero, and left at zero by the kernel
     else:
         ws, sem = weights, counts  # unused
     grid = (tiles * split,)
