@@ -5,13 +5,20 @@
 # bench_hf_model.py (whole models: HF generate runs the patched layers eagerly, so their graphs replay); with
 # H_PREFILL=S (seconds) bench/profile_hf_prefill.py; then (H_TRAIN=0: not) bench_training.py's DeepSeek fp8 rows.
 # Results: $OUT/results.tgz + $OUT/summary.log.
-#   H_TOTAL=400 [H_PROFILE_ARGS=...] [H_PREFILL=60] [H_TRAIN=0] bash tools/gpu/host.sh
+#   H_TOTAL=400 [H_MORE_TESTS='tests/a.py ...'] [H_WGRAD=60] [H_PROFILE_ARGS=...] [H_PREFILL=60] [H_TRAIN=0] \
+#     bash tools/gpu/host.sh
 set -u
 R=/tmp/gpu_results TOTAL=${H_TOTAL:-400}
 source "$(dirname "$0")/_lib.sh"
 TT=${H_TESTS:-90}
 run_t graphs tests/test_moe_decode_graph.py
+[ -n "${H_MORE_TESTS:-}" ] && run_t more ${H_MORE_TESTS}
 tests_report
+if [ "${H_WGRAD:-0}" -gt 0 ]; then
+  echo "== wgrad bench $(el)" >> "$S"
+  timeout "$(lim ${H_WGRAD} 200)" python bench/bench_wgrad.py --rep 40 > "$R/wgrad_bench.log" 2>&1
+  echo "rc=$?" >> "$S"; grep -A9 "^| case" "$R/wgrad_bench.log" >> "$S"
+fi
 echo "== host profile $(el)" >> "$S"
 timeout "$(lim ${H_PROFILE:-90} 200)" python bench/profile_host.py ${H_PROFILE_ARGS:---tokens 1,16 --steps 100} > "$R/host_profile.log" 2>&1
 echo "rc=$?" >> "$S"; grep "^## " "$R/host_profile.log" >> "$S"
