@@ -138,3 +138,46 @@ def test_layer_graphs_stay_off_where_a_replay_would_skip_work(monkeypatch):
         for _ in range(3):
             layer(x)
     assert layer._graphs.replays == 0
+
+
+def test_decode_graphs_policy_on_the_cpu(monkeypatch):
+    """The bookkeeping of DecodeGraphs with the capture stubbed: a key's first call eager, its second captured
+    and replayed, later calls replayed; a full table sends new keys eager (no recapture loop); a failed capture
+    leaves its key eager; a replaced parameter is a new key."""
+    from moe_kernels.modules import _graphs
+
+    class FakeGraph:
+        def __init__(self, fn, x_in, y_out):
+            self.fn, self.x_in, self.y_out = fn, x_in, y_out
+
+        def replay(self):
+            self.y_out.copy_(self.fn(self.x_in))
+
+    captured = []
+
+    def capture(self, fn, x, key):
+        if x.shape[0] == 3:  # stands for a step a capture refuses
+            self._graphs[key] = None
+            return None
+        x_in = x.clone()
+        graph = FakeGraph(fn, x_in, fn(x_in))
+        self._graphs[key] = (graph, x_in, graph.y_out)
+        captured.append(x.shape[0])
+        return self._graphs[key]
+
+    monkeypatch.setattr(_graphs.DecodeGraphs, "_capture", capture)
+    module = torch.nn.Linear(4, 4)
+    graphs = _graphs.DecodeGraphs(max_graphs=2)
+
+    def fn(x):
+        return module(x)
+
+    with torch.no_grad():
+        for T in (1, 1, 1, 2, 2, 5, 5, 5, 3, 3, 3):
+            x = torch.randn(T, 4)
+            assert torch.allclose(graphs(fn, module, x), module(x))
+        assert captured == [1, 2] and graphs.replays == 3  # T=1: 2 replays, T=2: 1; T=5: table full; T=3: refused
+        module.weight = torch.nn.Parameter(torch.randn(4, 4))  # a new address: T=1 is a new key (eager first)
+        n = graphs.replays
+        graphs(fn, module, torch.randn(1, 4))
+        assert graphs.replays == n  # eager: the table is full, so the new key never captures
