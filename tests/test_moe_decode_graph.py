@@ -167,16 +167,18 @@ def test_decode_graphs_policy_on_the_cpu(monkeypatch):
 
     monkeypatch.setattr(_graphs.DecodeGraphs, "_capture", capture)
     module = torch.nn.Linear(4, 4)
-    graphs = _graphs.DecodeGraphs(max_graphs=2)
+    graphs = _graphs.DecodeGraphs(max_graphs=3)
 
     def fn(x):
         return module(x)
 
     with torch.no_grad():
-        for T in (1, 1, 1, 2, 2, 5, 5, 5, 3, 3, 3):
+        for T in (1, 1, 1, 2, 2, 3, 3, 3, 5, 5, 5):
             x = torch.randn(T, 4)
             assert torch.allclose(graphs(fn, module, x), module(x))
-        assert captured == [1, 2] and graphs.replays == 3  # T=1: 2 replays, T=2: 1; T=5: table full; T=3: refused
+        # T=1: 2 replays, T=2: 1; T=3: refused (its entry holds the third place); T=5: the table is full
+        assert captured == [1, 2] and graphs.replays == 3 and graphs._graphs[next(
+            k for k in graphs._graphs if k[0] == (3, 4))] is None
         module.weight = torch.nn.Parameter(torch.randn(4, 4))  # a new address: T=1 is a new key (eager first)
         n = graphs.replays
         graphs(fn, module, torch.randn(1, 4))
