@@ -25,6 +25,7 @@ off.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Callable
@@ -57,9 +58,14 @@ class DecodeGraphs:
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether a call on the 2-D input ``x`` may take a graph (the caller adds its own conditions)."""
-        return (x.is_cuda and 0 < x.shape[0] <= self.max_tokens and not torch.is_grad_enabled()
+        if not (x.is_cuda and 0 < x.shape[0] <= self.max_tokens and not torch.is_grad_enabled()
                 and graphs_enabled_by_env() and not torch.compiler.is_compiling()
-                and not torch.cuda.is_current_stream_capturing() and not value_checks_enabled(x))
+                and not torch.cuda.is_current_stream_capturing()):
+            return False
+        if value_checks_enabled(x):
+            _hint_value_checks()
+            return False
+        return True
 
     def __call__(self, fn: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module,
                  x: torch.Tensor) -> torch.Tensor:
@@ -108,6 +114,14 @@ class DecodeGraphs:
         main.wait_stream(side)
         self._graphs[key] = (graph, x_in, y_out)
         return self._graphs[key]
+
+
+@functools.lru_cache(maxsize=None)
+def _hint_value_checks() -> None:
+    """Once a process: a decode-sized inference step ran eagerly only because value checks are on."""
+    warnings.warn("moe_kernels: MoELayer inference steps of <= 256 tokens run eagerly while value checks are on "
+                  "(MOE_KERNELS_VALUE_CHECKS=1: a host sync per check). For serving set MOE_KERNELS_VALUE_CHECKS=0: "
+                  "no syncs, and each layer replays CUDA graphs of its decode steps (docs/bad_input.md)", stacklevel=5)
 
 
 def _addresses(module: torch.nn.Module) -> tuple:
