@@ -70,6 +70,11 @@ def cmd_info(_args) -> int:
     rows.append(("extension moe_kernels._C", "built" if has_extension() else f"not built ({extension_error()})"))
     rows.append(("NVSHMEM", _nvshmem()))
     rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0")))
+    checks = os.environ.get("MOE_KERNELS_VALUE_CHECKS", "1") != "0"
+    graphs = os.environ.get("MOE_KERNELS_CUDA_GRAPHS", "1") != "0"
+    rows.append(("value checks", "on (a host sync each; MOE_KERNELS_VALUE_CHECKS=0 for serving)" if checks else "off"))
+    rows.append(("MoELayer's own CUDA graphs", "off (MOE_KERNELS_CUDA_GRAPHS=0)" if not graphs else
+                 "on for inference steps of <= 256 tokens" + (", but not while value checks are on" if checks else "")))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

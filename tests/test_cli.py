@@ -7,8 +7,18 @@ from moe_kernels import cli
 def test_info(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    for row in ("torch", "triton", "extension moe_kernels._C", "NVSHMEM"):
+    for row in ("torch", "triton", "extension moe_kernels._C", "NVSHMEM", "value checks", "MoELayer's own CUDA graphs"):
         assert row in out
+
+
+@pytest.mark.parametrize("checks,graphs,want", [("1", "1", "but not while value checks are on"),
+                                                ("0", "1", "on for inference steps of <= 256 tokens\n"),
+                                                ("0", "0", "off (MOE_KERNELS_CUDA_GRAPHS=0)")])
+def test_info_says_whether_layers_replay_graphs(checks, graphs, want, capsys, monkeypatch):
+    monkeypatch.setenv("MOE_KERNELS_VALUE_CHECKS", checks)
+    monkeypatch.setenv("MOE_KERNELS_CUDA_GRAPHS", graphs)
+    assert cli.main(["info"]) == 0
+    assert want in capsys.readouterr().out
 
 
 def test_demo_small_cpu(capsys):
