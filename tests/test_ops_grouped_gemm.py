@@ -452,6 +452,17 @@ def test_config_lookup_same_chip_and_default():
     assert cfgs._table_for("fp8", 12345, 7168, "NVIDIA H200") is None  # no file for this shape anywhere
 
 
+def test_decode_max_rows_switch_forces_the_decode_kernel(monkeypatch):
+    """MOE_KERNELS_DECODE_MAX_ROWS=R: up to R rows per expert run the decode kernel whatever the tables hold (the H200
+    fp8_swiglu table's bucket 64 is a Gluon config); unset, the table's bucket answers."""
+    cuda = torch.device("cuda", 0)  # the switch answers before any CUDA call: no GPU needed
+    monkeypatch.setenv("MOE_KERNELS_DECODE_MAX_ROWS", "64")
+    for rows in (1, 32, 64):
+        assert cfgs.get_config("fp8_swiglu", 2048, 7168, rows, cuda) == cfgs.DECODE_DEFAULT
+    table = cfgs.load_table(str(cfgs.CONFIG_DIR / cfgs.config_filename("fp8_swiglu", 2048, 7168, "NVIDIA H200")))
+    assert table and not table[64].get("DECODE"), "the table's own bucket 64 is what the switch overrides"
+
+
 # The Gluon kernel cannot run on the CPU: compile it for sm_90 offline (Triton's own ptxas) and hold it to what it
 # exists for. ptxas warnings C7514/C7512 mean it serialised every wgmma (a product in flight copied, or registers
 # short), which leaves the kernel no faster than the Triton one; spills cost the same.

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -145,11 +146,17 @@ def load_table(path: str) -> dict[int, dict] | None:
 
 
 def get_config(kind: str, N: int, K: int, rows_per_expert: int, device: torch.device) -> dict:
-    """The launch config for ``kind`` at (N, K) on ``device``, for about ``rows_per_expert`` rows per expert."""
+    """The launch config for ``kind`` at (N, K) on ``device``, for about ``rows_per_expert`` rows per expert.
+    ``MOE_KERNELS_DECODE_MAX_ROWS=R`` (an experiment's switch): up to R rows per expert take the decode kernel
+    whatever the tables say."""
     if device.type != "cuda":
         return dict(INTERPRETER[kind.split("_")[0]])
+    rows = max(int(rows_per_expert), 1)
+    forced = os.environ.get("MOE_KERNELS_DECODE_MAX_ROWS")
+    if forced and rows <= int(forced):
+        return dict(DECODE_DEFAULT)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return dict(_cuda_config(kind, N, K, max(int(rows_per_expert), 1), index))
+    return dict(_cuda_config(kind, N, K, rows, index))
 
 
 @functools.lru_cache(maxsize=None)

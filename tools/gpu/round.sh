@@ -4,7 +4,8 @@
 # on the GPU, each step with its own limit: the decode bench, the decode profile, the wgrad bench, one training
 # step (bf16 with the Gluon wgrad when its GPU tests passed; FP8 with FP8 and with bf16 weight gradients), the
 # grouped GEMM bench with DeepGEMM (quick). Everything comes back as $OUT/results.tgz + $OUT/summary.log.
-#   R_TOTAL=570 R_TESTS=200 R_DECODE=125 R_PROBE=55 R_WGRAD=60 R_TRAIN=100 bash tools/gpu/round.sh
+#   R_TOTAL=570 R_TESTS=200 R_DECODE=125 R_DECODE64=40 R_PROBE=55 R_WGRAD=60 R_TRAIN=100 bash tools/gpu/round.sh
+# (R_DECODE64: Mixtral-like T 32-256 again with MOE_KERNELS_DECODE_MAX_ROWS=64, into moe_decode-<gpu>-decode64.json)
 set -u
 R=/tmp/gpu_results TOTAL=${R_TOTAL:-570}
 source "$(dirname "$0")/_lib.sh"
@@ -27,6 +28,15 @@ for i in 0 1 2 3; do grep -E "passed|failed|^FAILED|^ERROR|Timeout|Terminated" "
 echo "== decode bench $(el)" >> "$S"
 timeout "$(lim ${R_DECODE:-125} 200)" python bench/bench_moe_decode.py --rep 30 > "$R/decode_bench.log" 2>&1
 echo "rc=$?" >> "$S"; tail -32 "$R/decode_bench.log" >> "$S"
+if [ "${R_DECODE64:-40}" -gt 1 ]; then  # Mixtral-like T 32-256 with the decode kernel forced to 64 rows an expert
+  echo "== decode bench, MOE_KERNELS_DECODE_MAX_ROWS=64 $(el)" >> "$S"
+  J=bench/results/moe_decode-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' _).json
+  cp "$J" "$R/moe_decode_main.json" 2>/dev/null
+  MOE_KERNELS_DECODE_MAX_ROWS=64 timeout "$(lim ${R_DECODE64:-40} 190)" python bench/bench_moe_decode.py \
+    --cases mixtral-like --tokens 32,64,128,256 --rep 30 > "$R/decode_bench_decode64.log" 2>&1
+  echo "rc=$?" >> "$S"; grep -E "^  mixtral" "$R/decode_bench_decode64.log" >> "$S"
+  mv "$J" "${J%.json}-decode64.json" 2>/dev/null; cp "$R/moe_decode_main.json" "$J" 2>/dev/null
+fi
 echo "== decode profile $(el)" >> "$S"
 timeout "$(lim 30 180)" python bench/profile_moe_decode.py --tokens 1,8 > "$R/profile.log" 2>&1
 if [ "${R_PROBE:-55}" -gt 1 ]; then
