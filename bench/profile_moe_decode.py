@@ -38,7 +38,8 @@ def main():
     out = []
     for case, precision in ((c, p) for c in args.cases.split(",") for p in args.precision.split(",")):
         kw = dict(dict(hidden_size=7168, intermediate_size=2048), **CASES[case])
-        layer = mk.MoELayer(precision=precision, device="cuda", dtype=torch.bfloat16, **kw)
+        # eager steps (the layer's own CUDA graphs off): each kernel's duration as launched one by one
+        layer = mk.MoELayer(precision=precision, device="cuda", dtype=torch.bfloat16, cuda_graphs=False, **kw)
         for T in (int(t) for t in args.tokens.split(",")):
             x = torch.randn(T, kw["hidden_size"], device="cuda", dtype=torch.bfloat16)
             with torch.no_grad():
