@@ -29,6 +29,9 @@ def test_layer_copies_and_pickles():
         x = torch.randn(2, 128, dtype=torch.bfloat16)
         with torch.no_grad():
             assert torch.equal(other(x), layer(x))
+    layer._graphs._graphs[("a key",)] = None
+    layer.to(torch.float32)  # moved or cast: no graph survives
+    assert layer._graphs._graphs == {}
 
 
 @pytest.mark.gpu

@@ -149,6 +149,10 @@ class MoELayer(nn.Module):
             out = out + shared if out.dtype == shared.dtype else out.float() + shared.float()
         return out.to(x2.dtype)
 
+    def _apply(self, fn, *args, **kwargs):
+        self._graphs.clear()  # moved or cast: the graphs read the old tensors (their memory goes with them)
+        return super()._apply(fn, *args, **kwargs)
+
     def __getstate__(self):  # copies and pickles start without CUDA streams or graphs (made again on use)
         return dict(super().__getstate__(), _side_streams={}, _graphs=DecodeGraphs())
 
