@@ -150,7 +150,8 @@ class MoELayer(nn.Module):
         return out.to(x2.dtype)
 
     def _apply(self, fn, *args, **kwargs):
-        self._graphs.clear()  # moved or cast: the graphs read the old tensors (their memory goes with them)
+        if "_graphs" in self.__dict__:  # moved or cast: the graphs read the old tensors (their memory goes too)
+            self._graphs.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):  # copies and pickles start without CUDA streams or graphs (made again on use)
