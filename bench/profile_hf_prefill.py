@@ -40,20 +40,44 @@ def category(name: str) -> str:
 
 
 def profile(model, ids, steps=3):
+    """{kernel: ms a prefill}, {category: ms a prefill} (on the CPU: its ops' own CPU time, for the smoke test)."""
+    cuda = ids.is_cuda
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
     with torch.no_grad():
         for _ in range(2):
             model(ids)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        if cuda:
+            torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[activity]) as prof:
             for _ in range(steps):
                 model(ids)
-            torch.cuda.synchronize()
-    per_kernel = {e.key: e.self_device_time_total / steps / 1e3 for e in prof.key_averages()
-                  if e.self_device_time_total > 0}
+            if cuda:
+                torch.cuda.synchronize()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    per_kernel = {e.key: getattr(e, attr) / steps / 1e3 for e in prof.key_averages() if getattr(e, attr) > 0}
     by_cat = defaultdict(float)
     for k, ms in per_kernel.items():
         by_cat[category(k)] += ms
     return per_kernel, dict(by_cat)
+
+
+def run(name, tokens, layers=2, experts=64, top=20, device="cuda", tiny=False):
+    """The report's lines for HF grouped_mm and ours fp8 on one model."""
+    model = build(name, layers, experts, device, tiny).to(torch.bfloat16)
+    set_experts_impl(model, "grouped_mm")
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
+    ours = copy.deepcopy(model)
+    mk.patch_model(ours, precision="fp8")
+    lines = []
+    for variant, m in (("hf_grouped_mm", model), ("ours_fp8", ours)):
+        per_kernel, by_cat = profile(m, ids)
+        total = sum(by_cat.values())
+        where = device_name() if device != "cpu" else "cpu"
+        lines.append(f"## {name} {variant} prefill 1x{tokens} ({where}): kernels {total:.2f} ms")
+        lines += [f"  {c:24s} {ms:8.3f} ms  {ms / total:5.1%}" for c, ms in sorted(by_cat.items(), key=lambda t: -t[1])]
+        lines.append("  top kernels:")
+        lines += [f"    {ms:8.3f} ms  {k[:110]}" for k, ms in sorted(per_kernel.items(), key=lambda t: -t[1])[:top]]
+    return lines
 
 
 def main():
@@ -66,23 +90,9 @@ def main():
     args = ap.parse_args()
     out = []
     for name in args.models.split(","):
-        model = build(name, args.layers, args.experts).to(torch.bfloat16)
-        set_experts_impl(model, "grouped_mm")
-        ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device="cuda")
-        variants = [("hf_grouped_mm", model)]
-        ours = copy.deepcopy(model)
-        mk.patch_model(ours, precision="fp8")
-        variants.append(("ours_fp8", ours))
-        for variant, m in variants:
-            per_kernel, by_cat = profile(m, ids)
-            total = sum(by_cat.values())
-            lines = [f"## {name} {variant} prefill 1x{args.tokens} ({device_name()}): kernels {total:.2f} ms"]
-            lines += [f"  {c:24s} {ms:8.3f} ms  {ms / total:5.1%}" for c, ms in sorted(by_cat.items(), key=lambda t: -t[1])]
-            lines.append("  top kernels:")
-            lines += [f"    {ms:8.3f} ms  {k[:110]}" for k, ms in sorted(per_kernel.items(), key=lambda t: -t[1])[:args.top]]
-            print("\n".join(lines), flush=True)
-            out += lines
-        del model, ours, variants
+        lines = run(name, args.tokens, args.layers, args.experts, args.top)
+        print("\n".join(lines), flush=True)
+        out += lines
         torch.cuda.empty_cache()
     path = os.path.join(RESULTS, f"hf_prefill_profile-{device_name().replace(' ', '_')}.txt")
     with open(path, "w") as f:

@@ -40,3 +40,15 @@ def test_bench_hf_model_on_the_cpu(monkeypatch, name):
     errs = {r["variant"]: r["logits_err_vs_fp32"] for r in rows}
     assert errs["ours_bf16"] < 2 * errs["hf_grouped_mm"] + 1e-2, errs
     assert errs["ours_fp8"] < 0.15, errs
+
+
+def test_profile_hf_prefill_on_the_cpu():
+    """profile_hf_prefill.py's report of a toy DeepSeek-V3 model (CPU op times stand in for the kernels')."""
+    pytest.importorskip("transformers")
+    prefill = import_bench("profile_hf_prefill")
+    lines = prefill.run("deepseek", 32, layers=1, experts=16, top=5, device="cpu", tiny=True)
+    heads = [line for line in lines if line.startswith("## ")]
+    assert [h.split()[2] for h in heads] == ["hf_grouped_mm", "ours_fp8"]
+    assert all(float(h.split("kernels ")[1].split()[0]) > 0 for h in heads)
+    assert prefill.category("_grouped_gemm_decode_kernel") == "ours: expert GEMMs"
+    assert prefill.category("nvjet_sm90_tst_64x32") == "torch GEMMs"
