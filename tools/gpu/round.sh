@@ -38,7 +38,7 @@ if [ "${R_DECODE64:-40}" -gt 1 ]; then  # Mixtral-like T 32-256 with the decode 
   mv "$J" "${J%.json}-decode64.json" 2>/dev/null; cp "$R/moe_decode_main.json" "$J" 2>/dev/null
 fi
 echo "== decode profile $(el)" >> "$S"
-timeout "$(lim 30 180)" python bench/profile_moe_decode.py --tokens 1,8,128 > "$R/profile.log" 2>&1
+timeout "$(lim 40 180)" python bench/profile_moe_decode.py --tokens 1,8,128 > "$R/profile.log" 2>&1
 if [ "${R_PROBE:-55}" -gt 1 ]; then
   echo "== decode GEMM probe $(el)" >> "$S"
   timeout "$(lim ${R_PROBE:-55} 170)" python bench/probe_decode.py --stages 3,4 --splits 0,1,2,4,8 > "$R/probe.log" 2>&1
