@@ -121,7 +121,7 @@ def _hint_value_checks() -> None:
     """Once a process: a decode-sized inference step ran eagerly only because value checks are on."""
     warnings.warn("moe_kernels: MoELayer inference steps of <= 256 tokens run eagerly while value checks are on "
                   "(MOE_KERNELS_VALUE_CHECKS=1: a host sync per check). For serving set MOE_KERNELS_VALUE_CHECKS=0: "
-                  "no syncs, and each layer replays CUDA graphs of its decode steps (docs/bad_input.md)", stacklevel=5)
+                  "no syncs, and each layer replays CUDA graphs of its decode steps (docs/serving.md)", stacklevel=5)
 
 
 def _addresses(module: torch.nn.Module) -> tuple:
