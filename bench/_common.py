@@ -100,6 +100,30 @@ def write_json(name: str, payload: dict, results_dir: str | None = None) -> str:
     return path
 
 
+def wall_us(fn, steps: int) -> float:
+    """Microseconds of wall clock a call of fn() over ``steps`` calls, the device synchronised before and once after
+    (a host-bound step shows a wall time above its kernels' time)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1e6
+
+
+def write_text(name: str, text: str) -> str:
+    """A profile's text report -> bench/results/<name>-<device>.txt, its first line the environment (device,
+    versions, date, command) as JSON; returns the path."""
+    env = environment()
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", env["device"]).strip("_")
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}-{slug}.txt")
+    with open(path, "w") as f:
+        f.write("# " + json.dumps(env) + "\n" + text)
+    print(f"wrote {path}")
+    return path
+
+
 def save(name: str, rows: list[dict], summary: dict, extra: dict | None = None) -> str:
     return write_json(name, {"summary": summary, "rows": rows, **(extra or {})})
 

@@ -16,7 +16,7 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, device_name  # noqa: E402  (sets MOE_KERNELS_VALUE_CHECKS=0)
+from _common import device_name, write_text  # noqa: E402  (sets MOE_KERNELS_VALUE_CHECKS=0)
 from bench_hf_model import build, set_experts_impl  # noqa: E402
 
 import moe_kernels as mk  # noqa: E402
@@ -94,10 +94,7 @@ def main():
         print("\n".join(lines), flush=True)
         out += lines
         torch.cuda.empty_cache()
-    path = os.path.join(RESULTS, f"hf_prefill_profile-{device_name().replace(' ', '_')}.txt")
-    with open(path, "w") as f:
-        f.write("\n".join(out) + "\n")
-    print("wrote", path)
+    write_text("hf_prefill_profile", "\n".join(out) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,24 +14,14 @@ import io
 import os
 import pstats
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, device_name  # noqa: E402  (sets MOE_KERNELS_VALUE_CHECKS=0)
+from _common import device_name, wall_us, write_text  # noqa: E402  (sets MOE_KERNELS_VALUE_CHECKS=0)
 from profile_moe_decode import CASES  # noqa: E402
 
 import moe_kernels as mk  # noqa: E402
-
-
-def wall_us(layer, x, steps):
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        layer(x)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps * 1e6
 
 
 def main():
@@ -52,9 +42,9 @@ def main():
                 with torch.no_grad():
                     for _ in range(5):
                         layer(x)
-                    graphed = wall_us(layer, x, args.steps)
+                    graphed = wall_us(lambda: layer(x), args.steps)
                     os.environ["MOE_KERNELS_CUDA_GRAPHS"] = "0"
-                    wall = wall_us(layer, x, args.steps)
+                    wall = wall_us(lambda: layer(x), args.steps)
                     prof = cProfile.Profile()
                     prof.enable()
                     for _ in range(args.steps):
@@ -72,10 +62,7 @@ def main():
                 out += [head, s.getvalue()]
             del layer
             torch.cuda.empty_cache()
-    path = os.path.join(RESULTS, f"host_profile-{device_name().replace(' ', '_')}.txt")
-    with open(path, "w") as f:
-        f.write("\n".join(out))
-    print("wrote", path)
+    write_text("host_profile", "\n".join(out))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ intermediate 768, 128 experts top-8; its patched model decoded slower in fp8 tha
 Prints one table per (case, precision, T) with the host's wall time a step beside the kernels' (a host-bound step
 shows a wall time well above its kernel time) and writes results/moe_decode_profile[-<cases>]-<device>.txt.
 """
-import time
 import argparse
 import os
 import sys
@@ -17,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, device_name  # noqa: E402  (sets MOE_KERNELS_VALUE_CHECKS=0)
+from _common import device_name, wall_us, write_text  # noqa: E402  (sets MOE_KERNELS_VALUE_CHECKS=0)
 
 import moe_kernels as mk  # noqa: E402
 
@@ -45,29 +44,21 @@ def main():
             with torch.no_grad():
                 for _ in range(3):
                     layer(x)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(20):
-                    layer(x)
-                torch.cuda.synchronize()
-                wall_us = (time.perf_counter() - t0) / 20 * 1e6
+                wall = wall_us(lambda: layer(x), 20)
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                     for _ in range(10):
                         layer(x)
                     torch.cuda.synchronize()
             kernel_us = sum(e.self_device_time_total for e in prof.key_averages()) / 10
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
-            head = (f"## {case} {precision} T={T} ({device_name()}): 10 steps; eager wall {wall_us:.1f} us a step, "
+            head = (f"## {case} {precision} T={T} ({device_name()}): 10 steps; eager wall {wall:.1f} us a step, "
                     f"kernels {kernel_us:.1f} us")
             print(head, table, sep="\n", flush=True)
             out += [head, table]
         del layer
         torch.cuda.empty_cache()
     tag = "" if args.cases == "deepseek,mixtral-like" else "-" + args.cases.replace(",", "_")  # e.g. -qwen3
-    path = os.path.join(RESULTS, f"moe_decode_profile{tag}-{device_name().replace(' ', '_')}.txt")
-    with open(path, "w") as f:
-        f.write("\n".join(out))
-    print("wrote", path)
+    write_text(f"moe_decode_profile{tag}", "\n".join(out))
 
 
 if __name__ == "__main__":
