@@ -26,6 +26,9 @@ SHAPES = {
     "bf16_swiglu": [(2048, 7168)],
 }
 BUCKETS = (64, 256, 1024, 4096)  # rows per expert
+# buckets up to this many rows an expert also time the decode kernel (weights on the MMA's M side): at 32-64 rows
+# an expert it streamed Mixtral-like weights faster than the tiled kernel in `probe_decode.py` (H100, 2026-12-07)
+DECODE_BUCKET_MAX = 64
 SMEM_LIMIT = 220 * 1024  # Hopper: 227 KB per block, less a little for barriers and the epilogue
 
 
@@ -115,7 +118,7 @@ def tune(families=("grouped_gemm",), out_dir=None, quick=False, kinds=None, verb
     import triton.testing
 
     from .ops.grouped_gemm import _launch
-    from .ops.grouped_gemm_configs import CONFIG_DIR, config_filename, device_name, load_table
+    from .ops.grouped_gemm_configs import CONFIG_DIR, DECODE_DEFAULT, config_filename, device_name, load_table
 
     if "grouped_gemm" not in families:
         return []
@@ -129,6 +132,7 @@ def tune(families=("grouped_gemm",), out_dir=None, quick=False, kinds=None, verb
     written, timings = [], []
     for kind in kinds or SHAPES:
         cands = candidates(kind, quick, untried=challenge == "untried")
+        fp8_kind = kind.startswith("fp8")
         ref_cfg = next(c for c in cands if not c.get("WGMMA"))  # a Triton config the tests cover
         contenders = [c for c in cands if c.get("WGMMA")] if challenge else cands
         for N, K in SHAPES[kind]:
@@ -144,6 +148,8 @@ def tune(families=("grouped_gemm",), out_dir=None, quick=False, kinds=None, verb
 
                 # the challenge: the incumbent config of this bucket against the WGMMA candidates
                 bucket_cands = ([incumbents[rows]] if challenge and rows in incumbents else []) + contenders
+                if fp8_kind and rows <= DECODE_BUCKET_MAX:  # the weight-streaming decode kernel competes here
+                    bucket_cands += [dict(DECODE_DEFAULT, num_stages=ns) for ns in (3, 4)]
                 run(dict(ref_cfg, USE_TMA=0))  # a pointer-load config the tests cover: the expected output
                 expect = _dequant(p)
                 best = None
