@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The sixth session's second call (< 10 min), after tools/gpu/tune_ab.sh, on the tables it tuned:
+#   phase A side by side: the whole `pytest -m gpu` in four processes; DeepGEMM 8dfa329 laid out and precompiled
+#     (tools/gpu/gemm.sh GEMM_FULL=1, whose bench then waits)
+#   phase B alone on the GPU: bench/bench_moe_layer.py at T = 8192 (issue 18: >= 4x the torch composition, fp8);
+#     a whole model's prefill by kernel category (bench/profile_hf_prefill.py; issue 19's prefill target); all ten
+#     grouped GEMM shapes beside DeepGEMM (issue 18)
+#   B_TOTAL=560 [B_TESTS=190 B_LAYER=90 B_PREFILL=50] bash tools/gpu/round_b.sh
+set -u
+R=/tmp/gpu_round_b TOTAL=${B_TOTAL:-560}
+source "$(dirname "$0")/_lib.sh"
+mkdir -p "$R/gemm"
+HOLD=/tmp/gemm_hold_b; touch "$HOLD"
+(OUT=$R/gemm GEMM_FULL=1 GEMM_END_BY=$END GEMM_SKIP_261=1 GEMM_HOLD=$HOLD timeout -k 5 "$TOTAL" \
+  bash tools/gpu/gemm.sh > "$R/gemm/stdout.log" 2>&1) &
+GEMM_PID=$!
+TT=${B_TESTS:-190}
+mapfile -t FILES < <(ls tests/test_*.py)
+for i in 0 1 2 3; do
+  grp=(); for j in "${!FILES[@]}"; do [ $((j % 4)) = $i ] && grp+=("${FILES[$j]}"); done
+  run_t "g$i" "${grp[@]}"
+done
+tests_report
+echo "== moe layer bench T=8192 $(el)" >> "$S"
+timeout "$(lim ${B_LAYER:-90} 220)" python bench/bench_moe_layer.py --tokens 8192 > "$R/moe_layer.log" 2>&1
+echo "rc=$?" >> "$S"; tail -24 "$R/moe_layer.log" >> "$S"
+echo "== prefill profile $(el)" >> "$S"
+timeout "$(lim ${B_PREFILL:-50} 170)" python bench/profile_hf_prefill.py > "$R/prefill_profile.log" 2>&1
+echo "rc=$?" >> "$S"; grep -vE "^    " "$R/prefill_profile.log" | tail -30 >> "$S"
+gemm_join "DeepGEMM, full"
+pack
