@@ -57,6 +57,29 @@ def test_layer_captured_once_replays_new_routing(precision, T):
 
 
 @pytest.mark.gpu
+def test_load_monitor_follows_replays():
+    """While a step is captured the load monitor's update runs on a stream of its own (a branch of the graph):
+    after the replays the monitor holds what the same steps give eagerly."""
+    a, b = _layer("bf16"), _layer("bf16")
+    xs = [torch.randn(5, 512, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    static_x = xs[0].clone()
+    with torch.no_grad():
+        a(static_x), b(static_x)  # one eager step each (and every kernel compiled outside the capture)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            a(static_x)
+        assert a._observe_streams, "the capture should have put the update on its own stream"
+        for x in xs:
+            static_x.copy_(x)
+            graph.replay()
+            b(x)
+    torch.cuda.synchronize()
+    assert int(a.gate.steps) == int(b.gate.steps) == 4
+    assert torch.equal(a.gate.load, b.gate.load)
+
+
+@pytest.mark.gpu
 def test_patched_model_under_reduce_overhead_compile():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=256, intermediate_size=128, num_hidden_layers=2,

@@ -85,6 +85,7 @@ class MoELayer(nn.Module):
             self._tp = ExpertTensorParallel(tp_group, intermediate_size, precision)
             self.experts = self._tp.slice_experts(self.experts)
         self._side_streams = {}  # device -> the CUDA stream the shared experts run on (inference)
+        self._observe_streams = {}  # device -> the stream of the load monitor's update while capturing
         self.cuda_graphs = bool(cuda_graphs)
         self._graphs = DecodeGraphs()
         self._ep = None
@@ -123,7 +124,8 @@ class MoELayer(nn.Module):
     def _forward(self, x2: torch.Tensor) -> torch.Tensor:
         """The step on x2 [T, H]: [T, H] in x2's dtype."""
         shared = self._start_shared(x2)  # on a second CUDA stream where it can overlap the routed experts
-        weights, ids, _ = self.gate(x2)
+        weights, ids, counts = self.gate(x2, observe=False)
+        observing = self._observe_beside(counts)  # the load monitor's update, off the step's critical path
         xr = x2  # the routed path's tokens
         if self._tp is not None:  # expert TP: the routed path's inputs, their gradients summed over tp_group
             xr, weights = self._tp.region_input(x2, weights)
@@ -137,7 +139,7 @@ class MoELayer(nn.Module):
             y = self.experts(p.x, p.offsets, p.scale)
             if isinstance(shared, tuple) and self._tp is None:  # inference: the shared output added in the gather
                 torch.cuda.current_stream(x2.device).wait_stream(shared[1])
-                return unpermute_add(y, p, weights, shared[0], out_dtype=x2.dtype)
+                return self._joined(unpermute_add(y, p, weights, shared[0], out_dtype=x2.dtype), observing, counts)
             out = ops.unpermute(y, p, weights)
         if self._tp is not None:  # the slices' partial outputs added (fp32)
             out = self._tp.reduce_output(out)
@@ -147,7 +149,32 @@ class MoELayer(nn.Module):
                 shared = shared[0]
             # one add when the dtypes agree (computed in fp32 and rounded once, as the fp32 sum below)
             out = out + shared if out.dtype == shared.dtype else out.float() + shared.float()
-        return out.to(x2.dtype)
+        return self._joined(out.to(x2.dtype), observing, counts)
+
+    def _observe_beside(self, counts: torch.Tensor):
+        """Fold ``counts`` into the router's load monitor. While a CUDA graph is being captured (the layer's own
+        or the caller's), on a stream of its own: in the graph the update becomes a branch beside permute, the
+        expert GEMMs and unpermute instead of one more serial kernel (~1.3 us and a launch gap at decode sizes).
+        Returns that stream (joined by ``_joined``), or None when the update ran here (eagerly, where an extra
+        stream's events would cost more host time than the kernel does)."""
+        if not (counts.is_cuda and torch.cuda.is_current_stream_capturing()) or torch.is_grad_enabled():
+            self.gate.observe_counts(counts)
+            return None
+        side = self._observe_streams.get(counts.device)
+        if side is None:
+            side = self._observe_streams[counts.device] = torch.cuda.Stream(counts.device)
+        side.wait_stream(torch.cuda.current_stream(counts.device))
+        with torch.cuda.stream(side):
+            self.gate.observe_counts(counts)
+        return side
+
+    @staticmethod
+    def _joined(out: torch.Tensor, observing, counts: torch.Tensor) -> torch.Tensor:
+        """``out`` once the current stream waits for the load monitor's stream (a capture must rejoin every stream
+        it forked); ``counts`` is alive until here, so its memory is not handed out while that stream reads it."""
+        if observing is not None:
+            torch.cuda.current_stream(counts.device).wait_stream(observing)
+        return out
 
     def _apply(self, fn, *args, **kwargs):
         if "_graphs" in self.__dict__:  # moved or cast: the graphs read the old tensors (their memory goes too)
@@ -155,7 +182,7 @@ class MoELayer(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):  # copies and pickles start without CUDA streams or graphs (made again on use)
-        return dict(super().__getstate__(), _side_streams={}, _graphs=DecodeGraphs())
+        return dict(super().__getstate__(), _side_streams={}, _observe_streams={}, _graphs=DecodeGraphs())
 
     def _start_shared(self, x2: torch.Tensor):
         """The shared experts' output, or on CUDA without autograd (inference, CUDA-graph capture) a pair (output,

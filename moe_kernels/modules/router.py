@@ -152,11 +152,14 @@ class TopKRouter(nn.Module):
     def _use_bias(self) -> bool:
         return self.scoring == "sigmoid" or self.balance == "bias"
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, observe: bool = True):
+        """(weights [T, k] fp32, ids [T, k] int32, counts [E] int32). ``observe=False``: the caller folds ``counts``
+        into the load monitor itself (``observe_counts``), e.g. off the critical path of a captured step."""
         check_tensor("x", x, ndim=2, shape=(None, self.hidden_size), device=self.weight.device)
         if self.scoring == "sparsemixer":
             weights, ids, counts = self._sparsemixer(x)
-            self._observe(counts)
+            if observe:
+                self._observe(counts)
             return weights, ids, counts
         weights, ids, counts = ops.route(
             x,
@@ -170,7 +173,8 @@ class TopKRouter(nn.Module):
             bias=self.e_score_correction_bias if self._use_bias() else None,
             expert_scale=self._expert_scale(),
         )
-        self._observe(counts)
+        if observe:
+            self._observe(counts)
         return weights, ids, counts
 
     def _sparsemixer(self, x: torch.Tensor):
@@ -188,6 +192,10 @@ class TopKRouter(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat, dtype=torch.int32))
         return weights, ids.to(torch.int32), counts
+
+    def observe_counts(self, counts: torch.Tensor) -> None:
+        """Fold a step's ``counts`` (from ``forward(x, observe=False)``) into the load monitor."""
+        self._observe(counts)
 
     @torch.no_grad()
     def _observe(self, counts: torch.Tensor) -> None:
