@@ -7,7 +7,8 @@ from moe_kernels import cli
 def test_info(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    for row in ("torch", "triton", "extension moe_kernels._C", "NVSHMEM", "value checks", "MoELayer's own CUDA graphs"):
+    for row in ("torch", "triton", "extension moe_kernels._C", "NVSHMEM", "value checks", "MoELayer's own CUDA graphs",
+                "programmatic dependent launch"):
         assert row in out
 
 

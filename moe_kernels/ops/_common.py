@@ -1,9 +1,15 @@
-"""What every op shares: which implementation a call takes."""
+"""What every op shares: which implementation a call takes, and how the decode chain launches."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+
+try:  # the kernels' first statements under PDL (triton.language.extra.cuda: Triton 3.6 and 3.8 have them)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older Triton: pdl() is False, so no kernel traces them
+    gdc_launch_dependents = gdc_wait = None
 
 
 def interpret_mode() -> bool:
@@ -15,6 +21,31 @@ def use_triton(t: torch.Tensor) -> bool:
     """CUDA tensors take the Triton kernels; CPU tensors the reference, unless the interpreter is on."""
     return t.is_cuda or (t.device.type == "cpu" and interpret_mode())
 
+
+def pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch for the decode chain's kernels (route, permute, the decode GEMMs, unpermute):
+    a kernel's programs start while the previous kernel of the stream still runs, and so its launch and ramp hide
+    behind that kernel's tail. ``MOE_KERNELS_PDL=1`` (read at each call) on CUDA, not interpreted, sm_90+, and a
+    Triton with ``gdc_wait``. Off by default until measured: an experiment's switch, as
+    ``MOE_KERNELS_DECODE_MAX_ROWS`` is.
+
+    Safe: a kernel launched with it runs griddepcontrol.wait (the previous grid has completed and its writes are
+    visible) before touching any memory. It lets its own dependents launch right after that wait: a dependent's
+    wait still waits for this whole grid to complete."""
+    if os.environ.get("MOE_KERNELS_PDL", "0") != "1" or device.type != "cuda" or interpret_mode():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return gdc_wait is not None and _capability_major(index) >= 9
+
+
+def pdl_kwargs(device: torch.device) -> dict:
+    """A launch's keyword arguments for ``pdl(device)``: none when off (the interpreter sees no launch_pdl)."""
+    return dict(PDL=True, launch_pdl=True) if pdl(device) else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def arrival_counters(device: torch.device, n: int) -> torch.Tensor:

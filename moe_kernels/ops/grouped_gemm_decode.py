@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import arrival_counters
+from ._common import arrival_counters, gdc_launch_dependents, gdc_wait, pdl_kwargs
 from .quant import E4M3_MAX, group_amax, to_e4m3_rne
 
 __all__ = ["launch", "block_t_for", "split_k_for"]
@@ -96,8 +96,11 @@ def _grouped_gemm_decode_kernel(
     FP8: tl.constexpr, SWIGLU: tl.constexpr, QUANT_OUT: tl.constexpr, ROW_WEIGHT: tl.constexpr,
     MASKED: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
-    SPLIT_K: tl.constexpr, USE_TMA: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_TMA: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # see routing._route_kernel: before any load (_find_expert reads offsets)
+        gdc_wait()
+        gdc_launch_dependents()
     # SPLIT_K > 1: SPLIT_K programs share a (column tile, expert), each streaming one slice of K; each stores its
     # fp32 partials in the workspace ws [SPLIT_K, rows, 2N or N] and counts itself in the pair's semaphore; the
     # last to arrive sums the slices in slice order (the result does not depend on who came last) and runs the
@@ -260,7 +263,7 @@ def launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0,
         UPCAST=interpret and not fp8, BLOCK_N=BN, BLOCK_T=BT, BLOCK_K=BK,
         E_PAD=max(16, triton.next_power_of_2(E)), SPLIT_K=split, USE_TMA=use_tma,
         # two warpgroups from BLOCK_T = 32 on: the two [BLOCK_N, BLOCK_T] fp32 accumulators fit without spills
-        num_warps=max(int(cfg.get("num_warps", 4)), 8 if BT > 16 else 4), num_stages=stages,
+        num_warps=max(int(cfg.get("num_warps", 4)), 8 if BT > 16 else 4), num_stages=stages, **pdl_kwargs(a.device),
     )
 
 

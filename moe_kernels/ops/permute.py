@@ -26,7 +26,7 @@ import triton.language as tl
 from .. import reference
 from .._checks import FP8_DTYPE, check_int, check_multiple, check_tensor, value_checks_enabled
 from ..reference.permute import Permuted
-from ._common import use_triton
+from ._common import gdc_launch_dependents, gdc_wait, pdl_kwargs, use_triton
 from .quant import quantize_groups
 
 __all__ = ["permute", "unpermute", "Permuted"]
@@ -46,7 +46,10 @@ INLINE_PAIRS = 512
 
 @triton.jit
 def _index_kernel(ids_ptr, rank_ptr, counts_ptr, n_pairs, pairs_per_block, E,
-                  SINGLE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
+                  SINGLE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # see routing._route_kernel
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     lo = b * pairs_per_block
     hi = tl.minimum(lo + pairs_per_block, n_pairs)
@@ -73,7 +76,11 @@ def _index_kernel(ids_ptr, rank_ptr, counts_ptr, n_pairs, pairs_per_block, E,
 
 
 @triton.jit
-def _scan_kernel(hist_ptr, base_ptr, offsets_ptr, n_blocks, E, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
+def _scan_kernel(hist_ptr, base_ptr, offsets_ptr, n_blocks, E, ROWS: tl.constexpr, BLOCK_E: tl.constexpr,
+                 PDL: tl.constexpr = False):
+    if PDL:  # see routing._route_kernel
+        gdc_wait()
+        gdc_launch_dependents()
     cols = tl.arange(0, BLOCK_E)
     col_mask = cols < E
     carry = tl.zeros((BLOCK_E,), dtype=tl.int32)
@@ -92,7 +99,11 @@ def _scan_kernel(hist_ptr, base_ptr, offsets_ptr, n_blocks, E, ROWS: tl.constexp
 def _scatter_kernel(x_ptr, ids_ptr, rank_ptr, offsets_ptr, base_ptr, slot_ptr, token_index_ptr, out_ptr, scale_ptr,
                     H, E, pairs_per_block, stride_x, stride_out, stride_scale, TOP_K: tl.constexpr,
                     BLOCKED: tl.constexpr, FP8: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
-                    INLINE: tl.constexpr = False, N_PAD: tl.constexpr = 1, BLOCK_E: tl.constexpr = 1):
+                    INLINE: tl.constexpr = False, N_PAD: tl.constexpr = 1, BLOCK_E: tl.constexpr = 1,
+                    PDL: tl.constexpr = False):
+    if PDL:  # see routing._route_kernel
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
     if INLINE:  # no index kernel ran: every pair's expert, here (pairs_per_block is the pair count)
@@ -136,7 +147,10 @@ def _scatter_kernel(x_ptr, ids_ptr, rank_ptr, offsets_ptr, base_ptr, slot_ptr, t
 
 @triton.jit
 def _unpermute_kernel(y_ptr, slot_ptr, w_ptr, out_ptr, add_ptr, H, stride_y, stride_out, stride_add,
-                      TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, ADD: tl.constexpr = False):
+                      TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, ADD: tl.constexpr = False, PDL: tl.constexpr = False):
+    if PDL:  # see routing._route_kernel
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
@@ -197,6 +211,7 @@ def _permute_triton(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, f
     offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()  # int32 or int64, read flat, as is
     BLOCK_E = max(32, triton.next_power_of_2(E))  # 32: at least one histogram bin per lane
+    launch = pdl_kwargs(dev)
     single = n <= SINGLE_PROGRAM_PAIRS
     inline = n <= INLINE_PAIRS
     # of each pair among its expert's earlier pairs (in its block); inline: not read
@@ -206,22 +221,22 @@ def _permute_triton(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, f
     elif single:
         PAIRS, base = n, offsets  # base is not read
         _index_kernel[(1,)](ids, rank, offsets, n, n, E, SINGLE=True, CHUNK=INDEX_CHUNK, BLOCK_E=BLOCK_E,
-                            num_warps=8)
+                            num_warps=8, **launch)
     else:
         PAIRS = _pairs_per_block(n)
         blocks = triton.cdiv(n, PAIRS)
         hist = torch.empty(blocks, E, dtype=torch.int32, device=dev)
         base = torch.empty(blocks, E, dtype=torch.int32, device=dev)
         _index_kernel[(blocks,)](ids, rank, hist, n, PAIRS, E, SINGLE=False, CHUNK=INDEX_CHUNK, BLOCK_E=BLOCK_E,
-                                 num_warps=8)
+                                 num_warps=8, **launch)
         _scan_kernel[(1,)](hist, base, offsets, blocks, E, ROWS=max(1, min(64, 8192 // BLOCK_E)), BLOCK_E=BLOCK_E,
-                           num_warps=8)
+                           num_warps=8, **launch)
     BLOCK_H = block_h or _row_block(H, fp8)
     _scatter_kernel[(T, triton.cdiv(H, BLOCK_H))](
         x, ids, rank, offsets, base, slot, token_index, out, scale, H, E, PAIRS, x.stride(0), out.stride(0),
         max(scale.stride(0), 1), TOP_K=k, BLOCKED=not single, FP8=fp8, BLOCK_H=BLOCK_H, GROUP=FP8_GROUP,
         INLINE=inline, N_PAD=max(16, triton.next_power_of_2(n)) if inline else 1, BLOCK_E=BLOCK_E,
-        num_warps=num_warps,
+        num_warps=num_warps, **launch,
     )
     return out, scale, offsets, token_index, slot
 
@@ -317,7 +332,7 @@ def _unpermute_triton(y: torch.Tensor, slot: torch.Tensor, topk_weights: torch.T
         _unpermute_kernel[(T, triton.cdiv(H, BLOCK_H))](
             y, slot.contiguous(), topk_weights.float().contiguous(), out, add if add is not None else out, H,
             y.stride(0), out.stride(0), add.stride(0) if add is not None else 0,
-            TOP_K=k, BLOCK_H=BLOCK_H, ADD=add is not None, num_warps=num_warps,
+            TOP_K=k, BLOCK_H=BLOCK_H, ADD=add is not None, num_warps=num_warps, **pdl_kwargs(y.device),
         )
     return out
 

@@ -18,7 +18,7 @@ from .. import reference
 from .._checks import (
     check_choice, check_finite, check_number, check_routing_args, check_tensor, value_checks_enabled,
 )
-from ._common import arrival_counters, use_triton
+from ._common import arrival_counters, gdc_launch_dependents, gdc_wait, pdl_kwargs, use_triton
 from .quant import UPCAST_DOT
 
 __all__ = ["route"]
@@ -44,7 +44,11 @@ def _route_kernel(
     TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ESCALE: tl.constexpr,
     NORM: tl.constexpr, FP32_DOT: tl.constexpr, EVEN_K: tl.constexpr, GROUPS_AS_AXIS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # launched early (ops/_common.pdl): wait for the previous grid, then let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
     # SPLIT_K > 1: SPLIT_K programs share a token tile, each multiplying one slice of H; each stores its partial
     # logits in the workspace ws [tiles, SPLIT_K, BLOCK_M, BLOCK_E] and counts itself in the tile's semaphore; the
     # last to arrive adds the partials in slice order (the same logits whichever arrives last) and runs the rest.
@@ -272,7 +276,7 @@ def _route_triton(x, w, top_k, scoring, n_group, topk_group, norm, scaling, bias
         TOPK_GROUP=topk_group, G_PAD=_next_pow2(n_group, 2), HAS_BIAS=bias is not None,
         HAS_ESCALE=escale is not None, NORM=norm, FP32_DOT=fp32_dot, EVEN_K=H % cfg["BLOCK_K"] == 0,
         GROUPS_AS_AXIS=n_group > 1 and E == BLOCK_E and n_group == _next_pow2(n_group), BLOCK_E=BLOCK_E,
-        SPLIT_K=split, **cfg,
+        SPLIT_K=split, **cfg, **pdl_kwargs(x.device),
     )
     return weights, ids, counts
 
