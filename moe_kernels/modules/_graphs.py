@@ -16,12 +16,12 @@ with one call. What a graph needs, and what this helper checks on every call:
 The first call of a key runs eagerly (its kernels compile, lazily made state appears, its result is the real
 one); the second captures and replays. A module keeps at most ``max_graphs`` graphs and then runs new keys
 eagerly: a server whose token count changes every step never recaptures in a loop. Inputs are copied into the
-graph's input buffer and the output cloned out of its output buffer (one copy each), so one memory pool per device
-serves every module's graphs: a graph's temporaries need not outlive its replay, and replays run one at a time in
-the order of the caller's stream (graphs of one device replayed on two streams at once would share temporaries:
-keep a device's MoE layers on one stream, as a model's forward does). The capture runs on a side stream without
-``torch.cuda.graph``'s device-wide synchronisation and garbage collection. ``MOE_KERNELS_CUDA_GRAPHS=0`` turns it
-off.
+graph's input buffer and the output cloned out of its output buffer (one copy each: the buffers are reused by the
+next replay), so one memory pool serves all of a module's graphs, which replay one at a time on the caller's
+stream. The pool is the module's own and is dropped with its last graph: a CUDA graph pool whose graphs are all
+gone may not take a new capture (the caching allocator asserts on it, H100, torch 2.11, 2026-12-07: a pool shared
+by every module of a device failed that way once a test's layers were freed). ``MOE_KERNELS_CUDA_GRAPHS=0`` turns
+it off.
 """
 from __future__ import annotations
 
@@ -39,10 +39,6 @@ def graphs_enabled_by_env() -> bool:
     return os.environ.get("MOE_KERNELS_CUDA_GRAPHS", "1") != "0"
 
 
-_POOLS: dict = {}  # device -> the memory pool of every module's graphs there
-_STREAMS: dict = {}  # device -> the side stream captures run on
-
-
 class DecodeGraphs:
     """Up to ``max_graphs`` graphs for inputs of 1..``max_tokens`` rows (then new keys run eagerly)."""
 
@@ -50,11 +46,13 @@ class DecodeGraphs:
         self.max_tokens, self.max_graphs = max_tokens, max_graphs
         self._graphs: dict = {}  # key -> (graph, static input, static output), or None: its capture failed
         self._seen: set = set()  # keys that ran once eagerly
+        self._pool = None  # the memory pool of this module's graphs (made at the first capture)
         self.replays = 0  # replays served (tests and benchmarks read it)
 
     def clear(self) -> None:
         self._graphs.clear()
         self._seen.clear()
+        self._pool = None
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether a call on the 2-D input ``x`` may take a graph (the caller adds its own conditions)."""
@@ -91,27 +89,19 @@ class DecodeGraphs:
     def _capture(self, fn, x, key):
         x_in = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         x_in.copy_(x)
-        dev = x.device
-        if dev not in _POOLS:
-            _POOLS[dev] = torch.cuda.graph_pool_handle()
-            _STREAMS[dev] = torch.cuda.Stream(dev)
-        side, main = _STREAMS[dev], torch.cuda.current_stream(dev)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        side.wait_stream(main)  # x_in's copy (and whatever made x) is ordered before the capture's first read
         try:
-            with torch.cuda.stream(side):
-                graph.capture_begin(pool=_POOLS[dev])
-                try:
-                    y_out = fn(x_in)
-                finally:
-                    graph.capture_end()
+            with torch.cuda.graph(graph, pool=self._pool):
+                y_out = fn(x_in)
         except Exception as e:  # noqa: BLE001 (anything the step does that a capture refuses: stay eager)
-            main.wait_stream(side)
             warnings.warn(f"moe_kernels: a CUDA graph of this step could not be captured ({type(e).__name__}: "
                           f"{str(e)[:200]}); it runs eagerly", stacklevel=4)
             self._graphs[key] = None
+            if not any(self._graphs.values()):  # no graph holds the pool: the next capture takes a new one
+                self._pool = None
             return None
-        main.wait_stream(side)
         self._graphs[key] = (graph, x_in, y_out)
         return self._graphs[key]
 
