@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tune", "candidates", "SHAPES", "BUCKETS"]
+__all__ = ["tune", "candidates", "settle", "SHAPES", "BUCKETS"]
 
 # kind -> [(N, K)]: N is the columns a kernel writes (the intermediate size I for the SwiGLU kernels)
 SHAPES = {
@@ -74,6 +74,14 @@ def candidates(kind: str, quick: bool = False, untried: bool = False) -> list[di
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=nw, num_stages=ns, USE_TMA=tma)
             out.append(dict(cfg, PAIR_N=1) if pair else cfg)
     return out + wg
+
+
+def settle(best, incumbent, margin: float = CHALLENGE_MARGIN):
+    """A bucket's pick from its fastest timing ``best`` and its incumbent's (each (ms, cfg, ...) or None): the
+    incumbent unless ``best`` is faster by more than ``margin``; a challenger within it is a tie."""
+    if incumbent is None or best is None or best is incumbent:
+        return best
+    return best if best[0] * (1 + margin) <= incumbent[0] else incumbent
 
 
 def _experts_for(rows: int) -> int:
@@ -177,9 +185,7 @@ def tune(families=("grouped_gemm",), out_dir=None, quick=False, kinds=None, verb
                         best = (ms, cfg, tflops)
                     if challenge and cfg is bucket_cands[0] and rows in incumbents:
                         incumbent = (ms, cfg, tflops)
-                if challenge and incumbent is not None and best is not incumbent \
-                        and best[0] * (1 + CHALLENGE_MARGIN) > incumbent[0]:
-                    best = incumbent  # a challenger within the margin is a tie: the table keeps its config
+                best = settle(best, incumbent)
                 if best is not None:
                     table[str(rows)] = best[1]
                     if verbose:

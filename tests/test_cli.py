@@ -78,3 +78,15 @@ def test_misuse_from_the_shell_has_no_traceback():
     r = subprocess.run([sys.executable, "-m", "moe_kernels.cli", "demo", "--tokens", "-5"], capture_output=True,
                        text=True, cwd=root, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_tune_keeps_a_bucket_incumbent_within_the_margin():
+    from moe_kernels.tune import CHALLENGE_MARGIN, settle
+
+    assert CHALLENGE_MARGIN == 0.02
+    incumbent, near, far = (1.0, {"cfg": "incumbent"}), (0.985, {"cfg": "near"}), (0.97, {"cfg": "far"})
+    assert settle(near, incumbent) is incumbent  # 1.5% faster: a tie
+    assert settle(far, incumbent) is far  # 3% faster: replaces it
+    assert settle(incumbent, incumbent) is incumbent
+    assert settle(far, None) is far  # no incumbent timed (a new bucket, or not a challenge)
+    assert settle(None, None) is None
