@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The sixth session's second call (< 10 min), after tools/gpu/tune_ab.sh, on the tables it tuned:
+# The call after tools/gpu/tune_ab.sh (< 10 min; the sixth session had no device time left for it), on its tables:
 #   phase A side by side: the whole `pytest -m gpu` in four processes; DeepGEMM 8dfa329 laid out and precompiled
 #     (tools/gpu/gemm.sh GEMM_FULL=1, whose bench then waits)
-#   phase B alone on the GPU: the decode bench with MOE_KERNELS_PDL=1 as a variant (issue 19); bench/bench_moe_layer.py at T = 8192 (issue 18: >= 4x the torch composition, fp8);
-#     a whole model's prefill by kernel category (bench/profile_hf_prefill.py; issue 19's prefill target); all ten
+#   phase B alone on the GPU: the decode bench with MOE_KERNELS_PDL=1 as a variant (issue 19);
+#     bench/bench_moe_layer.py at T = 8192 (issue 18: >= 4x the torch composition, fp8); a whole model's prefill by kernel category (bench/profile_hf_prefill.py; issue 19's prefill target); all ten
 #     grouped GEMM shapes beside DeepGEMM (issue 18)
 #   B_TOTAL=560 [B_TESTS=190 B_DEC=60 B_LAYER=90 B_PREFILL=50] bash tools/gpu/round_b.sh
 set -u
