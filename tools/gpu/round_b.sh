@@ -3,8 +3,9 @@
 #   phase A side by side: the whole `pytest -m gpu` in four processes; DeepGEMM 8dfa329 laid out and precompiled
 #     (tools/gpu/gemm.sh GEMM_FULL=1, whose bench then waits)
 #   phase B alone on the GPU: the decode bench with MOE_KERNELS_PDL=1 as a variant (issue 19);
-#     bench/bench_moe_layer.py at T = 8192 (issue 18: >= 4x the torch composition, fp8); a whole model's prefill by kernel category (bench/profile_hf_prefill.py; issue 19's prefill target); all ten
-#     grouped GEMM shapes beside DeepGEMM (issue 18)
+#     bench/bench_moe_layer.py at T = 8192 (issue 18: >= 4x the torch composition, fp8); a whole model's prefill
+#     by kernel category (bench/profile_hf_prefill.py; issue 19's prefill target); all ten grouped GEMM shapes
+#     beside DeepGEMM (issue 18)
 #   B_TOTAL=560 [B_TESTS=190 B_DEC=60 B_LAYER=90 B_PREFILL=50] bash tools/gpu/round_b.sh
 set -u
 R=/tmp/gpu_round_b TOTAL=${B_TOTAL:-560}
