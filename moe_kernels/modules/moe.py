@@ -160,9 +160,10 @@ class MoELayer(nn.Module):
         if not (counts.is_cuda and torch.cuda.is_current_stream_capturing()) or torch.is_grad_enabled():
             self.gate.observe_counts(counts)
             return None
-        side = self._observe_streams.get(counts.device)
+        streams = self.__dict__.setdefault("_observe_streams", {})  # a layer unpickled from before it existed
+        side = streams.get(counts.device)
         if side is None:
-            side = self._observe_streams[counts.device] = torch.cuda.Stream(counts.device)
+            side = streams[counts.device] = torch.cuda.Stream(counts.device)
         side.wait_stream(torch.cuda.current_stream(counts.device))
         with torch.cuda.stream(side):
             self.gate.observe_counts(counts)
