@@ -224,7 +224,7 @@ def _case_panels(res, plt, series, ylabel, what):
     against tokens; keys a result lacks (the training bench has no naive loop) are left out."""
     rows = res["rows"]
     groups = sorted({(r["case"], r["precision"]) for r in rows})
-    fig, axes = _figure(plt, 1, len(groups), 4.2, 3.8)
+    fig, axes = _figure(plt, 1, len(groups), max(4.2, 8.4 / len(groups)), 3.8)  # one panel: as wide as two
     for ax, (case, prec) in zip(axes[0], groups):
         rs = _select(rows, "T", case=case, precision=prec)
         Ts = [r["T"] for r in rs]
@@ -314,6 +314,9 @@ def _moe_decode(res, plt):
     series = [("ours_us", OURS, "o-", "C0"), ("hf_grouped_mm_us", "transformers grouped_mm", "o-", "C1"),
               ("composition_us", "torch composition", "o-", "C2"),
               ("bound_us", "weight bytes / copy bandwidth", "--", "k")]
+    # --ab variants (ours under other environment variables, timed in the same run): dashed, after ours
+    names = sorted({k[len("ours_us_"):] for r in res["rows"] for k in r if k.startswith("ours_us_")})
+    series[1:1] = [(f"ours_us_{n}", f"{OURS}, {n}", "s--", f"C{3 + i}") for i, n in enumerate(names)]
     return _case_panels(res, plt, series, "us per MoE block (CUDA graph)",
                         "one MoE block at decode sizes (H=7168, I=2048)")
 
