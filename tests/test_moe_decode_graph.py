@@ -209,3 +209,53 @@ def test_decode_graphs_policy_on_the_cpu(monkeypatch):
         n = graphs.replays
         graphs(fn, module, torch.randn(1, 4))
         assert graphs.replays == n  # eager: the table is full, so the new key never captures
+
+
+def test_decode_graphs_pool_is_the_modules_own_and_goes_with_its_last_graph(monkeypatch):
+    """The capture with torch's CUDA-graph API stubbed: each DecodeGraphs takes a pool of its own; clear() (a move
+    or cast) and a failed capture that leaves no graph drop it, so the next capture takes a fresh one (a pool whose
+    graphs are all gone may not take a new capture: the caching allocator asserts, H100 2026-12-07); a failed
+    capture beside live graphs keeps it."""
+    import contextlib
+
+    from moe_kernels.modules import _graphs
+
+    handles, used = iter(range(100)), []
+
+    class FakeGraph:
+        def replay(self):
+            pass
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        used.append(pool)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", next(handles)))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+
+    def ok(x):
+        return x + 1
+
+    def refused(x):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    a, b = _graphs.DecodeGraphs(), _graphs.DecodeGraphs()
+    x = torch.zeros(2, 4)
+    assert a._capture(ok, x, "k1") is not None and b._capture(ok, x, "k1") is not None
+    assert used == [("pool", 0), ("pool", 1)]  # one pool each
+    a._capture(ok, x, "k2")
+    with pytest.warns(UserWarning, match="could not be captured"):
+        assert a._capture(refused, x, "k3") is None
+    assert a._pool == ("pool", 0) and used[-1] == ("pool", 0)  # live graphs beside the failure: same pool
+    a.clear()
+    assert a._pool is None
+    a._capture(ok, x, "k1")
+    assert used[-1] == ("pool", 2)  # after clear(): a fresh pool
+    c = _graphs.DecodeGraphs()
+    with pytest.warns(UserWarning, match="could not be captured"):
+        c._capture(refused, x, "k1")
+    assert c._pool is None  # no graph holds it: the next capture takes a fresh one
+    c._capture(ok, x, "k2")
+    assert used[-1] == ("pool", 4)
