@@ -6,6 +6,9 @@ import os
 
 import torch
 
+import triton
+import triton.language as tl
+
 try:  # the kernels' first statements under PDL (triton.language.extra.cuda: Triton 3.6 and 3.8 have them)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # an older Triton: pdl() is False, so no kernel traces them
@@ -41,6 +44,15 @@ def pdl(device: torch.device) -> bool:
 def pdl_kwargs(device: torch.device) -> dict:
     """A launch's keyword arguments for ``pdl(device)``: none when off (the interpreter sees no launch_pdl)."""
     return dict(PDL=True, launch_pdl=True) if pdl(device) else {}
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """A decode-chain kernel's first statement: under PDL wait for the previous grid (its writes visible), then let
+    the next one launch; nothing (not even traced) without it."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @functools.lru_cache(maxsize=None)

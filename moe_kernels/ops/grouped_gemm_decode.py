@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import arrival_counters, gdc_launch_dependents, gdc_wait, pdl_kwargs
+from ._common import arrival_counters, pdl_kwargs, pdl_start
 from .quant import E4M3_MAX, group_amax, to_e4m3_rne
 
 __all__ = ["launch", "block_t_for", "split_k_for"]
@@ -98,9 +98,7 @@ def _grouped_gemm_decode_kernel(
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_TMA: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    if PDL:  # see routing._route_kernel: before any load (_find_expert reads offsets)
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)  # before any load (_find_expert reads offsets)
     # SPLIT_K > 1: SPLIT_K programs share a (column tile, expert), each streaming one slice of K; each stores its
     # fp32 partials in the workspace ws [SPLIT_K, rows, 2N or N] and counts itself in the pair's semaphore; the
     # last to arrive sums the slices in slice order (the result does not depend on who came last) and runs the

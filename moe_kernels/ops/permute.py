@@ -26,7 +26,7 @@ import triton.language as tl
 from .. import reference
 from .._checks import FP8_DTYPE, check_int, check_multiple, check_tensor, value_checks_enabled
 from ..reference.permute import Permuted
-from ._common import gdc_launch_dependents, gdc_wait, pdl_kwargs, use_triton
+from ._common import pdl_kwargs, pdl_start, use_triton
 from .quant import quantize_groups
 
 __all__ = ["permute", "unpermute", "Permuted"]
@@ -47,9 +47,7 @@ INLINE_PAIRS = 512
 @triton.jit
 def _index_kernel(ids_ptr, rank_ptr, counts_ptr, n_pairs, pairs_per_block, E,
                   SINGLE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:  # see routing._route_kernel
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)
     b = tl.program_id(0).to(tl.int64)
     lo = b * pairs_per_block
     hi = tl.minimum(lo + pairs_per_block, n_pairs)
@@ -78,9 +76,7 @@ def _index_kernel(ids_ptr, rank_ptr, counts_ptr, n_pairs, pairs_per_block, E,
 @triton.jit
 def _scan_kernel(hist_ptr, base_ptr, offsets_ptr, n_blocks, E, ROWS: tl.constexpr, BLOCK_E: tl.constexpr,
                  PDL: tl.constexpr = False):
-    if PDL:  # see routing._route_kernel
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)
     cols = tl.arange(0, BLOCK_E)
     col_mask = cols < E
     carry = tl.zeros((BLOCK_E,), dtype=tl.int32)
@@ -101,9 +97,7 @@ def _scatter_kernel(x_ptr, ids_ptr, rank_ptr, offsets_ptr, base_ptr, slot_ptr, t
                     BLOCKED: tl.constexpr, FP8: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
                     INLINE: tl.constexpr = False, N_PAD: tl.constexpr = 1, BLOCK_E: tl.constexpr = 1,
                     PDL: tl.constexpr = False):
-    if PDL:  # see routing._route_kernel
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
     if INLINE:  # no index kernel ran: every pair's expert, here (pairs_per_block is the pair count)
@@ -148,9 +142,7 @@ def _scatter_kernel(x_ptr, ids_ptr, rank_ptr, offsets_ptr, base_ptr, slot_ptr, t
 @triton.jit
 def _unpermute_kernel(y_ptr, slot_ptr, w_ptr, out_ptr, add_ptr, H, stride_y, stride_out, stride_add,
                       TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, ADD: tl.constexpr = False, PDL: tl.constexpr = False):
-    if PDL:  # see routing._route_kernel
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < H

@@ -18,7 +18,7 @@ from .. import reference
 from .._checks import (
     check_choice, check_finite, check_number, check_routing_args, check_tensor, value_checks_enabled,
 )
-from ._common import arrival_counters, gdc_launch_dependents, gdc_wait, pdl_kwargs, use_triton
+from ._common import arrival_counters, pdl_kwargs, pdl_start, use_triton
 from .quant import UPCAST_DOT
 
 __all__ = ["route"]
@@ -46,9 +46,7 @@ def _route_kernel(
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
     PDL: tl.constexpr = False,
 ):
-    if PDL:  # launched early (ops/_common.pdl): wait for the previous grid, then let the next one launch
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)  # before any load (ops/_common.pdl)
     # SPLIT_K > 1: SPLIT_K programs share a token tile, each multiplying one slice of H; each stores its partial
     # logits in the workspace ws [tiles, SPLIT_K, BLOCK_M, BLOCK_E] and counts itself in the tile's semaphore; the
     # last to arrive adds the partials in slice order (the same logits whichever arrives last) and runs the rest.
