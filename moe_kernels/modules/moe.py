@@ -160,11 +160,8 @@ class MoELayer(nn.Module):
         if not (counts.is_cuda and torch.cuda.is_current_stream_capturing()) or torch.is_grad_enabled():
             self.gate.observe_counts(counts)
             return None
-        streams = self.__dict__.setdefault("_observe_streams", {})  # a layer unpickled from before it existed
-        side = streams.get(counts.device)
-        if side is None:
-            side = streams[counts.device] = torch.cuda.Stream(counts.device)
-        side.wait_stream(torch.cuda.current_stream(counts.device))
+        # setdefault: a layer unpickled from before the dict existed
+        side = _forked(self.__dict__.setdefault("_observe_streams", {}), counts.device)
         with torch.cuda.stream(side):
             self.gate.observe_counts(counts)
         return side
@@ -195,10 +192,7 @@ class MoELayer(nn.Module):
             return None
         if not x2.is_cuda or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.shared_experts(x2, _one_expert_offsets(x2))
-        side = self._side_streams.get(x2.device)
-        if side is None:
-            side = self._side_streams[x2.device] = torch.cuda.Stream(x2.device)
-        side.wait_stream(torch.cuda.current_stream(x2.device))
+        side = _forked(self._side_streams, x2.device)
         with torch.cuda.stream(side):
             # every temporary of the shared experts (their offsets [0, T] too) is allocated on the side stream: a
             # block freed there is handed out again only in side-stream order, never to the main stream's next
@@ -211,6 +205,16 @@ class MoELayer(nn.Module):
         """Build from a HuggingFace MoE block (the families ``moe_kernels.integrations.hf`` lists). The converter
         is looked up in ``modules.converters``, which the integration fills: this module imports no integration."""
         return get_converter(cls, "hf")(module, precision=precision)
+
+
+def _forked(streams: dict, device: torch.device) -> torch.cuda.Stream:
+    """The side stream of ``device`` in ``streams`` (made on first use), forked from the current stream: it waits
+    for the work queued there so far."""
+    side = streams.get(device)
+    if side is None:
+        side = streams[device] = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    return side
 
 
 def _one_expert_offsets(x2: torch.Tensor) -> torch.Tensor:
