@@ -159,7 +159,8 @@ def tune(families=("grouped_gemm",), out_dir=None, quick=False, kinds=None, verb
                                    out_scale=p["out_scale"], swiglu=p["swiglu"], cfg=cfg)
 
                 # the challenge: the incumbent config of this bucket against the WGMMA candidates
-                bucket_cands = ([incumbents[rows]] if challenge and rows in incumbents else []) + contenders
+                incumbent_cfg = incumbents.get(rows) if challenge else None
+                bucket_cands = ([incumbent_cfg] if incumbent_cfg else []) + contenders
                 if fp8_kind and rows <= DECODE_BUCKET_MAX:  # the weight-streaming decode kernel competes here
                     bucket_cands += [dict(DECODE_DEFAULT, num_stages=ns) for ns in (3, 4)]
                 run(dict(ref_cfg, USE_TMA=0))  # a pointer-load config the tests cover: the expected output
@@ -183,7 +184,7 @@ def tune(families=("grouped_gemm",), out_dir=None, quick=False, kinds=None, verb
                     timings.append(dict(kind=kind, N=N, K=K, rows=rows, E=E, cfg=cfg, ms=ms, tflops=tflops))
                     if best is None or ms < best[0]:
                         best = (ms, cfg, tflops)
-                    if challenge and cfg is bucket_cands[0] and rows in incumbents:
+                    if cfg is incumbent_cfg:
                         incumbent = (ms, cfg, tflops)
                 best = settle(best, incumbent)
                 if best is not None:
