@@ -36,3 +36,33 @@ tests_report() {
 }
 # killed from outside (the device call's limit): still pack what is there
 trap 'echo "killed $(el)" >> "$S"; pack; exit 143' TERM INT
+# suite_in_four: the whole `pytest -m gpu` in four processes side by side (run_t, $TT s each), then tests_report
+suite_in_four() {
+    local files i j grp
+    mapfile -t files < <(ls tests/test_*.py)
+    for i in 0 1 2 3; do
+        grp=(); for j in "${!files[@]}"; do [ $((j % 4)) = "$i" ] && grp+=("${files[$j]}"); done
+        run_t "g$i" "${grp[@]}"
+    done
+    tests_report
+}
+# tune_untried WANT RESERVE: this GPU's FP8 tables by `moe_kernels.tune --challenge untried` (limit: lim WANT
+# RESERVE), seeded from the H200's where this GPU has none (same chip: they are the incumbents); the tables come
+# back in $R/configs, every timing in $R/tune.json. Then the quick GEMM bench on them: gemm_quick WANT RESERVE.
+tune_untried() {
+    local cfg=moe_kernels/ops/configs gpu f t
+    gpu=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
+    for f in "$cfg"/grouped_gemm_fp8*_NVIDIA_H200.json; do
+        t=${f/NVIDIA_H200/$gpu}; [ -e "$t" ] || { cp "$f" "$t"; echo "seeded $(basename "$t") from the H200's" >> "$S"; }
+    done
+    echo "== tune --challenge untried $(el)" >> "$S"
+    timeout "$(lim "$1" "$2")" python -m moe_kernels.tune --kinds fp8,fp8_swiglu --challenge untried \
+      --log "$R/tune.json" > "$R/tune.log" 2>&1
+    echo "rc=$?" >> "$S"; grep -vE "^  skip" "$R/tune.log" | tail -30 >> "$S"; grep -c "^  skip" "$R/tune.log" >> "$S"
+    mkdir -p "$R/configs"; cp "$cfg"/grouped_gemm_fp8*_"$gpu".json "$R/configs/"
+}
+gemm_quick() {
+    echo "== grouped GEMM bench (quick) on the new tables $(el)" >> "$S"
+    timeout "$(lim "$1" "$2")" python bench/bench_grouped_gemm.py --quick > "$R/gemm_quick.log" 2>&1
+    echo "rc=$?" >> "$S"; grep -E "min_vs|graph_vs|\| (gate_up|down)" "$R/gemm_quick.log" | head -20 >> "$S"
+}

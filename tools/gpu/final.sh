@@ -6,12 +6,7 @@ set -u
 R=/tmp/gpu_results TOTAL=${F_TOTAL:-330}
 source "$(dirname "$0")/_lib.sh"
 TT=${F_TESTS:-200}
-mapfile -t FILES < <(ls tests/test_*.py)
-for i in 0 1 2 3; do
-  grp=(); for j in "${!FILES[@]}"; do [ $((j % 4)) = $i ] && grp+=("${FILES[$j]}"); done
-  run_t "g$i" "${grp[@]}"
-done
-tests_report
+suite_in_four
 echo "== route probe $(el)" >> "$S"
 timeout "$(lim ${F_ROUTE:-70} 5)" python bench/probe_route.py --tokens 1 --gates bfloat16 \
   --gemv "1,16,32;2,16,32;2,32,16;2,32,32;4,32,32;4,64,16;8,32,16" > "$R/route_probe.log" 2>&1

@@ -16,12 +16,7 @@ HOLD=/tmp/gemm_hold_b; touch "$HOLD"
   bash tools/gpu/gemm.sh > "$R/gemm/stdout.log" 2>&1) &
 GEMM_PID=$!
 TT=${B_TESTS:-190}
-mapfile -t FILES < <(ls tests/test_*.py)
-for i in 0 1 2 3; do
-  grp=(); for j in "${!FILES[@]}"; do [ $((j % 4)) = $i ] && grp+=("${FILES[$j]}"); done
-  run_t "g$i" "${grp[@]}"
-done
-tests_report
+suite_in_four
 echo "== decode bench fp8, PDL as a variant $(el)" >> "$S"
 timeout "$(lim ${B_DEC:-60} 280)" python bench/bench_moe_decode.py --precisions fp8 --tokens 1,8,64,256 \
   --ab "pdl:MOE_KERNELS_PDL=1" --rep 30 > "$R/decode_pdl.log" 2>&1

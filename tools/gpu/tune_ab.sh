@@ -12,8 +12,6 @@
 set -u
 R=/tmp/gpu_tune_ab TOTAL=${A_TOTAL:-560}
 source "$(dirname "$0")/_lib.sh"
-CFG=moe_kernels/ops/configs
-GPU=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
 TT=${A_TESTS:-130}
 run_t graph tests/test_moe_decode_graph.py tests/test_pdl.py
 run_t route tests/test_ops_routing.py tests/test_ops_permute.py
@@ -23,15 +21,6 @@ echo "== decode bench fp8, variants decode64 and pdl $(el)" >> "$S"
 timeout "$(lim ${A_DEC:-110} 150)" python bench/bench_moe_decode.py --cases mixtral-like,deepseek --precisions fp8 \
   --ab "decode64:MOE_KERNELS_DECODE_MAX_ROWS=64;pdl:MOE_KERNELS_PDL=1" --rep 30 > "$R/decode_ab.log" 2>&1
 echo "rc=$?" >> "$S"; grep -E "^  (mixtral|deepseek)|frac|min_vs|Error|error" "$R/decode_ab.log" | tail -40 >> "$S"
-for f in "$CFG"/grouped_gemm_fp8*_NVIDIA_H200.json; do
-  t=${f/NVIDIA_H200/$GPU}; [ -e "$t" ] || { cp "$f" "$t"; echo "seeded $(basename "$t") from the H200's" >> "$S"; }
-done
-echo "== tune --challenge untried $(el)" >> "$S"
-timeout "$(lim 400 60)" python -m moe_kernels.tune --kinds fp8,fp8_swiglu --challenge untried \
-  --log "$R/tune.json" > "$R/tune.log" 2>&1
-echo "rc=$?" >> "$S"; grep -vE "^  skip" "$R/tune.log" | tail -30 >> "$S"; grep -c "^  skip" "$R/tune.log" >> "$S"
-mkdir -p "$R/configs"; cp "$CFG"/grouped_gemm_fp8*_"$GPU".json "$R/configs/"
-echo "== grouped GEMM bench (quick) on the new tables $(el)" >> "$S"
-timeout "$(lim 70 3)" python bench/bench_grouped_gemm.py --quick > "$R/gemm_quick.log" 2>&1
-echo "rc=$?" >> "$S"; grep -E "min_vs|graph_vs|\| (gate_up|down)" "$R/gemm_quick.log" | head -20 >> "$S"
+tune_untried 400 60
+gemm_quick 70 3
 pack
