@@ -5,7 +5,7 @@ shipped default. Prints a table and the fastest config per (gate dtype, T); writ
 ``bench/results/route_probe-<gpu>.json``.
 
     python bench/probe_route.py [--tokens 1,8] [--splits 16,32] [--gates bfloat16,float32] [--rep 50]
-    python bench/probe_route.py --tokens 1 --gemv '2,16,32;4,32,16'  # named GEMV configs only
+    python bench/probe_route.py --tokens 1 --gemv '2,16,32;4,256,28,8'  # named GEMV configs only (E_SPLIT last)
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def main():
     ap.add_argument("--splits", default="16,32")
     ap.add_argument("--gates", default="bfloat16", help="gate dtypes: bfloat16 (the decode bench layer's on the "
                     "device's transformers), float32")
-    ap.add_argument("--gemv", default="", help="only these GEMV configs: 'warps,BLOCK_K,SPLIT_K;...'")
+    ap.add_argument("--gemv", default="", help="only these GEMV configs: 'warps,BLOCK_K,SPLIT_K[,E_SPLIT];...'")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--rep", type=int, default=50, help="ms of graph replays per config")
     args = ap.parse_args()
@@ -71,11 +71,11 @@ def main():
         rows.append(dict(gate=str(dt).replace("torch.", ""), T=T, config="default " + json.dumps(default), us=t_def))
         print(f"gate {rows[-1]['gate']} T={T} default {default}: {t_def:.1f} us", flush=True)
         cfgs = []
-        if args.gemv and T < 16:  # named GEMV configs only: warps,BLOCK_K,SPLIT_K
+        if args.gemv and T < 16:  # named GEMV configs only: warps,BLOCK_K,SPLIT_K[,E_SPLIT]
             for spec in args.gemv.split(";"):
-                warps, bk, split = map(int, spec.split(","))
+                warps, bk, split, *e_split = map(int, spec.split(","))
                 cfgs.append(dict(BLOCK_M=triton.next_power_of_2(T), BLOCK_K=bk, num_warps=warps, num_stages=3,
-                                 SPLIT_K=split))
+                                 SPLIT_K=split, E_SPLIT=e_split[0] if e_split else 1))
         for split, warps in itertools.product(map(int, args.splits.split(",")), map(int, args.warps.split(","))):
             if args.gemv:
                 break
@@ -87,7 +87,7 @@ def main():
                     if m * E * bk <= 32768:
                         cfgs.append(dict(BLOCK_M=m, BLOCK_K=bk, num_warps=warps, num_stages=3, SPLIT_K=split))
         for cfg in cfgs:
-            routing.cap_split(cfg, H)
+            routing.cap_split(cfg, H, min_steps=1 if cfg["BLOCK_M"] < 16 else 2)
             try:
                 us, (wt, ids, _) = time_route(x, w, bias, cfg, args.rep)
             except Exception as exc:  # out of resources: a config this GPU cannot run

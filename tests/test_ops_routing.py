@@ -153,6 +153,62 @@ def test_route_split_k(case, split, device, monkeypatch):
         assert torch.equal(made[-1][:E], out[2]), "the counts live in the same buffer"
 
 
+ESPLIT_CASES = {  # T, E, H, k, scoring, n_group, topk_group, bias, expert_scale, scaling, norm, dtype
+    "deepseek_T1": (1, 256, 160, 8, "sigmoid", 8, 4, True, False, 2.5, True, torch.bfloat16),
+    "deepseek_T3_fp32": (3, 256, 160, 8, "sigmoid", 8, 4, True, False, 2.5, True, torch.float32),
+    "E48_T37_dot": (37, 48, 136, 4, "softmax", 4, 2, True, True, 1.0, True, torch.bfloat16),  # tl.dot tiles
+}
+
+
+@pytest.mark.parametrize("parts", [(1, 4), (3, 2)])
+@pytest.mark.parametrize("case", list(ESPLIT_CASES))
+def test_route_expert_split(case, parts, device, monkeypatch):
+    """E_SPLIT programs per slice of H, each multiplying one block of experts (BLOCK_E / E_SPLIT rows of the gate):
+    the reference's routing, and every counter back at zero after the launch."""
+    from moe_kernels.ops import routing
+
+    made = []
+
+    def counters(dev, n):
+        made.append(torch.zeros(n, dtype=torch.int32, device=dev))
+        return made[-1]
+
+    monkeypatch.setattr(routing, "arrival_counters", counters)
+    T, E, H, k, scoring, ng, tg, b, s, scaling, norm, dtype = ESPLIT_CASES[case]
+    split, e_split = parts
+    x, w, bias, escale = make_inputs(T, E, H, dtype, device, b, s)
+    m = triton.next_power_of_2(T) if T < 16 else 16
+    cfg = dict(BLOCK_M=m, BLOCK_K=32, num_warps=4, num_stages=1, SPLIT_K=split, E_SPLIT=e_split)
+    out = routing._route_triton(x, w, k, scoring, ng, tg, norm, scaling, bias, escale, config=cfg)
+    check_route(out, x, w, k, scoring, ng, tg, norm, scaling, bias, escale)
+    assert int(made[-1][E:].abs().sum()) == 0, "the last-arriving programs must reset their counters"
+
+
+def test_route_rejects_bad_expert_split(device):
+    from moe_kernels.ops import routing
+
+    x, w, bias, escale = make_inputs(1, 16, 64, torch.bfloat16, device, False, False)
+    with pytest.raises(ValueError, match="E_SPLIT"):
+        routing._route_triton(x, w, 2, "softmax", 1, 1, True, 1.0, None, None,
+                              config=dict(BLOCK_M=1, BLOCK_K=32, num_warps=4, num_stages=1, SPLIT_K=2, E_SPLIT=2))
+
+
+def test_gemv_config_spreads_the_gate_over_programs():
+    """At T = 1 the default GEMV config for DeepSeek's router (E 256, H 7168) has every program multiply <= 32
+    experts over one step of H, with no empty slice; Mixtral's (E 8) one expert block."""
+    from moe_kernels.ops import routing
+
+    for E, fp32 in ((256, False), (256, True), (8, False)):
+        cfg = routing._config(1, E, 7168, fp32, heavy=True)
+        bk, split = cfg["BLOCK_K"], cfg["SPLIT_K"]
+        assert routing._next_pow2(E, 16) // cfg["E_SPLIT"] <= routing.GEMV_EXPERTS
+        assert (split - 1) * triton.cdiv(triton.cdiv(7168, bk), split) * bk < 7168, "no empty slice of H"
+        assert triton.cdiv(triton.cdiv(7168, bk), split) == 1, "one step a slice"
+    for T in (2, 3, 4):
+        cfg = routing._config(T, 256, 7168, False, heavy=True)
+        assert cfg["BLOCK_M"] * (256 // cfg["E_SPLIT"]) * cfg["BLOCK_K"] <= 16384
+
+
 GEMV_CASES = {  # decode sizes take the GEMV path (BLOCK_M = T rounded up to a power of two, below tl.dot's 16)
     "deepseek_T1_fp32_gate": (1, 256, 384, 8, "sigmoid", 8, 4, True, False, 2.5, True, torch.float32),
     "deepseek_T1_bf16_gate": (1, 256, 384, 8, "sigmoid", 8, 4, True, False, 2.5, True, torch.bfloat16),

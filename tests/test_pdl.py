@@ -54,7 +54,7 @@ from triton.compiler import ASTSource
 from moe_kernels.ops import grouped_gemm_decode as gd, routing as rt
 pm = importlib.import_module("moe_kernels.ops.permute")  # the module (ops.permute is the op)
 
-# the decode step's forms: T = 1 at top-8 of 256 experts (route: a GEMV split 32 ways; permute: the inline scatter,
+# the decode step's forms: T = 1 at top-8 of 256 experts (route: a GEMV split 28 x 8 ways; permute: the inline scatter,
 # fp8), the index and scan kernels of longer batches, the FP8 decode GEMM (SwiGLU + e4m3, split-K; pointers and TMA).
 # Pointers not named are *i32, other arguments i32.
 F32 = "*fp32"
@@ -62,7 +62,8 @@ KERNELS = {
     "route": (rt._route_kernel, dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr=F32, escale_ptr=F32, weights_ptr=F32,
                                       ws_ptr=F32, routed_scaling_factor="fp32"),
               dict(TOP_K=8, K_PAD=8, SIGMOID=1, N_GROUP=8, TOPK_GROUP=4, G_PAD=8, HAS_BIAS=1, HAS_ESCALE=0, NORM=1,
-                   FP32_DOT=0, EVEN_K=1, GROUPS_AS_AXIS=1, BLOCK_M=1, BLOCK_E=256, BLOCK_K=32, SPLIT_K=32), 4),
+                   FP32_DOT=0, EVEN_K=1, GROUPS_AS_AXIS=1, BLOCK_M=1, BLOCK_E=256, BLOCK_K=256, SPLIT_K=28,
+                   E_SPLIT=8), 4),
     "index": (pm._index_kernel, {}, dict(SINGLE=1, CHUNK=128, BLOCK_E=256), 8),
     "scan": (pm._scan_kernel, {}, dict(ROWS=32, BLOCK_E=256), 8),
     "scatter": (pm._scatter_kernel, dict(x_ptr="*bf16", out_ptr="*fp8e4nv", scale_ptr=F32),

@@ -44,29 +44,38 @@ def _route_kernel(
     TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ESCALE: tl.constexpr,
     NORM: tl.constexpr, FP32_DOT: tl.constexpr, EVEN_K: tl.constexpr, GROUPS_AS_AXIS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
-    PDL: tl.constexpr = False,
+    E_SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False,
 ):
     pdl_start(PDL)  # before any load (ops/_common.pdl)
-    # SPLIT_K > 1: SPLIT_K programs share a token tile, each multiplying one slice of H; each stores its partial
-    # logits in the workspace ws [tiles, SPLIT_K, BLOCK_M, BLOCK_E] and counts itself in the tile's semaphore; the
-    # last to arrive adds the partials in slice order (the same logits whichever arrives last) and runs the rest.
-    # More programs than token tiles: at T = 4096 and 64-token tiles, 64 programs leave half of 132 SMs idle.
+    # SPLIT_K x E_SPLIT > 1: that many programs share a token tile, each multiplying one slice of H (SPLIT_K) for
+    # one block of BLOCK_E // E_SPLIT experts (E_SPLIT); each stores its partial logits in the workspace
+    # ws [tiles, SPLIT_K, BLOCK_M, BLOCK_E] and counts itself in the tile's semaphore; the last to arrive adds the
+    # partials in slice order (the same logits whichever arrives last) and runs the rest.
+    # More programs than token tiles: at T = 4096 and 64-token tiles, 64 programs leave half of 132 SMs idle; at
+    # T = 1 one program per slice of H would stream the whole width of the gate (E rows) alone.
+    PARTS: tl.constexpr = SPLIT_K * E_SPLIT
+    BLOCK_EB: tl.constexpr = BLOCK_E // E_SPLIT  # experts of one program's product
     pid = tl.program_id(0).to(tl.int64)
-    if SPLIT_K > 1:
+    split = 0
+    eb = 0
+    if PARTS > 1:
         split = pid % SPLIT_K
-        pid = pid // SPLIT_K
+        eb = (pid // SPLIT_K) % E_SPLIT
+        pid = pid // PARTS
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_E)
+    gcols = eb * BLOCK_EB + tl.arange(0, BLOCK_EB)  # this program's experts
     offs_k = tl.arange(0, BLOCK_K)
     row_mask = offs_m < T
     col_mask = cols < E
+    gcol_mask = gcols < E
     neg_inf = float("-inf")
 
-    # router GEMM [BLOCK_M, H] x [H, BLOCK_E], fp32 accumulation. Mixed or fp32 inputs multiply in fp32 with
+    # router GEMM [BLOCK_M, H] x [H, BLOCK_EB], fp32 accumulation. Mixed or fp32 inputs multiply in fp32 with
     # IEEE products (no tf32), so the logits are those of x.float() @ w.float().t().
-    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_EB), dtype=tl.float32)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + cols[:, None] * stride_we + offs_k[None, :]
+    w_ptrs = w_ptr + gcols[:, None] * stride_we + offs_k[None, :]
     k_lo = 0
     k_hi = H
     if SPLIT_K > 1:  # this program's slice of H: whole BLOCK_K steps
@@ -78,11 +87,11 @@ def _route_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             xb = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
-            wb = tl.load(w_ptrs, mask=col_mask[:, None], other=0.0)
+            wb = tl.load(w_ptrs, mask=gcol_mask[:, None], other=0.0)
         else:
             k_mask = (k0 + offs_k) < H
             xb = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            wb = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            wb = tl.load(w_ptrs, mask=gcol_mask[:, None] & k_mask[None, :], other=0.0)
         if BLOCK_M < 16:  # decode sizes: a GEMV on the FMA units (tl.dot pads M to 16: 16x the work at T = 1)
             acc += tl.sum(xb.to(tl.float32)[:, None, :] * wb.to(tl.float32)[None, :, :], axis=2)
         elif FP32_DOT:
@@ -93,17 +102,20 @@ def _route_kernel(
             acc += tl.dot(xb, tl.trans(wb))
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if SPLIT_K > 1:
+    if PARTS > 1:
         tile = ws_ptr + pid * (SPLIT_K * BLOCK_M * BLOCK_E)
-        at = tl.arange(0, BLOCK_M)[:, None] * BLOCK_E + cols[None, :]
-        tl.store(tile + split * (BLOCK_M * BLOCK_E) + at, acc)
+        rows_at = tl.arange(0, BLOCK_M)[:, None] * BLOCK_E
+        tl.store(tile + split * (BLOCK_M * BLOCK_E) + rows_at + gcols[None, :], acc)
         tl.debug_barrier()  # every thread's partial is written before the release below
-        if tl.atomic_add(sem_ptr + pid, 1, sem="acq_rel") != SPLIT_K - 1:
+        if tl.atomic_add(sem_ptr + pid, 1, sem="acq_rel") != PARTS - 1:
             return
-        tl.store(sem_ptr + pid, 0)  # every slice has arrived: the counter is left at 0 for the next launch
-        acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+        tl.store(sem_ptr + pid, 0)  # every part has arrived: the counter is left at 0 for the next launch
+        full = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
         for s in tl.static_range(SPLIT_K):  # slice order: the logits do not depend on who arrived last
-            acc += tl.load(tile + s * (BLOCK_M * BLOCK_E) + at, cache_modifier=".cg")
+            full += tl.load(tile + s * (BLOCK_M * BLOCK_E) + rows_at + cols[None, :], cache_modifier=".cg")
+    else:
+        full = acc  # E_SPLIT == 1 here: the product covers every expert
+    acc = full
 
     # a row with a NaN/inf logit is routed as if its logits were 0, and its weights are poisoned with NaN below
     finite = (acc == acc) & (tl.abs(acc) != float("inf"))
@@ -209,23 +221,26 @@ _DEFAULT = [(64, _SPLIT_DECODE, _SPLIT_DECODE),
 
 
 GEMV_MAX_T = 4  # up to this many tokens the router multiplies as a GEMV (BLOCK_M = T rounded up to a power of 2)
+GEMV_EXPERTS = 32  # experts a GEMV program multiplies (E_SPLIT = BLOCK_E / 32 programs cover the gate's rows)
+GEMV_SLICES = 32  # most slices of H a GEMV splits into
 
 
 def _gemv_config(T: int, E: int, fp32: bool) -> dict:
-    """T <= GEMV_MAX_T: BLOCK_M = T (power of 2), the [BLOCK_M, BLOCK_E, BLOCK_K] product held at 16K fp32 values
-    (128 a thread at 4 warps, 64 at 8), the gate's stage <= 32 KB, H split over 16 programs. A 16-bit gate of >= 128
-    experts takes the fastest of `bench/probe_route.py` (H100, E 256, H 7168, T 1, 2026-12-07): 4 warps, BLOCK_K 32,
-    32 slices, 27.2 us, where this rule's 8 warps / 64 / 16 took 31.5 (the old 16-row tl.dot: 55 in the layer)."""
+    """T <= GEMV_MAX_T: BLOCK_M = T (power of 2); each program multiplies <= 32 experts' rows over one slice of H
+    (E_SPLIT x SPLIT_K programs a token tile), its [BLOCK_M, experts, BLOCK_K] product held at <= 16K fp32 values
+    (128 a thread at 4 warps) and loaded in one step where the slices allow: the whole gate is in flight at once
+    (E 256, H 7168: 8 x 28 programs of 16 KB) instead of a few programs streaming it. Before (every expert in each
+    of 32 programs, 8 steps of BLOCK_K 32): 27.2 us at T = 1 for E 256, top-8, groups 8/4 (H100, CUDA graph,
+    `bench/probe_route.py`, 2026-12-07)."""
     m, e = _next_pow2(T), _next_pow2(E, 16)
-    if e >= 128 and not fp32 and m == 1:
-        return dict(BLOCK_M=1, BLOCK_K=32, num_warps=4, num_stages=3, SPLIT_K=32)
-    k = min(16384 // (m * e), 32768 // (e * (4 if fp32 else 2)), 128)
-    return dict(BLOCK_M=m, BLOCK_K=max(k, 16), num_warps=8 if e >= 128 else 4, num_stages=3, SPLIT_K=16)
+    eb = min(e, GEMV_EXPERTS)
+    k = min(16384 // (m * eb), 256)
+    return dict(BLOCK_M=m, BLOCK_K=max(k, 16), num_warps=4, num_stages=2, SPLIT_K=GEMV_SLICES, E_SPLIT=e // eb)
 
 
 def _config(T: int, E: int, H: int, fp32: bool, heavy: bool) -> dict:
     if T <= GEMV_MAX_T:
-        return cap_split(_gemv_config(T, E, fp32), H)
+        return cap_split(_gemv_config(T, E, fp32), H, min_steps=1)
     for max_t, light_cfg, heavy_cfg in _CONFIGS.get((_next_pow2(E, 16), H >= 4096), _DEFAULT):
         if max_t is None or T <= max_t:
             cfg = dict(heavy_cfg if heavy else light_cfg)
@@ -235,10 +250,14 @@ def _config(T: int, E: int, H: int, fp32: bool, heavy: bool) -> dict:
     return cap_split(cfg, H)
 
 
-def cap_split(cfg: dict, H: int) -> dict:
-    """``cfg`` with SPLIT_K lowered so that each slice has whole BLOCK_K steps, at least 2 (a short H splits less)."""
+def cap_split(cfg: dict, H: int, min_steps: int = 2) -> dict:
+    """``cfg`` with SPLIT_K lowered so that each slice has whole BLOCK_K steps, at least ``min_steps`` (a short H
+    splits less), and no slice is left empty (the steps spread over as few slices as the same steps a slice
+    need)."""
     if cfg.get("SPLIT_K", 1) > 1:
-        cfg["SPLIT_K"] = max(1, min(cfg["SPLIT_K"], triton.cdiv(H, cfg["BLOCK_K"]) // 2))
+        steps = triton.cdiv(H, cfg["BLOCK_K"])
+        split = max(1, min(cfg["SPLIT_K"], steps // min_steps))
+        cfg["SPLIT_K"] = triton.cdiv(steps, triton.cdiv(steps, split))
     return cfg
 
 
@@ -257,16 +276,21 @@ def _route_triton(x, w, top_k, scoring, n_group, topk_group, norm, scaling, bias
     cfg = dict(config or _config(T, E, H, fp32_dot, heavy=top_k > 2 or n_group > 1))
     BLOCK_E = _next_pow2(E, 16)
     split = int(cfg.pop("SPLIT_K", 1))
+    e_split = int(cfg.pop("E_SPLIT", 1))
+    if e_split < 1 or BLOCK_E % e_split or BLOCK_E // e_split < 16:
+        raise ValueError(f"route config: E_SPLIT must divide BLOCK_E={BLOCK_E} into blocks of >= 16 experts, "
+                         f"got {e_split}")
+    parts = split * e_split
     tiles = triton.cdiv(T, cfg["BLOCK_M"])
     # the counts and (split-K) one arrival counter per token tile, zeroed by one fill: at decode sizes each
     # kernel of the step costs microseconds, a fill included; the counters are left at zero by the kernel
-    zeroed = arrival_counters(x.device, E + (tiles if split > 1 else 0))
+    zeroed = arrival_counters(x.device, E + (tiles if parts > 1 else 0))
     counts, sem = zeroed[:E], zeroed[E:]
-    if split > 1:  # the partial logits' workspace
+    if parts > 1:  # the partial logits' workspace
         ws = torch.empty(tiles * split * cfg["BLOCK_M"] * BLOCK_E, dtype=torch.float32, device=x.device)
     else:
         ws, sem = weights, counts  # unused
-    grid = (tiles * split,)
+    grid = (tiles * parts,)
     _route_kernel[grid](
         x, w, bias if bias is not None else counts, escale if escale is not None else counts,
         weights, ids, counts, ws, sem, T, H, E, E // n_group, x.stride(0), w.stride(0), float(scaling),
@@ -274,7 +298,7 @@ def _route_triton(x, w, top_k, scoring, n_group, topk_group, norm, scaling, bias
         TOPK_GROUP=topk_group, G_PAD=_next_pow2(n_group, 2), HAS_BIAS=bias is not None,
         HAS_ESCALE=escale is not None, NORM=norm, FP32_DOT=fp32_dot, EVEN_K=H % cfg["BLOCK_K"] == 0,
         GROUPS_AS_AXIS=n_group > 1 and E == BLOCK_E and n_group == _next_pow2(n_group), BLOCK_E=BLOCK_E,
-        SPLIT_K=split, **cfg, **pdl_kwargs(x.device),
+        SPLIT_K=split, E_SPLIT=e_split, **cfg, **pdl_kwargs(x.device),
     )
     return weights, ids, counts
 
