@@ -1,7 +1,7 @@
 """One MoE block at decode sizes (T = 1..256 tokens a step): CUDA-graph replays against the weight-read bound.
 
     PYTHONPATH=. python bench/bench_moe_decode.py [--tokens 1,2,4,...] [--cases deepseek,mixtral-like] [--quick]
-        [--precisions fp8,bf16] [--no-baselines] [--ab "pdl:MOE_KERNELS_PDL=1;rows64:MOE_KERNELS_DECODE_MAX_ROWS=64"]
+        [--precisions fp8,bf16] [--no-baselines] [--ab "nopdl:MOE_KERNELS_PDL=0;rows64:MOE_KERNELS_DECODE_MAX_ROWS=64"]
 
 Cases (hidden 7168, expert intermediate 2048, bf16 activations, random weights):
   * ``deepseek``: transformers' ``DeepseekV3MoE``: 256 routed experts top-8 (sigmoid, n_group 8, topk_group 4,

@@ -105,7 +105,7 @@ def main():
     summary = {"layer_gate_dtype": gate,
                "best": {k: dict(config=v["config"], us=v["us"], default_us=default[k]) for k, v in best.items()}}
     print(json.dumps(summary, indent=1))
-    print(f"wrote {save('route_probe', rows, summary)}")
+    save("route_probe", rows, summary)
 
 if __name__ == "__main__":
     main()

@@ -75,9 +75,9 @@ def cmd_info(_args) -> int:
     rows.append(("value checks", "on (a host sync each; MOE_KERNELS_VALUE_CHECKS=0 for serving)" if checks else "off"))
     rows.append(("MoELayer's own CUDA graphs", "off (MOE_KERNELS_CUDA_GRAPHS=0)" if not graphs else
                  "on for inference steps of <= 256 tokens" + (", but not while value checks are on" if checks else "")))
-    pdl = os.environ.get("MOE_KERNELS_PDL", "0") == "1"
-    rows.append(("programmatic dependent launch", "on for the decode chain's kernels on sm_90+ (MOE_KERNELS_PDL=1)"
-                 if pdl else "off (MOE_KERNELS_PDL=1: the decode chain's kernels on sm_90+, an experiment)"))
+    pdl = os.environ.get("MOE_KERNELS_PDL", "1") != "0"
+    rows.append(("programmatic dependent launch", "on for the decode chain's kernels on sm_90+ (MOE_KERNELS_PDL=0: off)"
+                 if pdl else "off (MOE_KERNELS_PDL=0; unset: the decode chain's kernels on sm_90+)"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

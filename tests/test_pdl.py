@@ -1,6 +1,7 @@
-"""Programmatic dependent launch (MOE_KERNELS_PDL=1) of the decode chain: when the switch is on; the chain's kernels
-compiled offline for sm_90a with and without it (griddepcontrol in the PTX only with it, the wait before any memory
-access); on a GPU, the MoE layer's decode steps eager and in a CUDA graph give the same bits with it as without."""
+"""Programmatic dependent launch of the decode chain (on by default on sm_90+, MOE_KERNELS_PDL=0 off): when it is
+on; the chain's kernels compiled offline for sm_90a with and without it (griddepcontrol in the PTX only with it, the
+wait before any memory access); on a GPU, the MoE layer's decode steps eager and in a CUDA graph give the same bits
+with it as without."""
 import ast
 import os
 import subprocess
@@ -17,13 +18,13 @@ TRITON36 = "/tmp/tr36"
 CUDA0 = torch.device("cuda", 0)  # an index: pdl() then asks no CUDA runtime for the current device
 
 
-def test_pdl_off_on_the_cpu_by_default_and_interpreted(monkeypatch):
+def test_pdl_on_by_default_off_on_the_cpu_and_interpreted(monkeypatch):
     monkeypatch.setattr(_common, "_capability_major", lambda index: 9)  # as an H100 would say, without one
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("MOE_KERNELS_PDL", raising=False)
-    assert not _common.pdl(CUDA0) and _common.pdl_kwargs(CUDA0) == {}  # unset: off
+    assert _common.pdl(CUDA0) == (_common.gdc_wait is not None)  # unset: on (sm_90+)
     monkeypatch.setenv("MOE_KERNELS_PDL", "0")
-    assert not _common.pdl(CUDA0)
+    assert not _common.pdl(CUDA0) and _common.pdl_kwargs(CUDA0) == {}
     monkeypatch.setenv("MOE_KERNELS_PDL", "1")
     assert not _common.pdl(torch.device("cpu"))
     assert _common.pdl(CUDA0) == (_common.gdc_wait is not None)

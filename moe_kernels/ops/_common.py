@@ -1,8 +1,10 @@
 """What every op shares: which implementation a call takes, and how the decode chain launches."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 
 import torch
 
@@ -28,14 +30,15 @@ def use_triton(t: torch.Tensor) -> bool:
 def pdl(device: torch.device) -> bool:
     """Programmatic dependent launch for the decode chain's kernels (route, permute, the decode GEMMs, unpermute):
     a kernel's programs start while the previous kernel of the stream still runs, and so its launch and ramp hide
-    behind that kernel's tail. ``MOE_KERNELS_PDL=1`` (read at each call) on CUDA, not interpreted, sm_90+, and a
-    Triton with ``gdc_wait``. Off by default until measured: an experiment's switch, as
-    ``MOE_KERNELS_DECODE_MAX_ROWS`` is.
+    behind that kernel's tail. On by default on CUDA, not interpreted, sm_90+, with a Triton that has ``gdc_wait``;
+    ``MOE_KERNELS_PDL=0`` (read at each call) turns it off. Measured on an H100 (`bench/README.md`, sixth and
+    seventh sessions): 1.00-1.05x the decode block in CUDA graphs, never slower; the layer's outputs the same bits
+    with it as without, eager and replayed (`tests/test_pdl.py`, H100).
 
     Safe: a kernel launched with it runs griddepcontrol.wait (the previous grid has completed and its writes are
     visible) before touching any memory. It lets its own dependents launch right after that wait: a dependent's
     wait still waits for this whole grid to complete."""
-    if os.environ.get("MOE_KERNELS_PDL", "0") != "1" or device.type != "cuda" or interpret_mode():
+    if os.environ.get("MOE_KERNELS_PDL", "1") == "0" or device.type != "cuda" or interpret_mode():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return gdc_wait is not None and _capability_major(index) >= 9
@@ -60,9 +63,41 @@ def _capability_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+ARENA_COUNTERS = 16384  # int32 counters one step's arena holds (64 KiB, zeroed by one fill)
+_arena = threading.local()
+
+
+@contextlib.contextmanager
+def counter_arena(device: torch.device, n: int = ARENA_COUNTERS):
+    """Inside: ``arrival_counters`` on ``device`` hands out disjoint slices of one buffer zeroed here, once, ahead
+    of every kernel of the step (a layer opens it at decode sizes). Without it each split-K launch zero-fills its
+    own counters right before it: at T = 1 the router's and the SwiGLU decode GEMM's fills sat in the chain route
+    -> permute -> GEMMs -> unpermute, each a graph node of ~1 us that also cuts the programmatic-launch overlap
+    between its neighbours. A request the arena cannot hold gets fresh zeros as before. Every slice is used by one
+    launch only (the kernels also leave their counters at 0). ``MOE_KERNELS_COUNTER_ARENA=0`` turns it off (an
+    experiment's switch); nested arenas: the innermost serves."""
+    if os.environ.get("MOE_KERNELS_COUNTER_ARENA", "1") == "0":
+        yield None
+        return
+    buf = torch.zeros(n, dtype=torch.int32, device=device)
+    outer = getattr(_arena, "top", None)
+    _arena.top = [buf, 0]
+    try:
+        yield buf
+    finally:
+        _arena.top = outer
+
+
 def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     """``n`` zeroed int32 arrival counters for a split-K kernel whose last-arriving program of each group does the
-    epilogue (and stores that group's counter back to 0, so counters could serve a next launch). Fresh per launch
-    (one small memset): a buffer cached across launches was tried and broke ``torch.compile(mode="reduce-overhead")``
-    (its cudagraph trees find a live tensor in the graph's pool that is no output; H100, 2026-12-07)."""
+    epilogue (and stores that group's counter back to 0, so counters could serve a next launch): a slice of the
+    open ``counter_arena`` of ``device`` where it has room, else fresh (one small memset). A buffer cached across
+    launches was tried and broke ``torch.compile(mode="reduce-overhead")`` (its cudagraph trees find a live tensor
+    in the graph's pool that is no output; H100, 2026-12-07): an arena lives for one step only."""
+    top = getattr(_arena, "top", None)
+    if top is not None:
+        buf, used = top
+        if buf.device == torch.device(device) and used + n <= buf.numel():
+            top[1] = used + n
+            return buf[used : used + n]
     return torch.zeros(n, dtype=torch.int32, device=device)

@@ -226,16 +226,17 @@ GEMV_SLICES = 32  # most slices of H a GEMV splits into
 
 
 def _gemv_config(T: int, E: int, fp32: bool) -> dict:
-    """T <= GEMV_MAX_T: BLOCK_M = T (power of 2); each program multiplies <= 32 experts' rows over one slice of H
-    (E_SPLIT x SPLIT_K programs a token tile), its [BLOCK_M, experts, BLOCK_K] product held at <= 16K fp32 values
-    (128 a thread at 4 warps) and loaded in one step where the slices allow: the whole gate is in flight at once
-    (E 256, H 7168: 8 x 28 programs of 16 KB) instead of a few programs streaming it. Before (every expert in each
-    of 32 programs, 8 steps of BLOCK_K 32): 27.2 us at T = 1 for E 256, top-8, groups 8/4 (H100, CUDA graph,
-    `bench/probe_route.py`, 2026-12-07)."""
+    """T <= GEMV_MAX_T: BLOCK_M = T (power of 2); each program multiplies a block of <= 32 experts' rows over one
+    256-wide step of H (E_SPLIT x SPLIT_K programs a token tile, one load each), its [BLOCK_M, experts, 256]
+    product held at <= 16K fp32 values (128 a thread at 4 warps; at T = 4, 16 experts a program): the whole gate is
+    in flight at once (E 256, H 7168: 8 x 28 programs of 16 KB at T = 1) instead of a few programs streaming it.
+    `bench/probe_route.py`, H100, E 256, top-8, groups 8/4, bf16 gate, CUDA graph (2026-12-07, seventh session):
+    T = 1 / 2 / 4 12.1 / 13.0 / 15.5 us, where the former rule (every expert in each of 32 programs, 8 steps of
+    BLOCK_K 32) took 23.0 / 37.1 / 45.7; at T = 4, 32 experts over 128 columns took 25.7."""
     m, e = _next_pow2(T), _next_pow2(E, 16)
-    eb = min(e, GEMV_EXPERTS)
-    k = min(16384 // (m * eb), 256)
-    return dict(BLOCK_M=m, BLOCK_K=max(k, 16), num_warps=4, num_stages=2, SPLIT_K=GEMV_SLICES, E_SPLIT=e // eb)
+    eb = max(16, min(e, GEMV_EXPERTS, 16384 // (m * 256)))
+    k = max(16, min(16384 // (m * eb), 256))
+    return dict(BLOCK_M=m, BLOCK_K=k, num_warps=4, num_stages=2, SPLIT_K=GEMV_SLICES, E_SPLIT=e // eb)
 
 
 def _config(T: int, E: int, H: int, fp32: bool, heavy: bool) -> dict:
