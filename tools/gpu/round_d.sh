@@ -15,7 +15,7 @@ timeout "$(lim 40 240)" python bench/probe_route.py --tokens 8 --rep 30 \
 echo "rc=$?" >> "$S"; grep -E "^gate|^  \{" "$R/route_probe8.log" | tail -12 >> "$S"
 mv bench/results/route_probe-*.json "$R/" 2>/dev/null
 echo "== decode bench fp8, every T, arena and PDL off as variants $(el)" >> "$S"
-timeout "$(lim 200 30)" python bench/bench_moe_decode.py --precisions fp8 \
+timeout "$(lim 200 30)" python bench/bench_moe_decode.py --precisions fp8 --tokens ${D_TOKENS:-1,2,4,8,16,32,64,128,256} \
   --ab "noarena:MOE_KERNELS_COUNTER_ARENA=0;nopdl:MOE_KERNELS_PDL=0" --rep 30 > "$R/decode.log" 2>&1
 echo "rc=$?" >> "$S"; grep -E "^  (mixtral|deepseek)|min_|frac_" "$R/decode.log" >> "$S"
 echo "== moe layer profile T=8192 bf16 $(el)" >> "$S"
