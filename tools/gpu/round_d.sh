@@ -9,8 +9,7 @@ R=/tmp/gpu_round_d TOTAL=${D_TOTAL:-540}
 source "$(dirname "$0")/_lib.sh"
 TT=${D_TESTS:-200}
 suite_in_four
-echo "== route probe T=8 $(el)" >> "$S"
-timeout "$(lim 40 240)" python bench/probe_route.py --tokens 8 --rep 30 \
+[ "${D_PROBE:-1}" = 1 ] && echo "== route probe T=8 $(el)" >> "$S" && timeout "$(lim 40 240)" python bench/probe_route.py --tokens 8 --rep 30 \
   --gemv '4,128,28,16;4,256,28,16;8,256,28,16;4,128,28,8;8,128,28,8' > "$R/route_probe8.log" 2>&1
 echo "rc=$?" >> "$S"; grep -E "^gate|^  \{" "$R/route_probe8.log" | tail -12 >> "$S"
 mv bench/results/route_probe-*.json "$R/" 2>/dev/null
@@ -18,8 +17,7 @@ echo "== decode bench fp8, every T, arena and PDL off as variants $(el)" >> "$S"
 timeout "$(lim 200 30)" python bench/bench_moe_decode.py --precisions fp8 --tokens ${D_TOKENS:-1,2,4,8,16,32,64,128,256} \
   --ab "noarena:MOE_KERNELS_COUNTER_ARENA=0;nopdl:MOE_KERNELS_PDL=0" --rep 30 > "$R/decode.log" 2>&1
 echo "rc=$?" >> "$S"; grep -E "^  (mixtral|deepseek)|min_|frac_" "$R/decode.log" >> "$S"
-echo "== moe layer profile T=8192 bf16 $(el)" >> "$S"
-timeout "$(lim 40 3)" python bench/profile_moe_layer.py --precisions bf16 --cases mixtral-like \
+[ "${D_PROFILE:-1}" = 1 ] && echo "== moe layer profile T=8192 bf16 $(el)" >> "$S" && timeout "$(lim 40 3)" python bench/profile_moe_layer.py --precisions bf16 --cases mixtral-like \
   > "$R/layer_profile_bf16.log" 2>&1
 echo "rc=$?" >> "$S"; grep -v Warn "$R/layer_profile_bf16.log" | tail -20 >> "$S"
 pack
