@@ -6,14 +6,11 @@ from torch import nn
 
 from .. import ops
 from .._checks import check_int
-from ..ops._common import counter_arena, use_triton
 from ..ops.permute import unpermute_add
 from ._graphs import DecodeGraphs
 from .converters import get_converter
 from .experts import PRECISIONS, GroupedExperts
 from .router import TopKRouter
-
-ARENA_MAX_T = 256  # steps of up to this many tokens take their split-K counters from one arena (decode sizes)
 
 
 class MoELayer(nn.Module):
@@ -125,14 +122,7 @@ class MoELayer(nn.Module):
                 and not (self.training and self.gate.scoring == "sparsemixer"))
 
     def _forward(self, x2: torch.Tensor) -> torch.Tensor:
-        """The step on x2 [T, H]: [T, H] in x2's dtype. At decode sizes the split-K kernels' arrival counters come
-        from one fill ahead of the step (``ops._common.counter_arena``), not one fill before each kernel."""
-        if x2.shape[0] > ARENA_MAX_T or not use_triton(x2) or torch.compiler.is_compiling():
-            return self._step(x2)
-        with counter_arena(x2.device):
-            return self._step(x2)
-
-    def _step(self, x2: torch.Tensor) -> torch.Tensor:
+        """The step on x2 [T, H]: [T, H] in x2's dtype."""
         shared = self._start_shared(x2)  # on a second CUDA stream where it can overlap the routed experts
         weights, ids, counts = self.gate(x2, observe=False)
         observing = self._observe_beside(counts)  # the load monitor's update, off the step's critical path

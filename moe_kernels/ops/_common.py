@@ -1,10 +1,8 @@
 """What every op shares: which implementation a call takes, and how the decode chain launches."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import threading
 
 import torch
 
@@ -63,41 +61,11 @@ def _capability_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-ARENA_COUNTERS = 16384  # int32 counters one step's arena holds (64 KiB, zeroed by one fill)
-_arena = threading.local()
-
-
-@contextlib.contextmanager
-def counter_arena(device: torch.device, n: int = ARENA_COUNTERS):
-    """Inside: ``arrival_counters`` on ``device`` hands out disjoint slices of one buffer zeroed here, once, ahead
-    of every kernel of the step (a layer opens it at decode sizes). Without it each split-K launch zero-fills its
-    own counters right before it: at T = 1 the router's and the SwiGLU decode GEMM's fills sat in the chain route
-    -> permute -> GEMMs -> unpermute, each a graph node of ~1 us that also cuts the programmatic-launch overlap
-    between its neighbours. A request the arena cannot hold gets fresh zeros as before. Every slice is used by one
-    launch only (the kernels also leave their counters at 0). ``MOE_KERNELS_COUNTER_ARENA=0`` turns it off (an
-    experiment's switch); nested arenas: the innermost serves."""
-    if os.environ.get("MOE_KERNELS_COUNTER_ARENA", "1") == "0":
-        yield None
-        return
-    buf = torch.zeros(n, dtype=torch.int32, device=device)
-    outer = getattr(_arena, "top", None)
-    _arena.top = [buf, 0]
-    try:
-        yield buf
-    finally:
-        _arena.top = outer
-
-
 def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     """``n`` zeroed int32 arrival counters for a split-K kernel whose last-arriving program of each group does the
-    epilogue (and stores that group's counter back to 0, so counters could serve a next launch): a slice of the
-    open ``counter_arena`` of ``device`` where it has room, else fresh (one small memset). A buffer cached across
-    launches was tried and broke ``torch.compile(mode="reduce-overhead")`` (its cudagraph trees find a live tensor
-    in the graph's pool that is no output; H100, 2026-12-07): an arena lives for one step only."""
-    top = getattr(_arena, "top", None)
-    if top is not None:
-        buf, used = top
-        if buf.device == torch.device(device) and used + n <= buf.numel():
-            top[1] = used + n
-            return buf[used : used + n]
+    epilogue (and stores that group's counter back to 0, so counters could serve a next launch). Fresh per launch
+    (one small memset): a buffer cached across launches was tried and broke ``torch.compile(mode="reduce-overhead")``
+    (its cudagraph trees find a live tensor in the graph's pool that is no output; H100, 2026-12-07). One buffer
+    zeroed once per decode step and sliced for every split-K launch of it was tried too: 0.99-1.01x at T = 1 and 8
+    (H100, seventh session, `bench/README.md`), so each launch keeps its own fill."""
     return torch.zeros(n, dtype=torch.int32, device=device)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Seventh session, second call: PDL on by default and the counter arena (issue 19), verified and timed:
+# Seventh session, third call: PDL on by default (issue 19) verified and timed (also a counter arena, since removed):
 #   the whole `pytest -m gpu` in four processes; bench/probe_route.py at T = 8 (GEMV configs beside the 16-row
-#   tl.dot default); bench_moe_decode.py fp8 at every T with the arena and PDL switched off as variants (same run);
+#   tl.dot default); bench_moe_decode.py fp8 at every T with PDL switched off as a variant (same run);
 #   bench/profile_moe_layer.py bf16 at T = 8192 (issue 20: where the bf16 forward's time goes).
 #   D_TOTAL=540 bash tools/gpu/round_d.sh
 set -u
@@ -13,9 +13,9 @@ suite_in_four
   --gemv '4,128,28,16;4,256,28,16;8,256,28,16;4,128,28,8;8,128,28,8' > "$R/route_probe8.log" 2>&1
 echo "rc=$?" >> "$S"; grep -E "^gate|^  \{" "$R/route_probe8.log" | tail -12 >> "$S"
 mv bench/results/route_probe-*.json "$R/" 2>/dev/null
-echo "== decode bench fp8, every T, arena and PDL off as variants $(el)" >> "$S"
+echo "== decode bench fp8, every T, PDL off as a variant $(el)" >> "$S"
 timeout "$(lim 200 30)" python bench/bench_moe_decode.py --precisions fp8 --tokens ${D_TOKENS:-1,2,4,8,16,32,64,128,256} \
-  --ab "noarena:MOE_KERNELS_COUNTER_ARENA=0;nopdl:MOE_KERNELS_PDL=0" --rep 30 > "$R/decode.log" 2>&1
+  --ab "nopdl:MOE_KERNELS_PDL=0" --rep 30 > "$R/decode.log" 2>&1
 echo "rc=$?" >> "$S"; grep -E "^  (mixtral|deepseek)|min_|frac_" "$R/decode.log" >> "$S"
 [ "${D_PROFILE:-1}" = 1 ] && echo "== moe layer profile T=8192 bf16 $(el)" >> "$S" && timeout "$(lim 40 3)" python bench/profile_moe_layer.py --precisions bf16 --cases mixtral-like \
   > "$R/layer_profile_bf16.log" 2>&1
