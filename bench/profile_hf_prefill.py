@@ -61,6 +61,27 @@ def profile(model, ids, steps=3):
     return per_kernel, dict(by_cat)
 
 
+def report(title, per_kernel, by_cat, top):
+    """A profile's lines: the title, ms and share per category (largest first), the ``top`` kernels."""
+    total = sum(by_cat.values())
+    lines = [title]
+    lines += [f"  {c:24s} {ms:8.3f} ms  {ms / total:5.1%}" for c, ms in sorted(by_cat.items(), key=lambda t: -t[1])]
+    lines.append("  top kernels:")
+    lines += [f"    {ms:8.3f} ms  {k[:110]}" for k, ms in sorted(per_kernel.items(), key=lambda t: -t[1])[:top]]
+    return lines
+
+
+def profile_all(names, run_one, out_name):
+    """``run_one(name)`` -> lines for each name: printed as they come, then all of them in results/<out_name>."""
+    out = []
+    for name in names:
+        lines = run_one(name)
+        print("\n".join(lines), flush=True)
+        out += lines
+        torch.cuda.empty_cache()
+    write_text(out_name, "\n".join(out) + "\n")
+
+
 def run(name, tokens, layers=2, experts=64, top=20, device="cuda", tiny=False):
     """The report's lines for HF grouped_mm and ours fp8 on one model."""
     model = build(name, layers, experts, device, tiny).to(torch.bfloat16)
@@ -71,12 +92,9 @@ def run(name, tokens, layers=2, experts=64, top=20, device="cuda", tiny=False):
     lines = []
     for variant, m in (("hf_grouped_mm", model), ("ours_fp8", ours)):
         per_kernel, by_cat = profile(m, ids)
-        total = sum(by_cat.values())
         where = device_name() if device != "cpu" else "cpu"
-        lines.append(f"## {name} {variant} prefill 1x{tokens} ({where}): kernels {total:.2f} ms")
-        lines += [f"  {c:24s} {ms:8.3f} ms  {ms / total:5.1%}" for c, ms in sorted(by_cat.items(), key=lambda t: -t[1])]
-        lines.append("  top kernels:")
-        lines += [f"    {ms:8.3f} ms  {k[:110]}" for k, ms in sorted(per_kernel.items(), key=lambda t: -t[1])[:top]]
+        title = f"## {name} {variant} prefill 1x{tokens} ({where}): kernels {sum(by_cat.values()):.2f} ms"
+        lines += report(title, per_kernel, by_cat, top)
     return lines
 
 
@@ -88,13 +106,8 @@ def main():
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--top", type=int, default=20)
     args = ap.parse_args()
-    out = []
-    for name in args.models.split(","):
-        lines = run(name, args.tokens, args.layers, args.experts, args.top)
-        print("\n".join(lines), flush=True)
-        out += lines
-        torch.cuda.empty_cache()
-    write_text("hf_prefill_profile", "\n".join(out) + "\n")
+    profile_all(args.models.split(","), lambda name: run(name, args.tokens, args.layers, args.experts, args.top),
+                "hf_prefill_profile")
 
 
 if __name__ == "__main__":

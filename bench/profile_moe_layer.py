@@ -14,9 +14,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import device_name, write_text  # noqa: E402  (sets MOE_KERNELS_VALUE_CHECKS=0)
+from _common import device_name  # noqa: E402  (sets MOE_KERNELS_VALUE_CHECKS=0)
 from bench_moe_layer import CASES, H, I, build  # noqa: E402
-from profile_hf_prefill import profile  # noqa: E402
+from profile_hf_prefill import profile, profile_all, report  # noqa: E402
 
 
 def run(case, tokens, precisions, top, device="cuda"):
@@ -30,11 +30,9 @@ def run(case, tokens, precisions, top, device="cuda"):
         total = sum(by_cat.values())
         gemm = by_cat.get("ours: expert GEMMs", 0.0)
         where = device_name() if device != "cpu" else "cpu"
-        lines.append(f"## {case} {prec} T={tokens} ({where}): kernels {total:.3f} ms; expert GEMMs {gemm:.3f} ms"
-                     + (f" ({expert_flops / gemm / 1e9:.0f} TFLOP/s), the rest {total - gemm:.3f} ms" if gemm else ""))
-        lines += [f"  {c:24s} {ms:8.3f} ms  {ms / total:5.1%}" for c, ms in sorted(by_cat.items(), key=lambda t: -t[1])]
-        lines.append("  top kernels:")
-        lines += [f"    {ms:8.3f} ms  {name[:110]}" for name, ms in sorted(per_kernel.items(), key=lambda t: -t[1])[:top]]
+        title = (f"## {case} {prec} T={tokens} ({where}): kernels {total:.3f} ms; expert GEMMs {gemm:.3f} ms"
+                 + (f" ({expert_flops / gemm / 1e9:.0f} TFLOP/s), the rest {total - gemm:.3f} ms" if gemm else ""))
+        lines += report(title, per_kernel, by_cat, top)
     del layers
     return lines
 
@@ -46,13 +44,8 @@ def main():
     ap.add_argument("--precisions", default="fp8,bf16")
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args()
-    out = []
-    for case in args.cases.split(","):
-        lines = run(case, args.tokens, args.precisions.split(","), args.top)
-        print("\n".join(lines), flush=True)
-        out += lines
-        torch.cuda.empty_cache()
-    write_text("moe_layer_profile", "\n".join(out) + "\n")
+    profile_all(args.cases.split(","), lambda case: run(case, args.tokens, args.precisions.split(","), args.top),
+                "moe_layer_profile")
 
 
 if __name__ == "__main__":

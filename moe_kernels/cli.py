@@ -65,6 +65,7 @@ def cmd_info(_args) -> int:
     from .ops.grouped_gemm_configs import DECODE_MAX_ROWS  # noqa: PLC0415
     rows.append(("decode grouped GEMM", f"Triton weight-streaming kernel (grouped_gemm_decode, split-K) at <= "
                                         f"{DECODE_MAX_ROWS} rows per expert on CUDA, unless a tuned table says"))
+    from .ops._common import pdl_enabled  # noqa: PLC0415
     from .ops.mla import decode_kernel_name  # noqa: PLC0415
     rows.append(("MLA decode kernel", decode_kernel_name()))
     rows.append(("extension moe_kernels._C", "built" if has_extension() else f"not built ({extension_error()})"))
@@ -75,9 +76,8 @@ def cmd_info(_args) -> int:
     rows.append(("value checks", "on (a host sync each; MOE_KERNELS_VALUE_CHECKS=0 for serving)" if checks else "off"))
     rows.append(("MoELayer's own CUDA graphs", "off (MOE_KERNELS_CUDA_GRAPHS=0)" if not graphs else
                  "on for inference steps of <= 256 tokens" + (", but not while value checks are on" if checks else "")))
-    pdl = os.environ.get("MOE_KERNELS_PDL", "1") != "0"
     rows.append(("programmatic dependent launch", "on for the decode chain's kernels on sm_90+ (MOE_KERNELS_PDL=0: off)"
-                 if pdl else "off (MOE_KERNELS_PDL=0; unset: the decode chain's kernels on sm_90+)"))
+                 if pdl_enabled() else "off (MOE_KERNELS_PDL=0; unset: the decode chain's kernels on sm_90+)"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

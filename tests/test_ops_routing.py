@@ -120,19 +120,9 @@ def test_route_matches_reference(case, device):
     check_route(out, x, w, k, scoring, ng, tg, norm, scaling, bias, escale)
 
 
-SPLIT_CASES = {  # H = 160 in 32-wide K steps: 5 steps, so 3 slices are 2, 2 and 1 steps (uneven, not a divisor)
-    "softmax_k2": (37, 16, 160, 2, "softmax", 1, 1, False, False, 1.0, True, torch.bfloat16),
-    "deepseek_E256": (37, 256, 160, 8, "sigmoid", 8, 4, True, False, 2.5, True, torch.bfloat16),
-    "fp32_uneven_H": (21, 7, 136, 3, "sigmoid", 1, 1, False, False, 1.0, True, torch.float32),
-}
-
-
-@pytest.mark.parametrize("split", [2, 3])
-@pytest.mark.parametrize("case", list(SPLIT_CASES))
-def test_route_split_k(case, split, device, monkeypatch):
-    """SPLIT_K programs per token tile, the last to arrive reducing the partial logits: the same routing as the
-    reference, and each launch leaves its arrival counters (after the E counts in the one zero-filled buffer) at
-    zero."""
+@pytest.fixture
+def recorded_counters(monkeypatch):
+    """Every arrival-counter buffer the router makes, in order (each one fresh zeros, as the real one)."""
     from moe_kernels.ops import routing
 
     made = []
@@ -142,6 +132,25 @@ def test_route_split_k(case, split, device, monkeypatch):
         return made[-1]
 
     monkeypatch.setattr(routing, "arrival_counters", counters)
+    return made
+
+
+SPLIT_CASES = {  # H = 160 in 32-wide K steps: 5 steps, so 3 slices are 2, 2 and 1 steps (uneven, not a divisor)
+    "softmax_k2": (37, 16, 160, 2, "softmax", 1, 1, False, False, 1.0, True, torch.bfloat16),
+    "deepseek_E256": (37, 256, 160, 8, "sigmoid", 8, 4, True, False, 2.5, True, torch.bfloat16),
+    "fp32_uneven_H": (21, 7, 136, 3, "sigmoid", 1, 1, False, False, 1.0, True, torch.float32),
+}
+
+
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_route_split_k(case, split, device, recorded_counters):
+    """SPLIT_K programs per token tile, the last to arrive reducing the partial logits: the same routing as the
+    reference, and each launch leaves its arrival counters (after the E counts in the one zero-filled buffer) at
+    zero."""
+    from moe_kernels.ops import routing
+
+    made = recorded_counters
     T, E, H, k, scoring, ng, tg, b, s, scaling, norm, dtype = SPLIT_CASES[case]
     for _ in range(2):
         x, w, bias, escale = make_inputs(T, E, H, dtype, device, b, s)
@@ -162,18 +171,12 @@ ESPLIT_CASES = {  # T, E, H, k, scoring, n_group, topk_group, bias, expert_scale
 
 @pytest.mark.parametrize("parts", [(1, 4), (3, 2)])
 @pytest.mark.parametrize("case", list(ESPLIT_CASES))
-def test_route_expert_split(case, parts, device, monkeypatch):
+def test_route_expert_split(case, parts, device, recorded_counters):
     """E_SPLIT programs per slice of H, each multiplying one block of experts (BLOCK_E / E_SPLIT rows of the gate):
     the reference's routing, and every counter back at zero after the launch."""
     from moe_kernels.ops import routing
 
-    made = []
-
-    def counters(dev, n):
-        made.append(torch.zeros(n, dtype=torch.int32, device=dev))
-        return made[-1]
-
-    monkeypatch.setattr(routing, "arrival_counters", counters)
+    made = recorded_counters
     T, E, H, k, scoring, ng, tg, b, s, scaling, norm, dtype = ESPLIT_CASES[case]
     split, e_split = parts
     x, w, bias, escale = make_inputs(T, E, H, dtype, device, b, s)

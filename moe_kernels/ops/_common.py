@@ -25,6 +25,11 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and interpret_mode())
 
 
+def pdl_enabled() -> bool:
+    """The switch alone: ``MOE_KERNELS_PDL`` unset or anything but ``0`` (read at each call)."""
+    return os.environ.get("MOE_KERNELS_PDL", "1") != "0"
+
+
 def pdl(device: torch.device) -> bool:
     """Programmatic dependent launch for the decode chain's kernels (route, permute, the decode GEMMs, unpermute):
     a kernel's programs start while the previous kernel of the stream still runs, and so its launch and ramp hide
@@ -36,7 +41,7 @@ def pdl(device: torch.device) -> bool:
     Safe: a kernel launched with it runs griddepcontrol.wait (the previous grid has completed and its writes are
     visible) before touching any memory. It lets its own dependents launch right after that wait: a dependent's
     wait still waits for this whole grid to complete."""
-    if os.environ.get("MOE_KERNELS_PDL", "1") == "0" or device.type != "cuda" or interpret_mode():
+    if not pdl_enabled() or device.type != "cuda" or interpret_mode():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return gdc_wait is not None and _capability_major(index) >= 9

@@ -110,12 +110,9 @@ def _route_kernel(
         if tl.atomic_add(sem_ptr + pid, 1, sem="acq_rel") != PARTS - 1:
             return
         tl.store(sem_ptr + pid, 0)  # every part has arrived: the counter is left at 0 for the next launch
-        full = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)  # every expert's logits (one part: acc has them)
         for s in tl.static_range(SPLIT_K):  # slice order: the logits do not depend on who arrived last
-            full += tl.load(tile + s * (BLOCK_M * BLOCK_E) + rows_at + cols[None, :], cache_modifier=".cg")
-    else:
-        full = acc  # E_SPLIT == 1 here: the product covers every expert
-    acc = full
+            acc += tl.load(tile + s * (BLOCK_M * BLOCK_E) + rows_at + cols[None, :], cache_modifier=".cg")
 
     # a row with a NaN/inf logit is routed as if its logits were 0, and its weights are poisoned with NaN below
     finite = (acc == acc) & (tl.abs(acc) != float("inf"))
@@ -225,14 +222,15 @@ GEMV_EXPERTS = 32  # experts a GEMV program multiplies (E_SPLIT = BLOCK_E / 32 p
 GEMV_SLICES = 32  # most slices of H a GEMV splits into
 
 
-def _gemv_config(T: int, E: int, fp32: bool) -> dict:
+def _gemv_config(T: int, E: int) -> dict:
     """T <= GEMV_MAX_T: BLOCK_M = T (power of 2); each program multiplies a block of <= 32 experts' rows over one
     256-wide step of H (E_SPLIT x SPLIT_K programs a token tile, one load each), its [BLOCK_M, experts, 256]
     product held at <= 16K fp32 values (128 a thread at 4 warps; at T = 4, 16 experts a program): the whole gate is
     in flight at once (E 256, H 7168: 8 x 28 programs of 16 KB at T = 1) instead of a few programs streaming it.
     `bench/probe_route.py`, H100, E 256, top-8, groups 8/4, bf16 gate, CUDA graph (2026-12-07, seventh session):
     T = 1 / 2 / 4 12.1 / 13.0 / 15.5 us, where the former rule (every expert in each of 32 programs, 8 steps of
-    BLOCK_K 32) took 23.0 / 37.1 / 45.7; at T = 4, 32 experts over 128 columns took 25.7."""
+    BLOCK_K 32) took 23.0 / 37.1 / 45.7; at T = 4, 32 experts over 128 columns took 25.7. An fp32 gate takes the
+    same rule: the product is fp32 either way, and its loads go to registers, not shared memory."""
     m, e = _next_pow2(T), _next_pow2(E, 16)
     eb = max(16, min(e, GEMV_EXPERTS, 16384 // (m * 256)))
     k = max(16, min(16384 // (m * eb), 256))
@@ -241,7 +239,7 @@ def _gemv_config(T: int, E: int, fp32: bool) -> dict:
 
 def _config(T: int, E: int, H: int, fp32: bool, heavy: bool) -> dict:
     if T <= GEMV_MAX_T:
-        return cap_split(_gemv_config(T, E, fp32), H, min_steps=1)
+        return cap_split(_gemv_config(T, E), H, min_steps=1)
     for max_t, light_cfg, heavy_cfg in _CONFIGS.get((_next_pow2(E, 16), H >= 4096), _DEFAULT):
         if max_t is None or T <= max_t:
             cfg = dict(heavy_cfg if heavy else light_cfg)
