@@ -325,32 +325,33 @@ def _ss_issue_half(t, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_
 
 
 @gluon.jit
-def _ss_qk_lo(t, q_smem, kc_bufs, ready_lo, s_zero, C: gl.constexpr):
+def _ss_qk_lo(t, q_smem, kc_bufs, ready_lo, s_zero, z, C: gl.constexpr):
     """S of tile t, first half: wait for the tile's columns [0, C/2), start q[:, :C/2] K[:, :C/2]^T (async)."""
     HC: gl.constexpr = C // 2
     st = t % 2
     mbarrier.wait(ready_lo.index(st), (t // 2) & 1)
-    return warpgroup_mma(q_smem.slice(0, HC, dim=1), kc_bufs.index(st).slice(0, HC, dim=1).permute((1, 0)), s_zero,
+    return warpgroup_mma(q_smem.index(z).slice(0, HC, dim=1),
+                         kc_bufs.index(st + z).slice(0, HC, dim=1).permute((1, 0)), s_zero,
                          use_acc=False, is_async=True)
 
 
 @gluon.jit
-def _ss_qk_hi(t, s, q_smem, qr, kc_bufs, kr_bufs, ready_hi, C: gl.constexpr):
+def _ss_qk_hi(t, s, q_smem, qr, kc_bufs, kr_bufs, ready_hi, z, C: gl.constexpr):
     """S of tile t, second half: wait for its columns [C/2, C) and rope, add their products (async; the rope
     queries qr come from registers)."""
     HC: gl.constexpr = C // 2
     st = t % 2
     mbarrier.wait(ready_hi.index(st), (t // 2) & 1)
-    s = warpgroup_mma(q_smem.slice(HC, HC, dim=1), kc_bufs.index(st).slice(HC, HC, dim=1).permute((1, 0)), s,
-                      is_async=True)
-    return warpgroup_mma(qr, kr_bufs.index(st).permute((1, 0)), s, is_async=True)
+    s = warpgroup_mma(q_smem.index(z).slice(HC, HC, dim=1), kc_bufs.index(st + z).slice(HC, HC, dim=1).permute((1, 0)),
+                      s, is_async=True)
+    return warpgroup_mma(qr, kr_bufs.index(st + z).permute((1, 0)), s, is_async=True)
 
 
 @gluon.jit
-def _ss_qk(t, q_smem, qr, kc_bufs, kr_bufs, ready_lo, ready_hi, s_zero, C: gl.constexpr):
+def _ss_qk(t, q_smem, qr, kc_bufs, kr_bufs, ready_lo, ready_hi, s_zero, z, C: gl.constexpr):
     """S of tile t, waited for."""
-    s = _ss_qk_lo(t, q_smem, kc_bufs, ready_lo, s_zero, C)
-    s = _ss_qk_hi(t, s, q_smem, qr, kc_bufs, kr_bufs, ready_hi, C)
+    s = _ss_qk_lo(t, q_smem, kc_bufs, ready_lo, s_zero, z, C)
+    s = _ss_qk_hi(t, s, q_smem, qr, kc_bufs, kr_bufs, ready_hi, z, C)
     return warpgroup_mma_wait(0, deps=(s,))
 
 
@@ -411,8 +412,9 @@ def _ss_wg0_pair(i, s, m_i, l_i, acc, q_smem, qr, kc_bufs, kr_bufs, p_a, p_b, m_
     HC: gl.constexpr = C // 2
     ta = 2 * i
     tb = ta + 1
-    kc_a = kc_bufs.index(0)
-    kc_b = kc_bufs.index(1)
+    z = i >> 30  # 0, but not loop-invariant: the shared-memory descriptors are rebuilt each pair, not kept live
+    kc_a = kc_bufs.index(z)
+    kc_b = kc_bufs.index(1 + z)
     p, m_a, alpha = _ss_softmax(s, ta, start, lim, m_i, qk_scale, s_layout)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     m_a_smem.store(m_a)
@@ -443,11 +445,11 @@ def _ss_wg0_pair(i, s, m_i, l_i, acc, q_smem, qr, kc_bufs, kr_bufs, p_a, p_b, m_
             acc = warpgroup_mma_wait(0, deps=(acc,))
     else:
         pv = warpgroup_mma(p_b, kc_b.slice(0, HC, dim=1), acc, is_async=True)
-        sn = _ss_qk_lo(ta + 2, q_smem, kc_bufs, ready_lo, gl.zeros([_BH, _BN], gl.float32, s_layout), C)
+        sn = _ss_qk_lo(ta + 2, q_smem, kc_bufs, ready_lo, gl.zeros([_BH, _BN], gl.float32, s_layout), z, C)
         acc = warpgroup_mma_wait(1, deps=(pv,))
         _ss_issue_half(tb + 2, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc, kc_bufs,
                        kr_bufs, ready_lo, C, PAGED, 0)
-        sn = _ss_qk_hi(ta + 2, sn, q_smem, qr, kc_bufs, kr_bufs, ready_hi, C)
+        sn = _ss_qk_hi(ta + 2, sn, q_smem, qr, kc_bufs, kr_bufs, ready_hi, z, C)
         s = warpgroup_mma_wait(0, deps=(sn,))
     return s, m_b, l_i, acc
 
@@ -466,8 +468,9 @@ def _ss_wg1_pair(i, s, m_i, l_i, acc, q_smem, qr, kc_bufs, kr_bufs, p_a, p_b, m_
     HC: gl.constexpr = C // 2
     ta = 2 * i
     tb = ta + 1
-    kc_a = kc_bufs.index(0)
-    kc_b = kc_bufs.index(1)
+    z = i >> 30  # 0, but not loop-invariant: the shared-memory descriptors are rebuilt each pair, not kept live
+    kc_a = kc_bufs.index(z)
+    kc_b = kc_bufs.index(1 + z)
     mbarrier.wait(bar_a, i & 1)
     m_a = m_a_smem.load(gl.SliceLayout(1, s_layout))
     alpha = _ss_factor(m_i, m_a)
@@ -502,7 +505,7 @@ def _ss_wg1_pair(i, s, m_i, l_i, acc, q_smem, qr, kc_bufs, kr_bufs, p_a, p_b, m_
                        kr_bufs, ready_hi, C, PAGED, 1)
         if tb + 2 < n_tiles:
             s = _ss_qk(tb + 2, q_smem, qr, kc_bufs, kr_bufs, ready_lo, ready_hi,
-                       gl.zeros([_BH, _BN], gl.float32, s_layout), C)
+                       gl.zeros([_BH, _BN], gl.float32, s_layout), z, C)
     return s, m_b, l_i, acc
 
 
@@ -539,7 +542,7 @@ def _ss_partition(q_smem, kc_bufs, kr_bufs, p_a, p_b, m_a_smem, m_b_smem, l_a_sm
     bar_b = sync.index(1)
     bar_pa = sync.index(2)
     if n_tiles > WG:
-        s = _ss_qk(WG, q_smem, qr, kc_bufs, kr_bufs, ready_lo, ready_hi, s, C)
+        s = _ss_qk(WG, q_smem, qr, kc_bufs, kr_bufs, ready_lo, ready_hi, s, 0, C)
     if WG == 0:
         for i in range(n_pairs - 1):
             s, m_i, l_i, acc = _ss_wg0_pair(i, s, m_i, l_i, acc, q_smem, qr, kc_bufs, kr_bufs, p_a, p_b, m_a_smem,
@@ -604,7 +607,7 @@ def _mla_decode_sm90_seesaw_kernel(
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     vec_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
 
-    q_smem = gl.allocate_shared_memory(gl.bfloat16, [_BH, C], smem_layout)
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [1, _BH, C], smem_layout)  # [1, ..]: see _ss_wg0_pair's z
     kc_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, _BN, C], smem_layout)
     kr_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, _BN, R], smem_layout)
     p_a = gl.allocate_shared_memory(gl.bfloat16, [_BH, _BN], smem_layout)
@@ -629,7 +632,7 @@ def _mla_decode_sm90_seesaw_kernel(
     for j in gl.static_range(C // _CH):
         q = gl.load(q_ptr + b * stride_qb + rows_ld[:, None] * stride_qh + (j * _CH + cols)[None, :], mask=rmask,
                     other=0.0)
-        q_smem.slice(j * _CH, _CH, dim=1).store(q)
+        q_smem.index(0).slice(j * _CH, _CH, dim=1).store(q)
     gl.static_assert(R == _BN, "the rope queries are parked in P_b")
     qr = gl.load(qr_ptr + b * stride_qrb + rows_ld[:, None] * stride_qrh + cols[None, :], mask=rmask, other=0.0)
     p_b.store(qr)

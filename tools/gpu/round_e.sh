@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Eighth session, first call: the MLA seesaw schedule without spills (issue 17), then the router probe at T = 8
+# (issue 19) and the bf16 MoE layer profile (issue 20), as time allows.
+#   E_TOTAL=560 bash tools/gpu/round_e.sh
+set -u
+R=/tmp/gpu_round_e TOTAL=${E_TOTAL:-560}
+source "$(dirname "$0")/_lib.sh"
+echo "== mla_pipe.sh (seesaw tests + serial/FP8 Gluon tests + timing beside FlashMLA) $(el)" >> "$S"
+OUT=$R/mla MLA_PIPE_FULL=1 MLA_PIPE_BUDGET=$(lim 330 140) bash tools/gpu/mla_pipe.sh > "$R/mla_pipe.out" 2>&1
+cat "$R/mla/mla_pipe_summary.txt" >> "$S" 2>/dev/null
+grep -E "^(FAILED|ERROR)" "$R/mla/mla_pipe_tests.log" | cut -c1-300 | head -12 >> "$S"
+echo "== route probe T=8 $(el)" >> "$S"
+timeout "$(lim 45 80)" python bench/probe_route.py --tokens 8 --rep 30 \
+  --gemv '4,128,28,16;4,256,28,16;8,256,28,16;4,128,28,8;8,128,28,8' > "$R/route_probe8.log" 2>&1
+echo "rc=$?" >> "$S"; grep -E "^gate|^  \{" "$R/route_probe8.log" | tail -12 >> "$S"
+mv bench/results/route_probe-*.json "$R/" 2>/dev/null
+echo "== moe layer profile T=8192 bf16 $(el)" >> "$S"
+timeout "$(lim 60 5)" python bench/profile_moe_layer.py --precisions bf16 --cases mixtral-like \
+  > "$R/layer_profile_bf16.log" 2>&1
+echo "rc=$?" >> "$S"; grep -v Warn "$R/layer_profile_bf16.log" | tail -20 >> "$S"
+pack
