@@ -9,6 +9,9 @@ echo "== mla_pipe.sh (seesaw tests + serial/FP8 Gluon tests + timing beside Flas
 OUT=$R/mla MLA_PIPE_FULL=1 MLA_PIPE_BUDGET=$(lim 330 140) bash tools/gpu/mla_pipe.sh > "$R/mla_pipe.out" 2>&1
 cat "$R/mla/mla_pipe_summary.txt" >> "$S" 2>/dev/null
 grep -E "^(FAILED|ERROR)" "$R/mla/mla_pipe_tests.log" | cut -c1-300 | head -12 >> "$S"
+echo "== mla host probe $(el)" >> "$S"
+timeout "$(lim 40 100)" python tools/gpu/mla_host_probe.py > "$R/mla_host.log" 2>&1
+echo "rc=$?" >> "$S"; grep -E "^B=" "$R/mla_host.log" >> "$S"; grep -A30 "ncalls" "$R/mla_host.log" | head -30 | cut -c1-160 >> "$S"
 echo "== route probe T=8 $(el)" >> "$S"
 timeout "$(lim 45 80)" python bench/probe_route.py --tokens 8 --rep 30 \
   --gemv '4,128,28,16;4,256,28,16;8,256,28,16;4,128,28,8;8,128,28,8' > "$R/route_probe8.log" 2>&1
