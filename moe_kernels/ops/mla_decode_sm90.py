@@ -46,8 +46,11 @@ may be refilled: wg0 loads the columns [0, C/2) of the next tiles (its own P V h
 operand), which leaves the shared memory for a second P tile (230 KB in all). Each warpgroup sums its own
 tiles' weights; the two row sums are added at the end. The last pair is peeled (b may be missing; the tile past
 the split's end has its rows past the end zeroed by each warpgroup in the columns it reads).
-Opt-in: measured 0.86-1.03x the serial kernel on one H100 (bench/results/mla_pipe-*.json); tests/test_mla_decode.py's
-GPU tests and tools/gpu/mla_pipe.sh check and time it.
+Registers: each warpgroup holds its output half (128 a thread), S (32) and the rope queries (16). The pair loops
+index q and the stages with a loop-variant zero (``z``), so that LLVM does not hoist the 36 q K^T steps' shared-
+memory descriptors out of the loop and keep them live (ptxas spilled 320-544 B of them; now none).
+Opt-in: measured 0.86-1.03x the serial kernel on one H100 while it spilled (bench/results/mla_pipe-*.json);
+tests/test_mla_decode.py's GPU tests and tools/gpu/mla_pipe.sh check and time it.
 
 The Triton kernel stays for other GPUs, other shapes, the FP8 cache and the interpreter; ``mla.decode_kernel_name``
 says which runs.
