@@ -2,12 +2,12 @@
 # Eighth session, first call: the MLA seesaw schedule without spills (issue 17), then the router probe at T = 8
 # (issue 19) and the bf16 MoE layer profile (issue 20), as time allows.
 #   E_TOTAL=430 bash tools/gpu/round_e.sh
-#   E_TOTAL=220 E_NO_OPS=1 bash tools/gpu/round_e.sh   # a short call: seesaw tests and timing only
+#   E_TOTAL=240 E_NO_OPS=1 E_RESERVE=10 bash tools/gpu/round_e.sh   # a short call: seesaw tests and timing only
 set -u
 R=/tmp/gpu_round_e TOTAL=${E_TOTAL:-430}
 source "$(dirname "$0")/_lib.sh"
 echo "== mla_pipe.sh (seesaw tests, E_FULL=1: serial/FP8 Gluon tests too; timing beside FlashMLA) $(el)" >> "$S"
-OUT=$R/mla MLA_PIPE_FULL=${E_FULL:-0} MLA_PIPE_NO_OPS=${E_NO_OPS:-0} MLA_PIPE_BUDGET=$(lim 300 100) bash tools/gpu/mla_pipe.sh > "$R/mla_pipe.out" 2>&1
+OUT=$R/mla MLA_PIPE_FULL=${E_FULL:-0} MLA_PIPE_NO_OPS=${E_NO_OPS:-0} MLA_PIPE_BUDGET=$(lim 300 ${E_RESERVE:-100}) bash tools/gpu/mla_pipe.sh > "$R/mla_pipe.out" 2>&1
 cat "$R/mla/mla_pipe_summary.txt" >> "$S" 2>/dev/null
 grep -E "^(FAILED|ERROR)" "$R/mla/mla_pipe_tests.log" | cut -c1-300 | head -12 >> "$S"
 echo "== mla host probe $(el)" >> "$S"
