@@ -6,6 +6,10 @@ shipped default. Prints a table and the fastest config per (gate dtype, T); writ
 
     python bench/probe_route.py [--tokens 1,8] [--splits 16,32] [--gates bfloat16,float32] [--rep 50]
     python bench/probe_route.py --tokens 1 --gemv '2,16,32;4,256,28,8'  # named GEMV configs only (E_SPLIT last)
+    python bench/probe_route.py --case mixtral --tokens 128,256 --splits 1 \
+        --extra '[{"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}]'  # + named tl.dot configs
+
+``--case``: deepseek (above), mixtral (E 8, top-2, softmax), qwen3 (E 128, top-8, softmax); H 7168 each.
 """
 from __future__ import annotations
 
@@ -25,6 +29,12 @@ from _common import save  # noqa: E402
 from moe_kernels.ops import routing  # noqa: E402
 
 E, TOP_K, N_GROUP, TOPK_GROUP, H, SCALING = 256, 8, 8, 4, 7168, 2.5
+SCORING, BIAS = "sigmoid", True
+CASES = {  # E, top-k, groups, groups kept, scoring, bias, scaling
+    "deepseek": (256, 8, 8, 4, "sigmoid", True, 2.5),
+    "mixtral": (8, 2, 1, 1, "softmax", False, 1.0),
+    "qwen3": (128, 8, 1, 1, "softmax", False, 1.0),
+}
 
 
 def layer_gate_dtype() -> str:
@@ -40,7 +50,7 @@ def layer_gate_dtype() -> str:
 
 
 def time_route(x, w, bias, cfg, rep):
-    fn = lambda: routing._route_triton(x, w, TOP_K, "sigmoid", N_GROUP, TOPK_GROUP, True, SCALING, bias, None,  # noqa: E731
+    fn = lambda: routing._route_triton(x, w, TOP_K, SCORING, N_GROUP, TOPK_GROUP, True, SCALING, bias, None,  # noqa: E731
                                        config=cfg)
     want = fn()
     return triton.testing.do_bench_cudagraph(fn, rep=rep) * 1e3, want
@@ -55,7 +65,11 @@ def main():
     ap.add_argument("--gemv", default="", help="only these GEMV configs: 'warps,BLOCK_K,SPLIT_K[,E_SPLIT];...'")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--rep", type=int, default=50, help="ms of graph replays per config")
+    ap.add_argument("--case", default="deepseek", choices=sorted(CASES))
+    ap.add_argument("--extra", default="", help="a JSON list of configs timed too (e.g. a former default)")
     args = ap.parse_args()
+    global E, TOP_K, N_GROUP, TOPK_GROUP, SCORING, BIAS, SCALING
+    E, TOP_K, N_GROUP, TOPK_GROUP, SCORING, BIAS, SCALING = CASES[args.case]
     torch.manual_seed(0)
     gate = layer_gate_dtype()
     print(f"decode bench layer's gate dtype: {gate}")
@@ -64,13 +78,13 @@ def main():
     for dt, T in itertools.product(gates, [int(t) for t in args.tokens.split(",")]):
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         w = (torch.randn(E, H, device="cuda") * H ** -0.5).to(dt)
-        bias = torch.randn(E, device="cuda") * 0.01
+        bias = torch.randn(E, device="cuda") * 0.01 if BIAS else None
         fp32 = dt == torch.float32
-        default = routing._config(T, E, H, fp32, heavy=True)
+        default = routing._config(T, E, H, fp32, heavy=TOP_K > 2 or N_GROUP > 1)
         t_def, (w_def, id_def, _) = time_route(x, w, bias, None, args.rep)
         rows.append(dict(gate=str(dt).replace("torch.", ""), T=T, config="default " + json.dumps(default), us=t_def))
         print(f"gate {rows[-1]['gate']} T={T} default {default}: {t_def:.1f} us", flush=True)
-        cfgs = []
+        cfgs = [dict(c) for c in json.loads(args.extra)] if args.extra else []
         if args.gemv and T < 16:  # named GEMV configs only: warps,BLOCK_K,SPLIT_K[,E_SPLIT]
             for spec in args.gemv.split(";"):
                 warps, bk, split, *e_split = map(int, spec.split(","))
@@ -102,10 +116,10 @@ def main():
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = r
     default = {f"{r['gate']}/T={r['T']}": r["us"] for r in rows if r["config"].startswith("default")}
-    summary = {"layer_gate_dtype": gate,
+    summary = {"case": args.case, "layer_gate_dtype": gate,
                "best": {k: dict(config=v["config"], us=v["us"], default_us=default[k]) for k, v in best.items()}}
     print(json.dumps(summary, indent=1))
-    save("route_probe", rows, summary)
+    save("route_probe" if args.case == "deepseek" else f"route_probe-{args.case}", rows, summary)
 
 if __name__ == "__main__":
     main()

@@ -212,6 +212,42 @@ def test_gemv_config_spreads_the_gate_over_programs():
         assert cfg["BLOCK_M"] * (256 // cfg["E_SPLIT"]) * cfg["BLOCK_K"] <= 16384
 
 
+def test_untuned_configs_fill_a_wave_up_to_1024_tokens():
+    """Tables without a sweep (E other than 256) take the decode sizes' 16-row tiles split over H at T = 65..1024,
+    so that tiles x slices come near ROUTE_PROGRAMS (Mixtral's E 8 at T = 128 took 8 programs); the swept E = 256
+    rows and larger T keep their configs."""
+    from moe_kernels.ops import routing
+
+    for E in (8, 60, 128):
+        for T in (65, 128, 256, 1000, 1024):
+            cfg = routing._config(T, E, 7168, False, heavy=E > 8)
+            programs = triton.cdiv(T, cfg["BLOCK_M"]) * cfg["SPLIT_K"]
+            assert routing.ROUTE_PROGRAMS // 2 < programs <= 2 * routing.ROUTE_PROGRAMS, (E, T, cfg)
+            steps = triton.cdiv(7168, cfg["BLOCK_K"])
+            assert (cfg["SPLIT_K"] - 1) * triton.cdiv(steps, cfg["SPLIT_K"]) < steps, "no empty slice of H"
+        assert "SPLIT_K" not in routing._config(2048, E, 7168, False, heavy=True)
+    for T in (128, 1024):
+        assert "SPLIT_K" not in routing._config(T, 256, 7168, False, heavy=True), "the swept E = 256 configs stay"
+    short = routing._config(128, 8, 256, False, heavy=False)  # a short H: slices of 2 whole steps at least
+    assert triton.cdiv(triton.cdiv(256, short["BLOCK_K"]), short["SPLIT_K"]) >= 2, short
+
+
+@pytest.mark.parametrize("E,k,fp32", [(8, 2, False), (20, 4, True)])
+def test_route_default_config_at_130_tokens(E, k, fp32, device, recorded_counters):
+    """The default config at T = 130 (9 token tiles, the last one of 2 rows), H 2048: split over H by the untuned
+    rule (the real config, not one made for the test), the routing the reference's, the counters left at zero."""
+    from moe_kernels.ops import routing
+
+    T, H = 130, 2048
+    x, w, _, _ = make_inputs(T, E, H, torch.float32 if fp32 else torch.bfloat16, device)
+    cfg = routing._config(T, E, H, fp32, heavy=k > 2)
+    assert cfg["SPLIT_K"] > 1, cfg
+    out = routing._route_triton(x, w, k, "softmax", 1, 1, True, 1.0, None, None)
+    check_route(out, x, w, k, "softmax", 1, 1, True)
+    assert recorded_counters[-1].numel() == E + triton.cdiv(T, cfg["BLOCK_M"])
+    assert int(recorded_counters[-1][E:].abs().sum()) == 0
+
+
 GEMV_CASES = {  # decode sizes take the GEMV path (BLOCK_M = T rounded up to a power of two, below tl.dot's 16)
     "deepseek_T1_fp32_gate": (1, 256, 384, 8, "sigmoid", 8, 4, True, False, 2.5, True, torch.float32),
     "deepseek_T1_bf16_gate": (1, 256, 384, 8, "sigmoid", 8, 4, True, False, 2.5, True, torch.bfloat16),

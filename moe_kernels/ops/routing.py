@@ -237,13 +237,30 @@ def _gemv_config(T: int, E: int) -> dict:
     return dict(BLOCK_M=m, BLOCK_K=k, num_warps=4, num_stages=2, SPLIT_K=GEMV_SLICES, E_SPLIT=e // eb)
 
 
+ROUTE_PROGRAMS = 128  # about one wave of programs on a Hopper GPU (132 SMs): what the untuned split aims at
+FILL_MAX_T = 1024  # up to this many tokens an untuned table's config splits K to fill ROUTE_PROGRAMS
+
+
+def _fill_split(T: int, block_m: int) -> int:
+    """K slices a token tile takes so that the tiles x slices programs come near ROUTE_PROGRAMS (at most 16)."""
+    return max(1, min(16, ROUTE_PROGRAMS // triton.cdiv(T, block_m)))
+
+
 def _config(T: int, E: int, H: int, fp32: bool, heavy: bool) -> dict:
     if T <= GEMV_MAX_T:
         return cap_split(_gemv_config(T, E), H, min_steps=1)
-    for max_t, light_cfg, heavy_cfg in _CONFIGS.get((_next_pow2(E, 16), H >= 4096), _DEFAULT):
+    table = _CONFIGS.get((_next_pow2(E, 16), H >= 4096))
+    for max_t, light_cfg, heavy_cfg in table or _DEFAULT:
         if max_t is None or T <= max_t:
             cfg = dict(heavy_cfg if heavy else light_cfg)
             break
+    if table is None and T <= FILL_MAX_T and "SPLIT_K" not in cfg:
+        # An untuned table's 16-row tiles at T = 65..1024 were 5-64 programs, each streaming the whole gate and
+        # its rows of x over all of H (Mixtral-like E 8 at T = 128: 8 programs on 8 SMs). They take the decode
+        # sizes' tiles instead (BLOCK_K 64: at E 128 the 128-wide steps spilled 4.9-7.9 KB on sm_90a, these none),
+        # split over H to about one wave of programs: the reasoning of the T <= 64 split (measured there: 31-32
+        # us against 61-70 unsplit, E 256); not timed at these sizes yet (bench/probe_route.py --tokens 128,256).
+        cfg = dict(_SPLIT_DECODE, SPLIT_K=_fill_split(T, _SPLIT_DECODE["BLOCK_M"]))
     if fp32:  # twice the bytes per tile: keep the pipeline inside shared memory
         cfg.update(BLOCK_K=32, num_stages=2)
     return cap_split(cfg, H)

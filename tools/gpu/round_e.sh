@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Eighth session, first call: the MLA seesaw schedule without spills (issue 17), then the router probe at T = 8
-# (issue 19) and the bf16 MoE layer profile (issue 20), as time allows.
+# Eighth session (never got a GPU; ready for the next): the MLA seesaw schedule without spills (issue 17), its host
+# time, then the router probes (Mixtral-like T = 128 / 256: the fill split; DeepSeek T = 8: GEMV configs; issue 19)
+# and the bf16 MoE layer profile (issue 20), as time allows.
 #   E_TOTAL=430 bash tools/gpu/round_e.sh
 #   E_TOTAL=240 E_NO_OPS=1 E_RESERVE=10 bash tools/gpu/round_e.sh   # a short call: seesaw tests and timing only
 set -u
@@ -13,6 +14,11 @@ grep -E "^(FAILED|ERROR)" "$R/mla/mla_pipe_tests.log" | cut -c1-300 | head -12 >
 echo "== mla host probe $(el)" >> "$S"
 timeout "$(lim 40 100)" python tools/gpu/mla_host_probe.py > "$R/mla_host.log" 2>&1
 echo "rc=$?" >> "$S"; grep -E "^B=" "$R/mla_host.log" >> "$S"; grep -A30 "ncalls" "$R/mla_host.log" | head -30 | cut -c1-160 >> "$S"
+echo "== route probe mixtral T=128,256 (the fill split against the former unsplit default) $(el)" >> "$S"
+timeout "$(lim 40 60)" python bench/probe_route.py --case mixtral --tokens 128,256 --splits 16 --warps 4 --rep 30 \
+  --extra '[{"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}]' > "$R/route_probe_mixtral.log" 2>&1
+echo "rc=$?" >> "$S"; grep -E "^gate|^  \{" "$R/route_probe_mixtral.log" | tail -8 >> "$S"
+mv bench/results/route_probe-mixtral-*.json "$R/" 2>/dev/null
 echo "== route probe T=8 $(el)" >> "$S"
 timeout "$(lim 45 80)" python bench/probe_route.py --tokens 8 --rep 30 \
   --gemv '4,128,28,16;4,256,28,16;8,256,28,16;4,128,28,8;8,128,28,8' > "$R/route_probe8.log" 2>&1
