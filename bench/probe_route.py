@@ -50,8 +50,8 @@ def layer_gate_dtype() -> str:
 
 
 def time_route(x, w, bias, cfg, rep):
-    fn = lambda: routing._route_triton(x, w, TOP_K, SCORING, N_GROUP, TOPK_GROUP, True, SCALING, bias, None,  # noqa: E731
-                                       config=cfg)
+    def fn():
+        return routing._route_triton(x, w, TOP_K, SCORING, N_GROUP, TOPK_GROUP, True, SCALING, bias, None, config=cfg)
     want = fn()
     return triton.testing.do_bench_cudagraph(fn, rep=rep) * 1e3, want
 
