@@ -172,8 +172,8 @@ def sweep(Ts, H, E, device):
         for name, k, use_bias in variants:
             c = SCORINGS[name]
             # up to 1024 tokens: the decode sizes' tiles split to about one wave (routing._fill_split, the untuned
-            # tables' rule at T = 65..1024), and 16 slices
-            fill = [(16, 64, 4, 3, routing._fill_split(T, 16)), (16, 64, 4, 3, 16)] if T <= routing.FILL_MAX_T else []
+            # tables' rule there), and 16 slices
+            fill = [(16, 64, 4, 3, routing._fill_split(T, 16)), (16, 64, 4, 3, 16)] if T <= 1024 else []
             for bm, bk, nw, ns, split in configs + list(dict.fromkeys(fill)):
                 if (T <= 1024) != (bm <= 32) and bm != 64:
                     continue  # small tiles for small T, large tiles for large T; 64 everywhere

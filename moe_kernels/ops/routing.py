@@ -204,16 +204,19 @@ def _cfg(m: int, k: int, w: int, s: int) -> dict:
 # untuned defaults. Decode sizes (T <= 64: at most 4 token tiles) split K over 16 programs per tile (SPLIT_K, see
 # _route_kernel): one program per tile streamed the whole gate alone, 61-70 us at T = 1 and 8 (E 256, k 8, groups
 # 8/4, H 7168, H100, CUDA graph, 2026-12-07); 16 slices of BLOCK_K 64 took 31-32 us there (4: 36-39, 56: 36-37).
-# The other E take the same split by the same reasoning, not timed.
-_SPLIT_DECODE = dict(BLOCK_M=16, BLOCK_K=64, num_warps=4, num_stages=3, SPLIT_K=16)
+# The other E take the same split by the same reasoning, not timed. SPLIT_K 0: ``_fill_split`` picks it from T (16
+# at T <= 64). Tables without a sweep use these tiles up to T = 1024 too: their former 16-row tiles without a split
+# were 5-64 programs there, each streaming the whole gate over all of H (Mixtral-like E 8 at T = 128: 8 programs on
+# 8 SMs), and at E 128 their 128-wide steps spilled 4.9-7.9 KB on sm_90a (these: none). Not timed at T = 65..1024
+# yet (bench/probe_route.py --case mixtral --tokens 128,256).
+_SPLIT_DECODE = dict(BLOCK_M=16, BLOCK_K=64, num_warps=4, num_stages=3, SPLIT_K=0)
 _CONFIGS = {
     (256, True): [(64, _SPLIT_DECODE, _SPLIT_DECODE),
                   (1024, _cfg(16, 128, 4, 4), _cfg(16, 128, 4, 4)),
                   (8192, _cfg(64, 64, 8, 4), _cfg(64, 64, 16, 4)),
                   (None, _cfg(128, 64, 16, 3), _cfg(64, 64, 16, 4))],
 }
-_DEFAULT = [(64, _SPLIT_DECODE, _SPLIT_DECODE),
-            (1024, _cfg(16, 128, 4, 3), _cfg(16, 128, 4, 3)),
+_DEFAULT = [(1024, _SPLIT_DECODE, _SPLIT_DECODE),
             (None, _cfg(64, 64, 8, 3), _cfg(64, 64, 8, 3))]
 
 
@@ -237,8 +240,7 @@ def _gemv_config(T: int, E: int) -> dict:
     return dict(BLOCK_M=m, BLOCK_K=k, num_warps=4, num_stages=2, SPLIT_K=GEMV_SLICES, E_SPLIT=e // eb)
 
 
-ROUTE_PROGRAMS = 128  # about one wave of programs on a Hopper GPU (132 SMs): what the untuned split aims at
-FILL_MAX_T = 1024  # up to this many tokens an untuned table's config splits K to fill ROUTE_PROGRAMS
+ROUTE_PROGRAMS = 128  # about one wave of programs on a Hopper GPU (132 SMs): what a SPLIT_K 0 config aims at
 
 
 def _fill_split(T: int, block_m: int) -> int:
@@ -249,18 +251,12 @@ def _fill_split(T: int, block_m: int) -> int:
 def _config(T: int, E: int, H: int, fp32: bool, heavy: bool) -> dict:
     if T <= GEMV_MAX_T:
         return cap_split(_gemv_config(T, E), H, min_steps=1)
-    table = _CONFIGS.get((_next_pow2(E, 16), H >= 4096))
-    for max_t, light_cfg, heavy_cfg in table or _DEFAULT:
+    for max_t, light_cfg, heavy_cfg in _CONFIGS.get((_next_pow2(E, 16), H >= 4096), _DEFAULT):
         if max_t is None or T <= max_t:
             cfg = dict(heavy_cfg if heavy else light_cfg)
             break
-    if table is None and T <= FILL_MAX_T and "SPLIT_K" not in cfg:
-        # An untuned table's 16-row tiles at T = 65..1024 were 5-64 programs, each streaming the whole gate and
-        # its rows of x over all of H (Mixtral-like E 8 at T = 128: 8 programs on 8 SMs). They take the decode
-        # sizes' tiles instead (BLOCK_K 64: at E 128 the 128-wide steps spilled 4.9-7.9 KB on sm_90a, these none),
-        # split over H to about one wave of programs: the reasoning of the T <= 64 split (measured there: 31-32
-        # us against 61-70 unsplit, E 256); not timed at these sizes yet (bench/probe_route.py --tokens 128,256).
-        cfg = dict(_SPLIT_DECODE, SPLIT_K=_fill_split(T, _SPLIT_DECODE["BLOCK_M"]))
+    if cfg.get("SPLIT_K") == 0:
+        cfg["SPLIT_K"] = _fill_split(T, cfg["BLOCK_M"])
     if fp32:  # twice the bytes per tile: keep the pipeline inside shared memory
         cfg.update(BLOCK_K=32, num_stages=2)
     return cap_split(cfg, H)
@@ -293,6 +289,8 @@ def _route_triton(x, w, top_k, scoring, n_group, topk_group, norm, scaling, bias
     BLOCK_E = _next_pow2(E, 16)
     split = int(cfg.pop("SPLIT_K", 1))
     e_split = int(cfg.pop("E_SPLIT", 1))
+    if split < 1:
+        raise ValueError(f"route config: SPLIT_K must be >= 1 (0 is _config's, resolved from T), got {split}")
     if e_split < 1 or BLOCK_E % e_split or BLOCK_E // e_split < 16:
         raise ValueError(f"route config: E_SPLIT must divide BLOCK_E={BLOCK_E} into blocks of >= 16 experts, "
                          f"got {e_split}")
