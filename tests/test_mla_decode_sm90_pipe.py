@@ -302,3 +302,18 @@ def test_decode_kernel_name_says_the_schedule(env, want, monkeypatch):
     bf16, fp8 = ops_mla.decode_kernel_name(torch.device("cuda", 0)).split("; ")
     assert bf16.startswith("bf16 cache: Gluon sm_90 kernel") and bf16.endswith(want)
     assert fp8.endswith("(mla_decode_sm90, serial schedule)")
+
+
+@pytest.mark.skipif(sm90 is None, reason="this Triton has no Gluon Hopper API")
+def test_the_bf16_cache_defaults_to_the_seesaw(monkeypatch):
+    """The shipped decode config (DEFAULTS, no tuned file overriding GLUON) runs the seesaw over a bf16 cache on
+    sm_90 and the serial kernel over the FP8 cache; $MOE_KERNELS_MLA_PIPE=0 still forces serial."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(ops_mla, "_device_facts", lambda index: ("NVIDIA H100 80GB HBM3", 132))
+    monkeypatch.delenv("MOE_KERNELS_MLA_PIPE", raising=False)
+    assert ops_mla.get_mla_config("decode", 128, torch.device("cuda", 0))["GLUON"] == 2
+    bf16, fp8 = ops_mla.decode_kernel_name(torch.device("cuda", 0)).split("; ")
+    assert bf16.endswith("(mla_decode_sm90, seesaw schedule)"), bf16
+    assert fp8.endswith("(mla_decode_sm90, serial schedule)"), fp8
+    monkeypatch.setenv("MOE_KERNELS_MLA_PIPE", "0")
+    assert ops_mla.decode_kernel_name(torch.device("cuda", 0)).split("; ")[0].endswith("serial schedule)")

@@ -17,6 +17,7 @@ from torch import nn
 from .._checks import check_choice, check_int, check_tensor
 from ..ops._common import use_triton
 from ..ops.mla import _mla_decode_op, fp8_row_bytes, mla_latent_proj, pack_latent_fp8
+from ..ops.mla_prefill import mla_prefill_heads
 from ..reference.mla import apply_rope, default_inv_freq, rms_norm, rope_cos_sin
 from ..reference.mla_decode import mla_decode_absorbed, split_kv_b, unpack_latent_fp8
 from ..reference.mla_decode import pack_latent_fp8 as ref_pack_latent_fp8
@@ -142,24 +143,61 @@ class MultiHeadLatentAttention(nn.Module):
         self._down_weight = fused
         return fused
 
-    def _latents_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """The kernel path of ``latents``: (q_nope [B,S,h,nope], q_rope [B,S,h,rope] rotated fp32,
-        kv [B,S,kv_lora+rope] in x's dtype: [RMSNorm(c_kv) | RoPE(k_rope)], one latent cache row per token)."""
+    def _project_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The projections of the kernel path: (q [B,S,h,nope+rope] in x's dtype, the rope part not yet rotated;
+        kv [B,S,kv_lora+rope] in x's dtype: [RMSNorm(c_kv) | RoPE(k_rope)], one latent cache row per token;
+        cos, sin [B,S,rope/2] fp32, contiguous)."""
         B, S, H = x.shape
         Q = self.q_lora_rank or 0
         half = self.qk_rope_head_dim // 2
-        cos2 = cos.expand(B, S, half).reshape(B * S, half).float().contiguous()
-        sin2 = sin.expand(B, S, half).reshape(B * S, half).float().contiguous()
+        cos2 = cos.expand(B, S, half).float().contiguous()
+        sin2 = sin.expand(B, S, half).float().contiguous()
         c_q, kv = mla_latent_proj(
             x.reshape(B * S, H), self._fused_down_weight(), self.q_a_layernorm.weight if Q else None,
-            self.kv_a_layernorm.weight, cos2, sin2, Q, self.kv_lora_rank, eps=self.eps,
-            interleave=self.rope_interleave,
+            self.kv_a_layernorm.weight, cos2.view(B * S, half), sin2.view(B * S, half), Q, self.kv_lora_rank,
+            eps=self.eps, interleave=self.rope_interleave,
         )
         q = self.q_b_proj(c_q) if Q else self.q_proj(x.reshape(B * S, H))
-        q = q.view(B, S, self.num_heads, self.qk_head_dim)
+        return q.view(B, S, self.num_heads, self.qk_head_dim), kv.view(B, S, -1), cos2, sin2
+
+    def _split_rotate(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [B,S,h,nope+rope] -> (q_nope [B,S,h,nope], q_rope [B,S,h,rope] rotated, fp32)."""
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_rope = apply_rope(q_rope, cos2.view(B, S, 1, half), sin2.view(B, S, 1, half), self.rope_interleave)
-        return q_nope, q_rope, kv.view(B, S, -1)
+        return q_nope, apply_rope(q_rope, cos.unsqueeze(2), sin.unsqueeze(2), self.rope_interleave)
+
+    def _latents_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The kernel path of ``latents``: (q_nope [B,S,h,nope], q_rope [B,S,h,rope] rotated fp32,
+        kv [B,S,kv_lora+rope] in x's dtype: [RMSNorm(c_kv) | RoPE(k_rope)], one latent cache row per token)."""
+        q, kv, cos2, sin2 = self._project_fused(x, cos, sin)
+        return (*self._split_rotate(q, cos2, sin2), kv)
+
+    def _sdpa(self, q, k, v, q_offset: int, mask=None) -> torch.Tensor:
+        """scaled_dot_product_attention of q [B,h,S,d], k [B,h,L,d], v [B,h,L,dv] (queries at positions q_offset..,
+        causal unless ``mask``: HF's 4-D bool keep-mask or additive float) -> o_proj of the heads, [B, S, H]."""
+        B, h, S, _ = q.shape
+        L = k.shape[2]
+        causal = False
+        if mask is None:
+            if S == L and q_offset == 0:
+                causal = True
+            else:
+                qpos = torch.arange(S, device=q.device).unsqueeze(1) + q_offset
+                mask = torch.arange(L, device=q.device).unsqueeze(0) <= qpos
+        else:
+            mask = mask[..., :L] if mask.dtype == torch.bool else mask[..., :L].to(q.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, h * self.v_head_dim))
+
+    def _attend_prefill(self, q, cos, sin, c_kv, k_rope, q_offset: int, dtype, mask=None) -> torch.Tensor:
+        """The kernel path's prefill attention from ``_project_fused``'s q (rope part unrotated) and cos / sin, and
+        the latent keys c_kv [B,L,kv_lora], k_rope [B,L,rope] (rotated): the heads' q / k / v built by one kernel
+        each (``ops.mla_prefill``), then SDPA. Same values as ``_attend_sdpa`` on ``_split_rotate``'s output."""
+        kv = F.linear(c_kv.to(dtype), self.kv_b_proj.weight)
+        if k_rope.stride(-1) != 1:
+            k_rope = k_rope.contiguous()
+        qh, kh, vh = mla_prefill_heads(q, cos, sin, kv, k_rope, self.qk_nope_head_dim, self.v_head_dim,
+                                       interleave=self.rope_interleave)
+        return self._sdpa(qh, kh, vh, q_offset, mask)
 
     def _attend_sdpa(self, q_nope, q_rope, c_kv, k_rope, q_offset: int, dtype, mask=None) -> torch.Tensor:
         """``attend`` with the expanded keys/values through scaled_dot_product_attention (flash/efficient kernels)."""
@@ -170,18 +208,7 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope.to(dtype), q_rope.to(dtype)], dim=-1)
         k = torch.cat([k_nope, k_rope.to(dtype).unsqueeze(1).expand(B, h, L, self.qk_rope_head_dim)], dim=-1)
-        causal = False
-        if mask is None:
-            if S == L and q_offset == 0:
-                causal = True
-            else:
-                qpos = torch.arange(S, device=q.device).unsqueeze(1) + q_offset
-                mask = torch.arange(L, device=q.device).unsqueeze(0) <= qpos
-        else:
-            mask = mask[..., :L] if mask.dtype == torch.bool else mask[..., :L].to(dtype)
-        o = F.scaled_dot_product_attention(q, k, v.contiguous(), attn_mask=mask, is_causal=causal,
-                                           scale=self.softmax_scale)
-        return self.o_proj(o.transpose(1, 2).reshape(B, S, h * self.v_head_dim))
+        return self._sdpa(q, k, v.contiguous(), q_offset, mask)
 
     def _decode_absorbed(self, q_nope, q_rope, cache: "MLACache") -> torch.Tensor:
         """One new token per row (q_nope [B,1,h,nope], q_rope [B,1,h,rope]) over the latent cache -> [B, 1, H].
@@ -262,6 +289,23 @@ class MultiHeadLatentAttention(nn.Module):
         o = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, S, h * self.v_head_dim)
         return self.o_proj(o.to(dtype))
 
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, update=None) -> torch.Tensor:
+        """x [B,S,H] with the tokens' cos / sin [B,S,rope/2] (fp32) -> [B,S,H]: the latents, then attention of the
+        S queries over the row's latent keys, the last S of which are this step's. For an external cache (the HF
+        adapter's): ``update(c_kv [B,S,kv_lora], k_rope [B,S,rope]) -> (c_kv, k_rope)`` of all L keys, in x's dtype.
+        ``mask``: HF's 4-D [B, 1, S, L] mask (bool keep-mask or additive float), else causal."""
+        B, S, _ = x.shape
+        if self._kernels(x):  # x's dtype throughout: no fp32 copy of the latents or the queries
+            q, kv, cos2, sin2 = self._project_fused(x, cos, sin)
+            c_kv, k_rope = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+            if update is not None:
+                c_kv, k_rope = update(c_kv, k_rope)
+            return self._attend_prefill(q, cos2, sin2, c_kv, k_rope, c_kv.shape[1] - S, x.dtype, mask)
+        q_nope, q_rope, c_kv, k_rope = self.latents(x, cos, sin)
+        if update is not None:
+            c_kv, k_rope = (t.float() for t in update(c_kv.to(x.dtype), k_rope.to(x.dtype)))
+        return self.attend(q_nope, q_rope, c_kv, k_rope, c_kv.shape[1] - S, x.dtype, mask)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: "MLACache | None" = None):
         weight = self.kv_a_proj_with_mqa.weight
         check_tensor("x", x, ndim=3, shape=(None, None, self.hidden_size))
@@ -295,16 +339,16 @@ class MultiHeadLatentAttention(nn.Module):
                 positions = torch.arange(offset, offset + S, device=x.device).unsqueeze(0).expand(B, S)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_scaling)
         if self._kernels(x):
-            q_nope, q_rope, kv = self._latents_fused(x, cos, sin)
+            q, kv, cos2, sin2 = self._project_fused(x, cos, sin)
             if static_step:
                 cache.write_step(kv)
-                return self._decode_absorbed(q_nope, q_rope, cache)
+                return self._decode_absorbed(*self._split_rotate(q, cos2, sin2), cache)
             if cache is not None:
                 kv = cache.append_latent(kv, self.kv_lora_rank, fp8)
                 if S == 1 and (cache.fp8 or cache.kv.dtype == self.kv_b_proj.weight.dtype):
-                    return self._decode_absorbed(q_nope, q_rope, cache)
+                    return self._decode_absorbed(*self._split_rotate(q, cos2, sin2), cache)
             c_kv, k_rope = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-            return self._attend_sdpa(q_nope.transpose(1, 2), q_rope.transpose(1, 2), c_kv, k_rope, offset, x.dtype)
+            return self._attend_prefill(q, cos2, sin2, c_kv, k_rope, offset, x.dtype)
         if static_step:
             return self._decode_static_reference(x, cos, sin, cache)
         q_nope, q_rope, c_kv, k_rope = self.latents(x, cos, sin)

@@ -83,11 +83,12 @@ DEFAULTS = {
     # (mla_decode_sm90) wherever it applies (sm_90, bf16 queries, R = 64, C <= 512, page 64; else the Triton kernel
     # runs with the keys above, and says why once). Measured on one H200 (bench_mla, B 32 / 128, S 4096): Gluon
     # serial 126 / 366 us, the Triton kernel 159 / 553 us, FlashMLA 75 / 253 us; FP8 cache: Gluon 164 / 577 us,
-    # Triton 277 / 1032 us. The seesaw (GLUON=2, $MOE_KERNELS_MLA_PIPE=1): 0.86-1.03x the serial kernel on one H100
-    # (results/mla_pipe-*.json). GLUON=3 ($MOE_KERNELS_MLA_PIPE=2): the serial kernel with lookahead (S of the next
-    # tile under this one's softmax): passed its GPU tests, but 0.74-0.79x the serial kernel at B 128, S 4096 / 8192
-    # on one H100 (493 / 952 us against 372 / 754; results/mla-NVIDIA_H100_80GB_HBM3.json, 2026-12-07).
-    "decode": dict(BLOCK_H=64, BLOCK_N=64, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2, GLUON=1),
+    # Triton 277 / 1032 us. GLUON=2, the default: the seesaw schedule ($MOE_KERNELS_MLA_PIPE=0 / 1 forces serial /
+    # seesaw): 1.04-1.24x the serial kernel on one H100 once it stopped spilling (results/mla_pipe-*.json, ninth
+    # session), 0.78-0.89x FlashMLA in CUDA-graph replays (results/mla-NVIDIA_H100_80GB_HBM3.json). GLUON=3
+    # ($MOE_KERNELS_MLA_PIPE=2): the serial kernel with lookahead (S of the next tile under this one's softmax):
+    # passed its GPU tests, but 0.74-0.79x the serial kernel at B 128, S 4096 / 8192 on one H100.
+    "decode": dict(BLOCK_H=64, BLOCK_N=64, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2, GLUON=2),
     # FP8 cache, Triton kernel: the e4m3 tile is widened to bf16 in registers and staged in shared memory again
     "decode_fp8": dict(BLOCK_H=64, BLOCK_N=32, LAZY=0, V_BLOCKS=1, num_warps=8, num_stages=2, GLUON=1),
 }

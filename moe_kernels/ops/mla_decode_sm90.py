@@ -7,7 +7,7 @@ split, batch row); rows are the s_q x h queries of the batch row (row r is token
 0 .. seqlen - s_q + r // h). With one split it writes the normalised output in bf16, else the fp32 partial output
 and its log-sum-exp (base 2).
 
-Serial schedule (PIPE = 0, shipped) of one program (8 warps = two warpgroups; 64 query rows; key tiles of 64):
+Serial schedule (PIPE = 0; the FP8 cache's, and the bf16 cache's where the seesaw does not apply) of one program (8 warps = two warpgroups; 64 query rows; key tiles of 64):
   * shared memory: q [64, C] and q_rope [64, R] (loaded once), STAGES cache tiles [64, C] + [64, R] (a 64 x 576
     bf16 tile is 72 KiB: C/64 + 1 TMA copies of 64 x 64, each a 128-byte-swizzled column block), P [64, 64].
   * per tile: S = q K^T (C/64 + 1 wgmmas, K-major B, async) -> wait -> the stage of the tile before is free: the
@@ -49,8 +49,10 @@ the split's end has its rows past the end zeroed by each warpgroup in the column
 Registers: each warpgroup holds its output half (128 a thread), S (32) and the rope queries (16). The pair loops
 index q and the stages with a loop-variant zero (``z``), so that LLVM does not hoist the 36 q K^T steps' shared-
 memory descriptors out of the loop and keep them live (ptxas spilled 320-544 B of them; now none).
-Opt-in: measured 0.86-1.03x the serial kernel on one H100 while it spilled (bench/results/mla_pipe-*.json);
-tests/test_mla_decode.py's GPU tests and tools/gpu/mla_pipe.sh check and time it.
+The bf16 cache's default (config GLUON=2) since it stopped spilling: on one H100 (2026-12-07, ninth session) it
+ran 1.04-1.24x the serial kernel (results/mla_pipe-*.json) and, CUDA-graph replays beside FlashMLA in one process,
+0.78-0.89x FlashMLA where the serial kernel ran 0.40-0.71x (results/mla-*.json). tests/test_mla_decode.py's GPU
+tests and tools/gpu/mla_pipe.sh check and time it.
 
 The Triton kernel stays for other GPUs, other shapes, the FP8 cache and the interpreter; ``mla.decode_kernel_name``
 says which runs.

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-__all__ = ["rms_norm", "rope_cos_sin", "apply_rope", "mla_prefill", "default_inv_freq"]
+__all__ = ["rms_norm", "rope_cos_sin", "apply_rope", "mla_prefill", "mla_prefill_heads", "default_inv_freq"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -41,6 +41,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     else:
         x1, x2 = xf.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def mla_prefill_heads(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
+                      nope_dim: int, v_dim: int, interleave: bool = True):
+    """The per-head operands of prefill attention, laid out as scaled_dot_product_attention takes them.
+
+    q [B, S, h, nope + rope] (the q up-projection, rope part not yet rotated), cos / sin [B, S, rope / 2] fp32,
+    kv [B, L, h * (nope + v)] (c_kv W_UKV), k_rope [B, L, rope] (rotated, shared by the heads) ->
+    q [B, h, S, nope + rope] with the rope part rotated, k [B, h, L, nope + rope] = [k_nope | k_rope],
+    v [B, h, L, v], contiguous, in q's dtype (the rotation in fp32, rounded once)."""
+    B, S, h, _ = q.shape
+    L = kv.shape[1]
+    dtype = q.dtype
+    q_nope, q_rope = q[..., :nope_dim], q[..., nope_dim:]
+    q_rope = apply_rope(q_rope, cos.unsqueeze(2), sin.unsqueeze(2), interleave).to(dtype)
+    q_out = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2).contiguous()
+    kv = kv.view(B, L, h, nope_dim + v_dim)
+    k_rope = k_rope.to(dtype).unsqueeze(2).expand(B, L, h, k_rope.shape[-1])
+    k_out = torch.cat([kv[..., :nope_dim].to(dtype), k_rope], dim=-1).transpose(1, 2).contiguous()
+    v_out = kv[..., nope_dim:].to(dtype).transpose(1, 2).contiguous()
+    return q_out, k_out, v_out
 
 
 def mla_prefill(
