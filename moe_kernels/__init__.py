@@ -11,13 +11,14 @@ __version__ = "0.1.0"
 from . import dist, ops, reference
 from ._ext import has_extension
 from .integrations import patch_model
-from .modules import GroupedExperts, MLACache, MoELayer, MultiHeadLatentAttention, TopKRouter
+from .modules import GroupedExperts, MLACache, MoELayer, MultiHeadLatentAttention, RMSNorm, TopKRouter
 
 __all__ = [
     "GroupedExperts",
     "MLACache",
     "MoELayer",
     "MultiHeadLatentAttention",
+    "RMSNorm",
     "TopKRouter",
     "dist",
     "has_extension",

@@ -538,6 +538,35 @@ def _():
     return ops_mla.mla_latent_proj(**args), want
 
 
+# ---- RMSNorm ---------------------------------------------------------------------------------------------------
+
+def norm(x=None, weight=None, eps=1e-6):
+    x = torch.randn(4, 16) if x is None else x
+    return mk.ops.rms_norm(x, torch.ones(x.shape[-1]) if weight is None else weight, eps)
+
+
+reject("norm-x-dtype", TypeError, r"x must have dtype bfloat16 or float16 or float32, got float64")(
+    lambda: norm(x=torch.randn(4, 16, dtype=torch.float64)))
+reject("norm-w-dtype", TypeError, r"weight must have dtype bfloat16 or float16 or float32, got int64")(
+    lambda: norm(weight=torch.ones(16, dtype=torch.int64)))
+reject("norm-x-ndim", ValueError, r"x must have at least one dimension")(lambda: norm(x=torch.tensor(1.0), weight=torch.ones(1)))
+reject("norm-x-hidden", ValueError, r"x's last dimension must be <= 65536")(lambda: norm(x=torch.empty(0, 65537)))
+reject("norm-w-shape", ValueError, r"weight must have shape \[16\], got \[8\]")(lambda: norm(weight=torch.ones(8)))
+reject("norm-w-device", TypeError, r"weight must be on cpu")(lambda: norm(weight=torch.ones(16, device=META)))
+reject("norm-eps", ValueError, r"eps must be >= 0")(lambda: norm(eps=-1e-6))
+reject("norm-eps-type", TypeError, r"eps must be a real number")(lambda: norm(eps="1e-6"))
+reject("rmsnorm-hidden", ValueError, r"hidden_size must be >= 1")(lambda: mk.RMSNorm(0))
+reject("rmsnorm-eps", ValueError, r"eps must be finite")(lambda: mk.RMSNorm(16, eps=float("nan")))
+reject("rmsnorm-from-module", TypeError, r"Linear must have a 1-D weight Parameter")(
+    lambda: mk.RMSNorm.from_module(torch.nn.Linear(4, 4)))
+
+
+@accept("norm-x-strided")
+def _():
+    x, w = torch.randn(2, 3, 32, dtype=torch.bfloat16), torch.randn(16, dtype=torch.bfloat16)
+    return mk.ops.rms_norm(x[..., ::2], w), mk.ops.rms_norm(x[..., ::2].contiguous(), w)
+
+
 @accept("decode-seqlens-strided")
 def _():
     args = decode_args()

@@ -24,7 +24,11 @@ and the blocks whose code is one of these up to class names (``CLONES``: Dots1, 
 MiniCPM5-MoE, MiMo-V2-Flash (no shared expert), Dots3-Note, GLM-4.5 Lite / GLM-4.5V / GLM-MoE-DSA, DeepSeek-V3.2,
 Solar-Open, DeepSeek-OCR2, Unlimited-OCR, FlexOlmo, Mellum, MiniMax, Qwen3-Next, Qwen4-Exp, Qwen3-Omni's thinker
 and talker; Qwen3.5-MoE and Qwen3-VL-MoE, whose routers always renormalise). MLA attention: DeepseekV3Attention,
-DeepseekV2Attention, and DeepseekV3Attention's clones Glm4MoeLiteAttention, YoutuAttention. Refused with a reason
+DeepseekV2Attention, and DeepseekV3Attention's clones Glm4MoeLiteAttention, YoutuAttention. RMSNorm: transformers'
+``LlamaRMSNorm`` and every class whose forward is its forward up to the class name (140 in transformers 5.25:
+DeepSeek-V2/V3's, GLM-4.5's, Mixtral's, Qwen2/3-MoE's, OLMoE's, ... ``SUPPORTED_NORMS``), and Llama 4's, which
+computes the same formula written otherwise; not Gemma's or Qwen3-Next's (1 + weight), nor those that round once
+after the weight product (Olmo 2, FlexOlmo, GPT-OSS). Refused with a reason
 (``REFUSED_MOE``): GPT-OSS (biased, clamped SwiGLU); DeepSeek-V2's
 ``group_limited_greedy`` (groups scored by their best expert); any expert activation other than SiLU (the kernels
 compute SwiGLU = silu(gate) * up); expert biases. Any other module with ``experts`` and a router (or MLA-like
@@ -40,7 +44,13 @@ Importing this module registers ``moe_from_hf`` / ``mla_from_hf`` as the "hf" co
 """
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import logging
+import numbers
+import re
+import textwrap
 from typing import NamedTuple
 
 import torch
@@ -51,11 +61,12 @@ from .._checks import FP8_DTYPE
 from ..modules.converters import register_converter
 from ..modules.mla import MultiHeadLatentAttention
 from ..modules.moe import MoELayer
+from ..modules.norm import RMSNorm
 from ..modules.router import TopKRouter
 from .layers import FamilyMoELayer
 
 __all__ = ["moe_from_hf", "mla_from_hf", "patch_model", "PatchReport", "UnsupportedModule", "SUPPORTED_MOE",
-           "SUPPORTED_ATTENTION", "REFUSED_MOE"]
+           "SUPPORTED_ATTENTION", "SUPPORTED_NORMS", "REFUSED_MOE"]
 
 logger = logging.getLogger("moe_kernels")
 
@@ -98,6 +109,17 @@ REFUSED_MOE = {
     "GptOssMLP": "GPT-OSS experts are not a plain SwiGLU: biased projections, interleaved gate/up columns, "
                  "gate and up clamped to swiglu_limit, gate * sigmoid(alpha * gate) * (up + 1); the kernels compute "
                  "silu(x W1) * (x W3) W2 without bias or clamp",
+}
+# transformers' RMSNorm classes (of the supported families) that compute LlamaRMSNorm's formula, by reading
+# transformers 5.25's sources: all but Llama 4's have its forward up to the class name; Llama 4's writes it as
+# `_norm(x.float()).type_as(x) * weight` (tests/test_norm.py checks every one bit for bit against the formula).
+# Any other class whose forward is LlamaRMSNorm's up to its name is taken too (_computes_llama_rms_norm).
+SUPPORTED_NORMS = {
+    "LlamaRMSNorm": "Llama", "DeepseekV3RMSNorm": "DeepSeek-V3", "DeepseekV2RMSNorm": "DeepSeek-V2",
+    "Glm4MoeRMSNorm": "GLM-4.5", "Glm4MoeLiteRMSNorm": "GLM-4.5 Lite", "MixtralRMSNorm": "Mixtral",
+    "Qwen3MoeRMSNorm": "Qwen3-MoE", "Qwen2MoeRMSNorm": "Qwen2-MoE", "OlmoeRMSNorm": "OLMoE",
+    "MiniMaxM2RMSNorm": "MiniMax-M2", "Mistral4RMSNorm": "Mistral 4", "MistralLarge4RMSNorm": "Mistral Large 4",
+    "HunYuanMoEV1RMSNorm": "Hunyuan-A13B", "Llama4TextRMSNorm": "Llama 4",
 }
 _SOFTMAX_TOPK = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock",
                  "HunYuanMoEV1Moe")
@@ -427,7 +449,6 @@ class HFMLAAttention(nn.Module):
         m = self.mla
         # transformers renamed the cache argument `past_key_values` -> `cache` (5.2x); take either
         past_key_values = cache if cache is not None else past_key_values
-        B, S, _ = hidden_states.shape
         if position_embeddings is None:
             raise ValueError("HFMLAAttention needs the model's position_embeddings")
         if isinstance(position_embeddings, torch.Tensor) and position_embeddings.is_complex():  # DeepSeek-V2
@@ -436,14 +457,12 @@ class HFMLAAttention(nn.Module):
             cos, sin = position_embeddings
             half = m.qk_rope_head_dim // 2
             cos, sin = cos[..., :half].float(), sin[..., :half].float()  # HF's are cat(freqs, freqs)
-        q_nope, q_rope, c_kv, k_rope = m.latents(hidden_states, cos, sin)
+        update = None
         if past_key_values is not None:
-            dt = hidden_states.dtype
-            c4, k4 = past_key_values.update(c_kv.to(dt).unsqueeze(1), k_rope.to(dt).unsqueeze(1), self.layer_idx)
-            c_kv, k_rope = c4.squeeze(1).float(), k4.squeeze(1).float()
-        offset = c_kv.shape[1] - S
-        out = m.attend(q_nope, q_rope, c_kv, k_rope, offset, hidden_states.dtype, mask=attention_mask)
-        return out, None
+            def update(c_kv, k_rope):  # HF's cache keeps [B, 1, L, d] per layer: our latent rows, one "head"
+                c4, k4 = past_key_values.update(c_kv.unsqueeze(1), k_rope.unsqueeze(1), self.layer_idx)
+                return c4.squeeze(1), k4.squeeze(1)
+        return m.attention(hidden_states, cos, sin, mask=attention_mask, update=update), None
 
 
 def _router_logits_module(router_cls: type, gate) -> nn.Module | None:
@@ -528,7 +547,7 @@ class PatchReport(int):
     """What ``patch_model`` did. An ``int`` (the number of modules swapped), so ``n = patch_model(model)``,
     ``assert patch_model(model) == 5`` and arithmetic keep working for callers that used the count; it also carries
     ``swapped`` (a list of ``Swap(name, kind, family)``) and ``skipped`` (``Skip(name, kind, reason)`` for every
-    MoE- or MLA-looking module left as it was). ``str(report)`` is a readable summary."""
+    MoE- or MLA-looking module left as it was). ``str(report)`` is a readable summary (the norms one line a class)."""
 
     swapped: list
     skipped: list
@@ -546,7 +565,10 @@ class PatchReport(int):
 
     def __str__(self) -> str:
         lines = [f"patch_model: swapped {len(self.swapped)}, skipped {len(self.skipped)}"]
-        lines += [f"  swapped {s.name or '<model>'} ({s.kind}, {s.family})" for s in self.swapped]
+        lines += [f"  swapped {s.name or '<model>'} ({s.kind}, {s.family})" for s in self.swapped
+                  if s.family != "RMSNorm"]
+        norm_kinds = [s.kind for s in self.swapped if s.family == "RMSNorm"]
+        lines += [f"  swapped {norm_kinds.count(k)} {k} (RMSNorm)" for k in sorted(set(norm_kinds))]
         lines += [f"  skipped {s.name or '<model>'} ({s.kind}): {s.reason}" for s in self.skipped]
         return "\n".join(lines)
 
@@ -559,6 +581,51 @@ def _looks_like_moe(mod: nn.Module) -> bool:
 
 def _looks_like_mla(mod: nn.Module) -> bool:
     return isinstance(getattr(mod, "kv_a_proj_with_mqa", None), nn.Module) and hasattr(mod, "kv_b_proj")
+
+
+def _forward_code(cls: type) -> str | None:
+    """``cls.forward``'s syntax tree as text, with the name of the class that defines it replaced: comments,
+    docstring and layout do not count. None where the source cannot be read."""
+    fn = getattr(cls, "forward", None)
+    try:
+        src = textwrap.dedent(inspect.getsource(fn))
+        owner = fn.__qualname__.split(".")[-2]  # "LlamaRMSNorm.forward" -> "LlamaRMSNorm"
+        tree = ast.parse(re.sub(rf"\b{re.escape(owner)}\b", "_", src)).body[0]
+    except (OSError, TypeError, IndexError, AttributeError, SyntaxError):
+        return None
+    if not isinstance(tree, ast.FunctionDef):
+        return None
+    if tree.body and isinstance(tree.body[0], ast.Expr) and isinstance(tree.body[0].value, ast.Constant):
+        tree.body = tree.body[1:]  # the docstring
+    return ast.dump(tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _computes_llama_rms_norm(cls: type) -> bool:
+    """Whether ``cls.forward`` is transformers' ``LlamaRMSNorm.forward`` up to the class name (the model files copy
+    it through transformers' modular system, and remote code often does too)."""
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: PLC0415
+    except ImportError:
+        return False
+    code = _forward_code(cls)
+    return code is not None and code == _forward_code(LlamaRMSNorm)
+
+
+def _is_llama_rms_norm(mod: nn.Module) -> bool:
+    """A norm that patch_model swaps for our RMSNorm: a 1-D weight Parameter and a numeric ``variance_epsilon``,
+    the forward of its class (not one wrapped on the instance, as accelerate's offloading hooks do), and a class
+    of transformers' own in SUPPORTED_NORMS or one whose forward is LlamaRMSNorm's. Gemma's (1 + weight), Olmo 2's
+    and GPT-OSS's (the weight product in fp32, then one rounding), ... compute something else and stay."""
+    weight, eps = getattr(mod, "weight", None), getattr(mod, "variance_epsilon", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+        return False
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or "forward" in vars(mod):
+        return False
+    cls = type(mod)
+    if cls.__name__ in SUPPORTED_NORMS and cls.__module__.startswith("transformers."):
+        return True
+    return _computes_llama_rms_norm(cls)
 
 
 def _convert(mod: nn.Module, kind: str, precision: str | None) -> nn.Module:
@@ -575,17 +642,23 @@ def _convert(mod: nn.Module, kind: str, precision: str | None) -> nn.Module:
 
 
 def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool = True,
-                strict: bool = False) -> PatchReport:
-    """Swap every supported MoE block (and, with ``attention``, every MLA attention) in place.
+                strict: bool = False, norms: bool = True) -> PatchReport:
+    """Swap every supported MoE block (and, with ``attention``, every MLA attention; with ``norms``, every
+    Llama-style RMSNorm) in place.
 
     ``precision``: "fp8" (block-scaled e4m3 experts), "bf16"/"fp32", or None to keep each block's weight dtype.
     ``strict``: raise (``UnsupportedModule``, a TypeError, or the layer's ValueError, naming the module and why) on
     the first MoE- or MLA-looking module that cannot be taken, before anything is swapped; otherwise such modules
     are left as they are and reported.
+    ``norms``: RMSNorms whose class is in ``SUPPORTED_NORMS`` or whose forward is transformers' ``LlamaRMSNorm``'s
+    become ``moe_kernels.RMSNorm`` (one fused kernel, the same formula and roundings) over the same weight
+    Parameter; any other norm is left as it is, unreported. Norms inside a swapped block (MLA's q_a_layernorm /
+    kv_a_layernorm) are that block's.
 
-    Returns a ``PatchReport``: an int (how many modules were swapped) with ``.swapped`` / ``.skipped`` lists. Each
-    swap is logged at INFO and each skip at WARNING on the "moe_kernels" logger (Python prints warnings to stderr
-    when logging is not configured).
+    Returns a ``PatchReport``: an int (how many modules were swapped, norms included) with ``.swapped`` /
+    ``.skipped`` lists (a norm's family is "RMSNorm"). Each block swap is logged at INFO, the norms in one line,
+    and each skip at WARNING on the "moe_kernels" logger (Python prints warnings to stderr when logging is not
+    configured).
     """
     swaps, swapped, skipped = [], [], []
     taken: list[str] = []  # modules swapped or skipped: their submodules are theirs
@@ -593,8 +666,12 @@ def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool
         if any(name.startswith(t + ".") for t in taken):
             continue
         kind = type(mod).__name__
-        if isinstance(mod, (HFMoEBlock, HFMLAAttention, MoELayer, MultiHeadLatentAttention)):
+        if isinstance(mod, (HFMoEBlock, HFMLAAttention, MoELayer, MultiHeadLatentAttention, RMSNorm)):
             taken.append(name)  # ours already (a model patched before): nothing to do
+            continue
+        if norms and name and _is_llama_rms_norm(mod):
+            swaps.append((name, RMSNorm.from_module(mod)))
+            swapped.append(Swap(name, kind, "RMSNorm"))
             continue
         is_attn = kind in SUPPORTED_ATTENTION or _looks_like_mla(mod)
         if not (kind in SUPPORTED_MOE or kind in REFUSED_MOE or _looks_like_moe(mod) or is_attn):
@@ -623,6 +700,10 @@ def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool
         swaps.append((name, new))
         swapped.append(Swap(name, kind, family))
         logger.info("moe_kernels.patch_model: swapped %s (%s, %s)", name or "<model>", kind, family)
+    n_norms = sum(s.family == "RMSNorm" for s in swapped)
+    if n_norms:
+        logger.info("moe_kernels.patch_model: swapped %d RMSNorm modules (%s)", n_norms,
+                    ", ".join(sorted({s.kind for s in swapped if s.family == "RMSNorm"})))
     for name, new in swaps:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

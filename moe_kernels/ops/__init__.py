@@ -8,6 +8,7 @@ from .grouped_gemm import (expert_mlp, expert_mlp_fp8_ste, expert_mlp_fp8_train,
                            grouped_gemm_fp8, grouped_gemm_fp8_masked, grouped_wgrad)
 from . import _autograd_mlp  # noqa: F401  (registers the ops' autograd)
 from .mla import mla_decode, mla_latent_proj
+from .norm import rms_norm
 from .permute import permute, unpermute
 from .quant import quantize_fp8, quantize_weight_fp8
 from .routing import route
@@ -29,4 +30,5 @@ __all__ = [
     "grouped_wgrad",
     "mla_latent_proj",
     "mla_decode",
+    "rms_norm",
 ]
