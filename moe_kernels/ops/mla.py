@@ -559,7 +559,12 @@ def mla_decode_num_splits(batch: int, num_heads: int, max_seqlen: int, block_h: 
     if device.type != "cuda":
         return min(4, max(1, triton.cdiv(max_seqlen, 64)))  # the interpreter: exercise the merge
     _, n_sm = _device_facts(device.index if device.index is not None else torch.cuda.current_device())
-    programs = max(1, batch * triton.cdiv(num_heads, block_h) * v_blocks)
+    return _wave_splits(max(1, batch * triton.cdiv(num_heads, block_h) * v_blocks), max_seqlen, n_sm)
+
+
+@functools.lru_cache(maxsize=4096)
+def _wave_splits(programs: int, max_seqlen: int, n_sm: int) -> int:
+    """``mla_decode_num_splits``'s choice (cached: it runs on every eager decode call)."""
     most = max(1, min(32, max_seqlen // 256))
     # the waves the programs take, over the waves they would take with no rounding; partial outputs cost a bit
     cost = lambda s: triton.cdiv(programs * s, n_sm) * n_sm / (programs * s) + 0.02 * s  # noqa: E731

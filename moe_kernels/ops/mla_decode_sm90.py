@@ -59,6 +59,7 @@ says which runs.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -672,10 +673,16 @@ def _fp8_width(C: int) -> int:
     return -(-(C + 2 * 64 + 4) // 16) * 16
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def unsupported(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor | None) -> str | None:
     """Why this kernel does not take a call (None: it does). It takes: sm_90, bf16 queries, C a multiple of 64
     (FP8 cache: 128) up to 512, R = 64, a bf16 or FP8 cache with contiguous 16-byte aligned rows, page 64."""
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+    if not q.is_cuda or _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+            != (9, 0):
         return "not an sm_90 GPU"
     C = q.shape[-1]
     D = kv_cache.shape[2]
