@@ -214,6 +214,25 @@ def test_mla_decode_copy_roofline_and_baselines(tmp_path):
         plt.close(fig)
 
 
+def test_mla_decode_graph_flashmla_and_fp8_lines(tmp_path):
+    """A run with CUDA-graph timings, FlashMLA and the FP8 cache: each line is ours' rate rescaled by its time."""
+    rows = [dict(op="decode", B=32, S=S, GBps=1000.0, ours_us=200.0, ours_graph_us=100.0, flashmla_us=90.0,
+                 flashmla_graph_us=80.0, torch_us=400.0) for S in (1024, 4096)]
+    rows += [dict(op="decode_fp8", B=32, S=S, GBps=600.0, ours_us=250.0, ours_graph_us=125.0, torch_us=400.0)
+             for S in (1024, 4096)]
+    path = write(tmp_path, "mla-Test.json", {"environment": env("NVIDIA H100 80GB HBM3"),
+                                             "summary": {"copy_GBps": 3000.0}, "rows": rows})
+    fig, plt = draw(path)
+    try:
+        ax = axis(fig, "absorbed decode (+ W_UV), 128 heads")
+        assert line(ax, "decode B=32") == ([1024, 4096], [1000.0, 1000.0])
+        assert same(line(ax, "graph B=32")[1], [2000.0, 2000.0])
+        assert same(line(ax, "flashmla B=32")[1], [2500.0, 2500.0])  # the graph time where both exist
+        assert same(line(ax, "fp8 B=32")[1], [1600.0, 1600.0])  # the bf16 work over the FP8 graph time
+    finally:
+        plt.close(fig)
+
+
 def test_moe_layer_panels_and_the_matching_peak(tmp_path):
     rows = [dict(case=c, precision=p, T=T, ours_tflops=T / 20 + (p == "fp8") * 100, composition_tflops=T / 40,
                  naive_tflops=T / 80) for c in ("mixtral-like", "deepseek") for p in ("fp8", "bf16")
