@@ -23,7 +23,8 @@ import moe_kernels as mk  # noqa: E402
 
 # first match wins: (substring of the kernel name, category)
 CATEGORIES = (
-    ("_mla", "ours: MLA"), ("_grouped_gemm", "ours: expert GEMMs"), ("_route", "ours: routing"),
+    ("_mla", "ours: MLA"), ("_latent_", "ours: MLA"), ("_prefill_", "ours: MLA"), ("_rms_norm", "ours: RMSNorm"),
+    ("_grouped_gemm", "ours: expert GEMMs"), ("_route", "ours: routing"),
     ("_scatter", "ours: permute"), ("_permute", "ours: permute"), ("_unpermute", "ours: unpermute"),
     ("_observe", "ours: routing"), ("_quant", "ours: quantise"), ("flash", "attention"), ("fmha", "attention"),
     ("attention", "attention"), ("softmax", "softmax"), ("grouped", "torch grouped GEMM"),
