@@ -100,7 +100,8 @@ def _errors(device: str, small: bool) -> dict:
 
     if small:  # the interpreter's FP8 kernels are slow; FP8 layers have their own CPU tests
         return res
-    assert mk.patch_model(fp8, precision="fp8") == n_moe + cfg.num_hidden_layers
+    report = mk.patch_model(fp8, precision="fp8")
+    assert sum(s.family != "RMSNorm" for s in report.swapped) == n_moe + cfg.num_hidden_layers
     pre, dec = _logits(fp8, ids, n_prompt)
     res["ours_fp8"] = (rel_err(pre, ref_pre), rel_err(dec, ref_dec))
     return res
