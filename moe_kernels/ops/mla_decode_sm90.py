@@ -42,7 +42,9 @@ pair of tiles (a, b):
   wg1: P_a --> O_R += P_a V_a[:, C/2:] -> S of the next b
 so one warpgroup's softmax runs under the other one's wgmmas. The values each product reads set when a stage half
 may be refilled: wg0 loads the columns [0, C/2) of the next tiles (its own P V has read them), wg1 the columns
-[C/2, C) and the rope; the next S waits for each half separately. The rope queries stay in registers (wgmma A
+[C/2, C) and the rope; the next S waits for each half separately. A paged cache's block-table entries of the
+next pair's tiles are read at the top of each pair, so their latency passes under the softmax and P V instead of
+before each TMA issue (ninth session: paged ran 1.02-1.07x contiguous before it; not yet timed after). The rope queries stay in registers (wgmma A
 operand), which leaves the shared memory for a second P tile (230 KB in all). Each warpgroup sums its own
 tiles' weights; the two row sums are added at the end. The last pair is peeled (b may be missing; the tile past
 the split's end has its rows past the end zeroed by each warpgroup in the columns it reads).
@@ -308,13 +310,11 @@ def _mla_decode_sm90_kernel(
 
 
 @gluon.jit
-def _ss_issue_half(t, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc, kc_bufs, kr_bufs,
-                   ready, C: gl.constexpr, PAGED: gl.constexpr, HALF: gl.constexpr):
-    """TMA copies of one half of key tile t into stage t % 2, when t < n_tiles: HALF 0 the latent columns
-    [0, C/2) (the values warpgroup 0 reads), HALF 1 the columns [C/2, C) and the rope. ready: that half's barrier
-    of each stage."""
+def _ss_issue_half(t, n_tiles, row, kc_desc, kr_desc, kc_bufs, kr_bufs, ready, C: gl.constexpr, HALF: gl.constexpr):
+    """TMA copies of one half of key tile t (starting at cache row ``row``, ``_tile_row``'s) into stage t % 2, when
+    t < n_tiles: HALF 0 the latent columns [0, C/2) (the values warpgroup 0 reads), HALF 1 the columns [C/2, C)
+    and the rope. ready: that half's barrier of each stage."""
     pred = t < n_tiles
-    row = _tile_row(t, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, PAGED)
     HC: gl.constexpr = C // 2
     st = t % 2
     bar = ready.index(st)
@@ -421,6 +421,9 @@ def _ss_wg0_pair(i, s, m_i, l_i, acc, q_smem, qr, kc_bufs, kr_bufs, p_a, p_b, m_
     z = i >> 30  # 0, but not loop-invariant: the shared-memory descriptors are rebuilt each pair, not kept live
     kc_a = kc_bufs.index(z)
     kc_b = kc_bufs.index(1 + z)
+    if not LAST:  # paged: the block-table reads of the next tiles, issued here, land under the softmax and P V
+        row_a2 = _tile_row(ta + 2, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, PAGED)
+        row_b2 = _tile_row(tb + 2, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, PAGED)
     p, m_a, alpha = _ss_softmax(s, ta, start, lim, m_i, qk_scale, s_layout)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     m_a_smem.store(m_a)
@@ -433,8 +436,7 @@ def _ss_wg0_pair(i, s, m_i, l_i, acc, q_smem, qr, kc_bufs, kr_bufs, p_a, p_b, m_
     acc = warpgroup_mma(pa_op, kc_a.slice(0, HC, dim=1), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc,))
     if not LAST:
-        _ss_issue_half(ta + 2, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc, kc_bufs,
-                       kr_bufs, ready_lo, C, PAGED, 0)
+        _ss_issue_half(ta + 2, n_tiles, row_a2, kc_desc, kr_desc, kc_bufs, kr_bufs, ready_lo, C, 0)
     mbarrier.wait(bar_b, i & 1)
     m_b = m_b_smem.load(gl.SliceLayout(1, s_layout))
     beta = _ss_factor(m_a, m_b)
@@ -453,8 +455,7 @@ def _ss_wg0_pair(i, s, m_i, l_i, acc, q_smem, qr, kc_bufs, kr_bufs, p_a, p_b, m_
         pv = warpgroup_mma(p_b, kc_b.slice(0, HC, dim=1), acc, is_async=True)
         sn = _ss_qk_lo(ta + 2, q_smem, kc_bufs, ready_lo, gl.zeros([_BH, _BN], gl.float32, s_layout), z, C)
         acc = warpgroup_mma_wait(1, deps=(pv,))
-        _ss_issue_half(tb + 2, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc, kc_bufs,
-                       kr_bufs, ready_lo, C, PAGED, 0)
+        _ss_issue_half(tb + 2, n_tiles, row_b2, kc_desc, kr_desc, kc_bufs, kr_bufs, ready_lo, C, 0)
         sn = _ss_qk_hi(ta + 2, sn, q_smem, qr, kc_bufs, kr_bufs, ready_hi, z, C)
         s = warpgroup_mma_wait(0, deps=(sn,))
     return s, m_b, l_i, acc
@@ -477,6 +478,9 @@ def _ss_wg1_pair(i, s, m_i, l_i, acc, q_smem, qr, kc_bufs, kr_bufs, p_a, p_b, m_
     z = i >> 30  # 0, but not loop-invariant: the shared-memory descriptors are rebuilt each pair, not kept live
     kc_a = kc_bufs.index(z)
     kc_b = kc_bufs.index(1 + z)
+    if not LAST:  # as in warpgroup 0: the next tiles' block-table reads early
+        row_a2 = _tile_row(ta + 2, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, PAGED)
+        row_b2 = _tile_row(tb + 2, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, PAGED)
     mbarrier.wait(bar_a, i & 1)
     m_a = m_a_smem.load(gl.SliceLayout(1, s_layout))
     alpha = _ss_factor(m_i, m_a)
@@ -504,11 +508,9 @@ def _ss_wg1_pair(i, s, m_i, l_i, acc, q_smem, qr, kc_bufs, kr_bufs, p_a, p_b, m_
         mbarrier.wait(bar_pa, i & 1)
         pv = warpgroup_mma(p_a, kc_a.slice(HC, HC, dim=1), pv, is_async=True)
         warpgroup_mma_wait(1, deps=(pb_op,))  # P_b V_b done: stage 1's columns [C/2, C) and rope are free
-        _ss_issue_half(tb + 2, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc, kc_bufs,
-                       kr_bufs, ready_hi, C, PAGED, 1)
+        _ss_issue_half(tb + 2, n_tiles, row_b2, kc_desc, kr_desc, kc_bufs, kr_bufs, ready_hi, C, 1)
         acc = warpgroup_mma_wait(0, deps=(pv,))
-        _ss_issue_half(ta + 2, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc, kc_bufs,
-                       kr_bufs, ready_hi, C, PAGED, 1)
+        _ss_issue_half(ta + 2, n_tiles, row_a2, kc_desc, kr_desc, kc_bufs, kr_bufs, ready_hi, C, 1)
         if tb + 2 < n_tiles:
             s = _ss_qk(tb + 2, q_smem, qr, kc_bufs, kr_bufs, ready_lo, ready_hi,
                        gl.zeros([_BH, _BN], gl.float32, s_layout), z, C)
@@ -651,10 +653,9 @@ def _mla_decode_sm90_seesaw_kernel(
     end = gl.minimum(start + per_split, seqlen)
     n_tiles = gl.maximum(gl.cdiv(end - start, _BN), 0)
     for t in gl.static_range(2):
-        _ss_issue_half(t, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc, kc_bufs, kr_bufs,
-                       ready_lo, C, PAGED, 0)
-        _ss_issue_half(t, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, kc_desc, kr_desc, kc_bufs, kr_bufs,
-                       ready_hi, C, PAGED, 1)
+        row = _tile_row(t, n_tiles, start, b, S_cap, block_table_ptr, stride_btb, PAGED)
+        _ss_issue_half(t, n_tiles, row, kc_desc, kr_desc, kc_bufs, kr_bufs, ready_lo, C, 0)
+        _ss_issue_half(t, n_tiles, row, kc_desc, kr_desc, kc_bufs, kr_bufs, ready_hi, C, 1)
 
     gl.warp_specialize([
         (_ss_partition, (q_smem, kc_bufs, kr_bufs, p_a, p_b, m_a_smem, m_b_smem, l_a_smem, l_b_smem, ready_lo,
