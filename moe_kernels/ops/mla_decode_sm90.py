@@ -44,10 +44,11 @@ so one warpgroup's softmax runs under the other one's wgmmas. The values each pr
 may be refilled: wg0 loads the columns [0, C/2) of the next tiles (its own P V has read them), wg1 the columns
 [C/2, C) and the rope; the next S waits for each half separately. A paged cache's block-table entries of the
 next pair's tiles are read at the top of each pair, so their latency passes under the softmax and P V instead of
-before each TMA issue (ninth session: paged ran 1.01-1.07x contiguous in graph replays before it; not yet timed after). The rope queries stay in registers (wgmma A
-operand), which leaves the shared memory for a second P tile (230 KB in all). Each warpgroup sums its own
-tiles' weights; the two row sums are added at the end. The last pair is peeled (b may be missing; the tile past
-the split's end has its rows past the end zeroed by each warpgroup in the columns it reads).
+before each TMA issue (ninth session: paged ran 1.01-1.07x contiguous in graph replays before this; not yet
+timed after). The rope queries stay in registers (wgmma A operand), which leaves the shared memory for a second
+P tile (230 KB in all). Each warpgroup sums its own tiles' weights; the two row sums are added at the end. The
+last pair is peeled (b may be missing; the tile past the split's end has its rows past the end zeroed by each
+warpgroup in the columns it reads).
 Registers: each warpgroup holds its output half (128 a thread), S (32) and the rope queries (16). The pair loops
 index q and the stages with a loop-variant zero (``z``), so that LLVM does not hoist the 36 q K^T steps' shared-
 memory descriptors out of the loop and keep them live (ptxas spilled 320-544 B of them; now none).
