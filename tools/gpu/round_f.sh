@@ -2,7 +2,8 @@
 # For the session after the ninth (carry .anchors): what the ninth changed and timed only in part.
 #   F_TOTAL=540 bash tools/gpu/round_f.sh
 #  1. the whole `pytest -m gpu` in four processes (F_TESTS s): the seesaw is now the bf16 cache's default, the
-#     MLA prefill heads and the fused RMSNorm are new, the router's fill split has run only its own file's tests
+#     MLA prefill heads and the fused RMSNorm are new, the router's fill split has run only its own file's tests,
+#     and the seesaw's paged block-table reads moved to the top of each pair (compiled, never run)
 #  2. bench_mla.py with graphs and the config sweep (FlashMLA built in the background meanwhile): the summary keys
 #     of issue 17 on the seesaw default, and a tuned mla_<GPU>.json
 #  3. bench_moe_decode.py, Mixtral-like fp8 at T = 1 / 8 / 64 / 128 / 256 with the router's fill split (issue 19)
