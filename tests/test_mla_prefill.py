@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from moe_kernels.modules.mla import MultiHeadLatentAttention  # noqa: E402
 from moe_kernels.ops import mla_prefill as P  # noqa: E402
 from moe_kernels.reference import mla as R  # noqa: E402
-from _helpers import assert_close_rel  # noqa: E402
+from _helpers import assert_close_rel, poison_allocator  # noqa: E402
 
 TOL = {torch.float32: 1e-6, torch.bfloat16: 8e-3}
 
@@ -137,6 +137,8 @@ def test_module_prefill_kernel_path_matches_reference_path():
 def test_prefill_heads_deepseek_sizes_gpu():
     B, S, h, dn, dr, dv = 1, 4096, 128, 128, 64, 128
     q, cos, sin, kv, k_rope = inputs(B, S, S, h, dn, dr, dv, torch.bfloat16, "cuda")
+    for shape in ((B, h, S, dv), (B, h, S, dn + dr), (B, h, S, dn + dr)):  # outputs never written show up as NaN
+        poison_allocator(shape, torch.bfloat16, "cuda")
     got = P.mla_prefill_heads(q, cos, sin, kv, k_rope, dn, dv)
     ref = R.mla_prefill_heads(q, cos, sin, kv, k_rope, dn, dv)
     for name, g, r in zip("qkv", got, ref):

@@ -583,6 +583,7 @@ def _looks_like_mla(mod: nn.Module) -> bool:
     return isinstance(getattr(mod, "kv_a_proj_with_mqa", None), nn.Module) and hasattr(mod, "kv_b_proj")
 
 
+@functools.lru_cache(maxsize=None)
 def _forward_code(cls: type) -> str | None:
     """``cls.forward``'s syntax tree as text, with the name of the class that defines it replaced: comments,
     docstring and layout do not count. None where the source cannot be read."""

@@ -207,8 +207,9 @@ def _cfg(m: int, k: int, w: int, s: int) -> dict:
 # The other E take the same split by the same reasoning, not timed. SPLIT_K 0: ``_fill_split`` picks it from T (16
 # at T <= 64). Tables without a sweep use these tiles up to T = 1024 too: their former 16-row tiles without a split
 # were 5-64 programs there, each streaming the whole gate over all of H (Mixtral-like E 8 at T = 128: 8 programs on
-# 8 SMs), and at E 128 their 128-wide steps spilled 4.9-7.9 KB on sm_90a (these: none). Not timed at T = 65..1024
-# yet (bench/probe_route.py --case mixtral --tokens 128,256).
+# 8 SMs), and at E 128 their 128-wide steps spilled 4.9-7.9 KB on sm_90a (these: none). Mixtral-like T = 128 / 256
+# on one H100 (bench/probe_route.py --case mixtral, results/route_probe-mixtral-*.json): 6.3 / 7.6 us, the former
+# unsplit tiles 19.3 / 19.3 us in the same run.
 _SPLIT_DECODE = dict(BLOCK_M=16, BLOCK_K=64, num_warps=4, num_stages=3, SPLIT_K=0)
 _CONFIGS = {
     (256, True): [(64, _SPLIT_DECODE, _SPLIT_DECODE),
