@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MLA decode on one Hopper GPU, issue 17: the Gluon sm_90 kernel's seesaw schedule (PIPE=1, two warp-specialised
-# warpgroups alternating tiles; the default since the ninth session) against its serial schedule (PIPE=0) and FlashMLA. Run from the
-# repo root; results go to $OUT (default /tmp/out).
+# warpgroups alternating tiles; the default since the ninth session) against its serial schedule (PIPE=0) and
+# FlashMLA. Run from the repo root; results go to $OUT (default /tmp/out).
 #
 #   bash tools/gpu/mla_pipe.sh                 # < 4 min
 #   MLA_PIPE_FULL=1 bash tools/gpu/mla_pipe.sh # also the serial and FP8 Gluon GPU tests (~1 min more)
