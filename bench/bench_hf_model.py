@@ -9,7 +9,10 @@ Models (random weights from the model's own initialisation, seeded):
   * ``qwen3``: Qwen3-MoE-30B-A3B-shaped: hidden 2048, 32 query / 4 KV heads of 128, 128 experts top-8,
     moe_intermediate 768.
 Variants, one model object each time: ``hf_eager`` and ``hf_grouped_mm`` (transformers' experts implementations),
-``ours_bf16`` and ``ours_fp8`` (``mk.patch_model`` on a copy: MoE blocks and, for DeepSeek, MLA attention).
+``ours_bf16`` and ``ours_fp8`` (``mk.patch_model`` on a copy: MoE blocks and, for DeepSeek, MLA attention), and
+for DeepSeek ``ours_fp8_attn``: ``ours_fp8`` with the MLA projections in block-scaled FP8 too
+(``attention_precision="fp8"``: DeepSeek-V3's own checkpoint format and inference recipe). ``--variants`` picks
+some (hf_grouped_mm, the baseline, always runs).
 
 Measured: prefill (1x4096 and 4x1024 tokens; median of ``triton.testing.do_bench``), greedy decode of 16
 sequences (a 16-token prompt, then 32 new tokens: (time of 33 tokens - time of 1) / 32 per step, CUDA-synchronised
@@ -17,7 +20,8 @@ wall clock, median of 3), peak memory of each variant's runs, and the logits' re
 fp32 model on a 2x256-token input. ``generate`` runs the model eagerly; value checks are off here (``_common``), so
 the patched MoE layers replay their own CUDA graphs at decode sizes (``MoELayer(cuda_graphs=True)``, the default;
 ``MOE_KERNELS_CUDA_GRAPHS=0`` times them eager). HF's blocks run eagerly, as a user's would. Writes results/hf_model-<device>.json; summary ``prefill_vs_hf_grouped_mm`` and
-``decode_vs_hf_grouped_mm`` (ours fp8 on the DeepSeek shape: HF grouped_mm time / ours; prefill at 1x4096).
+``decode_vs_hf_grouped_mm`` (ours fp8 on the DeepSeek shape: HF grouped_mm time / ours; prefill at 1x4096), and
+the same of ``ours_fp8_attn`` as ``prefill_vs_hf_grouped_mm_fp8_attn`` / ``decode_vs_hf_grouped_mm_fp8_attn``.
 """
 import argparse
 import copy
@@ -119,7 +123,12 @@ def run_variant(model, variant, name, ids_err, ref, prefill_ids, prompt, new_tok
     return row
 
 
-def run_model(name, layers, experts, prefill, device="cuda", tiny=False):
+VARIANTS = ("hf_eager", "hf_grouped_mm", "ours_bf16", "ours_fp8", "ours_fp8_attn")
+PATCH = dict(ours_bf16=dict(precision="bf16"), ours_fp8=dict(precision="fp8"),
+             ours_fp8_attn=dict(precision="fp8", attention_precision="fp8"))
+
+
+def run_model(name, layers, experts, prefill, device="cuda", tiny=False, variants=VARIANTS):
     """Every variant of one model: rows with times, errors and ratios to HF grouped_mm. ``tiny``: toy sizes (a
     smoke run; 2 decode steps of 2 sequences)."""
     model = build(name, layers, experts, device, tiny)
@@ -133,14 +142,18 @@ def run_model(name, layers, experts, prefill, device="cuda", tiny=False):
     model.to(torch.bfloat16)
     rows = []
     for impl in ("eager", "grouped_mm"):
+        if f"hf_{impl}" not in variants and impl != "grouped_mm":
+            continue
         set_experts_impl(model, impl)
         rows.append(run_variant(model, f"hf_{impl}", name, ids_err, ref, prefill_ids, prompt, new_tokens))
     set_experts_impl(model, "grouped_mm")
-    for precision in ("bf16", "fp8"):
+    for variant, kw in PATCH.items():
+        if variant not in variants or (variant == "ours_fp8_attn" and name != "deepseek"):
+            continue  # the FP8 attention projections are MLA's
         ours = copy.deepcopy(model)
-        report = mk.patch_model(ours, precision=precision)
-        print(f"  patched {int(report)} modules ({precision})", flush=True)
-        rows.append(run_variant(ours, f"ours_{precision}", name, ids_err, ref, prefill_ids, prompt, new_tokens))
+        report = mk.patch_model(ours, **kw)
+        print(f"  patched {int(report)} modules ({variant})", flush=True)
+        rows.append(run_variant(ours, variant, name, ids_err, ref, prefill_ids, prompt, new_tokens))
         del ours
         if device != "cpu":
             torch.cuda.empty_cache()
@@ -159,18 +172,25 @@ def main():
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--experts", type=int, default=64, help="routed experts of the DeepSeek shape")
     ap.add_argument("--quick", action="store_true", help="prefill 1x1024 only")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
     args = ap.parse_args()
+    variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        sys.exit(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     if not torch.cuda.is_available():
         sys.exit("bench_hf_model.py needs a CUDA GPU")
     prefill = ((1, 1024),) if args.quick else PREFILL
     rows = []
     for name in args.models.split(","):
-        rows += run_model(name, args.layers, args.experts, prefill)
+        rows += run_model(name, args.layers, args.experts, prefill, variants=variants)
         ours = {r["variant"]: r for r in rows if r["model"] == "deepseek"}
         key = f"prefill_{prefill[0][0]}x{prefill[0][1]}_vs_hf_grouped_mm"
         summary = dict(prefill_vs_hf_grouped_mm=ours.get("ours_fp8", {}).get(key),
                        decode_vs_hf_grouped_mm=ours.get("ours_fp8", {}).get("decode_vs_hf_grouped_mm"),
-                       layers=args.layers, deepseek_experts=args.experts)
+                       prefill_vs_hf_grouped_mm_fp8_attn=ours.get("ours_fp8_attn", {}).get(key),
+                       decode_vs_hf_grouped_mm_fp8_attn=ours.get("ours_fp8_attn", {}).get("decode_vs_hf_grouped_mm"),
+                       layers=args.layers, deepseek_experts=args.experts, variants=list(variants))
         save("hf_model", rows, summary)
     cols = ["model", "variant", "logits_err_vs_fp32", "decode_ms_per_step", "decode_vs_hf_grouped_mm", "peak_mem_gb"]
     cols += [f"prefill_{b}x{s}_ms" for b, s in prefill]

@@ -11,9 +11,10 @@ __version__ = "0.1.0"
 from . import dist, ops, reference
 from ._ext import has_extension
 from .integrations import patch_model
-from .modules import GroupedExperts, MLACache, MoELayer, MultiHeadLatentAttention, RMSNorm, TopKRouter
+from .modules import FP8Linear, GroupedExperts, MLACache, MoELayer, MultiHeadLatentAttention, RMSNorm, TopKRouter
 
 __all__ = [
+    "FP8Linear",
     "GroupedExperts",
     "MLACache",
     "MoELayer",

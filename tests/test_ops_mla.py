@@ -283,7 +283,7 @@ def test_module_fused_weight_shares_storage_and_follows_updates(device):
     x = torch.randn(1, 3, 128).to(device)
     with torch.no_grad():
         m(x)
-        w = m._fused_down_weight()
+        w, _ = m._fused_down_weight()
         assert m.q_a_proj.weight.data_ptr() == w.data_ptr()  # no second copy of the weights
         m.kv_a_proj_with_mqa.weight.mul_(2.0)  # in place: seen through the shared storage
         out = m(x)

@@ -59,10 +59,12 @@ from torch import nn
 
 from .._checks import FP8_DTYPE
 from ..modules.converters import register_converter
+from ..modules.linear import FP8Linear
 from ..modules.mla import MultiHeadLatentAttention
 from ..modules.moe import MoELayer
 from ..modules.norm import RMSNorm
 from ..modules.router import TopKRouter
+from ..reference.quant import dequantize_weight_fp8
 from .layers import FamilyMoELayer
 
 __all__ = ["moe_from_hf", "mla_from_hf", "patch_model", "PatchReport", "UnsupportedModule", "SUPPORTED_MOE",
@@ -396,31 +398,68 @@ def _rope_parameters(config, device):
     return inv_freq.float(), float(scaling)
 
 
+def _activation_dtype(module: nn.Module, weights: list[torch.Tensor]) -> torch.dtype:
+    """The dtype an attention with (some) FP8 projection weights computes in: a float weight's (the layernorms'),
+    else the model config's torch_dtype, else bf16."""
+    for w in weights:
+        if w.dtype != FP8_DTYPE and w.is_floating_point():
+            return w.dtype
+    cfg_dtype = getattr(module.config, "torch_dtype", None) or getattr(module.config, "dtype", None)
+    return cfg_dtype if isinstance(cfg_dtype, torch.dtype) and cfg_dtype != FP8_DTYPE else torch.bfloat16
+
+
 @torch.no_grad()
-def mla_from_hf(module: nn.Module) -> MultiHeadLatentAttention:
+def mla_from_hf(module: nn.Module, weight_dtype: str | None = None) -> MultiHeadLatentAttention:
     """A MultiHeadLatentAttention with the weights of a HF ``DeepseekV3Attention`` / ``DeepseekV2Attention``.
-    DeepSeek-V2's interleaved (complex) RoPE is the rope_interleave=True layout (q.k is the same)."""
+    DeepSeek-V2's interleaved (complex) RoPE is the rope_interleave=True layout (q.k is the same).
+
+    ``weight_dtype``: None keeps the checkpoint's: FP8 projections (e4m3 ``weight`` with ``weight_scale_inv``
+    128x128 block scales, DeepSeek-V3's checkpoints) become ``FP8Linear`` over the same tensors, float ones stay
+    float; "fp8" also quantises float projections; "auto" dequantises FP8 ones to the activation dtype.
+    ``kv_b_proj`` is always held in the activation dtype (an FP8 one is dequantised)."""
     kind = type(module).__name__
     if kind not in SUPPORTED_ATTENTION:
         raise UnsupportedModule(f"unsupported attention {kind}; supported: {', '.join(SUPPORTED_ATTENTION)}")
+    if weight_dtype not in (None, "auto", "fp8"):
+        raise ValueError(f"weight_dtype must be None, 'auto' or 'fp8', got {weight_dtype!r}")
     cfg = module.config
-    ref = module.kv_a_proj_with_mqa.weight
-    if ref.dtype == FP8_DTYPE:
-        raise UnsupportedModule("FP8 attention weights are not supported yet: dequantise them first")
     if getattr(module.kv_a_proj_with_mqa, "bias", None) is not None:
         raise UnsupportedModule("MLA with attention_bias=True is not supported")
+    names = ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    names += ["q_proj"] if module.q_lora_rank is None else ["q_a_proj", "q_b_proj"]
+    weights = {n: _linear_weight(getattr(module, n)) for n in names}
+    for n, (w, s) in weights.items():
+        if w.dtype == FP8_DTYPE and s is None:
+            raise UnsupportedModule(f"{n} has e4m3 weights without block scales (weight_scale_inv)")
+        if s is not None and (s.dim() != 2 or tuple(s.shape) != (-(-w.shape[0] // 128), -(-w.shape[1] // 128))):
+            raise UnsupportedModule(f"{n}.weight_scale_inv has shape {list(s.shape)}; only 128x128 block scales of "
+                                    f"a {list(w.shape)} weight ({[-(-w.shape[0] // 128), -(-w.shape[1] // 128)]}) "
+                                    f"are supported")
+    dtype = _activation_dtype(module, [module.kv_a_layernorm.weight] + [w for w, _ in weights.values()])
+    ref = module.kv_a_layernorm.weight
     mla = MultiHeadLatentAttention(
         hidden_size=cfg.hidden_size, num_heads=module.num_heads, q_lora_rank=module.q_lora_rank,
         kv_lora_rank=module.kv_lora_rank, qk_nope_head_dim=module.qk_nope_head_dim,
         qk_rope_head_dim=module.qk_rope_head_dim, v_head_dim=module.v_head_dim,
         rope_interleave=bool(getattr(cfg, "rope_interleave", True)),
         rms_norm_eps=module.kv_a_layernorm.variance_epsilon,
-        softmax_scale=module.scaling, device=ref.device, dtype=ref.dtype,
+        softmax_scale=module.scaling, device=ref.device, dtype=dtype,
     )
-    names = ["kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"]
-    names += ["q_proj"] if module.q_lora_rank is None else ["q_a_proj", "q_a_layernorm", "q_b_proj"]
-    for n in names:
+    norms = ["kv_a_layernorm"] + ([] if module.q_lora_rank is None else ["q_a_layernorm"])
+    for n in norms:
         getattr(mla, n).weight.copy_(getattr(module, n).weight)
+    any_fp8 = any(s is not None for _, s in weights.values())
+    keep_fp8 = weight_dtype == "fp8" or (weight_dtype is None and any_fp8)
+    if keep_fp8:
+        mla._check_fp8_widths()
+    for n, (w, s) in weights.items():
+        if s is not None and keep_fp8 and n != "kv_b_proj":
+            setattr(mla, n, FP8Linear.from_fp8(w, s))  # the checkpoint's tensors, not copies
+            continue
+        dense = dequantize_weight_fp8(w, s.float()) if s is not None else w
+        getattr(mla, n).weight.copy_(dense)
+    if keep_fp8:
+        mla.quantize_weights_()  # the float projections left (a mixed or a float checkpoint)
     inv_freq, scaling = _rope_parameters(cfg, ref.device)
     mla.inv_freq = inv_freq
     mla.attention_scaling = scaling
@@ -629,9 +668,9 @@ def _is_llama_rms_norm(mod: nn.Module) -> bool:
     return _computes_llama_rms_norm(cls)
 
 
-def _convert(mod: nn.Module, kind: str, precision: str | None) -> nn.Module:
+def _convert(mod: nn.Module, kind: str, precision: str | None, attention_precision: str | None = None) -> nn.Module:
     if kind in SUPPORTED_ATTENTION:
-        return HFMLAAttention(mla_from_hf(mod), mod.layer_idx).train(mod.training)
+        return HFMLAAttention(mla_from_hf(mod, attention_precision), mod.layer_idx).train(mod.training)
     name, router = _router(mod)
     if kind == "PhimoeSparseMoeBlock":  # the block's input jitter, then its router's (the same tensor, in place)
         jitter = dict(jitter_noise=getattr(mod, "input_jitter_noise", 0.0) or 0.0, jitter_draws=2)
@@ -643,11 +682,15 @@ def _convert(mod: nn.Module, kind: str, precision: str | None) -> nn.Module:
 
 
 def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool = True,
-                strict: bool = False, norms: bool = True) -> PatchReport:
+                strict: bool = False, norms: bool = True, attention_precision: str | None = None) -> PatchReport:
     """Swap every supported MoE block (and, with ``attention``, every MLA attention; with ``norms``, every
     Llama-style RMSNorm) in place.
 
     ``precision``: "fp8" (block-scaled e4m3 experts), "bf16"/"fp32", or None to keep each block's weight dtype.
+    ``attention_precision``: the MLA projections' weights: None keeps the checkpoint's (DeepSeek-V3's FP8 ones
+    stay e4m3 with their block scales, float ones stay float), "fp8" quantises float ones to block-scaled e4m3
+    too (DeepSeek-V3's inference recipe; ``MultiHeadLatentAttention(weight_dtype="fp8")``), "auto" dequantises
+    FP8 ones to the model's dtype.
     ``strict``: raise (``UnsupportedModule``, a TypeError, or the layer's ValueError, naming the module and why) on
     the first MoE- or MLA-looking module that cannot be taken, before anything is swapped; otherwise such modules
     are left as they are and reported.
@@ -661,6 +704,8 @@ def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool
     and each skip at WARNING on the "moe_kernels" logger (Python prints warnings to stderr when logging is not
     configured).
     """
+    if attention_precision not in (None, "auto", "fp8"):
+        raise ValueError(f"attention_precision must be None, 'auto' or 'fp8', got {attention_precision!r}")
     swaps, swapped, skipped = [], [], []
     taken: list[str] = []  # modules swapped or skipped: their submodules are theirs
     for name, mod in model.named_modules():
@@ -690,7 +735,7 @@ def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool
                 what = "MLA attention" if is_attn else "MoE block"
                 raise UnsupportedModule(f"{what} {kind} is not a supported family (supported: "
                                         f"{', '.join(SUPPORTED_ATTENTION if is_attn else SUPPORTED_MOE)})")
-            new = _convert(mod, kind, precision)
+            new = _convert(mod, kind, precision, attention_precision)
         except (TypeError, ValueError) as e:
             if strict:
                 raise type(e)(f"patch_model(strict=True): cannot swap {name or '<model>'} ({kind}): {e}") from e

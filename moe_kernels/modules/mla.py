@@ -22,6 +22,7 @@ from ..reference.mla import apply_rope, default_inv_freq, rms_norm, rope_cos_sin
 from ..reference.mla_decode import mla_decode_absorbed, split_kv_b, unpack_latent_fp8
 from ..reference.mla_decode import pack_latent_fp8 as ref_pack_latent_fp8
 from .converters import get_converter
+from .linear import FP8Linear
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -39,6 +40,14 @@ class MultiHeadLatentAttention(nn.Module):
     ``use_kernels``: None (default) runs the kernels on CUDA tensors and the reference on the CPU; True also runs
     them on CPU tensors when TRITON_INTERPRET=1; False always runs the reference. The kernels have no backward:
     with gradients required the reference runs (and says so once).
+
+    ``weight_dtype``: "auto" keeps every projection in the module's dtype; "fp8" stores ``q_a_proj``,
+    ``kv_a_proj_with_mqa``, ``q_b_proj`` (or ``q_proj``) and ``o_proj`` as ``FP8Linear`` (e4m3 with 128x128 block
+    scales, DeepSeek-V3's checkpoint format; activations quantised 1x128 per call), which halves their weight
+    bytes and runs them on the FP8 tensor cores. ``kv_b_proj`` stays in the module's dtype (the decode absorbs it
+    into the query and the output per step, and it is 5% of the projections' FLOPs). Inference only; the input
+    widths (hidden_size, q_lora_rank, num_heads * v_head_dim) must be multiples of 128. Error: docs/numerics.md.
+    ``quantize_weights_()`` turns a float module into this.
 
     ``kv_cache_dtype``: "auto" stores the cache in the model's dtype; "fp8" as e4m3 with one fp32 scale per token
     (rope in bf16; 656 bytes a token instead of 1152 at DeepSeek-V3's sizes), written at prefill and decode; every
@@ -62,9 +71,11 @@ class MultiHeadLatentAttention(nn.Module):
         device=None,
         dtype: torch.dtype | None = None,
         kv_cache_dtype: str = "auto",
+        weight_dtype: str = "auto",
     ):
         super().__init__()
         check_choice("kv_cache_dtype", kv_cache_dtype, ("auto", "fp8"))
+        check_choice("weight_dtype", weight_dtype, ("auto", "fp8"))
         self.kv_cache_dtype = kv_cache_dtype
         for name, v in [("hidden_size", hidden_size), ("num_heads", num_heads), ("kv_lora_rank", kv_lora_rank),
                         ("qk_nope_head_dim", qk_nope_head_dim), ("v_head_dim", v_head_dim)]:
@@ -95,17 +106,55 @@ class MultiHeadLatentAttention(nn.Module):
         self.attention_scaling = 1.0  # yarn's cos/sin multiplier, set by from_hf
         self.use_kernels: bool | None = None
         self._down_weight: torch.Tensor | None = None  # [q_a_proj; kv_a_proj_with_mqa] weights, one buffer
+        self._down_scale: torch.Tensor | None = None  # and their block scales (FP8 weights)
         self._warned = False
+        if weight_dtype == "fp8":
+            self.quantize_weights_()
+
+    @property
+    def weight_dtype(self) -> str:
+        """"fp8" when the projections are ``FP8Linear`` (see the class docstring), else "auto"."""
+        return "fp8" if isinstance(self.o_proj, FP8Linear) else "auto"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the activations (and of ``kv_b_proj``, which stays unquantised)."""
+        return self.kv_b_proj.weight.dtype
+
+    def _fp8_projections(self) -> list[str]:
+        return ["kv_a_proj_with_mqa", "o_proj"] + (["q_proj"] if self.q_lora_rank is None else ["q_a_proj", "q_b_proj"])
+
+    def _check_fp8_widths(self) -> None:
+        widths = {"hidden_size": self.hidden_size, "num_heads * v_head_dim": self.num_heads * self.v_head_dim}
+        if self.q_lora_rank is not None:
+            widths["q_lora_rank"] = self.q_lora_rank
+        for name, v in widths.items():
+            if v % 128:
+                raise ValueError(f"FP8 projection weights need {name} to be a multiple of 128 (1x128 activation "
+                                 f"groups, 128x128 weight blocks), got {v}")
+
+    @torch.no_grad()
+    def quantize_weights_(self) -> "MultiHeadLatentAttention":
+        """Turn the float projections (all but ``kv_b_proj``) into ``FP8Linear`` (block-scaled e4m3, round to
+        nearest), in place; returns self. Projections that are FP8 already stay as they are."""
+        self._check_fp8_widths()
+        for name in self._fp8_projections():
+            lin = getattr(self, name)
+            if not isinstance(lin, FP8Linear):
+                setattr(self, name, FP8Linear.from_linear(lin))
+        self._down_weight = self._down_scale = None
+        return self
 
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, q_lora_rank={self.q_lora_rank}, "
             f"kv_lora_rank={self.kv_lora_rank}, rope={self.qk_rope_head_dim}"
             + (", kv_cache_dtype=fp8" if self.kv_cache_dtype == "fp8" else "")
+            + (", weight_dtype=fp8" if self.weight_dtype == "fp8" else "")
         )
 
     def _apply(self, fn, *args, **kwargs):
-        self._down_weight = None  # the parameters move one by one: the fused view is rebuilt on the next call
+        self._down_weight = self._down_scale = None  # the tensors move one by one: the fused views are rebuilt
         return super()._apply(fn, *args, **kwargs)
 
     # -- kernel path -------------------------------------------------------------------------------------------
@@ -113,7 +162,7 @@ class MultiHeadLatentAttention(nn.Module):
     def _kernels(self, x: torch.Tensor) -> bool:
         """Whether this call runs the kernels (see ``use_kernels``)."""
         wanted = x.is_cuda if self.use_kernels is None else (self.use_kernels and use_triton(x))
-        if wanted and torch.is_grad_enabled() and self.kv_a_proj_with_mqa.weight.requires_grad:
+        if wanted and torch.is_grad_enabled() and self.kv_b_proj.weight.requires_grad:
             if not self._warned:
                 warnings.warn("MultiHeadLatentAttention: gradients are required, so the reference path runs "
                               "(the MLA kernels have no backward); use torch.no_grad() for inference")
@@ -121,12 +170,12 @@ class MultiHeadLatentAttention(nn.Module):
             return False
         return wanted
 
-    def _fused_down_weight(self) -> torch.Tensor:
-        """[q_a_proj.weight; kv_a_proj_with_mqa.weight] as one tensor, without a copy of the weights: the two
-        parameters are re-pointed at views of one buffer (again after .to(), load_state_dict of new tensors...)."""
-        parts = [self.kv_a_proj_with_mqa.weight] if self.q_lora_rank is None else \
-            [self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight]
-        fused = self._down_weight
+    def _fused_rows(self, attr: str, fused: torch.Tensor | None) -> torch.Tensor:
+        """[q_a_proj.<attr>; kv_a_proj_with_mqa.<attr>] as one tensor, without a copy: the two modules' tensors
+        are re-pointed at views of one buffer (again after .to(), load_state_dict of new tensors...). ``fused``:
+        the buffer of the last call, returned when the views still are its."""
+        mods = [self.kv_a_proj_with_mqa] if self.q_lora_rank is None else [self.q_a_proj, self.kv_a_proj_with_mqa]
+        parts = [getattr(m, attr) for m in mods]
         if fused is not None and fused.device == parts[0].device and fused.dtype == parts[0].dtype:
             offset, ok = 0, True
             for p in parts:
@@ -137,11 +186,23 @@ class MultiHeadLatentAttention(nn.Module):
         with torch.no_grad():
             fused = torch.cat([p.detach() for p in parts])
             row = 0
-            for p in parts:
-                p.data = fused[row : row + p.shape[0]]
+            for m, p in zip(mods, parts):
+                view = fused[row : row + p.shape[0]]
+                if isinstance(p, nn.Parameter):
+                    p.data = view
+                else:  # a buffer (FP8Linear's)
+                    setattr(m, attr, view)
                 row += p.shape[0]
-        self._down_weight = fused
         return fused
+
+    def _fused_down_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the down projections' weights [q_a_proj; kv_a_proj_with_mqa] as one tensor, and with FP8 weights their
+        block scales likewise: q_lora_rank is a multiple of 128, so the blocks stack as the rows do)."""
+        self._down_weight = self._fused_rows("weight", self._down_weight)
+        if isinstance(self.kv_a_proj_with_mqa, FP8Linear):
+            self._down_scale = self._fused_rows("weight_scale_inv", self._down_scale)
+            return self._down_weight, self._down_scale
+        return self._down_weight, None
 
     def _project_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """The projections of the kernel path: (q [B,S,h,nope+rope] in x's dtype, the rope part not yet rotated;
@@ -152,10 +213,11 @@ class MultiHeadLatentAttention(nn.Module):
         half = self.qk_rope_head_dim // 2
         cos2 = cos.expand(B, S, half).float().contiguous()
         sin2 = sin.expand(B, S, half).float().contiguous()
+        w_down, s_down = self._fused_down_weight()
         c_q, kv = mla_latent_proj(
-            x.reshape(B * S, H), self._fused_down_weight(), self.q_a_layernorm.weight if Q else None,
+            x.reshape(B * S, H), w_down, self.q_a_layernorm.weight if Q else None,
             self.kv_a_layernorm.weight, cos2.view(B * S, half), sin2.view(B * S, half), Q, self.kv_lora_rank,
-            eps=self.eps, interleave=self.rope_interleave,
+            w_scale=s_down, eps=self.eps, interleave=self.rope_interleave,
         )
         q = self.q_b_proj(c_q) if Q else self.q_proj(x.reshape(B * S, H))
         return q.view(B, S, self.num_heads, self.qk_head_dim), kv.view(B, S, -1), cos2, sin2
@@ -307,7 +369,7 @@ class MultiHeadLatentAttention(nn.Module):
         return self.attend(q_nope, q_rope, c_kv, k_rope, c_kv.shape[1] - S, x.dtype, mask)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: "MLACache | None" = None):
-        weight = self.kv_a_proj_with_mqa.weight
+        weight = self.kv_b_proj.weight
         check_tensor("x", x, ndim=3, shape=(None, None, self.hidden_size))
         if x.dtype != weight.dtype:
             raise TypeError(f"x has dtype {x.dtype} but the weights are {weight.dtype}")
@@ -357,10 +419,12 @@ class MultiHeadLatentAttention(nn.Module):
         return self.attend(q_nope, q_rope, c_kv, k_rope, offset, x.dtype)
 
     @classmethod
-    def from_hf(cls, module: nn.Module) -> "MultiHeadLatentAttention":
+    def from_hf(cls, module: nn.Module, weight_dtype: str | None = None) -> "MultiHeadLatentAttention":
         """Build from a HuggingFace ``DeepseekV3Attention`` / ``DeepseekV2Attention`` (weights copied, yarn scaling
-        kept). The converter comes from ``modules.converters`` (filled by the integration; no import of it here)."""
-        return get_converter(cls, "hf")(module)
+        kept; FP8 checkpoint projections taken as they are unless ``weight_dtype="auto"``, float ones quantised
+        with ``weight_dtype="fp8"``). The converter comes from ``modules.converters`` (filled by the integration;
+        no import of it here)."""
+        return get_converter(cls, "hf")(module, weight_dtype=weight_dtype)
 
 
 class MLACache:

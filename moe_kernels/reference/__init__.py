@@ -1,5 +1,5 @@
 """Pure-PyTorch definitions of every op: readable, fp32 inside, and the definition of correct for the kernels."""
-from .gemm import grouped_gemm, grouped_gemm_fp8, swiglu
+from .gemm import grouped_gemm, grouped_gemm_fp8, linear_fp8, swiglu
 from .mla import apply_rope, mla_prefill, rms_norm, rope_cos_sin
 from .moe import dense_mlp, expert_mlp, moe_layer
 from .norm import llama_rms_norm

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .quant import dequantize_fp8, dequantize_weight_fp8
+from .quant import dequantize_fp8, dequantize_weight_fp8, quantize_fp8
 
-__all__ = ["grouped_gemm", "grouped_gemm_fp8", "swiglu"]
+__all__ = ["grouped_gemm", "grouped_gemm_fp8", "linear_fp8", "swiglu"]
 
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, out_dtype=None, w_scale=None) -> torch.Tensor:
@@ -28,6 +28,13 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, out_dt
 def grouped_gemm_fp8(a, a_scale, w, w_scale, offsets, out_dtype=torch.bfloat16) -> torch.Tensor:
     """The FP8 grouped GEMM as its exact meaning: dequantise both operands, multiply in fp32."""
     return grouped_gemm(dequantize_fp8(a, a_scale), w, offsets, out_dtype=out_dtype, w_scale=w_scale)
+
+
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """x [M, K] @ W^T with W = weight (e4m3 [N, K]) dequantised by its 128x128 block scales, x first quantised to
+    e4m3 with one scale per 1x128 group (as the FP8 kernels take it); the product in fp32."""
+    q, s = quantize_fp8(x.float())
+    return (dequantize_fp8(q, s) @ dequantize_weight_fp8(weight, weight_scale).t()).to(out_dtype or x.dtype)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
