@@ -561,6 +561,39 @@ reject("rmsnorm-from-module", TypeError, r"Linear must have a 1-D weight Paramet
     lambda: mk.RMSNorm.from_module(torch.nn.Linear(4, 4)))
 
 
+# ---- FP8 linear ------------------------------------------------------------------------------------------------
+
+def lin8(x=None, weight=None, weight_scale=None, out_dtype=None):
+    q, s = R.quantize_weight_fp8(torch.randn(200, 256) * 0.05)
+    return mk.ops.linear_fp8(torch.randn(3, 256) if x is None else x, q if weight is None else weight,
+                             s if weight_scale is None else weight_scale, out_dtype)
+
+
+reject("lin8-x-dtype", TypeError, r"x must have dtype bfloat16 or float16 or float32, got float64")(
+    lambda: lin8(x=torch.randn(3, 256, dtype=torch.float64)))
+reject("lin8-x-k", ValueError, r"x.shape\[-1\] \(K\) must be a multiple of 128, got 200")(
+    lambda: lin8(x=torch.randn(3, 200)))
+reject("lin8-w-dtype", TypeError, r"weight must have dtype float8_e4m3fn")(lambda: lin8(weight=torch.randn(200, 256)))
+reject("lin8-w-shape", ValueError, r"weight must have shape \[N, 256\]")(
+    lambda: lin8(weight=torch.zeros(200, 128, dtype=F8)))
+reject("lin8-scale-shape", ValueError, r"weight_scale must have shape \[2, 2\]")(
+    lambda: lin8(weight_scale=torch.ones(2, 1)))
+reject("lin8-w-device", TypeError, r"weight must be on cpu")(lambda: lin8(weight=torch.zeros(200, 256, dtype=F8,
+                                                                                               device=META)))
+reject("lin8-out-dtype", TypeError, r"out_dtype must be bfloat16, float16 or float32")(
+    lambda: lin8(out_dtype=torch.int32))
+reject("fp8linear-in", ValueError, r"in_features to be a multiple of 128 \(one activation scale per 1x128 group\), got 100")(lambda: mk.FP8Linear(100, 8))
+reject("fp8linear-bias", ValueError, r"FP8Linear has no bias")(
+    lambda: mk.FP8Linear.from_linear(torch.nn.Linear(128, 8)))
+
+
+@accept("lin8-x-strided")
+def _():
+    q, s = R.quantize_weight_fp8(torch.randn(64, 128) * 0.05)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    return mk.ops.linear_fp8(x[:, ::2], q, s), mk.ops.linear_fp8(x[:, ::2].contiguous(), q, s)
+
+
 @accept("norm-x-strided")
 def _():
     x, w = torch.randn(2, 3, 32, dtype=torch.bfloat16), torch.randn(16, dtype=torch.bfloat16)
@@ -655,6 +688,9 @@ reject("experts-load-scale-shape", ValueError, r"w13_scale must have shape \[2, 
 reject("mla-rope-odd", ValueError, r"qk_rope_head_dim must be even")(lambda: mla_ctor(qk_rope_head_dim=15))
 reject("mla-heads", ValueError, r"num_heads must be >= 1")(lambda: mla_ctor(num_heads=0))
 reject("mla-q_lora", ValueError, r"q_lora_rank must be >= 1")(lambda: mla_ctor(q_lora_rank=0))
+reject("mla-weight_dtype", ValueError, r"weight_dtype must be one of")(lambda: mla_ctor(weight_dtype="int8"))
+reject("mla-fp8-widths", ValueError, r"FP8 projection weights need hidden_size to be a multiple of 128 .*, got 96")(
+    lambda: mla_ctor(hidden_size=96, weight_dtype="fp8"))
 reject("mla-x-shape", ValueError, r"x must have shape \[\*, \*, 128\]")(lambda: mla_module()(torch.randn(1, 3, 64)))
 reject("mla-x-ndim", ValueError, r"x must be 3-D")(lambda: mla_module()(torch.randn(3, 128)))
 reject("mla-x-dtype", TypeError, r"x has dtype torch.bfloat16 but the weights are torch.float32")(
