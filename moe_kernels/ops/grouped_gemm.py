@@ -55,6 +55,10 @@ try:  # the Hopper kernel in Gluon (Triton >= 3.5): configs with WGMMA=1 run it 
     from . import grouped_gemm_wgmma
 except ImportError:  # pragma: no cover - Triton without Gluon: every config runs the Triton kernel
     grouped_gemm_wgmma = None
+try:  # the bf16 / fp16 Hopper kernel in Gluon, opt-in: MOE_KERNELS_BF16_GLUON=1 (see _bf16_gluon_usable)
+    from . import grouped_gemm_bf16_wgmma
+except ImportError:  # pragma: no cover - Triton without Gluon: the Triton kernel
+    grouped_gemm_bf16_wgmma = None
 
 __all__ = ["grouped_gemm_fp8", "grouped_gemm_bf16", "grouped_gemm_fp8_masked", "expert_mlp", "expert_mlp_fp8_ste",
            "expert_mlp_fp8_train", "expert_mlp_train", "grouped_wgrad"]
@@ -274,6 +278,23 @@ def _wgmma_usable(a, w2d, cfg, swiglu, quant_out) -> bool:
     return False
 
 
+def _bf16_gluon_usable(a, w, out, swiglu, row_weight) -> bool:
+    """MOE_KERNELS_BF16_GLUON=1 (opt-in until it has run on a GPU): the Gluon bf16 / fp16 kernel
+    (``grouped_gemm_bf16_wgmma``) runs this call on sm_90 where it applies. Says once why not."""
+    if os.environ.get("MOE_KERNELS_BF16_GLUON") != "1" or interpret_mode() or not a.is_cuda:
+        return False
+    if not _is_sm90(a.device.index if a.device.index is not None else torch.cuda.current_device()):
+        return False  # not Hopper: the Triton kernel is this GPU's kernel
+    mod = grouped_gemm_bf16_wgmma
+    why = ("this Triton has no Gluon (triton.experimental.gluon)" if mod is None
+           else "its launch failed earlier: " + mod.FAILED[0] if mod.FAILED
+           else mod.supports(a, w, out, swiglu=swiglu, row_weight=row_weight))
+    if why is None:
+        return True
+    _say_once(f"moe_kernels: MOE_KERNELS_BF16_GLUON=1 but this call runs the Triton kernel: {why}")
+    return False
+
+
 @functools.lru_cache(maxsize=None)
 def _say_once(message: str) -> None:
     warnings.warn(message, stacklevel=4)
@@ -305,6 +326,13 @@ def _launch(a, a_scale, w, w_scale, out, *, offsets=None, masked_m=None, max_m=0
         return grouped_gemm_decode.launch(a, a_scale, w, w_scale, out, offsets=offsets, masked_m=masked_m,
                                           max_m=max_m, out_scale=out_scale, row_weight=row_weight, swiglu=swiglu,
                                           cfg=cfg, interpret=interpret_mode(), use_tma=tma)
+    if not fp8 and not masked and out_scale is None and _bf16_gluon_usable(a, w, out, swiglu, row_weight):
+        try:
+            return grouped_gemm_bf16_wgmma.launch(a, w, out, offsets, swiglu=swiglu, row_weight=row_weight)
+        except Exception as e:  # noqa: BLE001 - a Triton that cannot build it: the Triton kernel, said once
+            grouped_gemm_bf16_wgmma.FAILED.append(f"{type(e).__name__}: {str(e)[:300]}")
+            _say_once(f"moe_kernels: the Gluon bf16 grouped GEMM failed, the Triton kernel runs: "
+                      f"{grouped_gemm_bf16_wgmma.FAILED[0]}")
     use_wgmma = bool(cfg.pop("WGMMA", 0))
     wgmma_keys = {k: cfg.pop(k) for k in ("UNROLL", "WS", "PERSISTENT") if k in cfg}  # the Gluon kernel's own knobs
     use_tma = bool(cfg.pop("USE_TMA", 0))
