@@ -23,13 +23,16 @@ __all__ = ["linear_fp8"]
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _linear_fp8_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out: torch.Tensor) -> None:
+def _linear_fp8_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out: torch.Tensor,
+                       cfg: dict | None = None) -> None:
+    """Quantise x's rows and launch the grouped FP8 GEMM with one group into ``out``; ``cfg``: a launch config
+    of ``grouped_gemm_configs`` (default: the tables' for (N, K) and M rows, else the defaults)."""
     M = x.shape[0]
     q, q_scale = _quantize_triton(x, SCALE_BLOCK)
     # one group [0, M): a kernel fill, not a host copy, so that a CUDA-graph capture can take it
     offsets = torch.full((2,), M, dtype=torch.int32, device=x.device)
     offsets[0] = 0
-    _launch(q, q_scale, weight.unsqueeze(0), weight_scale.unsqueeze(0), out, offsets=offsets)
+    _launch(q, q_scale, weight.unsqueeze(0), weight_scale.unsqueeze(0), out, offsets=offsets, cfg=cfg)
 
 
 @torch.library.custom_op("moe_kernels::linear_fp8", mutates_args=())
