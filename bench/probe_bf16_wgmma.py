@@ -10,7 +10,7 @@ are the top-2 of uniform random scores), H = 7168, I = 2048; for T tokens the GE
 Timed (triton.testing.do_bench, median, after a warm-up; eager launches, these kernels run for milliseconds):
   * ``gluon``: this kernel (``grouped_gemm_bf16_wgmma.launch``), for each ``--cfgs`` entry;
   * ``triton``: the shipped Triton kernel with its tuned config (``grouped_gemm._launch``, MOE_KERNELS_BF16_GLUON
-    unset), SwiGLU fused as well;
+    =0), SwiGLU fused as well;
   * ``torch``: torch._grouped_mm (CUTLASS) on the same rows: the GEMM alone (gate_up: h [M, 2I], the SwiGLU not
     included, which flatters it), and ``torch+swiglu`` with F.silu(h[:, :I]) * h[:, I:] after it.
 TFLOP/s = 2 M N_w K / median time, N_w the W rows (4096 gate_up, 7168 down): useful work only (the rows of an
@@ -75,7 +75,7 @@ def main():
     ap.add_argument("--rep", type=int, default=60, help="do_bench rep (ms)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/bf16_wgmma_probe-<device>.json)")
     args = ap.parse_args()
-    os.environ.pop("MOE_KERNELS_BF16_GLUON", None)  # grouped_gemm._launch: the Triton kernel
+    os.environ["MOE_KERNELS_BF16_GLUON"] = "0"  # grouped_gemm._launch: the Triton kernel
 
     from moe_kernels.ops import grouped_gemm as gg
     from moe_kernels.ops import grouped_gemm_bf16_wgmma as gb

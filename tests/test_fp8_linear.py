@@ -20,8 +20,11 @@ from moe_kernels.ops import linear as linear_mod  # noqa: E402
 from moe_kernels.reference.quant import dequantize_fp8, dequantize_weight_fp8, quantize_fp8  # noqa: E402
 from _helpers import assert_close_rel, rel_err  # noqa: E402
 
-# the same product as the reference up to fp32 accumulation order, then one rounding to the output dtype
+# the same product as the reference up to fp32 accumulation order, then one rounding to the output dtype; on the
+# GPU the FP8 tensor cores' own accumulation of each 128-deep block is narrower than fp32 (docs/numerics.md,
+# "Accumulation on the GPU"): measured 1.2e-4 for an fp32 output on an H100
 EXACT_TOL = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-5}
+EXACT_TOL_CUDA = dict(EXACT_TOL, **{torch.float32: 1e-3})
 # e4m3 activations and weights against the unquantised product: ~3-4e-2 on random data
 FP8_BOUND = 0.1
 
@@ -46,7 +49,8 @@ def test_linear_fp8_matches_its_definition(device, M, N, K, dtype):
     x = (torch.randn(M, K) * torch.exp2(torch.randint(-3, 4, (M, 1)).float())).to(device, dtype)
     y = mk.ops.linear_fp8(x, q, s)
     assert y.dtype == dtype and y.shape == (M, N)
-    assert_close_rel(y, exact_reference(x, q, s), EXACT_TOL[dtype], f"linear_fp8 {M}x{N}x{K} {dtype}")
+    tol = (EXACT_TOL_CUDA if device == "cuda" else EXACT_TOL)[dtype]
+    assert_close_rel(y, exact_reference(x, q, s), tol, f"linear_fp8 {M}x{N}x{K} {dtype}")
 
 
 def test_linear_fp8_against_the_unquantised_product_and_leading_dims(device):

@@ -311,9 +311,9 @@ def test_rows_of_no_expert_stay_untouched():
 @needs_sm90
 @pytest.mark.parametrize("case", ["skewed", "m0", "one_expert"])
 def test_public_ops_dispatch_to_gluon(case, monkeypatch):
-    """MOE_KERNELS_BF16_GLUON=1: grouped_gemm_bf16 and the bf16 expert_mlp run this kernel (a spy counts its
-    launches: the MLP's w13 with SwiGLU, then w2 with the routing weight) and match fp32; M = 0 launches nothing;
-    unset, the Triton kernel runs."""
+    """By default (and with MOE_KERNELS_BF16_GLUON=1) grouped_gemm_bf16 and the bf16 expert_mlp run this kernel
+    (a spy counts its launches: the MLP's w13 with SwiGLU, then w2 with the routing weight) and match fp32; M = 0
+    launches nothing; MOE_KERNELS_BF16_GLUON=0: the Triton kernel runs."""
     from moe_kernels import ops
     from moe_kernels.ops import grouped_gemm as gg
 
@@ -341,7 +341,7 @@ def test_public_ops_dispatch_to_gluon(case, monkeypatch):
     assert_close_rel(y, _reference(x, w13, offsets), 1e-2, "grouped_gemm_bf16 via gluon")
     h = _reference(x, w13, offsets, swiglu=True).bfloat16()  # the MLP rounds h to bf16 between the GEMMs
     assert_close_rel(z, _reference(h, w2, offsets, row_weight=rw), 2e-2, "expert_mlp via gluon")
-    monkeypatch.delenv("MOE_KERNELS_BF16_GLUON")
+    monkeypatch.setenv("MOE_KERNELS_BF16_GLUON", "0")
     y2 = gg.grouped_gemm_bf16(x, w13, offsets)
-    assert len(launches) == 3  # unset: the Triton kernel
+    assert len(launches) == 3  # off: the Triton kernel
     assert_close_rel(y, y2.float(), 1e-2, "gluon vs triton")

@@ -55,7 +55,7 @@ try:  # the Hopper kernel in Gluon (Triton >= 3.5): configs with WGMMA=1 run it 
     from . import grouped_gemm_wgmma
 except ImportError:  # pragma: no cover - Triton without Gluon: every config runs the Triton kernel
     grouped_gemm_wgmma = None
-try:  # the bf16 / fp16 Hopper kernel in Gluon, opt-in: MOE_KERNELS_BF16_GLUON=1 (see _bf16_gluon_usable)
+try:  # the bf16 / fp16 Hopper kernel in Gluon (MOE_KERNELS_BF16_GLUON=0: off; see _bf16_gluon_usable)
     from . import grouped_gemm_bf16_wgmma
 except ImportError:  # pragma: no cover - Triton without Gluon: the Triton kernel
     grouped_gemm_bf16_wgmma = None
@@ -279,9 +279,13 @@ def _wgmma_usable(a, w2d, cfg, swiglu, quant_out) -> bool:
 
 
 def _bf16_gluon_usable(a, w, out, swiglu, row_weight) -> bool:
-    """MOE_KERNELS_BF16_GLUON=1 (opt-in until it has run on a GPU): the Gluon bf16 / fp16 kernel
-    (``grouped_gemm_bf16_wgmma``) runs this call on sm_90 where it applies. Says once why not."""
-    if os.environ.get("MOE_KERNELS_BF16_GLUON") != "1" or interpret_mode() or not a.is_cuda:
+    """Whether the Gluon bf16 / fp16 kernel (``grouped_gemm_bf16_wgmma``) runs this call: on sm_90 where it
+    applies, unless MOE_KERNELS_BF16_GLUON=0 (then the Triton kernel, as on other GPUs). On one H100 (tenth
+    session, bench/probe_bf16_wgmma.py, Mixtral-like shapes, T = 4096..16384) it ran 1.07-1.28x the Triton kernel
+    and 0.97-1.15x torch._grouped_mm (results/bf16_wgmma_probe-*.json). Says once why not where it was asked
+    for (=1)."""
+    asked = os.environ.get("MOE_KERNELS_BF16_GLUON", "auto")
+    if asked == "0" or interpret_mode() or not a.is_cuda:
         return False
     if not _is_sm90(a.device.index if a.device.index is not None else torch.cuda.current_device()):
         return False  # not Hopper: the Triton kernel is this GPU's kernel
@@ -291,7 +295,8 @@ def _bf16_gluon_usable(a, w, out, swiglu, row_weight) -> bool:
            else mod.supports(a, w, out, swiglu=swiglu, row_weight=row_weight))
     if why is None:
         return True
-    _say_once(f"moe_kernels: MOE_KERNELS_BF16_GLUON=1 but this call runs the Triton kernel: {why}")
+    if asked == "1":
+        _say_once(f"moe_kernels: MOE_KERNELS_BF16_GLUON=1 but this call runs the Triton kernel: {why}")
     return False
 
 

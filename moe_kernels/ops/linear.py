@@ -29,9 +29,8 @@ def _linear_fp8_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     of ``grouped_gemm_configs`` (default: the tables' for (N, K) and M rows, else the defaults)."""
     M = x.shape[0]
     q, q_scale = _quantize_triton(x, SCALE_BLOCK)
-    # one group [0, M): a kernel fill, not a host copy, so that a CUDA-graph capture can take it
-    offsets = torch.full((2,), M, dtype=torch.int32, device=x.device)
-    offsets[0] = 0
+    # one group [0, M), made on the device (no host-to-device copy: a CUDA-graph capture can take it)
+    offsets = torch.arange(2, dtype=torch.int32, device=x.device) * M
     _launch(q, q_scale, weight.unsqueeze(0), weight_scale.unsqueeze(0), out, offsets=offsets, cfg=cfg)
 
 
