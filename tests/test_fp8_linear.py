@@ -24,7 +24,7 @@ from _helpers import assert_close_rel, rel_err  # noqa: E402
 # GPU the FP8 tensor cores' own accumulation of each 128-deep block is narrower than fp32 (docs/numerics.md,
 # "Accumulation on the GPU"): measured 1.2e-4 for an fp32 output on an H100
 EXACT_TOL = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-5}
-EXACT_TOL_CUDA = dict(EXACT_TOL, **{torch.float32: 1e-3})
+EXACT_TOL_CUDA = {**EXACT_TOL, torch.float32: 1e-3}
 # e4m3 activations and weights against the unquantised product: ~3-4e-2 on random data
 FP8_BOUND = 0.1
 
