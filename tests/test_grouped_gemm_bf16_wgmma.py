@@ -345,3 +345,27 @@ def test_public_ops_dispatch_to_gluon(case, monkeypatch):
     y2 = gg.grouped_gemm_bf16(x, w13, offsets)
     assert len(launches) == 3  # off: the Triton kernel
     assert_close_rel(y, y2.float(), 1e-2, "gluon vs triton")
+
+
+@pytest.mark.gpu
+@needs_gluon
+@needs_sm90
+def test_default_takes_gluon_from_256_rows_an_expert(monkeypatch):
+    """Unset MOE_KERNELS_BF16_GLUON: the Gluon kernel where the experts average >= BF16_GLUON_MIN_ROWS rows (where
+    it was timed), the Triton kernel below; both match fp32."""
+    from moe_kernels.ops import grouped_gemm as gg
+
+    launches = []
+    real = gb.launch
+    monkeypatch.setattr(gb, "launch", lambda *a, **k: (launches.append(1), real(*a, **k))[1])
+    monkeypatch.delenv("MOE_KERNELS_BF16_GLUON", raising=False)
+    E, H, N = 4, 512, 384
+    w = (torch.randn(E, N, H, device="cuda") * H**-0.5).bfloat16()
+    for per_expert, want in [(gg.BF16_GLUON_MIN_ROWS - 1, 0), (gg.BF16_GLUON_MIN_ROWS, 1)]:
+        launches.clear()
+        counts = [per_expert] * E
+        offsets = _offsets(counts, "cuda")
+        x = torch.randn(sum(counts), H, device="cuda", dtype=torch.bfloat16)
+        y = gg.grouped_gemm_bf16(x, w, offsets)
+        assert len(launches) == want, (per_expert, launches)
+        assert_close_rel(y, _reference(x, w, offsets), 1e-2, f"default dispatch at {per_expert} rows an expert")

@@ -278,14 +278,22 @@ def _wgmma_usable(a, w2d, cfg, swiglu, quant_out) -> bool:
     return False
 
 
+# the fewest rows per expert (on average) at which the Gluon bf16 kernel runs by default: where it was measured
+BF16_GLUON_MIN_ROWS = 256
+
+
 def _bf16_gluon_usable(a, w, out, swiglu, row_weight) -> bool:
     """Whether the Gluon bf16 / fp16 kernel (``grouped_gemm_bf16_wgmma``) runs this call: on sm_90 where it
-    applies, unless MOE_KERNELS_BF16_GLUON=0 (then the Triton kernel, as on other GPUs). On one H100 (tenth
-    session, bench/probe_bf16_wgmma.py, Mixtral-like shapes, T = 4096..16384) it ran 1.07-1.28x the Triton kernel
-    and 0.97-1.15x torch._grouped_mm (results/bf16_wgmma_probe-*.json). Says once why not where it was asked
-    for (=1)."""
+    applies and the experts average at least BF16_GLUON_MIN_ROWS rows, unless MOE_KERNELS_BF16_GLUON=0 (then the
+    Triton kernel, as on other GPUs); =1: at any row count. On one H100 (tenth session,
+    bench/probe_bf16_wgmma.py, Mixtral-like shapes, T = 4096..16384: 256-1024 rows an expert) it ran 1.07-1.28x
+    the Triton kernel and 0.97-1.15x torch._grouped_mm (results/bf16_wgmma_probe-*.json); fewer rows (decode
+    batches of 64-256 tokens, DeepSeek-V3's 256 experts) have not been timed, and keep the Triton kernel. Says
+    once why not where it was asked for (=1)."""
     asked = os.environ.get("MOE_KERNELS_BF16_GLUON", "auto")
     if asked == "0" or interpret_mode() or not a.is_cuda:
+        return False
+    if asked != "1" and a.shape[0] < BF16_GLUON_MIN_ROWS * w.shape[0]:
         return False
     if not _is_sm90(a.device.index if a.device.index is not None else torch.cuda.current_device()):
         return False  # not Hopper: the Triton kernel is this GPU's kernel
