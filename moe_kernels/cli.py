@@ -62,6 +62,7 @@ def cmd_info(_args) -> int:
     else:
         rows.append(("GPU", "none: ops run their PyTorch references (or Triton's interpreter with TRITON_INTERPRET=1)"))
     rows.append(("FP8 grouped GEMM kernel", _grouped_gemm_kernel()))
+    rows.append(("bf16 grouped GEMM kernel", _bf16_grouped_gemm_kernel()))
     from .ops.grouped_gemm_configs import DECODE_MAX_ROWS  # noqa: PLC0415
     rows.append(("decode grouped GEMM", f"Triton weight-streaming kernel (grouped_gemm_decode, split-K) at <= "
                                         f"{DECODE_MAX_ROWS} rows per expert on CUDA, unless a tuned table says"))
@@ -98,6 +99,27 @@ def _grouped_gemm_kernel() -> str:
     if majors == {9}:
         return "Gluon wgmma kernel for sm_90 (grouped_gemm_wgmma), where a config sets WGMMA"
     return "Triton (the Gluon wgmma kernel is for sm_90 only)"
+
+
+def _bf16_grouped_gemm_kernel() -> str:
+    """Which kernel the bf16 / fp16 grouped GEMM runs here, and when."""
+    import torch
+
+    from .ops import grouped_gemm
+
+    setting = os.environ.get("MOE_KERNELS_BF16_GLUON", "auto")
+    if setting == "0":
+        return "Triton (MOE_KERNELS_BF16_GLUON=0)"
+    if grouped_gemm.grouped_gemm_bf16_wgmma is None:
+        return "Triton (this Triton has no Gluon: the sm_90 wgmma kernel is off)"
+    if not torch.cuda.is_available():
+        return "Triton on the interpreter, or the reference (no GPU); the sm_90 wgmma kernel needs Hopper"
+    majors = {torch.cuda.get_device_capability(i)[0] for i in range(torch.cuda.device_count())}
+    if majors != {9}:
+        return "Triton (the Gluon wgmma kernel is for sm_90 only)"
+    when = "at any row count (MOE_KERNELS_BF16_GLUON=1)" if setting == "1" else \
+        f"from {grouped_gemm.BF16_GLUON_MIN_ROWS} rows an expert (MOE_KERNELS_BF16_GLUON=0 / 1: never / always)"
+    return f"Gluon wgmma kernel for sm_90 (grouped_gemm_bf16_wgmma) {when}; Triton below"
 
 
 def cmd_demo(args) -> int:
