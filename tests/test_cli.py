@@ -22,6 +22,13 @@ def test_info_says_whether_layers_replay_graphs(checks, graphs, want, capsys, mo
     assert want in capsys.readouterr().out
 
 
+def test_info_says_which_bf16_grouped_gemm_runs(capsys, monkeypatch):
+    monkeypatch.setenv("MOE_KERNELS_BF16_GLUON", "0")
+    assert cli.main(["info"]) == 0
+    assert "bf16 grouped GEMM kernel" in (out := capsys.readouterr().out)
+    assert "Triton (MOE_KERNELS_BF16_GLUON=0)" in out
+
+
 def test_demo_small_cpu(capsys):
     assert cli.main(["demo", "--cpu", "--tokens", "8"]) == 0
     out = capsys.readouterr().out
