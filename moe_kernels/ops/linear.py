@@ -23,15 +23,31 @@ __all__ = ["linear_fp8"]
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+_ONE_GROUP: dict = {}  # (M, device) -> int32 [0, M] on the device: the offsets of one group, made once
+
+
+def _one_group(M: int, device: torch.device) -> torch.Tensor:
+    """offsets [0, M] on the device, made by kernels (no host-to-device copy, so a CUDA-graph capture can take
+    it) and kept for the next call of the same size, except one made during a capture (graph-pool memory)."""
+    key = (M, device)
+    offsets = _ONE_GROUP.get(key)
+    if offsets is None:
+        offsets = torch.arange(2, dtype=torch.int32, device=device) * M
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            if len(_ONE_GROUP) >= 1024:  # many distinct row counts: start over rather than grow
+                _ONE_GROUP.clear()
+            _ONE_GROUP[key] = offsets
+    return offsets
+
+
 def _linear_fp8_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out: torch.Tensor,
                        cfg: dict | None = None) -> None:
     """Quantise x's rows and launch the grouped FP8 GEMM with one group into ``out``; ``cfg``: a launch config
     of ``grouped_gemm_configs`` (default: the tables' for (N, K) and M rows, else the defaults)."""
     M = x.shape[0]
     q, q_scale = _quantize_triton(x, SCALE_BLOCK)
-    # one group [0, M), made on the device (no host-to-device copy: a CUDA-graph capture can take it)
-    offsets = torch.arange(2, dtype=torch.int32, device=x.device) * M
-    _launch(q, q_scale, weight.unsqueeze(0), weight_scale.unsqueeze(0), out, offsets=offsets, cfg=cfg)
+    _launch(q, q_scale, weight.unsqueeze(0), weight_scale.unsqueeze(0), out, offsets=_one_group(M, x.device),
+            cfg=cfg)
 
 
 @torch.library.custom_op("moe_kernels::linear_fp8", mutates_args=())
