@@ -193,7 +193,7 @@ def test_mla_fp8_weight_dtype_argument_and_bad_widths():
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_ds  # noqa: E402
-from test_hf_equivalence import ds_config, randomize  # noqa: E402
+from test_hf_equivalence import attention_inputs, ds_config, randomize  # noqa: E402
 
 
 class CheckpointFP8Linear(nn.Module):
@@ -233,11 +233,7 @@ def test_fp8_checkpoint_attention_taken_as_it_is():
         assert torch.equal(got.weight.view(torch.uint8), getattr(ckpt, n).weight.view(torch.uint8))
         assert torch.equal(got.weight_scale_inv, getattr(ckpt, n).weight_scale_inv)
     assert torch.equal(m.kv_b_proj.weight, hf.kv_b_proj.weight)  # dequantised
-    rot = hf_ds.DeepseekV3RotaryEmbedding(cfg)
-    B, S = 2, 11
-    x = torch.randn(B, S, 256)
-    cos, sin = rot(x, torch.arange(S).expand(B, S))
-    causal = torch.full((S, S), float("-inf")).triu(1).expand(B, 1, S, S)
+    x, cos, sin, causal = attention_inputs(cfg)
     with torch.no_grad():
         ref, _ = hf(x, (cos, sin), causal)
         out = m(x)

@@ -103,6 +103,14 @@ def test_deepseek_v3_moe_block_at_hidden_7168():
     print(f"DeepseekV3MoE hidden 7168 fp8: relative error {err8:.2e}")
 
 
+def attention_inputs(cfg, B=2, S=11):
+    """(x [B, S, hidden], cos, sin, the additive causal mask): what a HF DeepseekV3Attention is called with."""
+    x = torch.randn(B, S, cfg.hidden_size)
+    cos, sin = hf_ds.DeepseekV3RotaryEmbedding(cfg)(x, torch.arange(S).expand(B, S))
+    causal = torch.full((S, S), float("-inf")).triu(1).expand(B, 1, S, S)
+    return x, cos, sin, causal
+
+
 @pytest.mark.parametrize("rope", ["interleave", "half", "yarn"])
 def test_deepseek_v3_attention(rope):
     kw = {"rope_interleave": rope != "half"}
@@ -112,11 +120,7 @@ def test_deepseek_v3_attention(rope):
                                  "mscale": 1.0, "mscale_all_dim": 1.0}
     cfg = ds_config(**kw)
     hf = randomize(hf_ds.DeepseekV3Attention(cfg, 0))
-    rot = hf_ds.DeepseekV3RotaryEmbedding(cfg)
-    B, S = 2, 11
-    x = torch.randn(B, S, 256)
-    cos, sin = rot(x, torch.arange(S).expand(B, S))
-    causal = torch.full((S, S), float("-inf")).triu(1).expand(B, 1, S, S)
+    x, cos, sin, causal = attention_inputs(cfg)
     with torch.no_grad():
         ref, _ = hf(x, (cos, sin), causal)
         out = mk.MultiHeadLatentAttention.from_hf(hf)(x)
