@@ -28,14 +28,14 @@ _ONE_GROUP: dict = {}  # (M, device) -> int32 [0, M] on the device: the offsets 
 
 def _one_group(M: int, device: torch.device) -> torch.Tensor:
     """offsets [0, M] on the device, made by kernels (no host-to-device copy, so a CUDA-graph capture can take
-    it) and kept for the next call of the same size, except one made during a capture (graph-pool memory)."""
+    it) and kept for the next call of the same size, except one made during a capture (graph-pool memory). Kept
+    for good: a CUDA graph captured later reads the tensor without holding it, so dropping it could hand its
+    memory to something else under the graph (one small block per distinct row count)."""
     key = (M, device)
     offsets = _ONE_GROUP.get(key)
     if offsets is None:
         offsets = torch.arange(2, dtype=torch.int32, device=device) * M
         if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            if len(_ONE_GROUP) >= 1024:  # many distinct row counts: start over rather than grow
-                _ONE_GROUP.clear()
             _ONE_GROUP[key] = offsets
     return offsets
 
