@@ -130,6 +130,30 @@ def test_fp8_cache_error_against_bf16():
     assert errs[0] < 0.03 and errs[1] < 0.08, errs
 
 
+def test_fp8_products_error_against_bf16():
+    """The e4m3-product kernel's roundings (q per row, the weights P x sk; reference.mla_decode_fp8_products) on the
+    same latents: what they add to the FP8 cache's own error, the numbers docs/numerics.md states (bounds with
+    margin)."""
+    torch.manual_seed(0)
+    B, h, C, R, S = 2, 16, 512, 64, 512
+    gamma = torch.exp(torch.randn(C) * 0.5)
+    c = torch.randn(B, S, C)
+    c = c / c.pow(2).mean(-1, keepdim=True).sqrt() * gamma
+    rows = torch.cat([c, torch.randn(B, S, R)], -1).bfloat16()
+    lens = torch.tensor([S, S - 77], dtype=torch.int32)
+    packed = RD.pack_latent_fp8(rows, C)
+    for q_std in (0.05, 0.3):
+        q, qr = torch.randn(B, h, C) * q_std, torch.randn(B, h, R) * q_std
+        ref = RD.mla_decode(q, qr, rows, lens, 1 / math.sqrt(192))
+        cache_only = RD.mla_decode(q, qr, packed, lens, 1 / math.sqrt(192))
+        products = RD.mla_decode_fp8_products(q, qr, packed, lens, 1 / math.sqrt(192))
+        added = float((products - cache_only).norm() / cache_only.norm())
+        total = float((products - ref).norm() / ref.norm())
+        assert 1e-3 < added < 0.05 and total < 0.07, (q_std, added, total)
+    with pytest.raises(ValueError, match="FP8 cache"):
+        RD.mla_decode_fp8_products(q, qr, rows, lens, 1.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input: a clear error before any launch
 
@@ -275,21 +299,24 @@ def test_decode_deepseek_sizes_gpu(fp8, s_q, paged):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gluon", [1, 2, 3, "fp8"], ids=["serial", "pipe", "lookahead", "fp8"])
+@pytest.mark.parametrize("gluon", [1, 2, 3, "fp8", "fp8mma"], ids=["serial", "pipe", "lookahead", "fp8", "fp8mma"])
 @pytest.mark.parametrize("paged,s_q", [(False, 1), (True, 2)], ids=["contig", "paged-mtp2"])
 def test_gluon_sm90_kernel_gpu(s_q, paged, gluon, monkeypatch):
     """The Gluon sm_90 kernel (config GLUON=1: serial schedule; 2, or $MOE_KERNELS_MLA_PIPE=1: the seesaw kernel,
-    PIPE=1; 3, or $MOE_KERNELS_MLA_PIPE=2: the serial kernel with lookahead) against the float32 reference: the issue's lengths (odd and even tile counts, the last tile partial as
-    the even or the odd one of a pair, one tile alone), a long row, one split and several (some without keys),
-    2 query tokens, a paged cache with a shuffled table; NaN-filled outputs; garbage (NaN) in the cache past
-    every row's length must not leak in."""
+    PIPE=1; 3, or $MOE_KERNELS_MLA_PIPE=2: the serial kernel with lookahead; "fp8mma": the FP8 cache's seesaw
+    with e4m3 products, mla_decode_sm90_fp8) against the float32 reference: the issue's lengths (odd and even tile
+    counts, the last tile partial as the even or the odd one of a pair, one tile alone), a long row, one split and
+    several (some without keys), 2 query tokens, a paged cache with a shuffled table; NaN-filled outputs; garbage
+    (NaN) in the cache past every row's length must not leak in. The e4m3 products round q and the weights as
+    well: that kernel is held to reference.mla_decode_fp8_products (the same roundings, emulated) at 1.5e-2 and
+    to the float32 reference at 4e-2."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs an sm_90 GPU")
     if ops_mla.mla_decode_sm90 is None:
         pytest.skip("this Triton has no Gluon")
     # whatever the caller's environment
-    monkeypatch.setenv("MOE_KERNELS_MLA_PIPE", {2: "1", 3: "2"}.get(gluon, "0"))
-    fp8 = gluon == "fp8"
+    monkeypatch.setenv("MOE_KERNELS_MLA_PIPE", {2: "1", 3: "2", "fp8mma": "1"}.get(gluon, "0"))
+    fp8 = gluon in ("fp8", "fp8mma")
     lens = ISSUE_LENGTHS + [2000, 777, 128]
     q, qr, cache, lens_t, table, scale, ref = make_case(len(lens), s_q if s_q > 1 else None, 128, 512, 64, lens,
                                                         torch.bfloat16, fp8, 64 if paged else None, "cuda",
@@ -300,6 +327,11 @@ def test_gluon_sm90_kernel_gpu(s_q, paged, gluon, monkeypatch):
     assert ops_mla.mla_decode_sm90.supports(q, cache, table)
     assert ops_mla.mla_decode_sm90.uses_pipe(cache, 512) == (gluon == 2)
     assert ops_mla.mla_decode_sm90.uses_lookahead(cache) == (gluon == 3)
+    assert (ops_mla.mla_decode_sm90.schedule(0, fp8, 512) == "fp8 seesaw") == (gluon == "fp8mma")
+    emulated = None
+    if gluon == "fp8mma":
+        emulated = RD.mla_decode_fp8_products(q.cpu(), qr.cpu(), cache.cpu(), lens_t.cpu(), scale,
+                                              None if table is None else table.cpu())
     cfg = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2, GLUON=1 if fp8 else gluon)
     for splits in (1, 3, 0):
         out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
@@ -310,7 +342,11 @@ def test_gluon_sm90_kernel_gpu(s_q, paged, gluon, monkeypatch):
         per_row = {L: round(float((got[b] - ref[b]).norm() / ref[b].norm().clamp(min=1e-30)), 4) if L else
                    float(got[b].abs().max()) for b, L in enumerate(lens)}
         assert torch.isfinite(out).all(), f"splits={splits}: non-finite; per-row errors {per_row}"
-        assert_close_rel(got, ref, 2e-2, f"gluon splits={splits}, per-row errors {per_row}")
+        if emulated is not None:
+            assert_close_rel(got, emulated, 1.5e-2, f"e4m3 products vs their emulation, splits={splits}, per-row "
+                                                    f"errors against the float32 reference {per_row}")
+        assert_close_rel(got, ref, 4e-2 if emulated is not None else 2e-2,
+                         f"gluon splits={splits}, per-row errors {per_row}")
         assert (out[lens_t == 0] == 0).all()
 
 

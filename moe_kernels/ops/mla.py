@@ -139,7 +139,8 @@ def decode_kernel_name(device: torch.device | None = None) -> str:
     for kind, what in (("decode", "bf16 cache"), ("decode_fp8", "FP8 cache")):
         gluon = hopper and int(get_mla_config(kind, 128, device).get("GLUON", 0))
         schedule = mla_decode_sm90.schedule(gluon - 1, kind == "decode_fp8") if gluon else ""
-        schedule = {"seesaw": "seesaw schedule", "lookahead": "serial schedule with lookahead"}.get(
+        schedule = {"seesaw": "seesaw schedule", "fp8 seesaw": "seesaw schedule, e4m3 products",
+                    "lookahead": "serial schedule with lookahead"}.get(
             schedule, "serial schedule")
         names.append(f"{what}: " + (f"Gluon sm_90 kernel (mla_decode_sm90, {schedule})" if gluon
                                     else "Triton flash-decoding kernel (_mla_decode_kernel)"))

@@ -24,6 +24,8 @@ FP8 cache (uint8 rows of reference.mla_decode's layout): the stages hold the e4m
 bytes, half the bytes of bf16) and the bf16 rope; each step widens its e4m3 tile times the per-token scales into one
 bf16 tile [64, C] in shared memory (rows past the split's end zeroed there), which S and P V then read. So q is
 never quantised and the products are bf16 x bf16, as with the bf16 cache (serial schedule only: one widened tile).
+``mla_decode_sm90_fp8`` holds the FP8 cache's seesaw with e4m3 products (q and the weights rounded to e4m3 as
+well; opt-in: PIPE = 1 over the FP8 cache, ``schedule`` "fp8 seesaw").
 
 PIPE = 1 (``launch(pipe=1)``, config GLUON=2, or $MOE_KERNELS_MLA_PIPE=1; bf16 cache with C a multiple of 128,
 else the serial kernel runs): the "seesaw" schedule of FlashMLA's sm_90 decode kernel, written anew in Gluon.
@@ -718,12 +720,15 @@ def pipe_setting(pipe: int = 0) -> int:
 
 def schedule(pipe: int = 0, fp8: bool = False, C: int = 512) -> str:
     """The schedule ``launch`` runs when asked for ``pipe`` (``pipe_setting``): "seesaw" (1) over a bf16 cache
-    with C a multiple of 128 (each warpgroup's value columns whole 64-column blocks), "lookahead" (2: the serial
+    with C a multiple of 128 (each warpgroup's value columns whole 64-column blocks), "fp8 seesaw" (1) over the FP8
+    cache with C a multiple of 256 (``mla_decode_sm90_fp8``: the seesaw with e4m3 products), "lookahead" (2: the serial
     kernel with S of the next tile under this tile's softmax) over a bf16 cache (the FP8 cache's one widened tile
     serves one step at a time), else "serial"."""
     asked = pipe_setting(pipe)
     if asked == 1 and not fp8 and C % (2 * CHUNK) == 0:
         return "seesaw"
+    if asked == 1 and fp8 and C % (4 * CHUNK) == 0:
+        return "fp8 seesaw"
     if asked == 2 and not fp8:
         return "lookahead"
     return "serial"
@@ -744,8 +749,8 @@ def launch(q2, qr2, kv_cache, cache_seqlens, block_table, qk_scale, num_splits, 
     """q2 [B, rows, C], qr2 [B, rows, 64] bf16 (rows = s_q x heads), o_stage [B, rows, splits, C] (fp32 partials,
     or the bf16 output as [B, rows, 1, C] with one split); qk_scale includes log2(e). The cache: bf16 rows
     [.., .., C + 64] or the FP8 cache's uint8 rows. pipe (or $MOE_KERNELS_MLA_PIPE): 1 the seesaw kernel where it
-    applies (``uses_pipe``), 2 the serial one with lookahead where it applies (``uses_lookahead``), else the
-    serial one."""
+    applies (``uses_pipe``; the FP8 cache: ``mla_decode_sm90_fp8``'s, where ``schedule`` says "fp8 seesaw"), 2 the
+    serial one with lookahead where it applies (``uses_lookahead``), else the serial one."""
     B, rows, C = q2.shape
     D = kv_cache.shape[2]
     kv2d = kv_cache.view(-1, D)
@@ -766,6 +771,17 @@ def launch(q2, qr2, kv_cache, cache_seqlens, block_table, qk_scale, num_splits, 
         ks, stride_ks = cache_seqlens, 0  # unused
     paged = block_table is not None
     grid = (triton.cdiv(rows, BLOCK_H), num_splits, B)
+    if fp8 and schedule(pipe, True, C) == "fp8 seesaw":
+        from .mla_decode_sm90_fp8 import _mla_decode_sm90_fp8_kernel
+
+        _mla_decode_sm90_fp8_kernel[grid](
+            q2, qr2, kc_desc, kr_desc, ks, cache_seqlens, block_table if paged else cache_seqlens, o_stage, lse,
+            rows, num_heads, s_q, num_splits, qk_scale, 0 if paged else kv_cache.shape[1],
+            q2.stride(0), q2.stride(1), qr2.stride(0), qr2.stride(1), stride_ks, block_table.stride(0) if paged else 0,
+            o_stage.stride(0), o_stage.stride(1), o_stage.stride(2), *lse_strides,
+            C=C, R=R, PAGED=paged, SPLIT=num_splits > 1, WG_REGS=WG_REGS, num_warps=4,
+        )
+        return
     if uses_pipe(kv_cache, C, pipe):
         _mla_decode_sm90_seesaw_kernel[grid](
             q2, qr2, kc_desc, kr_desc, cache_seqlens, block_table if paged else cache_seqlens, o_stage, lse,

@@ -30,7 +30,7 @@ from .._checks import FP8_MAX
 from .quant import dequantize_fp8, dequantize_weight_fp8, quantize_fp8, scale_of
 
 __all__ = ["mla_latent_proj", "mla_decode", "split_kv_b", "mla_decode_absorbed", "fp8_row_bytes", "pack_latent_fp8",
-           "unpack_latent_fp8"]
+           "unpack_latent_fp8", "mla_decode_fp8_products"]
 
 
 def fp8_row_bytes(C: int, R: int) -> int:
@@ -134,6 +134,54 @@ def mla_decode(
                 continue
             scores = (q_latent[b, t].float() @ rows[:n, :C].t() + q_rope[b, t].float() @ rows[:n, C:].t())
             out[b, t] = torch.softmax(scores * softmax_scale, dim=-1) @ rows[:n, :C]
+    return out
+
+
+def mla_decode_fp8_products(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    block_table: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``mla_decode`` over the FP8 cache with the roundings of the e4m3-product kernel (ops/mla_decode_sm90_fp8.py),
+    in float64 otherwise: each query row's latent part quantised to e4m3 (scale amax / 448), S = sq sk (q8 . k8) +
+    q_rope . k_rope, and the softmax weights times each key's scale, P x sk (in [0, 1] against the scale-shifted
+    max), rounded to e4m3 before they multiply the raw e4m3 values; the row sums stay unrounded. The kernel shifts
+    by the running max of each tile rather than the row's final max: the same roundings wherever the weights stay
+    above e4m3's normal range (2^-6). Arguments and result as ``mla_decode``, whose FP8 cache layout it needs."""
+    if q_latent.dim() == 3:
+        return mla_decode_fp8_products(q_latent.unsqueeze(1), q_rope.unsqueeze(1), kv_cache, cache_seqlens,
+                                       softmax_scale, block_table)[:, 0]
+    if kv_cache.dtype != torch.uint8:
+        raise ValueError(f"mla_decode_fp8_products needs the FP8 cache (uint8 rows), got {kv_cache.dtype}")
+    B, s_q, h, C = q_latent.shape
+    R = q_rope.shape[-1]
+    page = kv_cache.shape[1]
+    f8 = torch.float8_e4m3fn
+    out = torch.zeros(B, s_q, h, C, dtype=torch.float32, device=q_latent.device)
+    for b, L in enumerate(cache_seqlens.tolist()):
+        if L == 0:
+            continue
+        p = _cache_rows(kv_cache, b, L, block_table, page)  # [L, bytes]
+        v8 = p[:, :C].contiguous().view(f8).double()  # raw e4m3 values
+        kr = p[:, C : C + 2 * R].contiguous().view(torch.bfloat16).double()
+        sk = p[:, C + 2 * R : C + 2 * R + 4].contiguous().view(torch.float32).double()[:, 0]
+        for t in range(s_q):
+            n = L - (s_q - 1 - t)
+            if n <= 0:
+                continue
+            q = q_latent[b, t].double()  # [h, C]
+            amax = q.abs().amax(-1, keepdim=True)
+            sq = amax / FP8_MAX
+            q8 = torch.where(amax > 0, q / torch.where(amax > 0, sq, 1.0), 0.0).to(f8).double()
+            scores = sq * (q8 @ v8[:n].t()) * sk[:n] + q_rope[b, t].double() @ kr[:n].t()
+            x = scores * softmax_scale
+            m = (x + sk[:n].log()).amax(-1, keepdim=True)
+            w = torch.exp(x + sk[:n].log() - m)  # P x sk, <= 1
+            den = (w / sk[:n]).sum(-1, keepdim=True)
+            out[b, t] = ((w.to(f8).double() @ v8[:n]) / den).float()
     return out
 
 
