@@ -124,16 +124,17 @@ def _f8_qk_finish(s8, sq, qr_smem, kr_bufs, sk_smem, t, n_tiles, start, end, b, 
 @gluon.jit
 def _f8_transpose(kc, vt, t, start, end, COL0: gl.constexpr, NCOL: gl.constexpr):
     """vT[c, k] = kc[k, COL0 + c] for c < NCOL (the e4m3 values of tile t, keys on the contiguous axis, as the FP8
-    wgmma's B operand must be), 64 x 64 blocks through registers (32 bytes a thread); on the tile that runs past the
-    split's end the keys past it become 0. Then made visible to the tensor cores (fence + the warpgroup's barrier)."""
+    wgmma's B operand must be), 64 x 128 blocks (one 128-byte swizzle column block of the stage) through registers
+    (64 bytes a thread); on the tile that runs past the split's end the keys past it become 0. Then made visible to
+    the tensor cores (fence + the warpgroup's barrier)."""
     tl_: gl.constexpr = gl.BlockedLayout([4, 4], [4, 8], [4, 1], [1, 0])
     keys = start + t * _BN + gl.arange(0, _BN, layout=gl.SliceLayout(1, tl_))
     tail = start + (t + 1) * _BN > end
-    for j in gl.static_range(NCOL // 64):
-        v = kc.slice(COL0 + j * 64, 64, dim=1).load(tl_)
+    for j in gl.static_range(NCOL // _FCH):
+        v = kc.slice(COL0 + j * _FCH, _FCH, dim=1).load(tl_)
         if tail:
             v = gl.where((keys < end)[:, None], v, gl.zeros_like(v))
-        vt.slice(j * 64, 64, dim=0).store(gl.permute(v, (1, 0)))
+        vt.slice(j * _FCH, _FCH, dim=0).store(gl.permute(v, (1, 0)))
     fence_async_shared()
     _cta_barrier()  # in a partition: its own warps
 
@@ -180,6 +181,8 @@ def _f8_wg0_pair(i, s, m_i, l_i, acc, q8, sq, qr_smem, sk_smem, kc_bufs, kr_bufs
     if tb < n_tiles:  # b's columns [0, C/2) -> vT 1 (read by P'_b V_b of the pair before: done) under P'_a V_a
         mbarrier.wait(ready_lo.index(1), i & 1)
         _f8_transpose(kc_bufs.index(1 + z), vt_bufs.index(1 + z), tb, start, end, 0, HC)
+    # (P'_a's registers are not in deps: an 8-bit wait operand does not lower; ptxas keeps a wgmma's register
+    # operands until its wait, or serialises it with a C75xx warning, which the offline checks refuse)
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.wait(bar_b, i & 1)
     m_b = m_b_smem.load(gl.SliceLayout(1, s_layout))
@@ -253,7 +256,7 @@ def _f8_wg1_pair(i, s, m_i, l_i, acc, q8, sq, qr_smem, sk_smem, kc_bufs, kr_bufs
         pv = warpgroup_mma(p_a, vt_bufs.index(2 + z).permute((1, 0)), pv, is_async=True)
         if tb + 2 < n_tiles:
             sn = _f8_qk_issue(tb + 2, q8, kc_bufs, ready_lo, ready_hi, z, s_layout)
-            acc = warpgroup_mma_wait(1, deps=(pv,))
+            acc = warpgroup_mma_wait(1, deps=(pv,))  # both P V products done
             _f8_transpose(kc_bufs.index(1 + z), vt_bufs.index(3 + z), tb + 2, start, end, HC, HC)  # vT 3 is free
             s = _f8_qk_finish(sn, sq, qr_smem, kr_bufs, sk_smem, tb + 2, n_tiles, start, end, b, S_cap, block_table_ptr,
                               stride_btb, ks_ptr, stride_ks, z, PAGED)
@@ -291,6 +294,9 @@ def _f8_partition(q8_smem, sq_smem, qr_smem, sk_0, sk_1, kc_bufs, kr_bufs, vt_bu
         sk_smem = sk_0
     else:
         sk_smem = sk_1
+    # 1 until this warpgroup's first S writes them: a missing tile's softmax (all masked) divides by them
+    sk_smem.store(gl.full([_BN], 1.0, gl.float32, layout=gl.SliceLayout(0, s_layout)))
+    _cta_barrier()
     sq = sq_smem.load(row_s)
     m_i = gl.full([_BH], float("-inf"), gl.float32, layout=row_s)
     l_i = gl.zeros([_BH], gl.float32, layout=row_s)
