@@ -15,7 +15,9 @@ t_flashmla / t_ours (> 1: ours faster). Every output is checked against FlashMLA
 of the first rows (FP8: the reference over the dequantised rows).
 
 Summary keys: decode_vs_flashmla_min (min over the shapes of the bf16-cache ratios, contiguous and paged),
-decode_fp8_vs_flashmla_B128_S4096 (FlashMLA's bf16 time / ours over the FP8 cache), paged_vs_contig_max.
+decode_fp8_vs_flashmla_B128_S4096 (FlashMLA's bf16 time / ours over the FP8 cache), paged_vs_contig_max;
+with MLA_BENCH_GLUON naming fp8mma, fp8mma_vs_flashmla_B128_S4096 / _min_B128 and fp8mma_rel_err_vs_fp32_max (the
+e4m3-product kernel, ops/mla_decode_sm90_fp8.py).
 
 With a sweep (default), launch configs and split counts are timed at S=4096 for each B and cache dtype; the
 winners run the table and are written as results/mla_<GPU>.json (the format moe_kernels/ops/configs/ uses).
@@ -86,11 +88,15 @@ DECODE_SWEEP = {  # the shipped config (configs/mla_<GPU>.json or DEFAULTS) is t
 
 # the Gluon sm_90 kernel (mla_decode_sm90, its own fixed tiles): GLUON=1 serial schedule, 2 the PIPE (seesaw)
 # schedule, 3 the serial one with lookahead. MLA_BENCH_GLUON: which of them to time ("1,2,3,fp8" default;
-# tools/gpu/mla.sh passes those whose GPU test passed) ("fp8": the FP8 cache through it, serial schedule)
+# tools/gpu/mla.sh passes those whose GPU test passed) ("fp8": the FP8 cache through it, serial schedule;
+# "fp8mma": the FP8 cache's seesaw with e4m3 products, mla_decode_sm90_fp8, its rows' gluon2_* keys: opt-in here
+# until its GPU test has passed, as it is in the library)
 _GLUON = [v.strip() for v in os.environ.get("MLA_BENCH_GLUON", "1,2,3,fp8").split(",")]
 DECODE_SWEEP["decode"][:0] = [dict(dec_cfg(64, 64, 8, 2), GLUON=int(v)) for v in _GLUON if v in ("1", "2", "3")]
 if "fp8" in _GLUON:
     DECODE_SWEEP["decode_fp8"].insert(0, dict(dec_cfg(64, 64, 8, 2), GLUON=1))
+if "fp8mma" in _GLUON:
+    DECODE_SWEEP["decode_fp8"].insert(0, dict(dec_cfg(64, 64, 8, 2), GLUON=2))
 
 
 def graph_ms(fn):
@@ -525,6 +531,9 @@ def summarize(rows, copy_bw, fm_err, t0):
     dec = [r for r in rows if r.get("cache") and "ours_us" in r]
     bf = [r for r in dec if r["cache"].startswith("bf16") and "x_flashmla" in r]
 
+    def _ratio(a, b):
+        return a / b if a and b else None
+
     def pick(cache, B, S, key):
         return next((r.get(key) for r in dec if r["cache"] == cache and r["B"] == B and r["S"] == S), None)
 
@@ -546,6 +555,14 @@ def summarize(rows, copy_bw, fm_err, t0):
         "lookahead_vs_serial_max": max((r["gluon1_us"] / r["gluon3_us"] for r in dec
                                         if r.get("gluon1_us") and r.get("gluon3_us")), default=None),
         "decode_fp8_vs_flashmla_B128_S4096": pick("fp8", 128, 4096, "x_flashmla"),
+        # the e4m3-product seesaw (MLA_BENCH_GLUON with fp8mma): FlashMLA's bf16 time / its time, eager
+        "fp8mma_vs_flashmla_B128_S4096": _ratio(pick("fp8", 128, 4096, "flashmla_us"), pick("fp8", 128, 4096,
+                                                                                                "gluon2_us")),
+        "fp8mma_vs_flashmla_min_B128": min((r["flashmla_us"] / r["gluon2_us"] for r in dec if r["B"] == 128
+                                            and r["cache"].startswith("fp8") and r.get("gluon2_us")
+                                            and r.get("flashmla_us")), default=None),
+        "fp8mma_rel_err_vs_fp32_max": max((r["gluon2_rel_err_vs_fp32"] for r in dec if r["cache"].startswith("fp8")
+                                           and "gluon2_rel_err_vs_fp32" in r), default=None),
         "decode_fp8_paged_vs_flashmla_B128_S4096": pick("fp8_paged", 128, 4096, "x_flashmla"),
         "decode_B128_S4096_GBps": pick("bf16", 128, 4096, "GBps"),
         "decode_B128_S4096_frac_copy": (pick("bf16", 128, 4096, "GBps") or 0) / copy_bw,

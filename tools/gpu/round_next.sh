@@ -7,6 +7,9 @@
 #  2. bench/probe_linear_fp8.py: why FP8 attention projections made the whole model slower (issue 19)
 #  3. bench_moe_decode.py, Mixtral-like fp8 T = 1 / 8 / 64 / 128 / 256: the router's fill split (ninth session)
 #  4. bench_mla.py --no-sweep with graphs: the seesaw's paged hoist (issue 17)
+# The eleventh session (no device lent) added, and this runs first (before the suite, 90 s):
+#  0. the FP8 cache's seesaw with e4m3 products (ops/mla_decode_sm90_fp8.py, opt-in): its GPU tests
+#     (test_gluon_sm90_kernel_gpu[*fp8mma*]); bench_mla.py then times it (MLA_BENCH_GLUON=...,fp8mma) if they passed
 set -u
 R=/tmp/gpu_round_next TOTAL=${N_TOTAL:-560}
 source "$(dirname "$0")/_lib.sh"
@@ -14,6 +17,13 @@ if [ -d .anchors ]; then
     (OUT=/tmp/anchors_out PROJ=. timeout 240 bash .anchors/run.sh build > "$R/flashmla_build.log" 2>&1) &
     BUILD_PID=$!
 fi
+echo "== fp8mma GPU tests $(el)" >> "$S"
+timeout 90 python -m pytest -q -m gpu -rfE -p no:cacheprovider tests/test_mla_decode.py -k "fp8mma" \
+  > "$R/t_fp8mma.log" 2>&1
+FP8MMA_RC=$?
+echo "rc=$FP8MMA_RC" >> "$S"; grep -E "passed|failed|Error|error" "$R/t_fp8mma.log" | tail -12 >> "$S"
+MLA_GLUON=1,2,3,fp8
+[ "$FP8MMA_RC" = 0 ] && MLA_GLUON=1,2,3,fp8,fp8mma
 TT=${N_TESTS:-220}
 suite_in_four
 echo "== probe linear_fp8 $(el)" >> "$S"
@@ -25,6 +35,6 @@ timeout "$(lim 100 140)" python bench/bench_moe_decode.py --cases mixtral-like -
 echo "rc=$?" >> "$S"; grep -E "^\||frac|min_|vs_" "$R/decode_bench.log" | tail -14 >> "$S"
 [ -n "${BUILD_PID:-}" ] && wait "$BUILD_PID"
 echo "== bench_mla (graphs, no sweep) $(el)" >> "$S"
-timeout "$(lim 140 3)" python bench/bench_mla.py --no-sweep > "$R/mla_bench.log" 2>&1
-echo "rc=$?" >> "$S"; grep -E "decode_vs_flashmla|fp8_vs_flashmla|paged_vs|^\|" "$R/mla_bench.log" | tail -24 >> "$S"
+MLA_BENCH_GLUON=$MLA_GLUON timeout "$(lim 140 3)" python bench/bench_mla.py --no-sweep > "$R/mla_bench.log" 2>&1
+echo "rc=$?" >> "$S"; grep -E "decode_vs_flashmla|fp8_vs_flashmla|fp8mma|paged_vs|^\|" "$R/mla_bench.log" | tail -26 >> "$S"
 pack
