@@ -414,7 +414,7 @@ def _mla_decode_sm90_fp8_kernel(
     cols = gl.arange(0, _FCH, layout=gl.SliceLayout(0, ld_layout))
     q_rows = q_ptr + b * stride_qb + rows_ld[:, None] * stride_qh
     amax = gl.zeros([_BH], gl.float32, layout=gl.SliceLayout(1, ld_layout))
-    for j in gl.static_range(C // _FCH):
+    for j in range(C // _FCH):  # not unrolled: unrolled, the second pass's loads merged with these, all of q live
         q = gl.load(q_rows + (j * _FCH + cols)[None, :], mask=rmask, other=0.0)
         amax = gl.maximum(amax, gl.max(gl.abs(q.to(gl.float32)), axis=1))
     inv = gl.where(amax > 0, _E4M3_MAX / amax, 0.0)
