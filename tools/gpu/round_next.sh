@@ -10,6 +10,7 @@
 # The eleventh session (no device lent) added, and this runs first (before the suite, 90 s):
 #  0. the FP8 cache's seesaw with e4m3 products (ops/mla_decode_sm90_fp8.py, opt-in): its GPU tests
 #     (test_gluon_sm90_kernel_gpu[*fp8mma*]); bench_mla.py then times it (MLA_BENCH_GLUON=...,fp8mma) if they passed
+#  5. probe_decode.py: the down projection's BLOCK_N 64 against 128 at Mixtral-like T = 1 / 8 / 128 / 256
 set -u
 R=/tmp/gpu_round_next TOTAL=${N_TOTAL:-560}
 source "$(dirname "$0")/_lib.sh"
@@ -33,6 +34,13 @@ echo "== decode bench mixtral-like fp8 $(el)" >> "$S"
 timeout "$(lim 100 140)" python bench/bench_moe_decode.py --cases mixtral-like --precisions fp8 \
   --tokens 1,8,64,128,256 --rep 30 > "$R/decode_bench.log" 2>&1
 echo "rc=$?" >> "$S"; grep -E "^\||frac|min_|vs_" "$R/decode_bench.log" | tail -14 >> "$S"
+# the down projection at Mixtral-like T = 128 / 256 runs at 0.65-0.70 of the weight-read bound where gate_up runs at
+# 0.85 (decode_probe, seventh session): 448 programs of BLOCK_N 128 are 3.4 waves on 132 SMs; BLOCK_N 64 (6.8
+# waves) was never timed
+echo "== decode probe: w2 BLOCK_N 64 vs 128 $(el)" >> "$S"
+timeout "$(lim 60 140)" python bench/probe_decode.py --shapes "mixtral T=1,mixtral T=8,mixtral T=128,mixtral T=256" \
+  --stages 4 --splits 0 --w2-block-n 64,128 > "$R/decode_probe_bn.log" 2>&1
+echo "rc=$?" >> "$S"; grep -E "^\|" "$R/decode_probe_bn.log" | tail -10 >> "$S"
 [ -n "${BUILD_PID:-}" ] && wait "$BUILD_PID"
 echo "== bench_mla (graphs, no sweep) $(el)" >> "$S"
 MLA_BENCH_GLUON=$MLA_GLUON timeout "$(lim 140 3)" python bench/bench_mla.py --no-sweep > "$R/mla_bench.log" 2>&1
