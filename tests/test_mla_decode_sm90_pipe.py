@@ -269,7 +269,10 @@ class _Recorder:
     (None, 1, False, 512, "seesaw"),
     ("1", 0, False, 512, "seesaw"),  # the env var overrides the config
     ("0", 1, False, 512, "serial"),
-    ("1", 0, True, 512, "serial"),  # FP8 cache: serial only
+    ("1", 0, True, 512, "fp8 seesaw"),  # FP8 cache: the seesaw with e4m3 products (mla_decode_sm90_fp8)
+    (None, 1, True, 256, "fp8 seesaw"),
+    ("1", 0, True, 128, "serial"),  # FP8 cache, C / 2 not whole 128-column TMA copies
+    (None, 0, True, 512, "serial"),  # the FP8 cache's default
     ("1", 0, False, 192, "serial"),  # C / 2 not whole 64-column blocks
     ("1", 0, False, 256, "seesaw"),
     ("2", 0, False, 512, "lookahead"),  # the serial kernel, S of the next tile under this one's softmax
@@ -280,6 +283,8 @@ def test_launcher_picks_the_kernel(env, pipe, fp8, C, want, monkeypatch):
     calls = []
     monkeypatch.setattr(sm90, "_mla_decode_sm90_kernel", _Recorder("serial", calls))
     monkeypatch.setattr(sm90, "_mla_decode_sm90_seesaw_kernel", _Recorder("seesaw", calls))
+    from moe_kernels.ops import mla_decode_sm90_fp8 as sm90_fp8
+    monkeypatch.setattr(sm90_fp8, "_mla_decode_sm90_fp8_kernel", _Recorder("fp8 seesaw", calls))
     if env is None:
         monkeypatch.delenv("MOE_KERNELS_MLA_PIPE", raising=False)
     else:
@@ -299,7 +304,7 @@ def test_launcher_picks_the_kernel(env, pipe, fp8, C, want, monkeypatch):
     assert kw.get("LOOKAHEAD", False) == (want == "lookahead")
     assert grid == (2, splits, B)  # 80 query rows: two head blocks of 64
     assert kw["C"] == C and kw["PAGED"] and kw["SPLIT"]
-    if want == "seesaw":
+    if want in ("seesaw", "fp8 seesaw"):
         assert kw["num_warps"] == 4 and kw["WG_REGS"] == sm90.WG_REGS  # the second warpgroup: a worker partition
     else:
         assert kw["num_warps"] == 8 and kw["FP8"] == fp8 and kw["MULTI_Q"]
@@ -311,7 +316,7 @@ def test_launcher_picks_the_kernel(env, pipe, fp8, C, want, monkeypatch):
                                       ("2", "serial schedule with lookahead)")])
 def test_decode_kernel_name_says_the_schedule(env, want, monkeypatch):
     """`moe-kernels info` names the sm_90 schedule the bf16 cache gets ($MOE_KERNELS_MLA_PIPE); the FP8 cache's is
-    always the serial one."""
+    the serial one, or with $MOE_KERNELS_MLA_PIPE=1 the seesaw with e4m3 products."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(ops_mla, "get_mla_config", lambda kind, size, device: {"GLUON": 1})
     if env is None:
@@ -320,7 +325,8 @@ def test_decode_kernel_name_says_the_schedule(env, want, monkeypatch):
         monkeypatch.setenv("MOE_KERNELS_MLA_PIPE", env)
     bf16, fp8 = ops_mla.decode_kernel_name(torch.device("cuda", 0)).split("; ")
     assert bf16.startswith("bf16 cache: Gluon sm_90 kernel") and bf16.endswith(want)
-    assert fp8.endswith("(mla_decode_sm90, serial schedule)")
+    assert fp8.endswith("(mla_decode_sm90, seesaw schedule, e4m3 products)" if env == "1" else
+                        "(mla_decode_sm90, serial schedule)")
 
 
 @pytest.mark.skipif(sm90 is None, reason="this Triton has no Gluon Hopper API")
@@ -333,6 +339,6 @@ def test_the_bf16_cache_defaults_to_the_seesaw(monkeypatch):
     assert ops_mla.get_mla_config("decode", 128, torch.device("cuda", 0))["GLUON"] == 2
     bf16, fp8 = ops_mla.decode_kernel_name(torch.device("cuda", 0)).split("; ")
     assert bf16.endswith("(mla_decode_sm90, seesaw schedule)"), bf16
-    assert fp8.endswith("(mla_decode_sm90, serial schedule)"), fp8
+    assert fp8.endswith("(mla_decode_sm90, serial schedule)"), fp8  # the e4m3-product seesaw is opt-in
     monkeypatch.setenv("MOE_KERNELS_MLA_PIPE", "0")
     assert ops_mla.decode_kernel_name(torch.device("cuda", 0)).split("; ")[0].endswith("serial schedule)")
