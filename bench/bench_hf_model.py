@@ -21,7 +21,11 @@ fp32 model on a 2x256-token input. ``generate`` runs the model eagerly; value ch
 the patched MoE layers replay their own CUDA graphs at decode sizes (``MoELayer(cuda_graphs=True)``, the default;
 ``MOE_KERNELS_CUDA_GRAPHS=0`` times them eager). HF's blocks run eagerly, as a user's would. Writes results/hf_model-<device>.json; summary ``prefill_vs_hf_grouped_mm`` and
 ``decode_vs_hf_grouped_mm`` (ours fp8 on the DeepSeek shape: HF grouped_mm time / ours; prefill at 1x4096), and
-the same of ``ours_fp8_attn`` as ``prefill_vs_hf_grouped_mm_fp8_attn`` / ``decode_vs_hf_grouped_mm_fp8_attn``.
+the same of ``ours_fp8_attn`` as ``prefill_vs_hf_grouped_mm_fp8_attn`` / ``decode_vs_hf_grouped_mm_fp8_attn``;
+``ours_fp8_kv8`` (DeepSeek shape: ``patch_model(kv_cache_dtype="fp8")``, the FP8 latent cache in HF's cache) as
+``decode_vs_hf_grouped_mm_fp8_kv8``. ``--decode-prompt N`` decodes after an N-token prompt instead of 16
+(results/hf_model-prompt<N>-<device>.json): HF's MLA expands every cached key through kv_b_proj each step, the
+patched attention decodes over the latent rows (``HFMLAAttention``).
 """
 import argparse
 import copy
@@ -123,19 +127,24 @@ def run_variant(model, variant, name, ids_err, ref, prefill_ids, prompt, new_tok
     return row
 
 
-VARIANTS = ("hf_eager", "hf_grouped_mm", "ours_bf16", "ours_fp8", "ours_fp8_attn")
+VARIANTS = ("hf_eager", "hf_grouped_mm", "ours_bf16", "ours_fp8", "ours_fp8_attn", "ours_fp8_kv8")
 PATCH = dict(ours_bf16=dict(precision="bf16"), ours_fp8=dict(precision="fp8"),
-             ours_fp8_attn=dict(precision="fp8", attention_precision="fp8"))
+             ours_fp8_attn=dict(precision="fp8", attention_precision="fp8"),
+             ours_fp8_kv8=dict(precision="fp8", kv_cache_dtype="fp8"))
+MLA_ONLY = ("ours_fp8_attn", "ours_fp8_kv8")  # the FP8 attention projections and the FP8 latent cache are MLA's
 
 
-def run_model(name, layers, experts, prefill, device="cuda", tiny=False, variants=VARIANTS):
+def run_model(name, layers, experts, prefill, device="cuda", tiny=False, variants=VARIANTS,
+              decode_prompt=DECODE_PROMPT):
     """Every variant of one model: rows with times, errors and ratios to HF grouped_mm. ``tiny``: toy sizes (a
-    smoke run; 2 decode steps of 2 sequences)."""
+    smoke run; 2 decode steps of 2 sequences). ``decode_prompt``: the prompt's tokens before the timed decode
+    steps (each step of HF's MLA expands every cached key through kv_b_proj; the patched model's decode reads the
+    latent rows)."""
     model = build(name, layers, experts, device, tiny)
     vocab = model.config.vocab_size
     ids_err = torch.randint(0, vocab, (2, 16 if tiny else 256), device=device)
     prefill_ids = {(b, s): torch.randint(0, vocab, (b, s), device=device) for b, s in prefill}
-    prompt = torch.randint(0, vocab, (2 if tiny else DECODE_BATCH, DECODE_PROMPT), device=device)
+    prompt = torch.randint(0, vocab, (2 if tiny else DECODE_BATCH, decode_prompt), device=device)
     new_tokens = 2 if tiny else DECODE_NEW
     with torch.no_grad():
         ref = model(ids_err).logits.float()  # the fp32 model: every variant's error is against it
@@ -148,8 +157,8 @@ def run_model(name, layers, experts, prefill, device="cuda", tiny=False, variant
         rows.append(run_variant(model, f"hf_{impl}", name, ids_err, ref, prefill_ids, prompt, new_tokens))
     set_experts_impl(model, "grouped_mm")
     for variant, kw in PATCH.items():
-        if variant not in variants or (variant == "ours_fp8_attn" and name != "deepseek"):
-            continue  # the FP8 attention projections are MLA's
+        if variant not in variants or (variant in MLA_ONLY and name != "deepseek"):
+            continue
         ours = copy.deepcopy(model)
         report = mk.patch_model(ours, **kw)
         print(f"  patched {int(report)} modules ({variant})", flush=True)
@@ -173,6 +182,8 @@ def main():
     ap.add_argument("--experts", type=int, default=64, help="routed experts of the DeepSeek shape")
     ap.add_argument("--quick", action="store_true", help="prefill 1x1024 only")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
+    ap.add_argument("--decode-prompt", type=int, default=DECODE_PROMPT,
+                    help="prompt tokens before the timed decode steps (a long context: results/hf_model-prompt<N>)")
     args = ap.parse_args()
     variants = tuple(v for v in args.variants.split(",") if v)
     unknown = set(variants) - set(VARIANTS)
@@ -183,15 +194,19 @@ def main():
     prefill = ((1, 1024),) if args.quick else PREFILL
     rows = []
     for name in args.models.split(","):
-        rows += run_model(name, args.layers, args.experts, prefill, variants=variants)
+        rows += run_model(name, args.layers, args.experts, prefill, variants=variants,
+                          decode_prompt=args.decode_prompt)
         ours = {r["variant"]: r for r in rows if r["model"] == "deepseek"}
         key = f"prefill_{prefill[0][0]}x{prefill[0][1]}_vs_hf_grouped_mm"
         summary = dict(prefill_vs_hf_grouped_mm=ours.get("ours_fp8", {}).get(key),
                        decode_vs_hf_grouped_mm=ours.get("ours_fp8", {}).get("decode_vs_hf_grouped_mm"),
                        prefill_vs_hf_grouped_mm_fp8_attn=ours.get("ours_fp8_attn", {}).get(key),
                        decode_vs_hf_grouped_mm_fp8_attn=ours.get("ours_fp8_attn", {}).get("decode_vs_hf_grouped_mm"),
-                       layers=args.layers, deepseek_experts=args.experts, variants=list(variants))
-        save("hf_model", rows, summary)
+                       decode_vs_hf_grouped_mm_fp8_kv8=ours.get("ours_fp8_kv8", {}).get("decode_vs_hf_grouped_mm"),
+                       decode_prompt=args.decode_prompt, layers=args.layers, deepseek_experts=args.experts,
+                       variants=list(variants))
+        save("hf_model" if args.decode_prompt == DECODE_PROMPT else f"hf_model-prompt{args.decode_prompt}", rows,
+             summary)
     cols = ["model", "variant", "logits_err_vs_fp32", "decode_ms_per_step", "decode_vs_hf_grouped_mm", "peak_mem_gb"]
     cols += [f"prefill_{b}x{s}_ms" for b, s in prefill]
     print(markdown(rows, cols, {"logits_err_vs_fp32": ".2e", "decode_ms_per_step": ".2f", "peak_mem_gb": ".1f",

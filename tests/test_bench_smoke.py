@@ -34,7 +34,7 @@ def test_bench_hf_model_on_the_cpu(monkeypatch, name):
     hf_model = import_bench("bench_hf_model")
     monkeypatch.setattr(hf_model, "bench_ms", lambda fn, **kw: (fn(), 1.0)[1])
     rows = hf_model.run_model(name, 1, 16, ((1, 32),), device="cpu", tiny=True)  # 16: 2 experts a group
-    mla = ["ours_fp8_attn"] if name == "deepseek" else []  # FP8 attention projections: MLA's
+    mla = ["ours_fp8_attn", "ours_fp8_kv8"] if name == "deepseek" else []  # FP8 projections and cache: MLA's
     assert [r["variant"] for r in rows] == ["hf_eager", "hf_grouped_mm", "ours_bf16", "ours_fp8"] + mla
     for r in rows:
         assert r["decode_ms_per_step"] > 0 and r["prefill_1x32_vs_hf_grouped_mm"] == 1.0
@@ -43,6 +43,7 @@ def test_bench_hf_model_on_the_cpu(monkeypatch, name):
     assert errs["ours_fp8"] < 0.15, errs
     if mla:
         assert errs["ours_fp8"] < errs["ours_fp8_attn"] < 0.2, errs  # more FP8 GEMMs: a larger error
+        assert errs["ours_fp8_kv8"] < 0.2, errs
 
 
 def test_profile_hf_prefill_on_the_cpu():

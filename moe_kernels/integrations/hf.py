@@ -51,6 +51,7 @@ import logging
 import numbers
 import re
 import textwrap
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -409,14 +410,18 @@ def _activation_dtype(module: nn.Module, weights: list[torch.Tensor]) -> torch.d
 
 
 @torch.no_grad()
-def mla_from_hf(module: nn.Module, weight_dtype: str | None = None) -> MultiHeadLatentAttention:
+def mla_from_hf(module: nn.Module, weight_dtype: str | None = None,
+                kv_cache_dtype: str = "auto") -> MultiHeadLatentAttention:
     """A MultiHeadLatentAttention with the weights of a HF ``DeepseekV3Attention`` / ``DeepseekV2Attention``.
     DeepSeek-V2's interleaved (complex) RoPE is the rope_interleave=True layout (q.k is the same).
 
     ``weight_dtype``: None keeps the checkpoint's: FP8 projections (e4m3 ``weight`` with ``weight_scale_inv``
     128x128 block scales, DeepSeek-V3's checkpoints) become ``FP8Linear`` over the same tensors, float ones stay
     float; "fp8" also quantises float projections; "auto" dequantises FP8 ones to the activation dtype.
-    ``kv_b_proj`` is always held in the activation dtype (an FP8 one is dequantised)."""
+    ``kv_b_proj`` is always held in the activation dtype (an FP8 one is dequantised).
+    ``kv_cache_dtype``: "auto" caches the latent rows in the activation dtype, "fp8" as the FP8 latent cache (e4m3
+    with one scale per token, 656 bytes a DeepSeek-V3 row instead of 1152; docs/numerics.md), in the module's own
+    ``MLACache`` and, through ``HFMLAAttention``, in HF's cache under ``generate``."""
     kind = type(module).__name__
     if kind not in SUPPORTED_ATTENTION:
         raise UnsupportedModule(f"unsupported attention {kind}; supported: {', '.join(SUPPORTED_ATTENTION)}")
@@ -443,7 +448,7 @@ def mla_from_hf(module: nn.Module, weight_dtype: str | None = None) -> MultiHead
         qk_rope_head_dim=module.qk_rope_head_dim, v_head_dim=module.v_head_dim,
         rope_interleave=bool(getattr(cfg, "rope_interleave", True)),
         rms_norm_eps=module.kv_a_layernorm.variance_epsilon,
-        softmax_scale=module.scaling, device=ref.device, dtype=dtype,
+        softmax_scale=module.scaling, kv_cache_dtype=kv_cache_dtype, device=ref.device, dtype=dtype,
     )
     norms = ["kv_a_layernorm"] + ([] if module.q_lora_rank is None else ["q_a_layernorm"])
     for n in norms:
@@ -498,10 +503,49 @@ class HFMLAAttention(nn.Module):
             cos, sin = cos[..., :half].float(), sin[..., :half].float()  # HF's are cat(freqs, freqs)
         update = None
         if past_key_values is not None:
-            def update(c_kv, k_rope):  # HF's cache keeps [B, 1, L, d] per layer: our latent rows, one "head"
-                c4, k4 = past_key_values.update(c_kv.unsqueeze(1), k_rope.unsqueeze(1), self.layer_idx)
-                return c4.squeeze(1), k4.squeeze(1)
-        return m.attention(hidden_states, cos, sin, mask=attention_mask, update=update), None
+            def update(rows):
+                # HF's cache keeps [B, 1, L, d] keys and values per layer: the latent cache rows (MLA's one shared
+                # "head", as MultiHeadLatentAttention.encode_rows makes them: bf16 or packed FP8) are the keys, the
+                # values are empty. A DynamicLayer concatenates, so the rows come back contiguous.
+                keys, _ = past_key_values.update(rows.unsqueeze(1), rows.new_empty(*rows.shape[:2], 0).unsqueeze(1),
+                                                 self.layer_idx)
+                return keys.squeeze(1)
+        decode = (hidden_states.shape[1] == 1 and past_key_values is not None
+                  and _grows_by_concatenation(past_key_values, self.layer_idx) and _keeps_every_key(attention_mask))
+        return m.attention(hidden_states, cos, sin, mask=attention_mask, update=update, decode=decode), None
+
+
+# id(mask) -> (a weak reference to it, its version counter, the verdict); ids are checked against the reference
+# (a tensor's == is elementwise, so tensors cannot be dictionary keys themselves)
+_MASK_VERDICTS: dict = {}
+
+
+def _keeps_every_key(mask) -> bool:
+    """Whether HF's attention mask (None, or 4-D bool keep-mask / additive float) lets every query see every key.
+    A tensor costs one host sync; the model passes the same mask object to all its layers, so the verdict is kept
+    per mask (and its version counter) and the sync happens once a step."""
+    if mask is None:
+        return True
+    if not isinstance(mask, torch.Tensor):
+        return False
+    seen = _MASK_VERDICTS.get(id(mask))
+    if seen is not None and seen[0]() is mask and seen[1] == mask._version:
+        return seen[2]
+    verdict = bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+    if len(_MASK_VERDICTS) > 64:  # the masks of steps gone
+        _MASK_VERDICTS.clear()
+    _MASK_VERDICTS[id(mask)] = (weakref.ref(mask), mask._version, verdict)
+    return verdict
+
+
+def _grows_by_concatenation(cache, layer_idx: int) -> bool:
+    """Whether the HF cache's layer returns exactly the keys seen so far (a ``DynamicLayer``: concatenation), as the
+    absorbed decode over its rows needs. Static, sliding-window, offloaded or quantised layers return more, fewer
+    or transformed keys: their steps take the masked attention path."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return False
+    return type(layers[layer_idx]).__name__ == "DynamicLayer"
 
 
 def _router_logits_module(router_cls: type, gate) -> nn.Module | None:
@@ -668,9 +712,11 @@ def _is_llama_rms_norm(mod: nn.Module) -> bool:
     return _computes_llama_rms_norm(cls)
 
 
-def _convert(mod: nn.Module, kind: str, precision: str | None, attention_precision: str | None = None) -> nn.Module:
+def _convert(mod: nn.Module, kind: str, precision: str | None, attention_precision: str | None = None,
+             kv_cache_dtype: str = "auto") -> nn.Module:
     if kind in SUPPORTED_ATTENTION:
-        return HFMLAAttention(mla_from_hf(mod, attention_precision), mod.layer_idx).train(mod.training)
+        return HFMLAAttention(mla_from_hf(mod, attention_precision, kv_cache_dtype),
+                              mod.layer_idx).train(mod.training)
     name, router = _router(mod)
     if kind == "PhimoeSparseMoeBlock":  # the block's input jitter, then its router's (the same tensor, in place)
         jitter = dict(jitter_noise=getattr(mod, "input_jitter_noise", 0.0) or 0.0, jitter_draws=2)
@@ -682,7 +728,8 @@ def _convert(mod: nn.Module, kind: str, precision: str | None, attention_precisi
 
 
 def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool = True,
-                strict: bool = False, norms: bool = True, attention_precision: str | None = None) -> PatchReport:
+                strict: bool = False, norms: bool = True, attention_precision: str | None = None,
+                kv_cache_dtype: str = "auto") -> PatchReport:
     """Swap every supported MoE block (and, with ``attention``, every MLA attention; with ``norms``, every
     Llama-style RMSNorm) in place.
 
@@ -691,6 +738,10 @@ def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool
     stay e4m3 with their block scales, float ones stay float), "fp8" quantises float ones to block-scaled e4m3
     too (DeepSeek-V3's inference recipe; ``MultiHeadLatentAttention(weight_dtype="fp8")``), "auto" dequantises
     FP8 ones to the model's dtype.
+    ``kv_cache_dtype``: the MLA attentions' latent cache: "auto" in the model's dtype, "fp8" as the FP8 latent cache
+    (1.76x the tokens in the same memory; ``mla_from_hf``). Under ``generate`` the rows live in HF's cache
+    object; a single-token step over a ``DynamicCache`` with no padding runs the absorbed latent decode kernel
+    over them (others the masked attention path).
     ``strict``: raise (``UnsupportedModule``, a TypeError, or the layer's ValueError, naming the module and why) on
     the first MoE- or MLA-looking module that cannot be taken, before anything is swapped; otherwise such modules
     are left as they are and reported.
@@ -706,6 +757,8 @@ def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool
     """
     if attention_precision not in (None, "auto", "fp8"):
         raise ValueError(f"attention_precision must be None, 'auto' or 'fp8', got {attention_precision!r}")
+    if kv_cache_dtype not in ("auto", "fp8"):
+        raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}")
     swaps, swapped, skipped = [], [], []
     taken: list[str] = []  # modules swapped or skipped: their submodules are theirs
     for name, mod in model.named_modules():
@@ -735,7 +788,7 @@ def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool
                 what = "MLA attention" if is_attn else "MoE block"
                 raise UnsupportedModule(f"{what} {kind} is not a supported family (supported: "
                                         f"{', '.join(SUPPORTED_ATTENTION if is_attn else SUPPORTED_MOE)})")
-            new = _convert(mod, kind, precision, attention_precision)
+            new = _convert(mod, kind, precision, attention_precision, kv_cache_dtype)
         except (TypeError, ValueError) as e:
             if strict:
                 raise type(e)(f"patch_model(strict=True): cannot swap {name or '<model>'} ({kind}): {e}") from e

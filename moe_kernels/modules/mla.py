@@ -276,17 +276,23 @@ class MultiHeadLatentAttention(nn.Module):
         """One new token per row (q_nope [B,1,h,nope], q_rope [B,1,h,rope]) over the latent cache -> [B, 1, H].
         A static cache passes its device-side lengths and block table: no host sync."""
         B = q_nope.shape[0]
-        dtype = self.kv_b_proj.weight.dtype
-        w_uk, w_uv = split_kv_b(self.kv_b_proj.weight, self.num_heads, self.qk_nope_head_dim, self.v_head_dim)
-        # W_UK absorbed into the query: q_latent[b, h] = q_nope[b, h] @ W_UK[h]      [h, B, C] -> [B, h, C]
-        q_latent = torch.bmm(q_nope[:, 0].transpose(0, 1).to(dtype), w_uk).transpose(0, 1)
         if cache.static:
             seqlens = cache.seqlens
         else:
             seqlens = torch.full((B,), cache.length, dtype=torch.int32, device=q_nope.device)
+        return self._decode_over(q_nope, q_rope, cache.kv, seqlens, cache.block_table)
+
+    def _decode_over(self, q_nope, q_rope, kv, seqlens, block_table=None) -> torch.Tensor:
+        """``_decode_absorbed`` over cache rows kv (stored as the latent cache: [B, S_max, kv_lora + rope] in the
+        weights' dtype, or the FP8 cache's uint8 rows; paged with block_table) of lengths seqlens (int32 [B])."""
+        B = q_nope.shape[0]
+        dtype = self.kv_b_proj.weight.dtype
+        w_uk, w_uv = split_kv_b(self.kv_b_proj.weight, self.num_heads, self.qk_nope_head_dim, self.v_head_dim)
+        # W_UK absorbed into the query: q_latent[b, h] = q_nope[b, h] @ W_UK[h]      [h, B, C] -> [B, h, C]
+        q_latent = torch.bmm(q_nope[:, 0].transpose(0, 1).to(dtype), w_uk).transpose(0, 1)
         # the op itself, without mla_decode's argument checks (one host sync each): valid by construction here
-        o_latent = _mla_decode_op(q_latent, q_rope[:, 0].to(dtype).contiguous(), cache.kv, seqlens,
-                                  cache.block_table, float(self.softmax_scale), 0)
+        o_latent = _mla_decode_op(q_latent, q_rope[:, 0].to(dtype).contiguous(), kv, seqlens, block_table,
+                                  float(self.softmax_scale), 0)
         # W_UV applied once to the attended latent: o[b, h] = o_latent[b, h] @ W_UV[h]^T
         o = torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
         return self.o_proj(o.reshape(B, 1, self.num_heads * self.v_head_dim))
@@ -351,22 +357,54 @@ class MultiHeadLatentAttention(nn.Module):
         o = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, S, h * self.v_head_dim)
         return self.o_proj(o.to(dtype))
 
-    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, update=None) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, update=None,
+                  decode: bool = False) -> torch.Tensor:
         """x [B,S,H] with the tokens' cos / sin [B,S,rope/2] (fp32) -> [B,S,H]: the latents, then attention of the
-        S queries over the row's latent keys, the last S of which are this step's. For an external cache (the HF
-        adapter's): ``update(c_kv [B,S,kv_lora], k_rope [B,S,rope]) -> (c_kv, k_rope)`` of all L keys, in x's dtype.
-        ``mask``: HF's 4-D [B, 1, S, L] mask (bool keep-mask or additive float), else causal."""
+        S queries over the row's latent keys, the last S of which are this step's. ``mask``: HF's 4-D [B, 1, S, L]
+        mask (bool keep-mask or additive float), else causal.
+
+        For an external cache (the HF adapter's): ``update(rows) -> all rows``. ``rows`` [B, S, row] are this
+        step's latent cache rows as ``MLACache`` stores them (``encode_rows``): [c_kv | rotated k_rope] in x's
+        dtype, or with ``kv_cache_dtype="fp8"`` the FP8 cache's packed uint8 rows; it returns the rows of all L keys
+        [B, L, row], in the same format. ``decode``: the caller vouches that those are exactly the row's L keys and
+        that the single query (S = 1) sees all of them (no padding masked); the kernel path then runs the absorbed
+        latent decode (``ops.mla_decode``) over them instead of expanding every key through kv_b_proj."""
         B, S, _ = x.shape
         if self._kernels(x):  # x's dtype throughout: no fp32 copy of the latents or the queries
             q, kv, cos2, sin2 = self._project_fused(x, cos, sin)
-            c_kv, k_rope = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-            if update is not None:
-                c_kv, k_rope = update(c_kv, k_rope)
+            if update is None:
+                c_kv, k_rope = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+                return self._attend_prefill(q, cos2, sin2, c_kv, k_rope, 0, x.dtype, mask)
+            rows = update(self.encode_rows(kv))
+            if decode and S == 1:
+                L = rows.shape[1]
+                seqlens = torch.full((B,), L, dtype=torch.int32, device=x.device)
+                return self._decode_over(*self._split_rotate(q, cos2, sin2), rows.contiguous(), seqlens)
+            c_kv, k_rope = self.decode_rows(rows, x.dtype)
             return self._attend_prefill(q, cos2, sin2, c_kv, k_rope, c_kv.shape[1] - S, x.dtype, mask)
         q_nope, q_rope, c_kv, k_rope = self.latents(x, cos, sin)
         if update is not None:
-            c_kv, k_rope = (t.float() for t in update(c_kv.to(x.dtype), k_rope.to(x.dtype)))
+            rows = update(self.encode_rows(torch.cat([c_kv, k_rope], -1).to(x.dtype)))
+            c_kv, k_rope = (t.float() for t in self.decode_rows(rows, x.dtype))
         return self.attend(q_nope, q_rope, c_kv, k_rope, c_kv.shape[1] - S, x.dtype, mask)
+
+    def encode_rows(self, kv: torch.Tensor) -> torch.Tensor:
+        """Latent rows [B, S, kv_lora + rope] (x's dtype) -> as the cache stores them: unchanged, or with
+        ``kv_cache_dtype="fp8"`` packed to the FP8 cache's uint8 rows [B, S, fp8_row_bytes]."""
+        if self.kv_cache_dtype != "fp8":
+            return kv
+        B, S, D = kv.shape
+        flat = kv.reshape(B * S, D)
+        packed = pack_latent_fp8(flat, self.kv_lora_rank) if use_triton(flat) else ref_pack_latent_fp8(
+            flat, self.kv_lora_rank)
+        return packed.view(B, S, -1)
+
+    def decode_rows(self, rows: torch.Tensor, dtype: torch.dtype):
+        """Stored rows [B, L, row] (``encode_rows``' format) -> (c_kv [B, L, kv_lora], k_rope [B, L, rope]) in
+        ``dtype`` (FP8 rows dequantised)."""
+        if rows.dtype == torch.uint8:
+            rows = unpack_latent_fp8(rows, self.kv_lora_rank, self.qk_rope_head_dim).to(dtype)
+        return rows.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: "MLACache | None" = None):
         weight = self.kv_b_proj.weight
@@ -419,12 +457,13 @@ class MultiHeadLatentAttention(nn.Module):
         return self.attend(q_nope, q_rope, c_kv, k_rope, offset, x.dtype)
 
     @classmethod
-    def from_hf(cls, module: nn.Module, weight_dtype: str | None = None) -> "MultiHeadLatentAttention":
+    def from_hf(cls, module: nn.Module, weight_dtype: str | None = None,
+                kv_cache_dtype: str = "auto") -> "MultiHeadLatentAttention":
         """Build from a HuggingFace ``DeepseekV3Attention`` / ``DeepseekV2Attention`` (weights copied, yarn scaling
         kept; FP8 checkpoint projections taken as they are unless ``weight_dtype="auto"``, float ones quantised
         with ``weight_dtype="fp8"``). The converter comes from ``modules.converters`` (filled by the integration;
         no import of it here)."""
-        return get_converter(cls, "hf")(module, weight_dtype=weight_dtype)
+        return get_converter(cls, "hf")(module, weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype)
 
 
 class MLACache:

@@ -1,0 +1,138 @@
+"""A patched DeepSeek-V3 attention under HF's cache (the path ``generate`` takes): its latent rows live in HF's cache
+object, a single-token step over a DynamicCache with no padding runs the absorbed latent decode (``ops.mla_decode``)
+over them, padded batches take the masked path, and ``patch_model(kv_cache_dtype="fp8")`` keeps the rows as the
+FP8 latent cache.
+
+The kernels run through Triton's interpreter on the CPU (``use_kernels = True``) and natively on the GPU; every
+comparison is against HF's own model on the same tokens (teacher-forced step logits, relative error)."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache  # noqa: E402
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_ds  # noqa: E402
+
+import moe_kernels as mk  # noqa: E402
+from moe_kernels.integrations import hf as mk_hf  # noqa: E402
+from moe_kernels.reference import mla_decode as RD  # noqa: E402
+from _helpers import assert_close_rel, rel_err  # noqa: E402
+from test_hf_equivalence import ds_config, randomize  # noqa: E402
+
+N_LAYERS = 3  # ds_config's
+
+
+def _model(device):
+    torch.manual_seed(0)
+    return randomize(hf_ds.DeepseekV3ForCausalLM(ds_config()), std=0.1).to(device=device, dtype=torch.bfloat16)
+
+
+def _patched(model, device, **kw):
+    mk.patch_model(model, precision=None, **kw)
+    mlas = [m for m in model.modules() if isinstance(m, mk.MultiHeadLatentAttention)]
+    assert len(mlas) == N_LAYERS
+    if device == "cpu":
+        for m in mlas:
+            m.use_kernels = True  # the kernels, through the interpreter
+    return mlas
+
+
+def _steps(model, ids, n_prompt, mask=None):
+    """Teacher-forced logits of the last position after the prompt, then of each single-token step, through one
+    DynamicCache; with ``mask`` (HF's 2-D padding mask [B, L]) the steps see its growing prefix."""
+    cache = DynamicCache()
+    kw = {} if mask is None else {"attention_mask": mask[:, :n_prompt]}
+    out = model(ids[:, :n_prompt], past_key_values=cache, use_cache=True, **kw)
+    logits = [out.logits[:, -1].float()]
+    for t in range(n_prompt, ids.shape[1]):
+        kw = {} if mask is None else {"attention_mask": mask[:, : t + 1]}
+        out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True, **kw)
+        logits.append(out.logits[:, -1].float())
+    return torch.stack(logits, 1), out.past_key_values
+
+
+class _Count:
+    """Counts MultiHeadLatentAttention._decode_over calls (the absorbed decode over cache rows)."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        real = mk.MultiHeadLatentAttention._decode_over
+
+        def counted(mla, *a, **k):
+            self.n += 1
+            return real(mla, *a, **k)
+        monkeypatch.setattr(mk.MultiHeadLatentAttention, "_decode_over", counted)
+
+
+def test_decode_steps_run_the_latent_kernel_over_hf_cache(device, monkeypatch):
+    model = _model(device)
+    ids = torch.randint(0, 97, (2, 9), device=device)
+    n_prompt = 5
+    with torch.no_grad():
+        ref, _ = _steps(model, ids, n_prompt)
+        _patched(model, device)
+        count = _Count(monkeypatch)
+        ours, cache = _steps(model, ids, n_prompt)
+    assert_close_rel(ours, ref, 2e-2, "step logits, latent decode over HF's cache")
+    assert count.n == N_LAYERS * (ids.shape[1] - n_prompt), count.n  # every single-token step, every layer
+    keys = cache.layers[0].keys  # the latent rows [c_kv | k_rope], one "head"; the values are empty
+    assert keys.shape == (2, 1, ids.shape[1], 64 + 16) and keys.dtype == torch.bfloat16
+    assert cache.layers[0].values.shape[-1] == 0 and cache.get_seq_length() == ids.shape[1]
+
+
+def test_padded_batch_takes_the_masked_path(device, monkeypatch):
+    """Left padding: the steps' masks hide keys, so the absorbed decode (which sees every key) must not run; the
+    masked path gives HF's logits on the rows' real tokens."""
+    model = _model(device)
+    ids = torch.randint(0, 97, (2, 8), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1: three pad tokens in front
+    n_prompt = 5
+    with torch.no_grad():
+        ref, _ = _steps(model, ids, n_prompt, mask)
+        _patched(model, device)
+        count = _Count(monkeypatch)
+        ours, _ = _steps(model, ids, n_prompt, mask)
+    assert count.n == 0
+    assert_close_rel(ours, ref, 2e-2, "step logits of a left-padded batch")
+
+
+def test_mask_verdict():
+    keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    assert mk_hf._keeps_every_key(None) and mk_hf._keeps_every_key(keep)
+    hole = keep.clone()
+    hole[1, ..., 0] = False
+    assert not mk_hf._keeps_every_key(hole)
+    additive = torch.zeros(2, 1, 1, 7)
+    assert mk_hf._keeps_every_key(additive)
+    additive[0, ..., 3] = torch.finfo(torch.float32).min
+    assert not mk_hf._keeps_every_key(additive)  # the same object, changed in place: judged again
+    assert not mk_hf._keeps_every_key("not a tensor")
+
+
+def test_fp8_latent_cache_under_hf_cache(device, monkeypatch):
+    """patch_model(kv_cache_dtype="fp8"): HF's cache holds the FP8 rows (uint8, fp8_row_bytes each); the steps still
+    run the latent decode, and their logits stay within the FP8 cache's error of the bf16 cache's."""
+    model = _model(device)
+    ids = torch.randint(0, 97, (2, 9), device=device)
+    n_prompt = 5
+    with torch.no_grad():
+        _patched(model, device)
+        bf16, _ = _steps(model, ids, n_prompt)
+    model8 = _model(device)
+    with torch.no_grad():
+        mlas = _patched(model8, device, kv_cache_dtype="fp8")
+        assert all(m.kv_cache_dtype == "fp8" for m in mlas)
+        count = _Count(monkeypatch)
+        fp8, cache = _steps(model8, ids, n_prompt)
+    keys = cache.layers[0].keys
+    assert keys.dtype == torch.uint8 and keys.shape == (2, 1, ids.shape[1], RD.fp8_row_bytes(64, 16))
+    assert count.n == N_LAYERS * (ids.shape[1] - n_prompt)
+    err = rel_err(fp8, bf16)
+    print(f"FP8 latent cache vs bf16 cache, step logits: relative error {err:.2e}")
+    assert 0 < err < 0.1, err
+
+
+def test_kv_cache_dtype_is_checked():
+    model = _model("cpu")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        mk.patch_model(model, kv_cache_dtype="int8")

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# A second call for the session after the eleventh (after round_next.sh; no .anchors needed):
+#   N_TOTAL=560 bash tools/gpu/round_next2.sh
+# The eleventh session (no device lent) changed the patched DeepSeek attention under HF `generate`: its latent rows
+# live in HF's cache (bf16, or the FP8 latent cache with patch_model(kv_cache_dtype="fp8")), and a single-token
+# step over a DynamicCache without padding runs the absorbed latent decode kernel over them, where before every
+# step expanded every cached key through kv_b_proj (as HF's own attention does). This times it:
+#  1. its GPU tests (tests/test_hf_mla_cache.py, tests/test_hf_equivalence.py; the suite in round_next.sh runs them too)
+#  2. bench_hf_model.py, DeepSeek shape, a 2048-token prompt: HF grouped_mm, ours fp8, ours fp8 + FP8 latent cache
+#  3. the same with the default 16-token prompt (the issue's figure), the FP8 latent cache variant included
+set -u
+R=/tmp/gpu_round_next2 TOTAL=${N_TOTAL:-560}
+source "$(dirname "$0")/_lib.sh"
+echo "== HF MLA cache GPU tests $(el)" >> "$S"
+timeout "$(lim 120 400)" python -m pytest -q -m gpu -rfE -p no:cacheprovider tests/test_hf_mla_cache.py \
+  tests/test_hf_equivalence.py > "$R/t_hf.log" 2>&1
+echo "rc=$?" >> "$S"; grep -E "passed|failed|^FAILED|^ERROR" "$R/t_hf.log" | tail -12 >> "$S"
+echo "== whole model, 2048-token prompt $(el)" >> "$S"
+timeout "$(lim 220 150)" python bench/bench_hf_model.py --models deepseek --quick --decode-prompt 2048 \
+  --variants hf_grouped_mm,ours_fp8,ours_fp8_kv8 > "$R/hf_long.log" 2>&1
+echo "rc=$?" >> "$S"; grep -E "^\||decode_vs|Error" "$R/hf_long.log" | tail -10 >> "$S"
+echo "== whole model, 16-token prompt $(el)" >> "$S"
+timeout "$(lim 150 5)" python bench/bench_hf_model.py --models deepseek \
+  --variants hf_grouped_mm,ours_fp8,ours_fp8_kv8 > "$R/hf_short.log" 2>&1
+echo "rc=$?" >> "$S"; grep -E "^\||decode_vs|prefill_vs|Error" "$R/hf_short.log" | tail -10 >> "$S"
+pack
