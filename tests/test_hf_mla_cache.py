@@ -98,15 +98,47 @@ def test_padded_batch_takes_the_masked_path(device, monkeypatch):
 
 def test_mask_verdict():
     keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
-    assert mk_hf._keeps_every_key(None) and mk_hf._keeps_every_key(keep)
+    assert mk_hf._plain_causal(None, 1) and mk_hf._plain_causal(keep, 1)
     hole = keep.clone()
     hole[1, ..., 0] = False
-    assert not mk_hf._keeps_every_key(hole)
+    assert not mk_hf._plain_causal(hole, 1)
     additive = torch.zeros(2, 1, 1, 7)
-    assert mk_hf._keeps_every_key(additive)
+    assert mk_hf._plain_causal(additive, 1)
     additive[0, ..., 3] = torch.finfo(torch.float32).min
-    assert not mk_hf._keeps_every_key(additive)  # the same object, changed in place: judged again
-    assert not mk_hf._keeps_every_key("not a tensor")
+    assert not mk_hf._plain_causal(additive, 1)  # the same object, changed in place: judged again
+    assert not mk_hf._plain_causal("not a tensor", 1)
+    # three new tokens after four cached keys: token s sees keys 0 .. 4 + s
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()[4:].expand(2, 1, 3, 7)
+    assert mk_hf._plain_causal(causal, 3) and not mk_hf._plain_causal(causal, 1)
+    assert not mk_hf._plain_causal(torch.ones(2, 1, 3, 7, dtype=torch.bool), 3)  # sees the future
+    padded = causal.clone()
+    padded[0, ..., 0] = False
+    assert not mk_hf._plain_causal(padded, 3)
+
+
+def test_speculative_steps_run_the_latent_kernel(device, monkeypatch):
+    """Steps of 3 tokens after the prompt (a speculative / MTP verification's shape): the absorbed decode with 3
+    causal queries per row, every position's logits HF's."""
+    model = _model(device)
+    ids = torch.randint(0, 97, (2, 11), device=device)
+    n_prompt, step = 5, 3
+
+    def chunks():
+        cache = DynamicCache()
+        out = model(ids[:, :n_prompt], past_key_values=cache, use_cache=True)
+        logits = []
+        for t in range(n_prompt, ids.shape[1], step):
+            out = model(ids[:, t : t + step], past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits.float())
+        return torch.cat(logits, 1)
+
+    with torch.no_grad():
+        ref = chunks()
+        _patched(model, device)
+        count = _Count(monkeypatch)
+        ours = chunks()
+    assert count.n == N_LAYERS * 2  # two steps of 3 tokens
+    assert_close_rel(ours, ref, 2e-2, "logits of 3-token steps")
 
 
 def test_fp8_latent_cache_under_hf_cache(device, monkeypatch):

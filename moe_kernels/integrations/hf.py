@@ -61,7 +61,7 @@ from torch import nn
 from .._checks import FP8_DTYPE
 from ..modules.converters import register_converter
 from ..modules.linear import FP8Linear
-from ..modules.mla import MultiHeadLatentAttention
+from ..modules.mla import DECODE_MAX_TOKENS, MultiHeadLatentAttention
 from ..modules.moe import MoELayer
 from ..modules.norm import RMSNorm
 from ..modules.router import TopKRouter
@@ -510,8 +510,9 @@ class HFMLAAttention(nn.Module):
                 keys, _ = past_key_values.update(rows.unsqueeze(1), rows.new_empty(*rows.shape[:2], 0).unsqueeze(1),
                                                  self.layer_idx)
                 return keys.squeeze(1)
-        decode = (hidden_states.shape[1] == 1 and past_key_values is not None
-                  and _grows_by_concatenation(past_key_values, self.layer_idx) and _keeps_every_key(attention_mask))
+        S = hidden_states.shape[1]
+        decode = (S <= DECODE_MAX_TOKENS and past_key_values is not None
+                  and _grows_by_concatenation(past_key_values, self.layer_idx) and _plain_causal(attention_mask, S))
         return m.attention(hidden_states, cos, sin, mask=attention_mask, update=update, decode=decode), None
 
 
@@ -520,18 +521,23 @@ class HFMLAAttention(nn.Module):
 _MASK_VERDICTS: dict = {}
 
 
-def _keeps_every_key(mask) -> bool:
-    """Whether HF's attention mask (None, or 4-D bool keep-mask / additive float) lets every query see every key.
-    A tensor costs one host sync; the model passes the same mask object to all its layers, so the verdict is kept
-    per mask (and its version counter) and the sync happens once a step."""
+def _plain_causal(mask, S: int) -> bool:
+    """Whether HF's attention mask (None, or 4-D [B, 1, S, L] bool keep-mask / additive float) is the plain causal
+    one of S new tokens after L - S cached keys: token s sees keys 0 .. L - S + s, no padding hidden (for S = 1:
+    every key). A tensor costs one host sync; the model passes the same mask object to all its layers, so the
+    verdict is kept per mask (and its version counter) and the sync happens once a step."""
     if mask is None:
         return True
-    if not isinstance(mask, torch.Tensor):
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2] != S:
         return False
     seen = _MASK_VERDICTS.get(id(mask))
     if seen is not None and seen[0]() is mask and seen[1] == mask._version:
         return seen[2]
-    verdict = bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+    L = mask.shape[-1]
+    keep = mask if mask.dtype == torch.bool else mask == 0
+    pos = torch.arange(L, device=mask.device)
+    want = pos[None, :] <= (L - S + torch.arange(S, device=mask.device))[:, None]  # [S, L]
+    verdict = L >= S and bool((keep == want).all())
     if len(_MASK_VERDICTS) > 64:  # the masks of steps gone
         _MASK_VERDICTS.clear()
     _MASK_VERDICTS[id(mask)] = (weakref.ref(mask), mask._version, verdict)
@@ -740,8 +746,8 @@ def patch_model(model: nn.Module, precision: str | None = "fp8", attention: bool
     FP8 ones to the model's dtype.
     ``kv_cache_dtype``: the MLA attentions' latent cache: "auto" in the model's dtype, "fp8" as the FP8 latent cache
     (1.76x the tokens in the same memory; ``mla_from_hf``). Under ``generate`` the rows live in HF's cache
-    object; a single-token step over a ``DynamicCache`` with no padding runs the absorbed latent decode kernel
-    over them (others the masked attention path).
+    object; a step of up to ``DECODE_MAX_TOKENS`` tokens over a ``DynamicCache`` with the plain causal mask (no
+    padding) runs the absorbed latent decode kernel over them (others the masked attention path).
     ``strict``: raise (``UnsupportedModule``, a TypeError, or the layer's ValueError, naming the module and why) on
     the first MoE- or MLA-looking module that cannot be taken, before anything is swapped; otherwise such modules
     are left as they are and reported.

@@ -25,6 +25,11 @@ from .converters import get_converter
 from .linear import FP8Linear
 
 
+# tokens a step may have for ``attention(decode=True)`` to run the absorbed latent decode (a decode step, or a
+# speculative / MTP verification of a few); longer chunks are prefill, cheaper through the expanded heads
+DECODE_MAX_TOKENS = 4
+
+
 class MultiHeadLatentAttention(nn.Module):
     """MLA with DeepSeek-V3's dimensions by default.
 
@@ -284,18 +289,24 @@ class MultiHeadLatentAttention(nn.Module):
 
     def _decode_over(self, q_nope, q_rope, kv, seqlens, block_table=None) -> torch.Tensor:
         """``_decode_absorbed`` over cache rows kv (stored as the latent cache: [B, S_max, kv_lora + rope] in the
-        weights' dtype, or the FP8 cache's uint8 rows; paged with block_table) of lengths seqlens (int32 [B])."""
-        B = q_nope.shape[0]
+        weights' dtype, or the FP8 cache's uint8 rows; paged with block_table) of lengths seqlens (int32 [B]).
+        q_nope [B, S, h, nope] / q_rope [B, S, h, rope]: the rows' last S keys' queries, causal among themselves
+        (S > 1: speculative / MTP steps) -> [B, S, H]."""
+        B, S = q_nope.shape[:2]
+        h = self.num_heads
         dtype = self.kv_b_proj.weight.dtype
-        w_uk, w_uv = split_kv_b(self.kv_b_proj.weight, self.num_heads, self.qk_nope_head_dim, self.v_head_dim)
-        # W_UK absorbed into the query: q_latent[b, h] = q_nope[b, h] @ W_UK[h]      [h, B, C] -> [B, h, C]
-        q_latent = torch.bmm(q_nope[:, 0].transpose(0, 1).to(dtype), w_uk).transpose(0, 1)
+        w_uk, w_uv = split_kv_b(self.kv_b_proj.weight, h, self.qk_nope_head_dim, self.v_head_dim)
+        # W_UK absorbed into the query: q_latent[b, s, h] = q_nope[b, s, h] @ W_UK[h]   [h, B S, C] -> [B, S, h, C]
+        q_latent = torch.bmm(q_nope.reshape(B * S, h, -1).transpose(0, 1).to(dtype), w_uk)
+        q_latent = q_latent.transpose(0, 1).reshape(B, S, h, -1)
+        qr = q_rope.to(dtype).contiguous()
+        if S == 1:
+            q_latent, qr = q_latent[:, 0], qr[:, 0]
         # the op itself, without mla_decode's argument checks (one host sync each): valid by construction here
-        o_latent = _mla_decode_op(q_latent, q_rope[:, 0].to(dtype).contiguous(), kv, seqlens, block_table,
-                                  float(self.softmax_scale), 0)
-        # W_UV applied once to the attended latent: o[b, h] = o_latent[b, h] @ W_UV[h]^T
-        o = torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
-        return self.o_proj(o.reshape(B, 1, self.num_heads * self.v_head_dim))
+        o_latent = _mla_decode_op(q_latent, qr, kv, seqlens, block_table, float(self.softmax_scale), 0)
+        # W_UV applied once to the attended latent: o[b, s, h] = o_latent[b, s, h] @ W_UV[h]^T
+        o = torch.bmm(o_latent.reshape(B * S, h, -1).transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+        return self.o_proj(o.reshape(B, S, h * self.v_head_dim))
 
     def _decode_static_reference(self, x, cos, sin, cache: "MLACache") -> torch.Tensor:
         """The reference path of a static cache's decode step (rows of different lengths): fp32 latents, the row
@@ -367,7 +378,8 @@ class MultiHeadLatentAttention(nn.Module):
         step's latent cache rows as ``MLACache`` stores them (``encode_rows``): [c_kv | rotated k_rope] in x's
         dtype, or with ``kv_cache_dtype="fp8"`` the FP8 cache's packed uint8 rows; it returns the rows of all L keys
         [B, L, row], in the same format. ``decode``: the caller vouches that those are exactly the row's L keys and
-        that the single query (S = 1) sees all of them (no padding masked); the kernel path then runs the absorbed
+        that the mask is the plain causal one (query s sees keys 0 .. L - S + s, no padding hidden); with S <=
+        ``DECODE_MAX_TOKENS`` (one token, or a speculative / MTP step's few) the kernel path then runs the absorbed
         latent decode (``ops.mla_decode``) over them instead of expanding every key through kv_b_proj."""
         B, S, _ = x.shape
         if self._kernels(x):  # x's dtype throughout: no fp32 copy of the latents or the queries
@@ -376,7 +388,7 @@ class MultiHeadLatentAttention(nn.Module):
                 c_kv, k_rope = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
                 return self._attend_prefill(q, cos2, sin2, c_kv, k_rope, 0, x.dtype, mask)
             rows = update(self.encode_rows(kv))
-            if decode and S == 1:
+            if decode and S <= DECODE_MAX_TOKENS:
                 L = rows.shape[1]
                 seqlens = torch.full((B,), L, dtype=torch.int32, device=x.device)
                 return self._decode_over(*self._split_rotate(q, cos2, sin2), rows.contiguous(), seqlens)
