@@ -590,9 +590,11 @@ def profile_one(name, B=128, S=4096):
         meta = fm.get_mla_metadata()[0]
         fn = lambda: fm.flash_mla_with_kvcache(d["q_fm"], d["k_fm"], d["table"], d["lens"], C, meta, None,  # noqa
                                                softmax_scale=SCALE, causal=False)
-    else:
-        cfg = dict(ops_mla.get_mla_config("decode", B, d["q_lat"].device), GLUON=1 if name == "gluon" else 0)
-        fn = ours_fn(d, "bf16", cfg, 0)
+    else:  # gluon: the serial sm_90 kernel; seesaw: its default; fp8serial / fp8mma: the FP8 cache's two kernels
+        cache = "fp8" if name.startswith("fp8") else "bf16"
+        gluon = {"gluon": 1, "seesaw": 2, "fp8serial": 1, "fp8mma": 2}.get(name, 0)
+        cfg = dict(ops_mla.get_mla_config(cfg_kind(cache), B, d["q_lat"].device), GLUON=gluon)
+        fn = ours_fn(d, cache, cfg, 0)
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -600,8 +602,9 @@ def profile_one(name, B=128, S=4096):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--profile", choices=["gluon", "triton", "flashmla"], default=None,
-                    help="only run that decode three times at B=128, S=4096 (under ncu)")
+    ap.add_argument("--profile", choices=["gluon", "seesaw", "fp8serial", "fp8mma", "triton", "flashmla"],
+                    default=None, help="only run that decode three times at B=128, S=4096 (under ncu; fp8mma needs "
+                                       "MOE_KERNELS_MLA_PIPE unset or 1)")
     ap.add_argument("--quick", action="store_true",
                     help="no sweep and no CUDA-graph timings (every decode shape still; T 1024 only with --latent)")
     ap.add_argument("--no-sweep", action="store_true", help="time the shipped configs only")

@@ -8,6 +8,7 @@
 #  1. its GPU tests (tests/test_hf_mla_cache.py, tests/test_hf_equivalence.py; the suite in round_next.sh runs them too)
 #  2. bench_hf_model.py, DeepSeek shape, a 2048-token prompt: HF grouped_mm, ours fp8, ours fp8 + FP8 latent cache
 #  3. the same with the default 16-token prompt (the issue's figure), the FP8 latent cache variant included
+#  4. ncu of the MLA decode kernels at B 128, S 4096: tensor pipe and DRAM busy shares
 set -u
 R=/tmp/gpu_round_next2 TOTAL=${N_TOTAL:-560}
 source "$(dirname "$0")/_lib.sh"
@@ -23,4 +24,17 @@ echo "== whole model, 16-token prompt $(el)" >> "$S"
 timeout "$(lim 150 5)" python bench/bench_hf_model.py --models deepseek \
   --variants hf_grouped_mm,ours_fp8,ours_fp8_kv8 > "$R/hf_short.log" 2>&1
 echo "rc=$?" >> "$S"; grep -E "^\||decode_vs|prefill_vs|Error" "$R/hf_short.log" | tail -10 >> "$S"
+# Nsight Compute on the decode kernels at B 128, S 4096 (issue 17 asks for the tensor pipe's busy share): the bf16
+# seesaw, the FP8 cache's serial kernel and its e4m3-product seesaw, FlashMLA if .anchors built it (round_next.sh)
+if command -v ncu > /dev/null; then
+    M=gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
+    M=$M,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active
+    for k in seesaw fp8serial fp8mma flashmla; do
+        echo "== ncu $k $(el)" >> "$S"
+        timeout "$(lim 60 5)" ncu --clock-control none --kernel-name "regex:mla_decode_sm90|flash_fwd_splitkv_mla" \
+          --launch-skip 1 --launch-count 1 --metrics "$M" python bench/bench_mla.py --profile "$k" \
+          > "$R/ncu_$k.log" 2>&1
+        echo "rc=$?" >> "$S"; grep -E "mla|flash|duration|pct|Error" "$R/ncu_$k.log" | tail -8 >> "$S"
+    done
+fi
 pack
