@@ -27,14 +27,13 @@ echo "rc=$?" >> "$S"; grep -E "^\||decode_vs|prefill_vs|Error" "$R/hf_short.log"
 # Nsight Compute on the decode kernels at B 128, S 4096 (issue 17 asks for the tensor pipe's busy share): the bf16
 # seesaw, the FP8 cache's serial kernel and its e4m3-product seesaw, FlashMLA if .anchors built it (round_next.sh)
 if command -v ncu > /dev/null; then
-    M=gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
-    M=$M,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active
     for k in seesaw fp8serial fp8mma flashmla; do
         echo "== ncu $k $(el)" >> "$S"
         timeout "$(lim 60 5)" ncu --clock-control none --kernel-name "regex:mla_decode_sm90|flash_fwd_splitkv_mla" \
-          --launch-skip 1 --launch-count 1 --metrics "$M" python bench/bench_mla.py --profile "$k" \
-          > "$R/ncu_$k.log" 2>&1
-        echo "rc=$?" >> "$S"; grep -E "mla|flash|duration|pct|Error" "$R/ncu_$k.log" | tail -8 >> "$S"
+          --launch-skip 1 --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+          --print-details all python bench/bench_mla.py --profile "$k" > "$R/ncu_$k.log" 2>&1
+        echo "rc=$?" >> "$S"
+        grep -iE "mla_decode|flash_fwd|Duration|Throughput|Tensor|Pipe|Error" "$R/ncu_$k.log" | tail -14 >> "$S"
     done
 fi
 pack
