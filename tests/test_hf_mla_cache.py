@@ -4,7 +4,11 @@ over them, padded batches take the masked path, and ``patch_model(kv_cache_dtype
 FP8 latent cache.
 
 The kernels run through Triton's interpreter on the CPU (``use_kernels = True``) and natively on the GPU; every
-comparison is against HF's own model on the same tokens (teacher-forced step logits, relative error)."""
+comparison is against HF's own model on the same tokens (teacher-forced step logits, relative error). The models are
+fp32, where the absorbed decode must give HF's logits to rounding (1e-3); one test runs bf16, where the absorbed
+form rounds at other points than HF's expanded keys (q W_UK instead of c_kv W_UK^T): on this random model, whose
+softmax is sharp at some steps, either path may land a few percent from HF at such a step (seen: 7e-2 against
+1e-2 at one step of one draw, both paths ~2.7e-2 over another draw's steps), so that bound is 5e-2."""
 import pytest
 import torch
 
@@ -21,9 +25,12 @@ from test_hf_equivalence import ds_config, randomize  # noqa: E402
 N_LAYERS = 3  # ds_config's
 
 
-def _model(device):
+def _model(device, dtype=torch.float32):
     torch.manual_seed(0)
-    return randomize(hf_ds.DeepseekV3ForCausalLM(ds_config()), std=0.1).to(device=device, dtype=torch.bfloat16)
+    return randomize(hf_ds.DeepseekV3ForCausalLM(ds_config()), std=0.1).to(device=device, dtype=dtype)
+
+
+FP32_BOUND = 1e-3  # fp32 model: the same attention to rounding (the GPU's kernels accumulate in other orders)
 
 
 def _patched(model, device, **kw):
@@ -63,8 +70,9 @@ class _Count:
         monkeypatch.setattr(mk.MultiHeadLatentAttention, "_decode_over", counted)
 
 
-def test_decode_steps_run_the_latent_kernel_over_hf_cache(device, monkeypatch):
-    model = _model(device)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_steps_run_the_latent_kernel_over_hf_cache(device, dtype, monkeypatch):
+    model = _model(device, dtype)
     ids = torch.randint(0, 97, (2, 9), device=device)
     n_prompt = 5
     with torch.no_grad():
@@ -72,11 +80,26 @@ def test_decode_steps_run_the_latent_kernel_over_hf_cache(device, monkeypatch):
         _patched(model, device)
         count = _Count(monkeypatch)
         ours, cache = _steps(model, ids, n_prompt)
-    assert_close_rel(ours, ref, 2e-2, "step logits, latent decode over HF's cache")
+    assert_close_rel(ours, ref, FP32_BOUND if dtype == torch.float32 else 5e-2,
+                     "step logits, latent decode over HF's cache")
     assert count.n == N_LAYERS * (ids.shape[1] - n_prompt), count.n  # every single-token step, every layer
     keys = cache.layers[0].keys  # the latent rows [c_kv | k_rope], one "head"; the values are empty
-    assert keys.shape == (2, 1, ids.shape[1], 64 + 16) and keys.dtype == torch.bfloat16
+    assert keys.shape == (2, 1, ids.shape[1], 64 + 16) and keys.dtype == dtype
     assert cache.layers[0].values.shape[-1] == 0 and cache.get_seq_length() == ids.shape[1]
+
+
+def test_latent_decode_can_be_turned_off(monkeypatch):
+    """$MOE_KERNELS_HF_LATENT_DECODE=0: every step takes the masked path (the former behaviour), same logits."""
+    model = _model("cpu")
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        _patched(model, "cpu")
+        on, _ = _steps(model, ids, 5)
+        monkeypatch.setenv("MOE_KERNELS_HF_LATENT_DECODE", "0")
+        count = _Count(monkeypatch)
+        off, _ = _steps(model, ids, 5)
+    assert count.n == 0
+    assert_close_rel(off, on, FP32_BOUND, "masked path vs latent decode")
 
 
 def test_padded_batch_takes_the_masked_path(device, monkeypatch):
@@ -93,7 +116,7 @@ def test_padded_batch_takes_the_masked_path(device, monkeypatch):
         count = _Count(monkeypatch)
         ours, _ = _steps(model, ids, n_prompt, mask)
     assert count.n == 0
-    assert_close_rel(ours, ref, 2e-2, "step logits of a left-padded batch")
+    assert_close_rel(ours, ref, FP32_BOUND, "step logits of a left-padded batch")
 
 
 def test_mask_verdict():
@@ -138,7 +161,7 @@ def test_speculative_steps_run_the_latent_kernel(device, monkeypatch):
         count = _Count(monkeypatch)
         ours = chunks()
     assert count.n == N_LAYERS * 2  # two steps of 3 tokens
-    assert_close_rel(ours, ref, 2e-2, "logits of 3-token steps")
+    assert_close_rel(ours, ref, FP32_BOUND, "logits of 3-token steps")
 
 
 def test_fp8_latent_cache_under_hf_cache(device, monkeypatch):
@@ -184,6 +207,6 @@ def test_static_cache_takes_the_masked_path(device, monkeypatch):
         out = model.generate(ids, **kw)
     assert count.n == 0
     for t, (ours, theirs) in enumerate(zip(out.scores, ref.scores)):
-        assert_close_rel(ours.float(), theirs.float(), 2e-2, f"step {t} logits, static cache")
+        assert_close_rel(ours.float(), theirs.float(), FP32_BOUND, f"step {t} logits, static cache")
         if not torch.equal(out.sequences[:, 6 + t], ref.sequences[:, 6 + t]):
-            break  # a near-tie under bf16 rounding: the inputs differ from here on
+            break  # a near-tie under rounding: the inputs differ from here on

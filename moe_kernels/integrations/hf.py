@@ -49,6 +49,7 @@ import functools
 import inspect
 import logging
 import numbers
+import os
 import re
 import textwrap
 import weakref
@@ -511,7 +512,7 @@ class HFMLAAttention(nn.Module):
                                                  self.layer_idx)
                 return keys.squeeze(1)
         S = hidden_states.shape[1]
-        decode = (S <= DECODE_MAX_TOKENS and past_key_values is not None
+        decode = (S <= DECODE_MAX_TOKENS and past_key_values is not None and _latent_decode_on()
                   and _grows_by_concatenation(past_key_values, self.layer_idx) and _plain_causal(attention_mask, S))
         return m.attention(hidden_states, cos, sin, mask=attention_mask, update=update, decode=decode), None
 
@@ -519,6 +520,12 @@ class HFMLAAttention(nn.Module):
 # id(mask) -> (a weak reference to it, its version counter, the verdict); ids are checked against the reference
 # (a tensor's == is elementwise, so tensors cannot be dictionary keys themselves)
 _MASK_VERDICTS: dict = {}
+
+
+def _latent_decode_on() -> bool:
+    """$MOE_KERNELS_HF_LATENT_DECODE: unset or 1, HFMLAAttention decodes over the latent rows where it can; 0, every
+    step takes the masked attention path over the expanded keys (as before the eleventh session: for A/B timing)."""
+    return os.environ.get("MOE_KERNELS_HF_LATENT_DECODE", "1").strip() != "0"
 
 
 def _plain_causal(mask, S: int) -> bool:

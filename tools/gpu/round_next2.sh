@@ -7,7 +7,9 @@
 # step expanded every cached key through kv_b_proj (as HF's own attention does). This times it:
 #  1. its GPU tests (tests/test_hf_mla_cache.py, tests/test_hf_equivalence.py; the suite in round_next.sh runs them too)
 #  2. bench_hf_model.py, DeepSeek shape, a 2048-token prompt: HF grouped_mm, ours fp8, ours fp8 + FP8 latent cache
-#  3. the same with the default 16-token prompt (the issue's figure), the FP8 latent cache variant included
+#  3. the same with the default 16-token prompt, then with MOE_KERNELS_HF_LATENT_DECODE=0 (the former, expanding
+#     path) for the A/B at short context (the second run overwrites results/hf_model-*.json: the first is kept in
+#     the results tarball as copied)
 #  4. ncu of the MLA decode kernels at B 128, S 4096: tensor pipe and DRAM busy shares
 set -u
 R=/tmp/gpu_round_next2 TOTAL=${N_TOTAL:-560}
@@ -21,9 +23,14 @@ timeout "$(lim 220 150)" python bench/bench_hf_model.py --models deepseek --quic
   --variants hf_grouped_mm,ours_fp8,ours_fp8_kv8 > "$R/hf_long.log" 2>&1
 echo "rc=$?" >> "$S"; grep -E "^\||decode_vs|Error" "$R/hf_long.log" | tail -10 >> "$S"
 echo "== whole model, 16-token prompt $(el)" >> "$S"
-timeout "$(lim 150 5)" python bench/bench_hf_model.py --models deepseek \
+timeout "$(lim 110 130)" python bench/bench_hf_model.py --models deepseek --quick \
   --variants hf_grouped_mm,ours_fp8,ours_fp8_kv8 > "$R/hf_short.log" 2>&1
 echo "rc=$?" >> "$S"; grep -E "^\||decode_vs|prefill_vs|Error" "$R/hf_short.log" | tail -10 >> "$S"
+cp bench/results/hf_model-*.json "$R/" 2>/dev/null
+echo "== whole model, 16-token prompt, MOE_KERNELS_HF_LATENT_DECODE=0 (the former path) $(el)" >> "$S"
+MOE_KERNELS_HF_LATENT_DECODE=0 timeout "$(lim 90 120)" python bench/bench_hf_model.py --models deepseek --quick \
+  --variants hf_grouped_mm,ours_fp8 > "$R/hf_short_off.log" 2>&1
+echo "rc=$?" >> "$S"; grep -E "^\||decode_vs|Error" "$R/hf_short_off.log" | tail -6 >> "$S"
 # Nsight Compute on the decode kernels at B 128, S 4096 (issue 17 asks for the tensor pipe's busy share): the bf16
 # seesaw, the FP8 cache's serial kernel and its e4m3-product seesaw, FlashMLA if .anchors built it (round_next.sh)
 if command -v ncu > /dev/null; then
