@@ -9,7 +9,7 @@
 #  2. bench_hf_model.py, DeepSeek shape, a 2048-token prompt: HF grouped_mm, ours fp8, ours fp8 + FP8 latent cache
 #  3. the same with the default 16-token prompt, then with MOE_KERNELS_HF_LATENT_DECODE=0 (the former, expanding
 #     path) for the A/B at short context (the second run overwrites results/hf_model-*.json: the first is kept in
-#     the results tarball as copied)
+#     the results tarball as latent_on-hf_model-*.json)
 #  4. ncu of the MLA decode kernels at B 128, S 4096: tensor pipe and DRAM busy shares
 set -u
 R=/tmp/gpu_round_next2 TOTAL=${N_TOTAL:-560}
@@ -26,7 +26,7 @@ echo "== whole model, 16-token prompt $(el)" >> "$S"
 timeout "$(lim 110 130)" python bench/bench_hf_model.py --models deepseek --quick \
   --variants hf_grouped_mm,ours_fp8,ours_fp8_kv8 > "$R/hf_short.log" 2>&1
 echo "rc=$?" >> "$S"; grep -E "^\||decode_vs|prefill_vs|Error" "$R/hf_short.log" | tail -10 >> "$S"
-cp bench/results/hf_model-*.json "$R/" 2>/dev/null
+for f in bench/results/hf_model-NVIDIA*.json; do [ -e "$f" ] && cp "$f" "$R/latent_on-$(basename "$f")"; done
 echo "== whole model, 16-token prompt, MOE_KERNELS_HF_LATENT_DECODE=0 (the former path) $(el)" >> "$S"
 MOE_KERNELS_HF_LATENT_DECODE=0 timeout "$(lim 90 120)" python bench/bench_hf_model.py --models deepseek --quick \
   --variants hf_grouped_mm,ours_fp8 > "$R/hf_short_off.log" 2>&1
