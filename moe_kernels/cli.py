@@ -69,6 +69,10 @@ def cmd_info(_args) -> int:
     from .ops._common import pdl_enabled  # noqa: PLC0415
     from .ops.mla import decode_kernel_name  # noqa: PLC0415
     rows.append(("MLA decode kernel", decode_kernel_name()))
+    latent = os.environ.get("MOE_KERNELS_HF_LATENT_DECODE", "1").strip() != "0"
+    rows.append(("HF generate, patched MLA", "decode steps over the latent rows in HF's cache (the MLA decode kernel; "
+                 "MOE_KERNELS_HF_LATENT_DECODE=0: off)" if latent else
+                 "every step through the expanded keys (MOE_KERNELS_HF_LATENT_DECODE=0)"))
     rows.append(("extension moe_kernels._C", "built" if has_extension() else f"not built ({extension_error()})"))
     rows.append(("NVSHMEM", _nvshmem()))
     rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0")))

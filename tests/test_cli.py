@@ -29,6 +29,17 @@ def test_info_says_which_bf16_grouped_gemm_runs(capsys, monkeypatch):
     assert "Triton (MOE_KERNELS_BF16_GLUON=0)" in out
 
 
+@pytest.mark.parametrize("env,want", [(None, "decode steps over the latent rows"),
+                                      ("0", "every step through the expanded keys")])
+def test_info_says_how_patched_mla_decodes_under_hf(env, want, capsys, monkeypatch):
+    if env is None:
+        monkeypatch.delenv("MOE_KERNELS_HF_LATENT_DECODE", raising=False)
+    else:
+        monkeypatch.setenv("MOE_KERNELS_HF_LATENT_DECODE", env)
+    assert cli.main(["info"]) == 0
+    assert want in capsys.readouterr().out
+
+
 def test_demo_small_cpu(capsys):
     assert cli.main(["demo", "--cpu", "--tokens", "8"]) == 0
     out = capsys.readouterr().out
