@@ -272,7 +272,11 @@ def test_generation_same_tokens_after_patching(family, device):
         out = model.generate(prompt, max_new_tokens=n_new, do_sample=False)
         our_logits = _step_logits(model, ref, n_prompt)
     assert torch.equal(ref_logits.argmax(-1), ref[:, n_prompt:]), "teacher forcing does not reproduce generate()"
-    err = assert_close_rel(our_logits, ref_logits, 2e-2, "decode-step logits through the KV cache")
+    # DeepSeek's MLA decodes over the latent rows on CUDA (the absorbed form rounds q W_UK in bf16 where HF rounds
+    # c_kv W_UK^T): at a sharp-softmax step of this random model that alone moved one step's logits by 7e-2
+    # (tests/test_hf_mla_cache.py's docstring); a broken kernel gives > 0.3
+    bound = 5e-2 if family == "deepseek_v3" else 2e-2
+    err = assert_close_rel(our_logits, ref_logits, bound, "decode-step logits through the KV cache")
     tol = 4 * err * ref_logits.abs().amax().item() + 1e-3  # what a rounding difference of this size can move
     for b in range(prompt.shape[0]):
         for t in range(n_new):
